@@ -1,0 +1,147 @@
+"""``python -m raysft.build``: SFT records in, packed Megatron .bin/.idx out.
+
+Run ``python -m raysft.build --help`` for the flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .config import BuildConfig
+from .normalize import FORMATS, parse_map_keys
+from .template import LOSS_POLICIES, TEMPLATE_NAMES
+from .write import LAYOUTS
+
+EXAMPLE = """\
+example:
+  python -m raysft.build --input 'data/*.jsonl' --tokenizer /models/Llama-3-8B \\
+      --template llama3 --seq-length 4096 --output out/
+
+Outputs in --output: data.bin + data.idx (Megatron MMIDIDX, int32), data_order.txt,
+shards/part-NNNNN.{bin,idx}, stats.json, rejects.jsonl (when records were rejected), _SUCCESS.
+With no RAY_ADDRESS (or --ray-address) Ray starts in-process; otherwise the job joins that cluster.
+"""
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m raysft.build",
+        description="Turn SFT records (Alpaca, ShareGPT, OpenAI messages) into packed Megatron datasets on Ray.",
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    g = p.add_argument_group("input")
+    g.add_argument(
+        "--input",
+        dest="inputs",
+        action="append",
+        metavar="PATH",
+        help="file, folder or glob of .jsonl/.json/.parquet, local or s3://; repeatable",
+    )
+    g.add_argument("--format", choices=FORMATS, help="record layout (default: auto, detected per record)")
+    g.add_argument(
+        "--map-keys", metavar="JSON", help='rename input fields, e.g. \'{"prompt": "question", "response": "answer"}\''
+    )
+    g.add_argument(
+        "--on-bad-record",
+        choices=("fail", "skip"),
+        help="fail (default): stop at the first bad record, naming file and row; "
+        "skip: leave it out and list it in rejects.jsonl",
+    )
+    g = p.add_argument_group("tokenizer and template")
+    g.add_argument("--tokenizer", metavar="PATH", help="Hugging Face tokenizer folder or tokenizer.json")
+    g.add_argument(
+        "--template",
+        choices=TEMPLATE_NAMES,
+        help="chat template: a built-in, or auto = the tokenizer's own chat_template (default)",
+    )
+    g.add_argument(
+        "--train-on-prompt",
+        action="store_const",
+        const="all",
+        dest="loss",
+        help="put loss on every token, not only assistant turns",
+    )
+    g.add_argument(
+        "--mask-history",
+        action="store_const",
+        const="last",
+        dest="loss",
+        help="put loss on the last assistant turn only",
+    )
+    g.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        default=None,
+        help="allow custom tokenizer code from the tokenizer folder (off by default)",
+    )
+    g = p.add_argument_group("packing and output")
+    g.add_argument("--seq-length", type=int, metavar="N", help="tokens per pack (default 4096)")
+    g.add_argument(
+        "--no-pack", action="store_false", dest="pack", default=None, help="one sample per pack (no packing)"
+    )
+    g.add_argument("--layout", choices=LAYOUTS, help="native (default) or pai; see README")
+    g.add_argument("--seed", type=int, help="seed of the pack order and slot shuffles (default 1234)")
+    g.add_argument("--output", metavar="DIR", help="output folder, local or s3://")
+    g.add_argument("--overwrite", action="store_true", default=None, help="replace an existing output")
+    g = p.add_argument_group("object storage")
+    g.add_argument("--s3-endpoint-url", metavar="URL", help="S3-compatible endpoint (MinIO, OSS, ...)")
+    g.add_argument(
+        "--s3-addressing-style",
+        choices=("auto", "virtual", "path"),
+        help="virtual for Alibaba OSS; path for most MinIO setups",
+    )
+    g = p.add_argument_group("execution")
+    g.add_argument("--ray-address", metavar="ADDR", help="Ray cluster to join (default: $RAY_ADDRESS, else local)")
+    g.add_argument("--num-cpus", type=int, help="CPUs of the in-process Ray instance (default: all)")
+    g.add_argument("--tokenize-workers", type=int, metavar="N", help="tokenizer actors (default: CPUs - 1)")
+    g.add_argument("--batch-size", type=int, metavar="N", help="records per tokenizer call (default 1024)")
+    g.add_argument("--num-shards", type=int, metavar="N", help="writer shards (default: by size)")
+    g.add_argument("--quiet", action="store_true", help="less logging")
+    return p
+
+
+def config_from_args(argv: list[str] | None = None) -> BuildConfig:
+    args = parser().parse_args(argv)
+    cfg = BuildConfig()
+    values = {k: v for k, v in vars(args).items() if v is not None and k in BuildConfig.field_names()}
+    for k, v in values.items():
+        setattr(cfg, k, v)
+    if isinstance(cfg.map_keys, str):
+        cfg.map_keys = parse_map_keys(cfg.map_keys)
+    missing = [
+        f"--{n}" for n, v in (("input", cfg.inputs), ("tokenizer", cfg.tokenizer), ("output", cfg.output)) if not v
+    ]
+    if missing:
+        parser().error(f"missing {', '.join(missing)}")
+    if cfg.seq_length < 2:
+        parser().error("--seq-length must be at least 2")
+    assert cfg.loss in LOSS_POLICIES
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="raysft: %(message)s")
+    try:
+        cfg = config_from_args(argv)
+    except ValueError as e:
+        print(f"raysft.build: error: {e}", file=sys.stderr)
+        return 2
+    from .merge import MergeError
+    from .pipeline import BuildError, run
+    from .read import InputError
+    from .template import TemplateError
+    from .tokenize import TokenizerError
+
+    try:
+        result = run(cfg)
+    except (BuildError, InputError, TemplateError, TokenizerError, MergeError) as e:
+        print(f"raysft.build: error: {e}", file=sys.stderr)
+        return 1
+    return 0 if result else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

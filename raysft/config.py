@@ -1,0 +1,41 @@
+"""Build settings: one dataclass shared by the CLI, config files and the pipeline."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+
+@dataclass
+class BuildConfig:
+    inputs: list[str] = field(default_factory=list)
+    output: str = ""
+    tokenizer: str = ""
+    template: str = "auto"
+    format: str = "auto"
+    map_keys: dict = field(default_factory=dict)
+    loss: str = "assistant"  # assistant | last | all
+    seq_length: int = 4096
+    pack: bool = True
+    layout: str = "native"
+    seed: int = 1234
+    on_bad_record: str = "fail"  # fail | skip
+    overwrite: bool = False
+    trust_remote_code: bool = False
+    # object storage
+    s3_endpoint_url: str | None = None
+    s3_addressing_style: str | None = None
+    # execution
+    ray_address: str | None = None
+    num_cpus: int | None = None
+    tokenize_workers: int | None = None
+    batch_size: int = 1024
+    chunk_bytes: int = 16 << 20
+    num_shards: int | None = None
+    shard_tokens: int = 128 << 20
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}

@@ -1,0 +1,335 @@
+"""Normalize stage: one raw record (a dict) -> one validated :class:`Conversation`.
+
+Pure functions, no engine. Three input layouts are understood:
+
+* ``alpaca``   ``instruction`` / ``input`` / ``output``, optional ``system`` and ``history``
+  (a list of ``[prompt, response]`` pairs), optional ``tools``.
+* ``sharegpt`` ``conversations``: a list of ``{"from", "value"}`` with ``from`` in human/user,
+  gpt/assistant, system, function_call, observation/tool; optional ``system`` and ``tools``
+  (a list, or a JSON string as in glaive-style data).
+* ``openai``   ``messages``: a list of ``{"role", "content"}`` with role in system, user,
+  assistant, tool; assistant messages may carry ``tool_calls``; content may be a string or a
+  list of ``{"type": "text", "text": ...}`` parts; optional ``tools``.
+
+``--map-keys`` renames input fields to these canonical names first (as MindSpeed-LLM and
+LLaMA-Factory allow), e.g. ``{"prompt": "question", "response": "answer"}``.
+
+Every validation failure raises :class:`RecordError` with a short machine-readable ``reason``
+(used to count rejects) and a human message; the caller adds the file and row.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+FORMATS = ("auto", "alpaca", "sharegpt", "openai")
+
+SYSTEM, USER, ASSISTANT, TOOL = "system", "user", "assistant", "tool"
+
+# Canonical key -> names accepted in --map-keys for it (MindSpeed-LLM / LLaMA-Factory spellings).
+KEY_ALIASES = {
+    "prompt": ("prompt", "instruction"),
+    "query": ("query", "input"),
+    "response": ("response", "output"),
+    "system": ("system",),
+    "history": ("history",),
+    "messages": ("messages", "conversations"),
+    "tools": ("tools",),
+    "role_tag": ("role_tag",),
+    "content_tag": ("content_tag",),
+}
+
+SHAREGPT_ROLES = {
+    "human": USER,
+    "user": USER,
+    "gpt": ASSISTANT,
+    "assistant": ASSISTANT,
+    "system": SYSTEM,
+    "function_call": ASSISTANT,
+    "observation": TOOL,
+    "tool": TOOL,
+    "function": TOOL,
+}
+OPENAI_ROLES = {SYSTEM: SYSTEM, USER: USER, ASSISTANT: ASSISTANT, TOOL: TOOL, "ipython": TOOL}
+
+
+class RecordError(ValueError):
+    """A record that cannot become a valid conversation."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+@dataclass
+class Message:
+    role: str
+    content: str
+    tool_calls: list[dict] | None = None  # [{"name": str, "arguments": dict|str}]
+    loss: bool | None = None  # None: decided by the loss policy; False: never; True: always
+
+
+@dataclass
+class Conversation:
+    messages: list[Message]
+    tools: list[dict] | None = None
+    meta: dict = field(default_factory=dict)
+
+
+def parse_map_keys(spec: str | dict | None) -> dict[str, str]:
+    """Parse ``--map-keys``: canonical name -> input field name."""
+    if not spec:
+        return {}
+    if isinstance(spec, str):
+        try:
+            spec = json.loads(spec)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--map-keys is not valid JSON: {e}") from None
+    if not isinstance(spec, dict) or not all(isinstance(v, str) for v in spec.values()):
+        raise ValueError('--map-keys must be a JSON object of strings, e.g. {"prompt": "question"}')
+    out = {}
+    for key, source in spec.items():
+        canon = next((c for c, names in KEY_ALIASES.items() if key in names), None)
+        if canon is None:
+            known = sorted({n for names in KEY_ALIASES.values() for n in names})
+            raise ValueError(f"--map-keys: unknown key {key!r}; known keys: {', '.join(known)}")
+        out[canon] = source
+    return out
+
+
+def detect_format(record: dict, keys: dict[str, str]) -> str:
+    if keys.get("messages", "messages") in record and "messages" in record:
+        return "openai"
+    msgs_key = keys.get("messages")
+    if msgs_key and msgs_key in record:
+        value = record[msgs_key]
+        if isinstance(value, list) and value and isinstance(value[0], dict) and "from" in value[0]:
+            return "sharegpt"
+        return "openai"
+    if "conversations" in record:
+        return "sharegpt"
+    if keys.get("prompt", "instruction") in record or "instruction" in record:
+        return "alpaca"
+    raise RecordError(
+        "unknown_format",
+        "cannot tell the layout: expected 'messages' (openai), 'conversations' (sharegpt) or "
+        f"'instruction' (alpaca); fields present: {sorted(record)[:10]}",
+    )
+
+
+def normalize(record: Any, fmt: str = "auto", keys: dict[str, str] | None = None) -> Conversation:
+    """Turn one decoded record into a validated conversation, or raise :class:`RecordError`."""
+    keys = keys or {}
+    if not isinstance(record, dict):
+        raise RecordError("not_an_object", f"record is a {type(record).__name__}, not a JSON object")
+    if fmt == "auto":
+        fmt = detect_format(record, keys)
+    if fmt == "alpaca":
+        conv = _from_alpaca(record, keys)
+    elif fmt == "sharegpt":
+        conv = _from_sharegpt(record, keys)
+    elif fmt == "openai":
+        conv = _from_openai(record, keys)
+    else:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    validate(conv)
+    return conv
+
+
+def _get(record: dict, keys: dict[str, str], canon: str, default_name: str | None = None):
+    name = keys.get(canon, default_name or canon)
+    return name, record.get(name)
+
+
+def _text(value: Any, what: str, allow_none: bool = False) -> str:
+    if value is None and allow_none:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(p, dict) for p in value):
+        parts = []
+        for p in value:
+            if p.get("type", "text") != "text" or not isinstance(p.get("text"), str):
+                raise RecordError("bad_content", f"{what}: only text content parts are supported")
+            parts.append(p["text"])
+        return "".join(parts)
+    raise RecordError("bad_type", f"{what} must be a string, got {type(value).__name__}")
+
+
+def _tools(record: dict, keys: dict[str, str]) -> list[dict] | None:
+    name, value = _get(record, keys, "tools")
+    if value in (None, "", []):
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise RecordError("bad_tools", f"'{name}' is a string but not valid JSON") from None
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise RecordError("bad_tools", f"'{name}' must be a list of tool definitions (objects)")
+    return value or None
+
+
+def _tool_call(value: Any, what: str) -> dict:
+    """A tool call from a ShareGPT ``function_call`` value or an OpenAI ``tool_calls`` entry."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise RecordError("bad_tool_call", f"{what}: function call is not valid JSON") from None
+    if isinstance(value, dict) and isinstance(value.get("function"), dict):
+        value = value["function"]  # OpenAI {"type": "function", "function": {...}}
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        raise RecordError("bad_tool_call", f"{what}: a function call needs a string 'name'")
+    args = value.get("arguments", value.get("parameters", {}))
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError:
+            pass  # keep the string as given: templates render it verbatim
+    return {"name": value["name"], "arguments": args}
+
+
+def _loss_flag(m: dict, where: str) -> bool | None:
+    for k in ("loss", "loss_weight"):
+        if k in m:
+            v = m[k]
+            if isinstance(v, bool) or isinstance(v, (int, float)):
+                return bool(v)
+            raise RecordError("bad_type", f"{where}: '{k}' must be a number or boolean")
+    return None
+
+
+def _from_alpaca(record: dict, keys: dict[str, str]) -> Conversation:
+    pname, prompt = _get(record, keys, "prompt", "instruction")
+    qname, query = _get(record, keys, "query", "input")
+    rname, response = _get(record, keys, "response", "output")
+    sname, system = _get(record, keys, "system")
+    hname, history = _get(record, keys, "history")
+    if prompt is None:
+        raise RecordError("missing_field", f"alpaca record has no '{pname}' field")
+    if response is None:
+        raise RecordError("missing_field", f"alpaca record has no '{rname}' field")
+    prompt = _text(prompt, f"'{pname}'")
+    query = _text(query, f"'{qname}'", allow_none=True)
+    response = _text(response, f"'{rname}'")
+    msgs: list[Message] = []
+    if system not in (None, ""):
+        msgs.append(Message(SYSTEM, _text(system, f"'{sname}'")))
+    if history not in (None, []):
+        if not isinstance(history, list):
+            raise RecordError("bad_type", f"'{hname}' must be a list of [prompt, response] pairs")
+        for i, pair in enumerate(history):
+            if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+                raise RecordError("bad_type", f"'{hname}'[{i}] must be a [prompt, response] pair")
+            msgs.append(Message(USER, _text(pair[0], f"'{hname}'[{i}][0]")))
+            msgs.append(Message(ASSISTANT, _text(pair[1], f"'{hname}'[{i}][1]")))
+    user = prompt + "\n" + query if query else prompt
+    msgs.append(Message(USER, user))
+    msgs.append(Message(ASSISTANT, response))
+    return Conversation(msgs, _tools(record, keys))
+
+
+def _from_sharegpt(record: dict, keys: dict[str, str]) -> Conversation:
+    name, turns = _get(record, keys, "messages", "conversations")
+    role_tag = keys.get("role_tag", "from")
+    content_tag = keys.get("content_tag", "value")
+    if turns is None:
+        raise RecordError("missing_field", f"sharegpt record has no '{name}' field")
+    if not isinstance(turns, list):
+        raise RecordError("bad_type", f"'{name}' must be a list of turns")
+    msgs: list[Message] = []
+    sname, system = _get(record, keys, "system")
+    if system not in (None, ""):
+        msgs.append(Message(SYSTEM, _text(system, f"'{sname}'")))
+    for i, t in enumerate(turns):
+        where = f"'{name}'[{i}]"
+        if not isinstance(t, dict):
+            raise RecordError("bad_type", f"{where} must be an object")
+        if role_tag not in t or content_tag not in t:
+            raise RecordError("missing_field", f"{where} needs '{role_tag}' and '{content_tag}'")
+        tag = t[role_tag]
+        if not isinstance(tag, str) or tag not in SHAREGPT_ROLES:
+            raise RecordError("unknown_role", f"{where}: unknown role {tag!r}")
+        role = SHAREGPT_ROLES[tag]
+        if tag == "function_call":
+            msgs.append(Message(ASSISTANT, "", [_tool_call(t[content_tag], where)], _loss_flag(t, where)))
+        else:
+            msgs.append(Message(role, _text(t[content_tag], f"{where}.{content_tag}"), None, _loss_flag(t, where)))
+    return Conversation(_merge_tool_call_turns(msgs), _tools(record, keys))
+
+
+def _merge_tool_call_turns(msgs: list[Message]) -> list[Message]:
+    """An assistant text turn directly followed by its function call is one assistant message."""
+    out: list[Message] = []
+    for m in msgs:
+        prev = out[-1] if out else None
+        if prev is not None and m.role == ASSISTANT and m.tool_calls and prev.role == ASSISTANT and not prev.tool_calls:
+            prev.tool_calls = m.tool_calls
+        else:
+            out.append(m)
+    return out
+
+
+def _from_openai(record: dict, keys: dict[str, str]) -> Conversation:
+    name, turns = _get(record, keys, "messages")
+    if turns is None:
+        raise RecordError("missing_field", f"openai record has no '{name}' field")
+    if not isinstance(turns, list):
+        raise RecordError("bad_type", f"'{name}' must be a list of messages")
+    role_tag = keys.get("role_tag", "role")
+    content_tag = keys.get("content_tag", "content")
+    msgs: list[Message] = []
+    for i, t in enumerate(turns):
+        where = f"'{name}'[{i}]"
+        if not isinstance(t, dict):
+            raise RecordError("bad_type", f"{where} must be an object")
+        role = t.get(role_tag)
+        if not isinstance(role, str) or role not in OPENAI_ROLES:
+            raise RecordError("unknown_role", f"{where}: unknown role {role!r}")
+        role = OPENAI_ROLES[role]
+        calls = None
+        if role == ASSISTANT and t.get("tool_calls"):
+            if not isinstance(t["tool_calls"], list):
+                raise RecordError("bad_type", f"{where}.tool_calls must be a list")
+            calls = [_tool_call(c, f"{where}.tool_calls[{j}]") for j, c in enumerate(t["tool_calls"])]
+        if content_tag not in t and calls is None:
+            raise RecordError("missing_field", f"{where} has no '{content_tag}'")
+        content = _text(t.get(content_tag), f"{where}.{content_tag}", allow_none=calls is not None)
+        msgs.append(Message(role, content, calls, _loss_flag(t, where)))
+    return Conversation(msgs, _tools(record, keys))
+
+
+def validate(conv: Conversation) -> None:
+    """Role order: optional system first, then user/assistant alternation (tool results may
+    follow an assistant tool call and precede the next assistant turn); ends on an assistant."""
+    msgs = conv.messages
+    body = msgs[1:] if msgs and msgs[0].role == SYSTEM else msgs
+    if not body:
+        raise RecordError("empty_conversation", "conversation has no user/assistant turns")
+    prev = None
+    for i, m in enumerate(body):
+        if m.role == SYSTEM:
+            raise RecordError("role_order", f"turn {i}: a system message is only allowed first")
+        if prev is None and m.role != USER:
+            raise RecordError("role_order", f"turn {i}: conversation must start with a user turn, not {m.role}")
+        if prev is not None:
+            ok = {
+                USER: (ASSISTANT,),
+                ASSISTANT: (USER, TOOL),
+                TOOL: (TOOL, ASSISTANT),
+            }[prev.role]
+            if m.role not in ok:
+                raise RecordError("role_order", f"turn {i}: {m.role} after {prev.role}")
+            if m.role == TOOL and prev.role == ASSISTANT and not prev.tool_calls:
+                raise RecordError("role_order", f"turn {i}: tool result without a preceding tool call")
+        if m.role == ASSISTANT and not m.content.strip() and not m.tool_calls:
+            raise RecordError("empty_assistant", f"turn {i}: assistant turn has empty content")
+        prev = m
+    if prev.role != ASSISTANT:
+        raise RecordError("no_final_assistant", f"conversation ends on a {prev.role} turn, not an assistant turn")

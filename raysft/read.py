@@ -1,0 +1,215 @@
+"""Read stage: find the input files and cut them into chunks that workers read on their own.
+
+Pure (fsspec + pyarrow, no engine). Inputs are files, folders or globs on local disk or
+object storage. Files are ordered by full path, so the same file set always gives the same
+order, whatever order the user listed them in. A chunk is a unit of reading:
+
+* ``.jsonl`` (and ``.json`` that is not an array): byte ranges of about ``chunk_bytes``,
+  a line belonging to the chunk in which it starts;
+* ``.json`` holding one array: the whole file;
+* ``.parquet``: one row group.
+
+``read_chunk`` yields every record of a chunk as raw JSON bytes with its position, good or
+bad: decoding and validation happen in the tokenize stage, which records each failure with
+the file and row. Nothing is skipped silently, except blank lines in JSON Lines files, which
+hold no record.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from .fs import full_url, get_fs
+
+EXTENSIONS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".ndjson": "jsonl"}
+DEFAULT_CHUNK_BYTES = 16 << 20
+
+
+class InputError(ValueError):
+    """Inputs that cannot be found or read."""
+
+
+@dataclass(frozen=True)
+class InputFile:
+    url: str
+    size: int
+    kind: str  # jsonl | json | parquet
+
+
+@dataclass(frozen=True)
+class Chunk:
+    chunk: int  # global chunk number: the order of chunks is the order of records
+    src: int  # index of the file in the sorted file list
+    url: str
+    kind: str
+    start: int  # bytes for jsonl, row group for parquet
+    end: int
+
+
+def _kind(path: str) -> str | None:
+    low = path.lower()
+    for ext, kind in EXTENSIONS.items():
+        if low.endswith(ext):
+            return kind
+    return None
+
+
+def expand_inputs(patterns: list[str], so: dict | None = None) -> list[InputFile]:
+    """Resolve files, folders and globs to a sorted, de-duplicated list of input files."""
+    if not patterns:
+        raise InputError("no --input given")
+    found: dict[str, InputFile] = {}
+    for pat in patterns:
+        fs, path = get_fs(pat, so)
+        try:
+            if any(ch in path for ch in "*?["):
+                paths = fs.glob(path)
+            elif fs.isdir(path):
+                paths = [p for p in fs.find(path) if _kind(p)]
+            elif fs.exists(path):
+                paths = [path]
+            else:
+                raise InputError(f"--input {pat}: no such file or folder")
+        except InputError:
+            raise
+        except FileNotFoundError:
+            raise InputError(f"--input {pat}: no such bucket, file or folder") from None
+        except PermissionError as e:
+            raise InputError(f"--input {pat}: access denied ({_short(e)})") from None
+        except OSError as e:
+            raise InputError(f"--input {pat}: cannot list ({_short(e)})") from None
+        matched = [p for p in paths if _kind(p) and not fs.isdir(p)]
+        if not matched:
+            raise InputError(f"--input {pat}: matches no .jsonl, .json or .parquet file")
+        for p in matched:
+            url = full_url(fs, p, pat)
+            found[url] = InputFile(url, int(fs.size(p) or 0), _kind(p))
+    return [found[u] for u in sorted(found)]
+
+
+def _short(e: Exception) -> str:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return msg[:200]
+
+
+def plan_chunks(files: list[InputFile], so: dict | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[Chunk]:
+    chunks: list[Chunk] = []
+    for src, f in enumerate(files):
+        kind = f.kind
+        if kind == "json" and not _is_json_array(f, so):
+            kind = "jsonl"
+        if kind == "jsonl":
+            n = max(1, -(-f.size // chunk_bytes))
+            for i in range(n):
+                chunks.append(Chunk(len(chunks), src, f.url, kind, i * chunk_bytes, min(f.size, (i + 1) * chunk_bytes)))
+        elif kind == "json":
+            chunks.append(Chunk(len(chunks), src, f.url, kind, 0, f.size))
+        else:
+            import pyarrow.parquet as pq
+
+            fs, path = get_fs(f.url, so)
+            try:
+                with fs.open(path, "rb") as fh:
+                    groups = pq.ParquetFile(fh).metadata.num_row_groups
+            except Exception as e:  # noqa: BLE001
+                raise InputError(f"{f.url}: not a readable Parquet file ({_short(e)})") from None
+            for g in range(max(groups, 1)):
+                chunks.append(Chunk(len(chunks), src, f.url, kind, g, g + 1))
+    return chunks
+
+
+def _is_json_array(f: InputFile, so: dict | None) -> bool:
+    fs, path = get_fs(f.url, so)
+    with fs.open(path, "rb") as fh:
+        head = fh.read(4096)
+    return head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
+
+
+@dataclass
+class RawRows:
+    """Records of one chunk: raw JSON bytes with their position in the file."""
+
+    idx: list[int]  # ordinal of the record within the chunk
+    row: list[int]  # row in the file (0-based); -1 when only the byte offset is known
+    offset: list[int]  # byte offset of the line (jsonl), else -1
+    raw: list[bytes]
+    error: list[str]  # "" or "reason: message" for records that cannot even be cut out
+
+
+def read_chunk(c: Chunk, so: dict | None = None) -> RawRows:
+    fs, path = get_fs(c.url, so)
+    out = RawRows([], [], [], [], [])
+
+    def add(row: int, offset: int, raw: bytes, error: str = "") -> None:
+        out.idx.append(len(out.idx))
+        out.row.append(row)
+        out.offset.append(offset)
+        out.raw.append(raw)
+        out.error.append(error)
+
+    if c.kind == "jsonl":
+        with fs.open(path, "rb", block_size=min(c.end - c.start + 1, 64 << 20) or None) as fh:
+            pos = c.start
+            if c.start > 0:
+                fh.seek(c.start - 1)
+                skipped = fh.readline()  # the line that started in the previous chunk
+                pos = c.start - 1 + len(skipped)
+            else:
+                fh.seek(0)
+            while pos < c.end:
+                line = fh.readline()
+                if not line:
+                    break
+                if line.strip():
+                    add(-1, pos, line.rstrip(b"\r\n"))
+                pos += len(line)
+    elif c.kind == "json":
+        with fs.open(path, "rb") as fh:
+            data = fh.read()
+        try:
+            records = json.loads(data)
+        except UnicodeDecodeError as e:
+            add(0, -1, b"", f"invalid_utf8: file is not valid UTF-8 ({e.reason} at byte {e.start})")
+            return out
+        except json.JSONDecodeError as e:
+            add(0, -1, b"", f"invalid_json: file is not valid JSON (line {e.lineno} col {e.colno}: {e.msg})")
+            return out
+        if not isinstance(records, list):
+            records = [records]
+        for i, rec in enumerate(records):
+            add(i, -1, json.dumps(rec, ensure_ascii=False).encode())
+    else:
+        import pyarrow.parquet as pq
+
+        with fs.open(path, "rb") as fh:
+            pf = pq.ParquetFile(fh)
+            first = sum(pf.metadata.row_group(g).num_rows for g in range(c.start))
+            if pf.metadata.num_row_groups == 0:
+                return out
+            table = pf.read_row_group(c.start)
+        for i, rec in enumerate(table.to_pylist()):
+            add(first + i, -1, json.dumps(rec, ensure_ascii=False, default=str).encode())
+    return out
+
+
+def line_number(url: str, offset: int, so: dict | None = None) -> int:
+    """1-based line number of the byte ``offset`` in a JSON Lines file (for error messages)."""
+    fs, path = get_fs(url, so)
+    count = 0
+    with fs.open(path, "rb") as fh:
+        remaining = offset
+        while remaining > 0:
+            buf = fh.read(min(remaining, 8 << 20))
+            if not buf:
+                break
+            count += buf.count(b"\n")
+            remaining -= len(buf)
+    return count + 1
+
+
+def describe_position(url: str, row: int, offset: int, so: dict | None = None) -> str:
+    """Human position of a record: ``file line N`` for JSON Lines, ``file row N`` otherwise."""
+    if offset >= 0:
+        return f"{url} line {line_number(url, offset, so)}"
+    return f"{url} record {row} (0-based)"

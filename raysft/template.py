@@ -1,0 +1,331 @@
+"""Template stage, part 1: render a :class:`Conversation` to text plus the character spans
+that carry loss.
+
+Pure Python. A template turns messages into a list of pieces ``(text, message_index, is_answer)``;
+``is_answer`` pieces are an assistant turn's output: its content (with any tool calls) and the
+end-of-turn marker that closes it. The loss policy then picks which answer pieces carry loss:
+
+* ``assistant`` (default): every assistant turn;
+* ``last``: only the last assistant turn (``--mask-history``);
+* ``all``: every character (``--train-on-prompt``).
+
+A message with ``loss: false`` / ``loss_weight: 0`` in the input never carries loss.
+
+Built-in templates follow each model family's published chat format. ``auto`` renders the
+tokenizer's own Jinja ``chat_template`` (as ``transformers``' ``apply_chat_template`` does) and
+finds each assistant turn by rendering the conversation prefix with a generation prompt.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .normalize import ASSISTANT, SYSTEM, TOOL, USER, Conversation, Message, RecordError
+
+LOSS_POLICIES = ("assistant", "last", "all")
+
+Piece = tuple[str, int, bool]  # text, message index (-1: template scaffolding), is_answer
+
+
+class TemplateError(ValueError):
+    """A template that cannot be used (unknown name, tokenizer without chat template...)."""
+
+
+@dataclass
+class Rendered:
+    text: str
+    spans: list[tuple[int, int]]  # [start, end) character ranges that carry loss
+
+
+@dataclass
+class Specials:
+    """Special-token strings of the tokenizer, for templates that use BOS/EOS literally."""
+
+    bos: str | None = None
+    eos: str | None = None
+
+
+def _dumps(obj) -> str:
+    return json.dumps(obj, ensure_ascii=False)
+
+
+def _call_json(call: dict, args_key: str = "arguments") -> str:
+    return _dumps({"name": call["name"], args_key: call["arguments"]})
+
+
+# --------------------------------------------------------------------------- built-ins
+
+
+def _llama3(conv: Conversation, sp: Specials) -> list[Piece]:
+    """Meta Llama 3 / 3.1 format (content is trimmed, as the official template does).
+
+    Tools follow Llama 3.1's JSON tool calling as its Hugging Face template renders it: the
+    definitions go into the first user turn, a call is ``{"name": ..., "parameters": ...}`` and a
+    tool result is an ``ipython`` turn.
+    """
+    out: list[Piece] = [("<|begin_of_text|>", -1, False)]
+    tools_pending = conv.tools
+    for i, m in enumerate(conv.messages):
+        role = "ipython" if m.role == TOOL else m.role
+        head = f"<|start_header_id|>{role}<|end_header_id|>\n\n"
+        content = m.content.strip()
+        if m.role == USER and tools_pending:
+            intro = (
+                "Given the following functions, please respond with a JSON for a function call "
+                "with its proper arguments that best answers the given prompt.\n\n"
+                'Respond in the format {"name": function name, "parameters": dictionary of '
+                "argument name and its value}.Do not use variables.\n\n"
+            )
+            defs = "".join(json.dumps(t, indent=4, ensure_ascii=False) + "\n\n" for t in tools_pending)
+            content = intro + defs + content
+            tools_pending = None
+        if m.role == ASSISTANT:
+            body = content
+            if m.tool_calls:
+                calls = "".join(_call_json(c, "parameters") for c in m.tool_calls)
+                body = (content + "\n" if content else "") + calls
+            out += [(head, i, False), (body + "<|eot_id|>", i, True)]
+        else:
+            out.append((head + content + "<|eot_id|>", i, False))
+    return out
+
+
+def _chatml(default_system: str | None) -> Callable[[Conversation, Specials], list[Piece]]:
+    """ChatML (``<|im_start|>role\\n...<|im_end|>\\n``) with Qwen2/2.5 tool calling:
+    definitions in ``<tools>`` in the system turn, calls in ``<tool_call>``, results as a user
+    turn of ``<tool_response>`` blocks."""
+
+    def render(conv: Conversation, sp: Specials) -> list[Piece]:
+        msgs = conv.messages
+        system = msgs[0].content if msgs and msgs[0].role == SYSTEM else default_system
+        start = 1 if msgs and msgs[0].role == SYSTEM else 0
+        out: list[Piece] = []
+        if conv.tools:
+            system = (system + "\n\n" if system else "") + (
+                "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+                "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+                + "".join("\n" + _dumps(t) for t in conv.tools)
+                + "\n</tools>\n\nFor each function call, return a json object with function name "
+                "and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+                '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
+            )
+        if system is not None:
+            out.append((f"<|im_start|>system\n{system}<|im_end|>\n", 0 if start else -1, False))
+        for i in range(start, len(msgs)):
+            m = msgs[i]
+            if m.role == ASSISTANT:
+                body = m.content
+                for c in m.tool_calls or ():
+                    body += ("\n" if body else "") + "<tool_call>\n" + _call_json(c) + "\n</tool_call>"
+                out += [("<|im_start|>assistant\n", i, False), (body + "<|im_end|>", i, True), ("\n", i, False)]
+            elif m.role == TOOL:
+                first = i == 0 or msgs[i - 1].role != TOOL
+                last = i == len(msgs) - 1 or msgs[i + 1].role != TOOL
+                text = ("<|im_start|>user" if first else "") + f"\n<tool_response>\n{m.content}\n</tool_response>"
+                out.append((text + ("<|im_end|>\n" if last else ""), i, False))
+            else:
+                out.append((f"<|im_start|>{m.role}\n{m.content}<|im_end|>\n", i, False))
+        return out
+
+    return render
+
+
+def _llama2(conv: Conversation, sp: Specials) -> list[Piece]:
+    """Llama 2 chat: ``<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {answer} </s>``."""
+    bos, eos = sp.bos or "<s>", sp.eos or "</s>"
+    msgs = conv.messages
+    if conv.tools or any(m.role == TOOL or m.tool_calls for m in msgs):
+        raise RecordError("template_unsupported", "the llama2 template has no tool-call format")
+    system = msgs[0].content if msgs[0].role == SYSTEM else None
+    out: list[Piece] = []
+    body = msgs[1:] if system is not None else msgs
+    offset = len(msgs) - len(body)
+    for j, m in enumerate(body):
+        i = j + offset
+        content = m.content
+        if j == 0 and system is not None:
+            content = f"<<SYS>>\n{system}\n<</SYS>>\n\n{content}"
+        if m.role == USER:
+            out.append((f"{bos}[INST] {content.strip()} [/INST]", i, False))
+        else:
+            out += [(" ", i, False), (f"{content.strip()} {eos}", i, True)]
+    return out
+
+
+BUILTIN: dict[str, Callable[[Conversation, Specials], list[Piece]]] = {
+    "llama3": _llama3,
+    "chatml": _chatml(None),
+    "qwen2": _chatml("You are a helpful assistant."),
+    "llama2": _llama2,
+}
+TEMPLATE_NAMES = (*BUILTIN, "auto")
+
+
+# --------------------------------------------------------------------------- auto (Jinja)
+
+
+def to_hf_messages(conv: Conversation) -> list[dict]:
+    """Messages in the shape Hugging Face chat templates expect."""
+    out = []
+    for m in conv.messages:
+        d: dict = {"role": m.role, "content": m.content}
+        if m.tool_calls:
+            d["tool_calls"] = [
+                {"type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}} for c in m.tool_calls
+            ]
+        out.append(d)
+    return out
+
+
+class JinjaTemplate:
+    """Renders a tokenizer's ``chat_template`` in a sandbox, as ``apply_chat_template`` does."""
+
+    def __init__(self, source: str, specials: Specials, extra: dict | None = None):
+        from jinja2.exceptions import TemplateError as JinjaError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise JinjaError(message)
+
+        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+        def strftime_now(fmt):
+            # Fixed date: output bytes must not depend on the day the job runs.
+            import datetime
+
+            return datetime.datetime(2024, 1, 1).strftime(fmt)
+
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
+        env.filters["tojson"] = tojson
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = strftime_now
+        self._jinja_error = JinjaError
+        self.template = env.from_string(source)
+        self.vars = {"bos_token": specials.bos or "", "eos_token": specials.eos or "", **(extra or {})}
+
+    def __call__(self, messages: list[dict], tools, add_generation_prompt: bool) -> str:
+        try:
+            return self.template.render(
+                messages=messages, tools=tools, add_generation_prompt=add_generation_prompt, **self.vars
+            )
+        except self._jinja_error as e:
+            raise RecordError("template_error", f"chat template refused the conversation: {e}") from None
+
+    def pieces(self, conv: Conversation, special_strings: tuple[str, ...]) -> list[Piece]:
+        msgs = to_hf_messages(conv)
+        tools = conv.tools
+        full = self(msgs, tools, False)
+        out: list[Piece] = []
+        cursor = 0
+        for i, m in enumerate(conv.messages):
+            if m.role != ASSISTANT:
+                continue
+            prefix = self(msgs[:i], tools, True)
+            through = self(msgs[: i + 1], tools, False)
+            start, end = len(prefix), len(through)
+            if not (full.startswith(prefix) and full.startswith(through) and cursor <= start <= end):
+                # Templates that rewrite history (e.g. drop reasoning of earlier turns) have no
+                # stable prefix: find the turn's content in the full text instead.
+                start = full.find(m.content.strip(), cursor) if m.content.strip() else -1
+                if start < 0:
+                    raise RecordError(
+                        "template_error",
+                        f"cannot locate assistant turn {i} in the text the chat template rendered",
+                    )
+                end = start + len(m.content.strip())
+                end = _extend_to_marker(full, end, special_strings)
+            else:
+                end = _trim_to_marker(full, start, end, special_strings)
+            out.append((full[cursor:start], -1, False))
+            out.append((full[start:end], i, True))
+            cursor = end
+        out.append((full[cursor:], -1, False))
+        return out
+
+
+def _trim_to_marker(text: str, start: int, end: int, specials: tuple[str, ...]) -> int:
+    """End the answer at the end of the last special token inside it (drop trailing newlines
+    that the template adds after the end-of-turn marker)."""
+    best = -1
+    for s in specials:
+        k = text.rfind(s, start, end)
+        if k >= 0:
+            best = max(best, k + len(s))
+    return best if best > start else end
+
+
+def _extend_to_marker(text: str, end: int, specials: tuple[str, ...]) -> int:
+    """Extend the answer through the first special token that follows it (its end-of-turn)."""
+    best = None
+    for s in specials:
+        k = text.find(s, end)
+        if k >= 0 and text[end:k].strip() == "" and (best is None or k < best[0]):
+            best = (k, k + len(s))
+    return best[1] if best else end
+
+
+# --------------------------------------------------------------------------- public API
+
+
+class Template:
+    """A chat template plus a loss policy: ``render(conv) -> Rendered``."""
+
+    def __init__(
+        self,
+        name: str,
+        specials: Specials | None = None,
+        chat_template: str | None = None,
+        special_strings: tuple[str, ...] = (),
+        loss: str = "assistant",
+    ):
+        if loss not in LOSS_POLICIES:
+            raise TemplateError(f"unknown loss policy {loss!r}; choose one of {', '.join(LOSS_POLICIES)}")
+        self.name = name
+        self.loss = loss
+        self.specials = specials or Specials()
+        self._jinja = None
+        if name == "auto":
+            if not chat_template:
+                raise TemplateError(
+                    "--template auto needs a tokenizer with a chat_template (in tokenizer_config.json "
+                    f"or chat_template.jinja); choose a built-in instead: {', '.join(BUILTIN)}"
+                )
+            self._jinja = JinjaTemplate(chat_template, self.specials)
+            self._special_strings = tuple(sorted(special_strings, key=len, reverse=True))
+        elif name not in BUILTIN:
+            raise TemplateError(f"unknown template {name!r}; choose one of {', '.join(TEMPLATE_NAMES)}")
+
+    def pieces(self, conv: Conversation) -> list[Piece]:
+        if self._jinja is not None:
+            return self._jinja.pieces(conv, self._special_strings)
+        return BUILTIN[self.name](conv, self.specials)
+
+    def render(self, conv: Conversation) -> Rendered:
+        pieces = self.pieces(conv)
+        text = "".join(p[0] for p in pieces)
+        if self.loss == "all":
+            return Rendered(text, [(0, len(text))] if text else [])
+        msgs = conv.messages
+        last = max((i for i, m in enumerate(msgs) if m.role == ASSISTANT), default=-1)
+        spans: list[tuple[int, int]] = []
+        pos = 0
+        for piece, i, answer in pieces:
+            end = pos + len(piece)
+            if answer and piece and _carries_loss(msgs[i], i, last, self.loss):
+                if spans and spans[-1][1] == pos:
+                    spans[-1] = (spans[-1][0], end)
+                else:
+                    spans.append((pos, end))
+            pos = end
+        return Rendered(text, spans)
+
+
+def _carries_loss(m: Message, i: int, last: int, policy: str) -> bool:
+    if m.loss is not None:
+        return m.loss and (policy != "last" or i == last)
+    return policy == "assistant" or i == last

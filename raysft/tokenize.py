@@ -1,0 +1,242 @@
+"""Template stage, part 2: tokenize rendered conversations and derive the loss mask.
+
+Pure (no engine). Each sample's ``input_ids`` are what the tokenizer gives for the whole
+rendered conversation in one pass, with ``add_special_tokens=False`` because the template
+already wrote BOS and every marker: this is what ``apply_chat_template(..., tokenize=True)``
+gives and what the model sees when served.
+
+Loss mask rule (documented in the README): a token carries loss iff any character it covers
+lies inside a loss span. Spans are mapped to tokens with the fast tokenizer's character
+offsets (``Encoding.char_to_token``), so a token that straddles a span boundary carries loss:
+every character of an answer is inside some loss-bearing token.
+
+Samples are returned as one flat int32 array per sample in which a token without loss is
+stored as its bitwise complement (``~id == -id - 1``); ``decode_signed`` undoes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from .template import Rendered, Specials
+
+
+class TokenizerError(ValueError):
+    """A tokenizer path that cannot be loaded."""
+
+
+@dataclass
+class TokenizerInfo:
+    """Everything the job needs from a tokenizer folder, loadable in any worker."""
+
+    path: str  # folder or tokenizer.json
+    tokenizer_json: str  # serialized tokenizers.Tokenizer
+    bos: str | None
+    eos: str | None
+    pad: str | None
+    chat_template: str | None
+    special_strings: tuple[str, ...]
+    vocab_size: int
+
+    def load(self):
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_str(self.tokenizer_json)
+        tok.no_truncation()
+        tok.no_padding()
+        return tok
+
+    @property
+    def specials(self) -> Specials:
+        return Specials(self.bos, self.eos)
+
+    def token_id(self, text: str | None) -> int | None:
+        if text is None:
+            return None
+        return self.load().token_to_id(text)
+
+    def pad_id(self) -> int:
+        """Pad id: the tokenizer's pad token, else its EOS token."""
+        tok = self.load()
+        for t in (self.pad, self.eos):
+            if t is not None and tok.token_to_id(t) is not None:
+                return tok.token_to_id(t)
+        raise TokenizerError(f"{self.path}: the tokenizer has neither a pad nor an eos token")
+
+
+KNOWN_BOS = ("<|begin_of_text|>", "<s>", "<｜begin▁of▁sentence｜>", "[gMASK]<sop>", "<bos>")
+KNOWN_EOS = ("<|end_of_text|>", "</s>", "<|endoftext|>", "<｜end▁of▁sentence｜>", "<eos>", "<|im_end|>")
+
+
+def _token_text(value) -> str | None:
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def load_tokenizer_info(path: str, trust_remote_code: bool = False) -> TokenizerInfo:
+    """Read a Hugging Face tokenizer folder (or a bare tokenizer.json) from local disk.
+
+    A folder without tokenizer.json (a slow, SentencePiece-only tokenizer) is converted to a
+    fast one with ``transformers``; custom tokenizer code runs only with ``trust_remote_code``.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise TokenizerError(
+            f"--tokenizer {path}: no such file or folder (give a local tokenizer folder or tokenizer.json)"
+        )
+    config: dict = {}
+    if os.path.isdir(path):
+        cfg = os.path.join(path, "tokenizer_config.json")
+        if os.path.exists(cfg):
+            with open(cfg, encoding="utf-8") as f:
+                config = json.load(f)
+        tj = os.path.join(path, "tokenizer.json")
+        jinja = os.path.join(path, "chat_template.jinja")
+        if os.path.exists(jinja) and not config.get("chat_template"):
+            with open(jinja, encoding="utf-8") as f:
+                config["chat_template"] = f.read()
+        if os.path.exists(tj):
+            with open(tj, encoding="utf-8") as f:
+                tokenizer_json = f.read()
+        else:
+            try:
+                from transformers import AutoTokenizer
+
+                hf = AutoTokenizer.from_pretrained(path, use_fast=True, trust_remote_code=trust_remote_code)
+            except Exception as e:  # noqa: BLE001 - report any loader failure as one line
+                raise TokenizerError(f"--tokenizer {path}: cannot load a fast tokenizer: {e}") from None
+            if not getattr(hf, "is_fast", False):
+                raise TokenizerError(f"--tokenizer {path}: only fast (Rust) tokenizers are supported")
+            tokenizer_json = hf.backend_tokenizer.to_str()
+    else:
+        with open(path, encoding="utf-8") as f:
+            tokenizer_json = f.read()
+    try:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_str(tokenizer_json)
+    except Exception as e:  # noqa: BLE001
+        raise TokenizerError(f"--tokenizer {path}: not a valid tokenizer.json: {e}") from None
+    chat_template = config.get("chat_template")
+    if isinstance(chat_template, list):  # named templates: use "default"
+        named = {t.get("name"): t.get("template") for t in chat_template if isinstance(t, dict)}
+        chat_template = named.get("default")
+    added = json.loads(tokenizer_json).get("added_tokens", [])
+    specials = tuple(t["content"] for t in added if t.get("special"))
+    bos, eos, pad = (_token_text(config.get(k)) for k in ("bos_token", "eos_token", "pad_token"))
+    if not config:  # a bare tokenizer.json: recognise the usual special-token names
+        bos = bos or next((t for t in KNOWN_BOS if t in specials), None)
+        eos = eos or next((t for t in KNOWN_EOS if t in specials), None)
+    return TokenizerInfo(
+        path=path,
+        tokenizer_json=tokenizer_json,
+        bos=bos,
+        eos=eos,
+        pad=pad,
+        chat_template=chat_template,
+        special_strings=specials,
+        vocab_size=tok.get_vocab_size(with_added_tokens=True),
+    )
+
+
+def loss_flags(encoding, spans: list[tuple[int, int]], n: int) -> np.ndarray:
+    """Boolean loss flag per token: token overlaps a loss span (see module doc)."""
+    flags = np.zeros(n, dtype=bool)
+    for start, end in spans:
+        first = _token_at(encoding, start, end, +1)
+        last = _token_at(encoding, end - 1, start - 1, -1)
+        if first is not None and last is not None and last >= first:
+            flags[first : last + 1] = True
+    return flags
+
+
+def _token_at(encoding, pos: int, stop: int, step: int) -> int | None:
+    """The token covering character ``pos``; characters that map to no token (removed by a
+    normalizer) are skipped towards ``stop``."""
+    while pos != stop:
+        t = encoding.char_to_token(pos)
+        if t is not None:
+            return t
+        pos += step
+    return None
+
+
+def encode_rendered(tokenizer, rendered: list[Rendered]) -> list[np.ndarray]:
+    """Tokenize rendered texts in one batch call; return signed int32 arrays (see module doc)."""
+    encodings = tokenizer.encode_batch([r.text for r in rendered], add_special_tokens=False)
+    out = []
+    for enc, r in zip(encodings, rendered):
+        ids = np.array(enc.ids, dtype=np.int32)
+        flags = loss_flags(enc, r.spans, len(ids))
+        out.append(np.where(flags, ids, ~ids))
+    return out
+
+
+def decode_signed(signed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Signed storage -> (token ids, loss mask)."""
+    signed = np.asarray(signed)
+    loss = signed >= 0
+    return np.where(loss, signed, ~signed), loss
+
+
+class SampleBuilder:
+    """Raw JSON records -> signed token arrays, or a (reason, message) per rejected record.
+
+    The whole per-record path of the job (decode, normalize, render, tokenize, mask) without
+    any engine; the Ray actor of the pipeline only wraps it.
+    """
+
+    def __init__(
+        self,
+        info: TokenizerInfo,
+        template: str,
+        fmt: str = "auto",
+        map_keys: dict | None = None,
+        loss: str = "assistant",
+    ):
+        from .template import Template
+
+        self.tokenizer = info.load()
+        self.template = Template(template, info.specials, info.chat_template, info.special_strings, loss)
+        self.fmt = fmt
+        self.keys = map_keys or {}
+
+    def __call__(self, raws: list[bytes], errors: list[str] | None = None):
+        from .normalize import RecordError, normalize
+
+        n = len(raws)
+        reasons = [""] * n
+        messages = [""] * n
+        rendered: list = []
+        where: list[int] = []
+        for i, raw in enumerate(raws):
+            if errors and errors[i]:
+                reasons[i], _, messages[i] = errors[i].partition(": ")
+                continue
+            try:
+                record = json.loads(raw)
+                conv = normalize(record, self.fmt, self.keys)
+                rendered.append(self.template.render(conv))
+                where.append(i)
+            except RecordError as e:
+                reasons[i], messages[i] = e.reason, e.message
+            except UnicodeDecodeError as e:
+                reasons[i], messages[i] = "invalid_utf8", f"not valid UTF-8 ({e.reason} at byte {e.start})"
+            except json.JSONDecodeError as e:
+                reasons[i], messages[i] = "invalid_json", f"not valid JSON (col {e.colno}: {e.msg})"
+            except RecursionError:
+                reasons[i], messages[i] = "invalid_json", "JSON nested too deeply"
+        ids: list[np.ndarray | None] = [None] * n
+        for i, arr in zip(where, encode_rendered(self.tokenizer, rendered) if rendered else []):
+            if len(arr) == 0:
+                reasons[i], messages[i] = "empty_sample", "the rendered conversation has no tokens"
+            elif not (arr >= 0).any():
+                reasons[i], messages[i] = "all_masked", "no token of the sample carries loss"
+            else:
+                ids[i] = arr
+        return ids, reasons, messages

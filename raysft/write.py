@@ -1,0 +1,105 @@
+"""Write-shards stage: turn the samples of a range of packs into one .bin/.idx shard.
+
+Pure numpy + fsspec. Input: each sample's signed token array (see ``tokenize``), its output
+pack and its position in the pack. Two layouts, both Megatron MMIDIDX v1 int32:
+
+``native``  one Megatron sequence per sample, one document per pack; no padding; a token
+            without loss is stored as ``~id`` (``-id-1``).
+``pai``     one sequence of ``2 * seq_length`` per pack, as Pai-Megatron-Patch's SFT trainer
+            reads with sequence packing: input ids padded to seq_length with the pad id, then
+            labels shifted by one (``label[i]`` is the target at position i, -100 where there is
+            no loss or padding); the last token of each sample in the first half is stored as
+            ``-1-id`` to mark sample boundaries.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .indexed import Index, encode_index
+
+LAYOUTS = ("native", "pai")
+IGNORE = -100
+
+
+def order_samples(out_pack: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    return np.lexsort((np.asarray(pos), np.asarray(out_pack)))
+
+
+def flatten(samples: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    lengths = np.fromiter((len(s) for s in samples), dtype=np.int64, count=len(samples))
+    flat = np.concatenate(samples).astype(np.int32, copy=False) if samples else np.zeros(0, np.int32)
+    return flat, lengths
+
+
+def encode_native(samples: list[np.ndarray], packs: np.ndarray) -> tuple[np.ndarray, Index]:
+    """``samples`` and ``packs`` already in output order."""
+    flat, lengths = flatten(samples)
+    packs = np.asarray(packs)
+    boundaries = np.nonzero(np.diff(packs))[0] + 1 if len(packs) else np.zeros(0, np.int64)
+    docs = np.concatenate([[0], boundaries, [len(samples)]]).astype(np.int64) if len(samples) else np.zeros(1, np.int64)
+    return flat, Index(np.dtype(np.int32), lengths.astype(np.int32), docs)
+
+
+def encode_pai(samples: list[np.ndarray], packs: np.ndarray, seq_length: int, pad_id: int) -> tuple[np.ndarray, Index]:
+    S = seq_length
+    flat, lengths = flatten(samples)
+    packs = np.asarray(packs, dtype=np.int64)
+    # pack row of each sample, 0..P-1 in order of appearance
+    new_pack = np.concatenate([[True], packs[1:] != packs[:-1]]) if len(packs) else np.zeros(0, bool)
+    row = np.cumsum(new_pack) - 1
+    P = int(row[-1]) + 1 if len(row) else 0
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    pack_first = starts[new_pack]  # flat offset where each pack begins
+    sample_row = row
+    token_sample = np.repeat(np.arange(len(samples)), lengths)
+    token_row = sample_row[token_sample]
+    token_pos = np.arange(len(flat), dtype=np.int64) - pack_first[token_row]
+    if len(flat) and token_pos.max() >= S:
+        raise ValueError("encode_pai: a pack is longer than seq_length")
+    loss = flat >= 0
+    ids = np.where(loss, flat, ~flat)
+    labels = np.full(len(flat), IGNORE, dtype=np.int32)
+    if len(flat) > 1:
+        nxt_ok = loss[1:].copy()
+        nxt_ok[ends[:-1] - 1] = False  # never predict across a sample boundary
+        labels[:-1] = np.where(nxt_ok, ids[1:], IGNORE)
+    marked = ids.copy()
+    marked[ends - 1] = -1 - ids[ends - 1]
+    out = np.empty((P, 2 * S), dtype=np.int32)
+    out[:, :S] = pad_id
+    out[:, S:] = IGNORE
+    out[token_row, token_pos] = marked
+    out[token_row, S + token_pos] = labels
+    index = Index(np.dtype(np.int32), np.full(P, 2 * S, dtype=np.int32), np.arange(P + 1, dtype=np.int64))
+    return out.reshape(-1), index
+
+
+def encode_shard(
+    samples: list[np.ndarray], out_pack: np.ndarray, pos: np.ndarray, layout: str, seq_length: int, pad_id: int
+) -> tuple[np.ndarray, Index]:
+    order = order_samples(out_pack, pos)
+    ordered = [samples[i] for i in order]
+    packs = np.asarray(out_pack)[order]
+    if layout == "native":
+        return encode_native(ordered, packs)
+    if layout == "pai":
+        return encode_pai(ordered, packs, seq_length, pad_id)
+    raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+
+
+def write_shard(fs, prefix: str, tokens: np.ndarray, index: Index) -> dict:
+    """Write ``prefix.bin`` and ``prefix.idx``; return what the merge needs to know."""
+    data = np.ascontiguousarray(tokens, dtype="<i4")
+    with fs.open(prefix + ".bin", "wb") as f:
+        f.write(memoryview(data).cast("B"))
+    with fs.open(prefix + ".idx", "wb") as f:
+        f.write(encode_index(index))
+    return {
+        "prefix": prefix,
+        "sequences": len(index.sequence_lengths),
+        "documents": index.num_documents,
+        "tokens": int(data.size),
+        "bytes": int(data.nbytes),
+    }
