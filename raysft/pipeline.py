@@ -221,17 +221,16 @@ def write_group(batch: pa.Table, tmp_dir: str, so: dict, layout: str, seq_length
 # --------------------------------------------------------------------------- driver
 
 
-def init_ray(cfg: BuildConfig):
+def init_ray(cfg: BuildConfig) -> None:
     import ray
 
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
-        return ray
+        return
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
         ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=True)
-    return ray
 
 
 def _plan_single(hist: np.ndarray, seq_length: int) -> PackPlan:
@@ -255,7 +254,8 @@ def run(cfg: BuildConfig) -> dict:
     chunks = plan_chunks(files, so, cfg.chunk_bytes)
     log.info("inputs: %d files, %d chunks", len(files), len(chunks))
 
-    ray = init_ray(cfg)
+    init_ray(cfg)
+    import ray
     import ray.data
 
     ctx = ray.data.DataContext.get_current()

@@ -1,0 +1,95 @@
+import pytest
+
+from raysft.normalize import normalize
+from raysft.template import Specials, Template, TemplateError
+
+CONV = {
+    "messages": [
+        {"role": "system", "content": "SYS"},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Bye"},
+        {"role": "assistant", "content": "Ciao."},
+    ]
+}
+
+
+def answers(r):
+    return [r.text[a:b] for a, b in r.spans]
+
+
+def test_llama3_exact():
+    r = Template("llama3").render(normalize(CONV))
+    assert r.text == (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nSYS<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nHello!<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nBye<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nCiao.<|eot_id|>"
+    )
+    assert answers(r) == ["Hello!<|eot_id|>", "Ciao.<|eot_id|>"]
+
+
+def test_chatml_exact():
+    r = Template("chatml").render(normalize(CONV))
+    assert r.text == (
+        "<|im_start|>system\nSYS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n"
+        "<|im_start|>assistant\nCiao.<|im_end|>\n"
+    )
+    assert answers(r) == ["Hello!<|im_end|>", "Ciao.<|im_end|>"]
+
+
+def test_qwen2_default_system():
+    r = Template("qwen2").render(normalize({"instruction": "a", "output": "b"}))
+    assert r.text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")
+
+
+def test_llama2_exact():
+    r = Template("llama2", Specials("<s>", "</s>")).render(normalize(CONV))
+    assert r.text == "<s>[INST] <<SYS>>\nSYS\n<</SYS>>\n\nHi [/INST] Hello! </s><s>[INST] Bye [/INST] Ciao. </s>"
+    assert answers(r) == ["Hello! </s>", "Ciao. </s>"]
+
+
+def test_loss_policies():
+    conv = normalize(CONV)
+    assert answers(Template("llama3", loss="last").render(conv)) == ["Ciao.<|eot_id|>"]
+    r = Template("llama3", loss="all").render(conv)
+    assert r.spans == [(0, len(r.text))]
+    masked = dict(CONV)
+    masked["messages"] = [dict(m) for m in CONV["messages"]]
+    masked["messages"][2]["loss_weight"] = 0
+    assert answers(Template("llama3").render(normalize(masked))) == ["Ciao.<|eot_id|>"]
+
+
+def test_chatml_tools_and_tool_calls():
+    rec = {
+        "conversations": [
+            {"from": "human", "value": "weather?"},
+            {"from": "function_call", "value": '{"name": "w", "arguments": {"c": "P"}}'},
+            {"from": "observation", "value": "sunny"},
+            {"from": "gpt", "value": "Sunny."},
+        ],
+        "tools": '[{"name": "w"}]',
+    }
+    r = Template("chatml").render(normalize(rec))
+    assert "<tools>\n{\"name\": \"w\"}\n</tools>" in r.text
+    assert answers(r) == ['<tool_call>\n{"name": "w", "arguments": {"c": "P"}}\n</tool_call><|im_end|>', "Sunny.<|im_end|>"]
+    assert "<|im_start|>user\n<tool_response>\nsunny\n</tool_response><|im_end|>\n" in r.text
+
+
+def test_unknown_template_and_missing_chat_template():
+    with pytest.raises(TemplateError, match="unknown template"):
+        Template("nope")
+    with pytest.raises(TemplateError, match="chat_template"):
+        Template("auto", chat_template=None)
+
+
+def test_auto_template_finds_assistant_spans():
+    jinja = (
+        "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    t = Template("auto", Specials("<s>", "</s>"), jinja, special_strings=("<s>", "</s>"))
+    r = t.render(normalize(CONV))
+    assert answers(r) == ["Hello!</s>", "Ciao.</s>"]

@@ -1,0 +1,46 @@
+import numpy as np
+
+from raysft.normalize import normalize
+from raysft.template import Template
+from raysft.tokenize import SampleBuilder, decode_signed, encode_rendered, loss_flags
+
+CONV = {"messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "2+2 is 4."}]}
+
+
+def test_ids_are_one_pass_encoding_of_whole_text(llama3_info):
+    tok = llama3_info.load()
+    r = Template("llama3").render(normalize(CONV))
+    [signed] = encode_rendered(tok, [r])
+    ids, loss = decode_signed(signed)
+    assert ids.tolist() == tok.encode(r.text, add_special_tokens=False).ids
+    assert tok.decode(ids.tolist(), skip_special_tokens=False) == r.text
+    # loss covers exactly the answer and its end-of-turn token
+    assert tok.decode(ids[loss].tolist(), skip_special_tokens=False) == "2+2 is 4.<|eot_id|>"
+    assert ids[loss][-1] == tok.token_to_id("<|eot_id|>")
+
+
+def test_straddling_token_carries_loss(llama3_info):
+    tok = llama3_info.load()
+    text = "hello world"
+    enc = tok.encode(text, add_special_tokens=False)  # "hello", " world"
+    assert len(enc.ids) == 2
+    # a span starting mid-token (inside " world") marks that whole token
+    assert loss_flags(enc, [(8, 11)], 2).tolist() == [False, True]
+    # a span covering the last char of "hello" and the space marks both tokens
+    assert loss_flags(enc, [(4, 6)], 2).tolist() == [True, True]
+    assert loss_flags(enc, [], 2).tolist() == [False, False]
+
+
+def test_sample_builder_reports_reasons(llama3_info):
+    b = SampleBuilder(llama3_info, "llama3")
+    raws = [
+        b'{"instruction": "a", "output": "b"}',
+        b'{"instruction": "a", ',
+        b'{"instruction": "\xff", "output": "b"}',
+        b'{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "loss": 0}]}',
+    ]
+    ids, reasons, messages = b(raws, ["", "", "", ""])
+    assert reasons == ["", "invalid_json", "invalid_utf8", "all_masked"]
+    assert ids[0] is not None and (ids[0] >= 0).any() and (ids[0] < 0).any()
+    assert all(m for m in messages[1:])
+    assert np.all(ids[0][:3] < 0)  # prompt tokens are stored complemented

@@ -1,0 +1,57 @@
+import fsspec
+import numpy as np
+
+from raysft.indexed import decode_index
+from raysft.merge import merge_shards
+from raysft.write import IGNORE, encode_shard, write_shard
+
+
+def signed(ids, loss):
+    ids = np.asarray(ids, np.int32)
+    return np.where(np.asarray(loss, bool), ids, ~ids).astype(np.int32)
+
+
+SAMPLES = [
+    signed([10, 11, 12, 13], [0, 0, 1, 1]),
+    signed([20, 21, 22], [0, 1, 1]),
+    signed([30, 31], [0, 1]),
+]
+
+
+def test_native_layout_orders_by_pack_then_position():
+    tokens, idx = encode_shard(SAMPLES, np.array([1, 0, 0]), np.array([0, 1, 0]), "native", 8, 0)
+    assert tokens.tolist() == SAMPLES[2].tolist() + SAMPLES[1].tolist() + SAMPLES[0].tolist()
+    assert idx.sequence_lengths.tolist() == [2, 3, 4]
+    assert idx.document_indices.tolist() == [0, 2, 3]
+
+
+def test_pai_layout():
+    S = 8
+    tokens, idx = encode_shard(SAMPLES, np.array([0, 0, 1]), np.array([0, 1, 0]), "pai", S, 99)
+    assert idx.sequence_lengths.tolist() == [16, 16]
+    assert idx.document_indices.tolist() == [0, 1, 2]
+    seq0 = tokens[:16]
+    inputs, labels = seq0[:S], seq0[S:]
+    # sample ends marked as -1-id; padding with pad id
+    assert inputs.tolist() == [10, 11, 12, -1 - 13, 20, 21, -1 - 22, 99]
+    # labels[i] is the target of position i; no loss across sample boundary or on prompt
+    assert labels.tolist() == [IGNORE, 12, 13, IGNORE, 21, 22, IGNORE, IGNORE]
+    seq1 = tokens[16:]
+    assert seq1[:S].tolist() == [30, -1 - 31, 99, 99, 99, 99, 99, 99]
+    assert seq1[S:].tolist() == [31] + [IGNORE] * 7
+
+
+def test_merge_concatenates_shards(tmp_path):
+    fs = fsspec.filesystem("file")
+    prefixes = []
+    for k, (samples, packs) in enumerate([(SAMPLES[:2], [0, 1]), (SAMPLES[2:], [2])]):
+        tokens, idx = encode_shard(samples, np.array(packs), np.zeros(len(packs), np.int64), "native", 8, 0)
+        p = str(tmp_path / f"part-{k}")
+        write_shard(fs, p, tokens, idx)
+        prefixes.append(p)
+    merged = merge_shards(fs, prefixes, str(tmp_path / "data"))
+    assert merged.sequence_lengths.tolist() == [4, 3, 2]
+    assert merged.document_indices.tolist() == [0, 1, 2, 3]
+    data = np.fromfile(tmp_path / "data.bin", dtype="<i4")
+    assert data.tolist() == sum((s.tolist() for s in SAMPLES), [])
+    assert decode_index((tmp_path / "data.idx").read_bytes()).sequence_lengths.tolist() == [4, 3, 2]
