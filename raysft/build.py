@@ -32,6 +32,8 @@ def parser() -> argparse.ArgumentParser:
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--config", metavar="FILE",
+                   help="YAML (or JSON) job file; keys are the flag names below, flags given here override it")
     g = p.add_argument_group("input")
     g.add_argument(
         "--input",
@@ -103,22 +105,55 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def load_config_file(path: str) -> dict:
+    """Read a job file into BuildConfig field values (flag names, '-' or '_')."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ValueError(f"--config {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"--config {path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: must be a mapping of flag names to values")
+    out: dict = {}
+    names = BuildConfig.field_names()
+    for key, value in data.items():
+        k = str(key).replace("-", "_")
+        if k == "input":
+            out["inputs"] = [value] if isinstance(value, str) else list(value)
+        elif k == "no_pack":
+            out["pack"] = not value
+        elif k == "train_on_prompt" and value:
+            out["loss"] = "all"
+        elif k == "mask_history" and value:
+            out["loss"] = "last"
+        elif k in names and k not in ("inputs",):
+            out[k] = value
+        else:
+            flags = sorted({n.replace("_", "-") for n in names - {"inputs"}} | {"input", "no-pack"})
+            raise ValueError(f"--config {path}: unknown key {key!r}; known keys: {', '.join(flags)}")
+    return out
+
+
 def config_from_args(argv: list[str] | None = None) -> BuildConfig:
     args = parser().parse_args(argv)
     cfg = BuildConfig()
-    values = {k: v for k, v in vars(args).items() if v is not None and k in BuildConfig.field_names()}
+    values = load_config_file(args.config) if args.config else {}
+    values.update({k: v for k, v in vars(args).items() if v is not None and k in BuildConfig.field_names()})
     for k, v in values.items():
         setattr(cfg, k, v)
-    if isinstance(cfg.map_keys, str):
+    if isinstance(cfg.map_keys, (str, dict)):
         cfg.map_keys = parse_map_keys(cfg.map_keys)
-    missing = [
-        f"--{n}" for n, v in (("input", cfg.inputs), ("tokenizer", cfg.tokenizer), ("output", cfg.output)) if not v
-    ]
+    missing = [f"--{n}" for n, v in (("input", cfg.inputs), ("tokenizer", cfg.tokenizer), ("output", cfg.output)) if not v]
     if missing:
         parser().error(f"missing {', '.join(missing)}")
     if cfg.seq_length < 2:
         parser().error("--seq-length must be at least 2")
-    assert cfg.loss in LOSS_POLICIES
+    if cfg.loss not in LOSS_POLICIES:
+        parser().error(f"loss policy must be one of {', '.join(LOSS_POLICIES)}")
     return cfg
 
 

@@ -28,7 +28,7 @@ from .config import BuildConfig
 from .fs import get_fs, join, storage_options
 from .merge import merge_shards
 from .pack import PackPlan, assign_slots, plan_bfd, slot_table
-from .read import Chunk, describe_position, expand_inputs, plan_chunks, read_chunk
+from .read import Chunk, check_bucket, describe_position, expand_inputs, plan_chunks, read_chunk
 from .tokenize import SampleBuilder, TokenizerInfo, load_tokenizer_info
 from .write import encode_shard, write_shard
 
@@ -248,6 +248,7 @@ def run(cfg: BuildConfig) -> dict:
     Template(cfg.template, info.specials, info.chat_template, info.special_strings, cfg.loss)  # fail early
     pad_id = info.pad_id()
     out_fs, out_root = get_fs(cfg.output, so)
+    check_bucket(out_fs, out_root, cfg.output, "--output")
     if out_fs.exists(join(out_root, "data.idx")) and not cfg.overwrite:
         raise BuildError(f"{cfg.output} already holds a dataset (data.idx); pass --overwrite to replace it")
     files = expand_inputs(cfg.inputs, so)
@@ -277,7 +278,7 @@ def run(cfg: BuildConfig) -> dict:
         },
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
-        concurrency=workers,
+        compute=ray.data.ActorPoolStrategy(size=workers),
         num_cpus=1,
     )
     tokenized = ds.materialize()

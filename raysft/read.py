@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from .fs import full_url, get_fs
+from .fs import full_url, get_fs, is_remote
 
 EXTENSIONS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".ndjson": "jsonl"}
 DEFAULT_CHUNK_BYTES = 16 << 20
@@ -62,6 +62,7 @@ def expand_inputs(patterns: list[str], so: dict | None = None) -> list[InputFile
     found: dict[str, InputFile] = {}
     for pat in patterns:
         fs, path = get_fs(pat, so)
+        check_bucket(fs, path, pat, "--input")
         try:
             if any(ch in path for ch in "*?["):
                 paths = fs.glob(path)
@@ -86,6 +87,21 @@ def expand_inputs(patterns: list[str], so: dict | None = None) -> list[InputFile
             url = full_url(fs, p, pat)
             found[url] = InputFile(url, int(fs.size(p) or 0), _kind(p))
     return [found[u] for u in sorted(found)]
+
+
+def check_bucket(fs, path: str, url: str, what: str) -> None:
+    """One clear line for a bucket that does not exist or cannot be reached."""
+    if not is_remote(url):
+        return
+    bucket = path.split("/", 1)[0]
+    try:
+        ok = fs.exists(bucket)
+    except PermissionError as e:
+        raise InputError(f"{what} {url}: access to bucket '{bucket}' denied ({_short(e)})") from None
+    except OSError as e:
+        raise InputError(f"{what} {url}: cannot reach bucket '{bucket}' ({_short(e)})") from None
+    if not ok:
+        raise InputError(f"{what} {url}: bucket '{bucket}' does not exist (or these credentials cannot see it)")
 
 
 def _short(e: Exception) -> str:

@@ -3,6 +3,10 @@ from pathlib import Path
 
 import pytest
 
+# Fake credentials for the moto S3 server, set before Ray starts so its workers inherit them.
+for _k, _v in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_DEFAULT_REGION", "us-east-1")):
+    os.environ.setdefault(_k, _v)
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("RAYSFT_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
@@ -38,3 +42,15 @@ def ray_session():
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 HTTP endpoint on 127.0.0.1 (moto in server mode), reachable from Ray workers."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
