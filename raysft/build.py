@@ -12,6 +12,7 @@ import sys
 from .config import BuildConfig
 from .normalize import FORMATS, parse_map_keys
 from .template import LOSS_POLICIES, TEMPLATE_NAMES
+from .tokenize import OVERLONG_POLICIES
 from .write import LAYOUTS
 
 EXAMPLE = """\
@@ -84,6 +85,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--no-pack", action="store_false", dest="pack", default=None, help="one sample per pack (no packing)"
     )
+    g.add_argument("--overlong", choices=OVERLONG_POLICIES,
+                   help="samples longer than --seq-length: drop (default), truncate (keep the prompt, cut the "
+                        "answer) or split (cut at answer-turn ends)")
     g.add_argument("--layout", choices=LAYOUTS, help="native (default) or pai; see README")
     g.add_argument("--seed", type=int, help="seed of the pack order and slot shuffles (default 1234)")
     g.add_argument("--output", metavar="DIR", help="output folder, local or s3://")

@@ -19,6 +19,7 @@ class BuildConfig:
     layout: str = "native"
     seed: int = 1234
     on_bad_record: str = "fail"  # fail | skip
+    overlong: str = "drop"  # drop | truncate | split
     overwrite: bool = False
     trust_remote_code: bool = False
     # object storage

@@ -264,6 +264,18 @@ def slot_table(plan: PackPlan) -> SlotTable:
     )
 
 
+_CLASS_KEYS: dict[tuple[int, int], np.ndarray] = {}
+
+
+def class_keys(seed: int, seq_length: int) -> np.ndarray:
+    """The permutation key of every length class (computed once per seed, vectorized)."""
+    k = (seed, seq_length)
+    if k not in _CLASS_KEYS:
+        base = np.uint64(derive_key(seed, 1))
+        _CLASS_KEYS[k] = _mix64(np.arange(seq_length + 1, dtype=np.uint64) ^ base)
+    return _CLASS_KEYS[k]
+
+
 def assign_slots(table: SlotTable, lengths: np.ndarray, ranks: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Map samples (length, rank within its length class in input order) to (pack, position).
 
@@ -276,7 +288,7 @@ def assign_slots(table: SlotTable, lengths: np.ndarray, ranks: np.ndarray, seed:
     n = table.class_count[lengths]
     if np.any(ranks >= n) or np.any(ranks < 0):
         raise ValueError("assign_slots: rank outside its length class")
-    keys = np.array([derive_key(seed, 1, int(L)) for L in range(table.seq_length + 1)], dtype=np.uint64)
+    keys = class_keys(seed, table.seq_length)
     slot = permute(ranks.astype(np.uint64), n.astype(np.uint64), keys[lengths]).astype(np.int64)
     g = table.class_start[lengths] + slot
     e = np.searchsorted(table.entry_start, g, side="right") - 1

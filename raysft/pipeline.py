@@ -25,14 +25,19 @@ import pyarrow.compute as pc
 
 from . import stats as stats_mod
 from .config import BuildConfig
-from .fs import get_fs, join, storage_options
+from .fs import get_fs, is_remote, join, storage_options
 from .merge import merge_shards
 from .pack import PackPlan, assign_slots, plan_bfd, slot_table
 from .read import Chunk, check_bucket, describe_position, expand_inputs, plan_chunks, read_chunk
-from .tokenize import SampleBuilder, TokenizerInfo, load_tokenizer_info
+from .tokenize import SampleBuilder, TokenizerInfo, fit_overlong, load_tokenizer_info
 from .write import encode_shard, write_shard
 
 log = logging.getLogger("raysft")
+
+
+READ_CPUS = 1
+PIECES = 1 << 16  # record ordinal = idx * PIECES + piece: a split record's pieces stay in order
+DROP_REASONS = ("overlong", "overlong_prompt")
 
 
 class BuildError(RuntimeError):
@@ -66,44 +71,75 @@ def read_inputs(batch: dict, so: dict) -> pa.Table:
     return pa.concat_tables(tables)
 
 
-def _runs(chunk: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """Start of the run each row belongs to: a run is a maximal stretch of rows of one chunk
-    with consecutive record numbers. Runs are disjoint ranges of one chunk, so ordering them
-    by (chunk, first idx) is input order, however Ray cut the blocks."""
+def _runs(chunk: np.ndarray, idx: np.ndarray, piece: np.ndarray) -> np.ndarray:
+    """Ordinal (``idx * PIECES + piece``) of the first row of the run each row belongs to.
+
+    A run is a maximal stretch of rows of one chunk in record order with nothing missing (the
+    next piece of the same record, or the first piece of the next record). Runs are disjoint
+    ranges of one chunk, so ordering them by (chunk, first ordinal) is input order, however Ray
+    cut the blocks.
+    """
     n = len(idx)
     new = np.ones(n, dtype=bool)
     if n > 1:
-        new[1:] = (chunk[1:] != chunk[:-1]) | (idx[1:] != idx[:-1] + 1)
+        same = (idx[1:] == idx[:-1]) & (piece[1:] == piece[:-1] + 1)
+        nxt = (idx[1:] == idx[:-1] + 1) & (piece[1:] == 0)
+        new[1:] = (chunk[1:] != chunk[:-1]) | ~(same | nxt)
     first_pos = np.maximum.accumulate(np.where(new, np.arange(n), 0))
-    return idx[first_pos]
+    return idx[first_pos] * PIECES + piece[first_pos]
 
 
 class Tokenize:
-    """Tokenize stage (Ray actor): holds one tokenizer for its lifetime."""
+    """Tokenize stage (Ray actor): holds one tokenizer for its lifetime.
 
-    def __init__(self, info: TokenizerInfo, template: str, fmt: str, map_keys: dict, loss: str, seq_length: int):
+    Emits one row per sample piece (``--overlong split`` may make several of one record) and
+    one row per rejected or dropped record, so every record read is accounted for.
+    """
+
+    def __init__(self, info: TokenizerInfo, template: str, fmt: str, map_keys: dict, loss: str, seq_length: int,
+                 overlong: str = "drop", threads: int = 0):
+        if threads:
+            # the Rust encoder's thread pool starts on first use: size it to this actor's cores
+            os.environ["RAYON_NUM_THREADS"] = str(threads)
         self.builder = SampleBuilder(info, template, fmt, map_keys, loss)
         self.seq_length = seq_length
+        self.overlong = overlong
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         raws = batch.column("raw").to_pylist()
         errors = batch.column("error").to_pylist()
         ids, reasons, messages = self.builder(raws, errors)
-        n = len(raws)
-        lengths = np.array([-1 if a is None else len(a) for a in ids], dtype=np.int32)
-        loss_n = np.array([0 if a is None else int((a >= 0).sum()) for a in ids], dtype=np.int32)
-        over = lengths > self.seq_length
-        for i in np.nonzero(over)[0]:
-            reasons[i], messages[i] = "overlong", f"{lengths[i]} tokens > seq-length {self.seq_length}"
-        keep = [a for a, o in zip(ids, over) if a is not None and not o]
-        kept = (lengths >= 0) & ~over
+        take, piece, orig_n, samples, reason, message, bad_raw = [], [], [], [], [], [], []
+        for i, arr in enumerate(ids):
+            pieces, why = ([], reasons[i]) if arr is None else fit_overlong(arr, self.seq_length, self.overlong)
+            if not pieces:
+                take.append(i)
+                piece.append(0)
+                orig_n.append(-1 if arr is None else len(arr))
+                samples.append(None)
+                reason.append(why)
+                message.append(messages[i] or f"{len(arr)} tokens > seq-length {self.seq_length}")
+                bad_raw.append(raws[i])
+                continue
+            for k, p in enumerate(pieces):
+                take.append(i)
+                piece.append(k)
+                orig_n.append(len(arr))
+                samples.append(p)
+                reason.append("")
+                message.append("")
+                bad_raw.append(b"")
+        take_a = pa.array(np.asarray(take, dtype=np.int64))
+        n = len(take)
+        kept = np.array([s is not None for s in samples], dtype=bool)
+        lengths = np.array([len(s) if s is not None else o for s, o in zip(samples, orig_n)], dtype=np.int32)
+        loss_n = np.array([int((s >= 0).sum()) if s is not None else 0 for s in samples], dtype=np.int32)
         offsets = np.zeros(n + 1, dtype=np.int32)
         np.cumsum(np.where(kept, lengths, 0), out=offsets[1:])
-        values = np.concatenate(keep) if keep else np.zeros(0, np.int32)
-        chunk = batch.column("chunk").to_numpy()
-        idx = batch.column("idx").to_numpy()
+        values = np.concatenate([s for s in samples if s is not None]) if kept.any() else np.zeros(0, np.int32)
+        chunk = batch.column("chunk").to_numpy()[take]
         # rank of each kept sample among same-length kept samples of its run (input order)
-        run_first = _runs(chunk, idx)
+        run_first = _runs(chunk, batch.column("idx").to_numpy()[take], np.asarray(piece, dtype=np.int64))
         run_rank = np.zeros(n, dtype=np.int64)
         kpos = np.nonzero(kept)[0]
         if len(kpos):
@@ -116,18 +152,21 @@ class Tokenize:
             run_rank[sk] = np.arange(len(sk)) - first
         return pa.table(
             {
-                "chunk": batch.column("chunk"),
-                "src": batch.column("src"),
-                "idx": batch.column("idx"),
-                "row": batch.column("row"),
-                "offset": batch.column("offset"),
+                "chunk": pa.array(chunk),
+                "src": batch.column("src").take(take_a),
+                "idx": batch.column("idx").take(take_a),
+                "piece": pa.array(np.asarray(piece, dtype=np.int32)),
+                "row": batch.column("row").take(take_a),
+                "offset": batch.column("offset").take(take_a),
                 "n": pa.array(lengths),
+                "orig_n": pa.array(np.asarray(orig_n, dtype=np.int32)),
                 "loss_n": pa.array(loss_n),
                 "run_first": pa.array(run_first),
                 "run_rank": pa.array(run_rank),
                 "ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.int32())),
-                "reason": pa.array(reasons, pa.string()),
-                "message": pa.array(messages, pa.string()),
+                "reason": pa.array(reason, pa.string()),
+                "message": pa.array(message, pa.string()),
+                "bad_raw": pa.array(bad_raw, pa.binary()),
             }
         )
 
@@ -135,6 +174,8 @@ class Tokenize:
 def block_stats(batch: pa.Table, seq_length: int) -> pa.Table:
     """Stats stage (Ray task): histograms and counts of one block, pickled into one row."""
     n = batch.column("n").to_numpy()
+    orig_n = batch.column("orig_n").to_numpy()
+    first = batch.column("piece").to_numpy() == 0  # one row per record read
     reason = np.asarray(batch.column("reason").to_pylist(), dtype=object)
     src = batch.column("src").to_numpy()
     kept = reason == ""
@@ -147,16 +188,22 @@ def block_stats(batch: pa.Table, seq_length: int) -> pa.Table:
         uniq, counts = np.unique(keys, axis=0, return_counts=True)
         for (c, r, L), k in zip(uniq.tolist(), counts.tolist()):
             runs.setdefault((c, r), Counter())[L] = k
-    bad = ~kept
     errors = []
-    if bad.any():
-        cols = {k: batch.column(k).to_pylist() for k in ("chunk", "idx", "src", "row", "offset", "reason", "message")}
-        for i in np.nonzero(bad)[0].tolist():
-            errors.append({k: cols[k][i] for k in cols})
+    bad = np.nonzero(~kept)[0]
+    if len(bad):
+        cols = {k: batch.column(k).take(pa.array(bad)).to_pylist()
+                for k in ("chunk", "idx", "src", "row", "offset", "reason", "message", "bad_raw")}
+        for j in range(len(bad)):
+            e = {k: v[j] for k, v in cols.items()}
+            e["bad_raw"] = (e["bad_raw"] or b"")[:4000].decode("utf-8", errors="replace")
+            errors.append(e)
+    measured = first & (orig_n >= 0)
     payload = {
-        "rows": len(n),
-        "rows_per_src": Counter(src.tolist()),
-        "hist_all": np.bincount(n[n >= 0].astype(np.int64)) if (n >= 0).any() else np.zeros(1, np.int64),
+        "rows": int(first.sum()),
+        "rows_written": int((first & kept).sum()),
+        "overlong_kept": int((first & kept & (orig_n > seq_length)).sum()),
+        "rows_per_src": Counter(src[first].tolist()),
+        "hist_all": np.bincount(orig_n[measured].astype(np.int64)) if measured.any() else np.zeros(1, np.int64),
         "hist_kept": np.bincount(lk, minlength=seq_length + 1),
         "loss_tokens": int(batch.column("loss_n").to_numpy()[kept].sum()),
         "runs": runs,
@@ -188,8 +235,12 @@ def assign(batch: pa.Table, plan_ref) -> pa.Table:
     chunk = batch.column("chunk").to_numpy().astype(np.int64)
     run_first = batch.column("run_first").to_numpy()
     base = np.zeros(len(n), dtype=np.int64)
-    for i, (c, r, L) in enumerate(zip(chunk.tolist(), run_first.tolist(), n.tolist())):
-        base[i] = ctx["run_offsets"][(c, r)][L]
+    runs = np.stack([chunk, run_first], axis=1)
+    keys, inverse = np.unique(runs, axis=0, return_inverse=True)
+    for j, (c, r) in enumerate(keys.tolist()):
+        lengths, offsets = ctx["run_offsets"][(c, r)]
+        rows = inverse.reshape(-1) == j
+        base[rows] = offsets[np.searchsorted(lengths, n[rows])]
     ranks = base + batch.column("run_rank").to_numpy()
     out_pack, pos = assign_slots(ctx["table"], n, ranks, ctx["seed"])
     shard = out_pack * ctx["num_shards"] // ctx["num_packs"]
@@ -239,6 +290,66 @@ def _plan_single(hist: np.ndarray, seq_length: int) -> PackPlan:
     return PackPlan(seq_length, [(L,) for L in lengths], np.array([hist[L] for L in lengths], dtype=np.int64))
 
 
+FINAL_NAMES = ("data.bin", "data.idx", "data_order.txt", "stats.json", "rejects.jsonl", "shards")
+TMP = "_tmp"
+
+
+def out_path(root: str, rel: str) -> str:
+    """``root/rel``, refusing anything that would land outside ``root``."""
+    parts = rel.replace("\\", "/").split("/")
+    if rel.startswith("/") or any(p in ("..", "") for p in parts):
+        raise BuildError(f"refusing to write {rel!r}: outside the output folder")
+    return join(root, rel)
+
+
+def _collect(parts: list[dict], seq_length: int) -> dict:
+    agg = {"rows": 0, "rows_written": 0, "overlong_kept": 0, "loss_tokens": 0, "errors": [],
+           "rows_per_src": Counter(), "runs": {}, "hist_all": None,
+           "hist_kept": np.zeros(seq_length + 1, dtype=np.int64)}
+    for p in parts:
+        for k in ("rows", "rows_written", "overlong_kept", "loss_tokens"):
+            agg[k] += p[k]
+        agg["hist_all"] = stats_mod.add_hist(agg["hist_all"], p["hist_all"])
+        agg["hist_kept"] += p["hist_kept"]
+        for key, cnt in p["runs"].items():
+            agg["runs"].setdefault(key, Counter()).update(cnt)
+        agg["errors"] += p["errors"]
+        agg["rows_per_src"].update(p["rows_per_src"])
+    agg["errors"].sort(key=lambda e: (e["chunk"], e["idx"]))
+    return agg
+
+
+def _run_offsets(runs: dict) -> dict:
+    """Per run (in input order): its lengths, and how many same-length samples come before it."""
+    out: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+    running: Counter = Counter()
+    for key in sorted(runs):
+        lengths = np.array(sorted(runs[key]), dtype=np.int64)
+        out[key] = (lengths, np.array([running[L] for L in lengths.tolist()], dtype=np.int64))
+        running.update(runs[key])
+    return out
+
+
+def _commit(fs, root: str, present: list[str]) -> None:
+    """Move the finished files from _tmp/ to their final names, then write _SUCCESS.
+
+    Until this point nothing exists at a final name (an interrupted job leaves only _tmp/)."""
+    tmp = out_path(root, TMP)
+    for name in FINAL_NAMES:
+        final = out_path(root, name)
+        if fs.exists(final):
+            fs.rm(final, recursive=True)
+    for name in present:
+        src, dst = join(tmp, name), out_path(root, name)
+        if is_remote(src) or fs.protocol not in ("file", ("file", "local")):
+            fs.mv(src, dst, recursive=True)
+        else:
+            os.replace(src, dst)
+    fs.rm(tmp, recursive=True)
+    with fs.open(out_path(root, "_SUCCESS"), "w") as f:
+        f.write("")
+
+
 def run(cfg: BuildConfig) -> dict:
     t0 = time.time()
     so = storage_options(cfg.s3_endpoint_url, cfg.s3_addressing_style)
@@ -249,11 +360,17 @@ def run(cfg: BuildConfig) -> dict:
     pad_id = info.pad_id()
     out_fs, out_root = get_fs(cfg.output, so)
     check_bucket(out_fs, out_root, cfg.output, "--output")
-    if out_fs.exists(join(out_root, "data.idx")) and not cfg.overwrite:
-        raise BuildError(f"{cfg.output} already holds a dataset (data.idx); pass --overwrite to replace it")
+    if (out_fs.exists(out_path(out_root, "_SUCCESS")) or out_fs.exists(out_path(out_root, "data.idx"))) and not cfg.overwrite:
+        raise BuildError(f"{cfg.output} already holds a dataset; pass --overwrite to replace it")
     files = expand_inputs(cfg.inputs, so)
     chunks = plan_chunks(files, so, cfg.chunk_bytes)
     log.info("inputs: %d files, %d chunks", len(files), len(chunks))
+    tmp_root = out_path(out_root, TMP)
+    if out_fs.exists(tmp_root):
+        out_fs.rm(tmp_root, recursive=True)  # leftovers of an interrupted run
+    if out_fs.exists(out_path(out_root, "_SUCCESS")):
+        out_fs.rm(out_path(out_root, "_SUCCESS"))  # the old dataset is being replaced
+    out_fs.makedirs(join(tmp_root, "shards"), exist_ok=True)
 
     init_ray(cfg)
     import ray
@@ -261,11 +378,17 @@ def run(cfg: BuildConfig) -> dict:
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
+    # task-based sort shuffle: no aggregator actors to start, far cheaper at our group counts
+    ctx.shuffle_strategy = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     cpus = int(ray.cluster_resources().get("CPU", 1))
+    # Tokenizer actors take one CPU each and leave at least one for the read tasks (an actor
+    # pool holding every CPU starves them). The Rust encoder is multi-threaded: each actor gets
+    # its share of the cores, so on 2 cores one actor encodes with 2 threads.
     workers = cfg.tokenize_workers or max(1, cpus - 1)
+    threads = max(1, round(cpus / workers))
 
     ds = ray.data.from_items([asdict(c) for c in chunks], override_num_blocks=max(1, len(chunks)))
-    ds = ds.map_batches(read_inputs, fn_kwargs={"so": so}, batch_size=1, batch_format="numpy")
+    ds = ds.map_batches(read_inputs, fn_kwargs={"so": so}, batch_size=1, batch_format="numpy", num_cpus=READ_CPUS)
     ds = ds.map_batches(
         Tokenize,
         fn_constructor_kwargs={
@@ -275,42 +398,32 @@ def run(cfg: BuildConfig) -> dict:
             "map_keys": cfg.map_keys,
             "loss": cfg.loss,
             "seq_length": cfg.seq_length,
+            "overlong": cfg.overlong,
+            "threads": threads,
         },
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=workers),
         num_cpus=1,
     )
+    t_stage = time.time()
     tokenized = ds.materialize()
+    timings = {"start": round(t_stage - t0, 2), "read+tokenize": round(time.time() - t_stage, 2)}
+    t_stage = time.time()
 
     # ---- stats
     S = cfg.seq_length
     parts = [
         pickle.loads(b)
-        for b in tokenized.map_batches(
-            block_stats, fn_kwargs={"seq_length": S}, batch_size=None, batch_format="pyarrow"
-        ).to_pandas()["payload"]
+        for b in tokenized.map_batches(block_stats, fn_kwargs={"seq_length": S}, batch_size=None, batch_format="pyarrow")
+        .to_pandas()["payload"]
     ]
-    rows_read = sum(p["rows"] for p in parts)
-    hist_all = None
-    hist_kept = np.zeros(S + 1, dtype=np.int64)
-    runs: dict[tuple[int, int], Counter] = {}
-    errors = []
-    rows_per_src: Counter = Counter()
-    loss_tokens = 0
-    for p in parts:
-        hist_all = stats_mod.add_hist(hist_all, p["hist_all"])
-        hist_kept += p["hist_kept"]
-        for k, cnt in p["runs"].items():
-            runs.setdefault(k, Counter()).update(cnt)
-        errors += p["errors"]
-        rows_per_src.update(p["rows_per_src"])
-        loss_tokens += p["loss_tokens"]
-    errors.sort(key=lambda e: (e["chunk"], e["idx"]))
-    rejected = Counter(e["reason"] for e in errors if e["reason"] != "overlong")
-    dropped = Counter(e["reason"] for e in errors if e["reason"] == "overlong")
+    agg = _collect(parts, S)
+    errors, hist_kept = agg["errors"], agg["hist_kept"]
+    rejected = Counter(e["reason"] for e in errors if e["reason"] not in DROP_REASONS)
+    dropped = Counter(e["reason"] for e in errors if e["reason"] in DROP_REASONS)
     if rejected and cfg.on_bad_record == "fail":
-        first = next(e for e in errors if e["reason"] != "overlong")
+        first = next(e for e in errors if e["reason"] not in DROP_REASONS)
         where = describe_position(files[first["src"]].url, first["row"], first["offset"], so)
         more = sum(rejected.values()) - 1
         raise BuildError(
@@ -321,35 +434,29 @@ def run(cfg: BuildConfig) -> dict:
     samples = int(hist_kept.sum())
     if samples == 0:
         raise BuildError("no sample left to write: every record was rejected or dropped")
+    timings["stats"] = round(time.time() - t_stage, 2)
+    t_stage = time.time()
 
     # ---- plan
     plan = plan_bfd(hist_kept, S) if cfg.pack else _plan_single(hist_kept, S)
-    table = slot_table(plan)
-    run_offsets: dict[tuple[int, int], dict[int, int]] = {}
-    running: Counter = Counter()
-    for key in sorted(runs):
-        run_offsets[key] = {L: running[L] for L in runs[key]}
-        running.update(runs[key])
     P = plan.num_packs
     stored = P * 2 * S if cfg.layout == "pai" else int(np.dot(np.arange(S + 1), hist_kept))
-    num_shards = cfg.num_shards or max(1, -(-stored // cfg.shard_tokens))
-    num_shards = max(1, min(num_shards, P))
+    num_shards = max(1, min(cfg.num_shards or -(-stored // cfg.shard_tokens), P))
     plan_ref = ray.put(
-        {"table": table, "run_offsets": run_offsets, "seed": cfg.seed, "num_shards": num_shards, "num_packs": P}
+        {"table": slot_table(plan), "run_offsets": _run_offsets(agg["runs"]), "seed": cfg.seed,
+         "num_shards": num_shards, "num_packs": P}
     )
+    timings["plan"] = round(time.time() - t_stage, 2)
+    t_stage = time.time()
 
-    # ---- assign + write shards
-    shard_dir = join(cfg.output, "shards")
-    if out_fs.exists(join(out_root, "shards")):
-        out_fs.rm(join(out_root, "shards"), recursive=True)
-    if not cfg.output.startswith(("s3://", "s3a://")):
-        os.makedirs(shard_dir, exist_ok=True)
+    # ---- assign + write shards (into _tmp/shards)
     metas = (
         tokenized.map_batches(assign, fn_kwargs={"plan_ref": plan_ref}, batch_format="pyarrow")
-        .groupby("shard")
+        .groupby("shard", num_partitions=num_shards)
         .map_groups(
             write_group,
-            fn_kwargs={"tmp_dir": shard_dir, "so": so, "layout": cfg.layout, "seq_length": S, "pad_id": pad_id},
+            fn_kwargs={"tmp_dir": join(cfg.output, TMP, "shards"), "so": so, "layout": cfg.layout, "seq_length": S,
+                       "pad_id": pad_id},
             batch_format="pyarrow",
         )
         .take_all()
@@ -357,65 +464,64 @@ def run(cfg: BuildConfig) -> dict:
     metas = sorted((json.loads(m["meta"]) | {"shard": m["shard"]} for m in metas), key=lambda m: m["shard"])
     if [m["shard"] for m in metas] != list(range(num_shards)):
         raise BuildError(f"expected {num_shards} shards, got {[m['shard'] for m in metas]}")
+    timings["assign+write"] = round(time.time() - t_stage, 2)
+    t_stage = time.time()
 
-    # ---- merge
-    prefixes = [join(out_root, "shards", f"part-{m['shard']:05d}") for m in metas]
-    merged = merge_shards(out_fs, prefixes, join(out_root, "data"))
-    with out_fs.open(join(out_root, "data_order.txt"), "w") as f:
-        f.write("".join(f"shards/part-{m['shard']:05d}.bin\n" for m in metas))
-    if cfg.on_bad_record == "skip" or errors:
-        with out_fs.open(join(out_root, "rejects.jsonl"), "w") as f:
+    # ---- merge (into _tmp), check, commit
+    names = [f"shards/part-{m['shard']:05d}" for m in metas]
+    merged = merge_shards(out_fs, [join(tmp_root, n) for n in names], join(tmp_root, "data"))
+    with out_fs.open(join(tmp_root, "data_order.txt"), "w") as f:
+        f.write("".join(f"{n}.bin\n" for n in names))
+    present = ["data.bin", "data.idx", "data_order.txt", "shards", "stats.json"]
+    if errors:
+        present.append("rejects.jsonl")
+        with out_fs.open(join(tmp_root, "rejects.jsonl"), "w") as f:
             for e in errors:
                 where = describe_position(files[e["src"]].url, e["row"], e["offset"], so)
-                f.write(
-                    json.dumps(
-                        {
-                            "source": files[e["src"]].url,
-                            "position": where,
-                            "reason": e["reason"],
-                            "message": e["message"],
-                        },
-                        ensure_ascii=False,
-                    )
-                    + "\n"
-                )
+                f.write(json.dumps({"source": files[e["src"]].url, "position": where, "reason": e["reason"],
+                                    "message": e["message"], "record": e["bad_raw"]}, ensure_ascii=False) + "\n")
+    timings["merge"] = round(time.time() - t_stage, 2)
+    log.info("stage seconds: %s", ", ".join(f"{k} {v}" for k, v in timings.items()))
 
     tokens = int(np.dot(np.arange(S + 1), hist_kept))
-    written = int(merged.num_documents if cfg.layout == "pai" else len(merged.sequence_lengths))
-    samples_written = samples
-    if cfg.layout == "native" and written != samples:
-        raise BuildError(f"internal check failed: {written} sequences written for {samples} samples")
+    if cfg.layout == "native" and len(merged.sequence_lengths) != samples:
+        raise BuildError(f"internal check failed: {len(merged.sequence_lengths)} sequences written for {samples} samples")
+    if merged.num_documents != P:
+        raise BuildError(f"internal check failed: {merged.num_documents} packs written, plan has {P}")
     rej_n, drop_n = sum(rejected.values()), sum(dropped.values())
-    if rows_read != samples_written + rej_n + drop_n:
+    if agg["rows"] != agg["rows_written"] + rej_n + drop_n:
         raise BuildError(
-            f"internal check failed: rows read {rows_read} != written {samples_written} + rejected {rej_n} "
+            f"internal check failed: rows read {agg['rows']} != written {agg['rows_written']} + rejected {rej_n} "
             f"+ dropped {drop_n}"
         )
     result = {
-        "rows_read": rows_read,
-        "samples_written": samples_written,
+        "rows_read": agg["rows"],
+        "rows_written": agg["rows_written"],
+        "samples_written": samples,
         "rejected": dict(sorted(rejected.items())),
         "dropped": dict(sorted(dropped.items())),
+        "overlong": {"policy": cfg.overlong, "rows_kept": agg["overlong_kept"]},
         "tokens": tokens,
-        "loss_tokens": loss_tokens,
+        "loss_tokens": agg["loss_tokens"],
         **stats_mod.packing_figures(tokens, P, S),
-        "length": stats_mod.length_summary(hist_all if hist_all is not None else np.zeros(1)),
+        "length": stats_mod.length_summary(agg["hist_all"] if agg["hist_all"] is not None else np.zeros(1)),
         "layout": cfg.layout,
         "tokenizer": cfg.tokenizer,
         "template": cfg.template,
+        "loss_policy": cfg.loss,
         "packed": cfg.pack,
         "seed": cfg.seed,
         "shards": len(metas),
         "vocab_size": info.vocab_size,
         "pad_id": pad_id,
-        "rows_per_file": {files[s].url: int(c) for s, c in sorted(rows_per_src.items())},
+        "rows_per_file": {files[s].url: int(c) for s, c in sorted(agg["rows_per_src"].items())},
         "pack_fill": {str(t): int(c) for t, c in enumerate(plan.pack_fill()) if c},
+        "sample_lengths": {str(L): int(c) for L, c in enumerate(agg["hist_all"]) if c},
     }
-    with out_fs.open(join(out_root, "stats.json"), "w") as f:
+    with out_fs.open(join(tmp_root, "stats.json"), "w") as f:
         json.dump(result, f, indent=2)
         f.write("\n")
-    with out_fs.open(join(out_root, "_SUCCESS"), "w") as f:
-        f.write("")
+    _commit(out_fs, out_root, present)
     print(stats_mod.format_summary(result), file=sys.stderr)
     print(f"output           {cfg.output}  ({time.time() - t0:.1f} s)", file=sys.stderr)
     return result

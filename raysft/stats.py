@@ -74,10 +74,13 @@ def format_summary(stats: dict) -> str:
     drop = sum(stats["dropped"].values())
     lines = [
         f"rows read        {stats['rows_read']:>12,}",
-        f"samples written  {stats['samples_written']:>12,}",
+        f"samples written  {stats['samples_written']:>12,}"
+        + (f"  (from {stats['rows_written']:,} rows; --overlong {stats['overlong']['policy']})"
+           if stats.get("rows_written", stats["samples_written"]) != stats["samples_written"] else ""),
         f"rows rejected    {rej:>12,}" + (f"  {_reasons(stats['rejected'])}" if rej else ""),
         f"samples dropped  {drop:>12,}" + (f"  {_reasons(stats['dropped'])}" if drop else ""),
-        f"  check: {stats['rows_read']:,} read = {stats['samples_written']:,} written + {rej:,} rejected "
+        f"  check: {stats['rows_read']:,} read = {stats.get('rows_written', stats['samples_written']):,} written "
+        f"+ {rej:,} rejected "
         f"+ {drop:,} dropped",
         f"tokens           {stats['tokens']:>12,}  (loss-bearing {stats['loss_tokens']:,})",
     ]

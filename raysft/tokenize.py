@@ -240,3 +240,47 @@ class SampleBuilder:
             else:
                 ids[i] = arr
         return ids, reasons, messages
+
+
+OVERLONG_POLICIES = ("drop", "truncate", "split")
+
+
+def turn_ends(signed: np.ndarray) -> np.ndarray:
+    """Token positions just after each loss-bearing run (the end of an answer turn)."""
+    loss = signed >= 0
+    edge = np.nonzero(loss[:-1] & ~loss[1:])[0] + 1
+    return np.concatenate([edge, [len(signed)]]) if len(signed) and loss[-1] else edge
+
+
+def fit_overlong(signed: np.ndarray, seq_length: int, policy: str) -> tuple[list[np.ndarray], str]:
+    """Apply ``--overlong`` to a sample longer than ``seq_length``.
+
+    * ``drop``: no piece (the sample is counted as dropped);
+    * ``truncate``: keep the first ``seq_length`` tokens: the prompt stays whole and the answer
+      is cut; dropped when the cut leaves no loss-bearing token (the prompt alone is too long);
+    * ``split``: cut at the ends of answer turns, each piece as long as fits; a stretch with no
+      turn end inside ``seq_length`` is cut at ``seq_length``; pieces without any loss-bearing
+      token are left out.
+
+    Returns the pieces and, when nothing is kept, the reason.
+    """
+    if len(signed) <= seq_length:
+        return [signed], ""
+    if policy == "drop":
+        return [], "overlong"
+    if policy == "truncate":
+        head = signed[:seq_length]
+        return ([head], "") if (head >= 0).any() else ([], "overlong_prompt")
+    if policy != "split":
+        raise ValueError(f"unknown overlong policy {policy!r}; choose one of {', '.join(OVERLONG_POLICIES)}")
+    ends = turn_ends(signed)
+    pieces, start = [], 0
+    while start < len(signed):
+        limit = start + seq_length
+        fits = ends[(ends > start) & (ends <= limit)]
+        stop = int(fits[-1]) if len(fits) else min(limit, len(signed))
+        piece = signed[start:stop]
+        if (piece >= 0).any():
+            pieces.append(piece)
+        start = stop
+    return pieces, ("" if pieces else "overlong")
