@@ -92,6 +92,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, help="seed of the pack order and slot shuffles (default 1234)")
     g.add_argument("--output", metavar="DIR", help="output folder, local or s3://")
     g.add_argument("--overwrite", action="store_true", default=None, help="replace an existing output")
+    g.add_argument("--resume", action="store_true", default=None,
+                   help="continue an interrupted run in the same --output: completed shards are reused when "
+                        "inputs, tokenizer and flags match its manifest (tokenization runs again)")
     g = p.add_argument_group("object storage")
     g.add_argument("--s3-endpoint-url", metavar="URL", help="S3-compatible endpoint (MinIO, OSS, ...)")
     g.add_argument(

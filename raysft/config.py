@@ -21,6 +21,7 @@ class BuildConfig:
     on_bad_record: str = "fail"  # fail | skip
     overlong: str = "drop"  # drop | truncate | split
     overwrite: bool = False
+    resume: bool = False
     trust_remote_code: bool = False
     # object storage
     s3_endpoint_url: str | None = None

@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 from . import stats as stats_mod
 from .config import BuildConfig
 from .fs import get_fs, is_remote, join, storage_options
+from .indexed import decode_index
 from .merge import merge_shards
 from .pack import PackPlan, assign_slots, plan_bfd, slot_table
 from .read import Chunk, check_bucket, describe_position, expand_inputs, plan_chunks, read_chunk
@@ -254,9 +255,30 @@ def assign(batch: pa.Table, plan_ref) -> pa.Table:
     )
 
 
-def write_group(batch: pa.Table, tmp_dir: str, so: dict, layout: str, seq_length: int, pad_id: int) -> pa.Table:
+def existing_shard(fs, prefix: str) -> dict | None:
+    """The meta of a shard an earlier run completed (its .idx, written last, matches its .bin)."""
+    try:
+        with fs.open(prefix + ".idx", "rb") as f:
+            index = decode_index(f.read(), prefix + ".idx")
+        size = fs.size(prefix + ".bin")
+    except (OSError, ValueError):
+        return None
+    if size != index.num_tokens * index.dtype.itemsize:
+        return None
+    return {"prefix": prefix, "sequences": len(index.sequence_lengths), "documents": index.num_documents,
+            "tokens": index.num_tokens, "bytes": size}
+
+
+def write_group(batch: pa.Table, tmp_dir: str, so: dict, layout: str, seq_length: int, pad_id: int,
+                resume: bool = False) -> pa.Table:
     """Write-shards stage (Ray task): all samples of one pack range -> one .bin/.idx shard."""
     shard = int(batch.column("shard")[0].as_py())
+    fs, root = get_fs(tmp_dir, so)
+    prefix = join(root, f"part-{shard:05d}")
+    if resume:
+        done = existing_shard(fs, prefix)
+        if done is not None:
+            return pa.table({"shard": [shard], "meta": [json.dumps(done | {"resumed": True})]})
     ids_col = batch.column("ids").combine_chunks()
     offsets = ids_col.offsets.to_numpy()
     values = ids_col.values.to_numpy(zero_copy_only=False)
@@ -264,8 +286,7 @@ def write_group(batch: pa.Table, tmp_dir: str, so: dict, layout: str, seq_length
     tokens, index = encode_shard(
         samples, batch.column("out_pack").to_numpy(), batch.column("pos").to_numpy(), layout, seq_length, pad_id
     )
-    fs, root = get_fs(tmp_dir, so)
-    meta = write_shard(fs, join(root, f"part-{shard:05d}"), tokens, index)
+    meta = write_shard(fs, prefix, tokens, index)
     return pa.table({"shard": [shard], "meta": [json.dumps(meta)]})
 
 
@@ -330,6 +351,59 @@ def _run_offsets(runs: dict) -> dict:
     return out
 
 
+# Settings that change output bytes; execution knobs (workers, batch size, shards...) do not.
+FINGERPRINT_FLAGS = ("template", "format", "map_keys", "loss", "seq_length", "pack", "layout", "seed",
+                     "on_bad_record", "overlong", "num_shards", "shard_tokens")
+
+
+def fingerprint(cfg: BuildConfig, files, info: TokenizerInfo, so: dict) -> dict:
+    """What an output depends on: input files (path, size, modification stamp), the tokenizer's
+    files and the output-affecting flags. ``--resume`` only continues a run whose parts match."""
+    import hashlib
+
+    inputs = []
+    for f in files:
+        fs, path = get_fs(f.url, so)
+        meta = fs.info(path)
+        stamp = meta.get("ETag") or meta.get("mtime") or meta.get("LastModified") or meta.get("created")
+        inputs.append([f.url, f.size, str(stamp)])
+    tok = hashlib.sha256(info.tokenizer_json.encode())
+    tok.update(json.dumps([info.bos, info.eos, info.pad, info.chat_template]).encode())
+
+    def digest(obj) -> str:
+        return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+    flags = {k: getattr(cfg, k) for k in FINGERPRINT_FLAGS}
+    return {"inputs": digest(inputs), "tokenizer": tok.hexdigest(), "flags": flags, "version": 1}
+
+
+def _prepare_tmp(fs, tmp_root: str, manifest: dict, resume: bool) -> bool:
+    """Clear the leftovers of an interrupted run, or keep them for --resume when they match."""
+    path = join(tmp_root, "manifest.json")
+    if not fs.exists(tmp_root):
+        if resume:
+            log.info("resume: no interrupted run found, starting from scratch")
+        return False
+    if resume:
+        try:
+            with fs.open(path, "r") as f:
+                old = json.load(f)
+        except (OSError, ValueError):
+            raise BuildError("cannot resume: the interrupted run left no readable manifest; rerun without --resume") from None
+        if old != manifest:
+            diff = [k for k in ("inputs", "tokenizer") if old.get(k) != manifest[k]]
+            diff += [f"--{k.replace('_', '-')}" for k in FINGERPRINT_FLAGS
+                     if (old.get("flags") or {}).get(k) != manifest["flags"][k]]
+            raise BuildError(
+                f"cannot resume: {', '.join(diff) or 'the manifest'} changed since the interrupted run; "
+                "rerun without --resume to start over"
+            )
+        log.info("resume: continuing the interrupted run in %s", tmp_root)
+        return True
+    fs.rm(tmp_root, recursive=True)
+    return False
+
+
 def _commit(fs, root: str, present: list[str]) -> None:
     """Move the finished files from _tmp/ to their final names, then write _SUCCESS.
 
@@ -366,11 +440,13 @@ def run(cfg: BuildConfig) -> dict:
     chunks = plan_chunks(files, so, cfg.chunk_bytes)
     log.info("inputs: %d files, %d chunks", len(files), len(chunks))
     tmp_root = out_path(out_root, TMP)
-    if out_fs.exists(tmp_root):
-        out_fs.rm(tmp_root, recursive=True)  # leftovers of an interrupted run
+    manifest = fingerprint(cfg, files, info, so)
+    resuming = _prepare_tmp(out_fs, tmp_root, manifest, cfg.resume)
     if out_fs.exists(out_path(out_root, "_SUCCESS")):
         out_fs.rm(out_path(out_root, "_SUCCESS"))  # the old dataset is being replaced
     out_fs.makedirs(join(tmp_root, "shards"), exist_ok=True)
+    with out_fs.open(join(tmp_root, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True)
 
     init_ray(cfg)
     import ray
@@ -456,12 +532,14 @@ def run(cfg: BuildConfig) -> dict:
         .map_groups(
             write_group,
             fn_kwargs={"tmp_dir": join(cfg.output, TMP, "shards"), "so": so, "layout": cfg.layout, "seq_length": S,
-                       "pad_id": pad_id},
+                       "pad_id": pad_id, "resume": resuming},
             batch_format="pyarrow",
         )
         .take_all()
     )
     metas = sorted((json.loads(m["meta"]) | {"shard": m["shard"]} for m in metas), key=lambda m: m["shard"])
+    if resuming:
+        log.info("resume: reused %d of %d shards", sum(bool(m.get("resumed")) for m in metas), len(metas))
     if [m["shard"] for m in metas] != list(range(num_shards)):
         raise BuildError(f"expected {num_shards} shards, got {[m['shard'] for m in metas]}")
     timings["assign+write"] = round(time.time() - t_stage, 2)

@@ -190,3 +190,28 @@ def test_out_path_refuses_escapes():
     for bad in ("../x", "/etc/passwd", "a/../../b", "a//b"):
         with pytest.raises(BuildError):
             out_path("/o", bad)
+
+
+def test_resume_reuses_completed_shards_and_refuses_changes(tmp_path, ray_session, shared_data, llama3_dir,
+                                                            monkeypatch):
+    import raysft.pipeline as pipeline
+
+    inputs = [shared_data / "glaive_toolcall_en_demo.json"]
+    flags = dict(template="llama3", seq_length=1024, num_shards=3)
+    build(tmp_path / "clean", inputs, llama3_dir, **flags)
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(pipeline, "merge_shards", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("crash")))
+    with pytest.raises(RuntimeError):
+        build(out, inputs, llama3_dir, **flags)
+    monkeypatch.undo()
+    shards = sorted((out / "_tmp" / "shards").glob("*.bin"))
+    assert len(shards) == 3
+    stamps = {p.name: p.stat().st_mtime_ns for p in shards}
+
+    with pytest.raises(BuildError, match=r"cannot resume: --seq-length changed"):
+        build(out, inputs, llama3_dir, **(flags | {"seq_length": 2048}), resume=True)
+
+    build(out, inputs, llama3_dir, **flags, resume=True)
+    assert file_bytes(out) == file_bytes(tmp_path / "clean")
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("*.bin")} == stamps  # reused, not rewritten
