@@ -31,7 +31,7 @@ from .merge import merge_shards
 from .pack import PackPlan, assign_slots, plan_bfd, slot_table
 from .read import Chunk, check_bucket, describe_position, expand_inputs, plan_chunks, read_chunk
 from .tokenize import SampleBuilder, TokenizerInfo, fit_overlong, load_tokenizer_info
-from .write import encode_shard, write_shard
+from .write import encode_shard, order_samples, provenance_records, write_shard
 
 log = logging.getLogger("raysft")
 
@@ -49,7 +49,7 @@ class BuildError(RuntimeError):
 # Module-level functions and classes so Ray ships them by reference.
 
 
-def read_inputs(batch: dict, so: dict) -> pa.Table:
+def read_records(batch: dict, so: dict) -> pa.Table:
     """Read stage (Ray task): one chunk description -> its raw records."""
     tables = []
     for i in range(len(batch["chunk"])):
@@ -90,7 +90,7 @@ def _runs(chunk: np.ndarray, idx: np.ndarray, piece: np.ndarray) -> np.ndarray:
     return idx[first_pos] * PIECES + piece[first_pos]
 
 
-class Tokenize:
+class TokenizeAndMask:
     """Tokenize stage (Ray actor): holds one tokenizer for its lifetime.
 
     Emits one row per sample piece (``--overlong split`` may make several of one record) and
@@ -172,7 +172,7 @@ class Tokenize:
         )
 
 
-def block_stats(batch: pa.Table, seq_length: int) -> pa.Table:
+def length_stats(batch: pa.Table, seq_length: int) -> pa.Table:
     """Stats stage (Ray task): histograms and counts of one block, pickled into one row."""
     n = batch.column("n").to_numpy()
     orig_n = batch.column("orig_n").to_numpy()
@@ -205,7 +205,7 @@ def block_stats(batch: pa.Table, seq_length: int) -> pa.Table:
         "overlong_kept": int((first & kept & (orig_n > seq_length)).sum()),
         "rows_per_src": Counter(src[first].tolist()),
         "hist_all": np.bincount(orig_n[measured].astype(np.int64)) if measured.any() else np.zeros(1, np.int64),
-        "hist_kept": np.bincount(lk, minlength=seq_length + 1),
+        "hist_kept": np.bincount(lk) if len(lk) else np.zeros(1, np.int64),
         "loss_tokens": int(batch.column("loss_n").to_numpy()[kept].sum()),
         "runs": runs,
         "errors": errors,
@@ -226,7 +226,7 @@ def _cached_get(ref):
     return _CACHE[key]
 
 
-def assign(batch: pa.Table, plan_ref) -> pa.Table:
+def assign_pack_slots(batch: pa.Table, plan_ref) -> pa.Table:
     """Sort+pack stage, per block (Ray task): each kept sample gets its output pack, its
     position in the pack and the shard that writes it."""
     ctx = _cached_get(plan_ref)
@@ -251,6 +251,10 @@ def assign(batch: pa.Table, plan_ref) -> pa.Table:
             "out_pack": pa.array(out_pack),
             "pos": pa.array(pos),
             "ids": batch.column("ids"),
+            "src": batch.column("src"),
+            "piece": batch.column("piece"),
+            "row": batch.column("row"),
+            "offset": batch.column("offset"),
         }
     )
 
@@ -263,13 +267,13 @@ def existing_shard(fs, prefix: str) -> dict | None:
         size = fs.size(prefix + ".bin")
     except (OSError, ValueError):
         return None
-    if size != index.num_tokens * index.dtype.itemsize:
+    if size != index.num_tokens * index.dtype.itemsize or not fs.exists(prefix + ".prov"):
         return None
     return {"prefix": prefix, "sequences": len(index.sequence_lengths), "documents": index.num_documents,
             "tokens": index.num_tokens, "bytes": size}
 
 
-def write_group(batch: pa.Table, tmp_dir: str, so: dict, layout: str, seq_length: int, pad_id: int,
+def write_shards(batch: pa.Table, tmp_dir: str, so: dict, layout: str, seq_length: int, pad_id: int,
                 resume: bool = False) -> pa.Table:
     """Write-shards stage (Ray task): all samples of one pack range -> one .bin/.idx shard."""
     shard = int(batch.column("shard")[0].as_py())
@@ -283,9 +287,12 @@ def write_group(batch: pa.Table, tmp_dir: str, so: dict, layout: str, seq_length
     offsets = ids_col.offsets.to_numpy()
     values = ids_col.values.to_numpy(zero_copy_only=False)
     samples = [values[offsets[i] : offsets[i + 1]] for i in range(len(ids_col))]
-    tokens, index = encode_shard(
-        samples, batch.column("out_pack").to_numpy(), batch.column("pos").to_numpy(), layout, seq_length, pad_id
-    )
+    out_pack, pos = batch.column("out_pack").to_numpy(), batch.column("pos").to_numpy()
+    tokens, index = encode_shard(samples, out_pack, pos, layout, seq_length, pad_id)
+    order = order_samples(out_pack, pos)
+    prov = provenance_records(*(batch.column(k).to_numpy()[order] for k in ("src", "piece", "row", "offset", "out_pack")))
+    with fs.open(prefix + ".prov", "wb") as f:
+        f.write(prov.tobytes())
     meta = write_shard(fs, prefix, tokens, index)
     return pa.table({"shard": [shard], "meta": [json.dumps(meta)]})
 
@@ -311,7 +318,8 @@ def _plan_single(hist: np.ndarray, seq_length: int) -> PackPlan:
     return PackPlan(seq_length, [(L,) for L in lengths], np.array([hist[L] for L in lengths], dtype=np.int64))
 
 
-FINAL_NAMES = ("data.bin", "data.idx", "data_order.txt", "stats.json", "rejects.jsonl", "shards")
+FINAL_NAMES = ("data.bin", "data.idx", "data_order.txt", "stats.json", "rejects.jsonl", "shards", "provenance.bin",
+               "inputs.json", "report.html")
 TMP = "_tmp"
 
 
@@ -326,12 +334,12 @@ def out_path(root: str, rel: str) -> str:
 def _collect(parts: list[dict], seq_length: int) -> dict:
     agg = {"rows": 0, "rows_written": 0, "overlong_kept": 0, "loss_tokens": 0, "errors": [],
            "rows_per_src": Counter(), "runs": {}, "hist_all": None,
-           "hist_kept": np.zeros(seq_length + 1, dtype=np.int64)}
+           "hist_kept": np.zeros(seq_length + 1, dtype=np.int64) if seq_length < (1 << 24) else None}
     for p in parts:
         for k in ("rows", "rows_written", "overlong_kept", "loss_tokens"):
             agg[k] += p[k]
         agg["hist_all"] = stats_mod.add_hist(agg["hist_all"], p["hist_all"])
-        agg["hist_kept"] += p["hist_kept"]
+        agg["hist_kept"] = stats_mod.add_hist(agg["hist_kept"], p["hist_kept"])
         for key, cnt in p["runs"].items():
             agg["runs"].setdefault(key, Counter()).update(cnt)
         agg["errors"] += p["errors"]
@@ -424,6 +432,60 @@ def _commit(fs, root: str, present: list[str]) -> None:
         f.write("")
 
 
+def _tokenize_dataset(cfg: BuildConfig, chunks, info: TokenizerInfo, so: dict, workers: int, threads: int):
+    """read -> normalize+template+tokenize+mask, as a lazy Ray dataset."""
+    import ray.data
+
+    ds = ray.data.from_items([asdict(c) for c in chunks], override_num_blocks=max(1, len(chunks)))
+    ds = ds.map_batches(read_records, fn_kwargs={"so": so}, batch_size=1, batch_format="numpy", num_cpus=READ_CPUS)
+    ds = ds.map_batches(
+        TokenizeAndMask,
+        fn_constructor_kwargs={
+            "info": info,
+            "template": cfg.template,
+            "fmt": cfg.format,
+            "map_keys": cfg.map_keys,
+            "loss": cfg.loss,
+            "seq_length": cfg.seq_length,
+            "overlong": cfg.overlong,
+            "threads": threads,
+        },
+        batch_size=cfg.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=workers),
+        num_cpus=1,
+    )
+    return ds
+
+
+def measure_inputs(cfg: BuildConfig) -> tuple[dict, dict]:
+    """Read and tokenize the inputs and return their length statistics (no output written)."""
+    so = storage_options(cfg.s3_endpoint_url, cfg.s3_addressing_style)
+    info = load_tokenizer_info(cfg.tokenizer, cfg.trust_remote_code)
+    from .template import Template
+
+    Template(cfg.template, info.specials, info.chat_template, info.special_strings, cfg.loss)
+    files = expand_inputs(cfg.inputs, so)
+    chunks = plan_chunks(files, so, cfg.chunk_bytes)
+    init_ray(cfg)
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    workers = cfg.tokenize_workers or max(1, cpus - 1)
+    tokenized = _tokenize_dataset(cfg, chunks, info, so, workers, max(1, round(cpus / workers))).materialize()
+    agg = _collect(_length_parts(tokenized, cfg.seq_length), cfg.seq_length)
+    rejected = Counter(e["reason"] for e in agg["errors"] if e["reason"] not in DROP_REASONS)
+    return agg, dict(rejected)
+
+
+def _length_parts(tokenized, seq_length: int) -> list[dict]:
+    return [
+        pickle.loads(b)
+        for b in tokenized.map_batches(length_stats, fn_kwargs={"seq_length": seq_length}, batch_size=None,
+                                       batch_format="pyarrow").to_pandas()["payload"]
+    ]
+
+
 def run(cfg: BuildConfig) -> dict:
     t0 = time.time()
     so = storage_options(cfg.s3_endpoint_url, cfg.s3_addressing_style)
@@ -463,25 +525,7 @@ def run(cfg: BuildConfig) -> dict:
     workers = cfg.tokenize_workers or max(1, cpus - 1)
     threads = max(1, round(cpus / workers))
 
-    ds = ray.data.from_items([asdict(c) for c in chunks], override_num_blocks=max(1, len(chunks)))
-    ds = ds.map_batches(read_inputs, fn_kwargs={"so": so}, batch_size=1, batch_format="numpy", num_cpus=READ_CPUS)
-    ds = ds.map_batches(
-        Tokenize,
-        fn_constructor_kwargs={
-            "info": info,
-            "template": cfg.template,
-            "fmt": cfg.format,
-            "map_keys": cfg.map_keys,
-            "loss": cfg.loss,
-            "seq_length": cfg.seq_length,
-            "overlong": cfg.overlong,
-            "threads": threads,
-        },
-        batch_size=cfg.batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=workers),
-        num_cpus=1,
-    )
+    ds = _tokenize_dataset(cfg, chunks, info, so, workers, threads)
     t_stage = time.time()
     tokenized = ds.materialize()
     timings = {"start": round(t_stage - t0, 2), "read+tokenize": round(time.time() - t_stage, 2)}
@@ -489,12 +533,7 @@ def run(cfg: BuildConfig) -> dict:
 
     # ---- stats
     S = cfg.seq_length
-    parts = [
-        pickle.loads(b)
-        for b in tokenized.map_batches(block_stats, fn_kwargs={"seq_length": S}, batch_size=None, batch_format="pyarrow")
-        .to_pandas()["payload"]
-    ]
-    agg = _collect(parts, S)
+    agg = _collect(_length_parts(tokenized, S), S)
     errors, hist_kept = agg["errors"], agg["hist_kept"]
     rejected = Counter(e["reason"] for e in errors if e["reason"] not in DROP_REASONS)
     dropped = Counter(e["reason"] for e in errors if e["reason"] in DROP_REASONS)
@@ -527,10 +566,10 @@ def run(cfg: BuildConfig) -> dict:
 
     # ---- assign + write shards (into _tmp/shards)
     metas = (
-        tokenized.map_batches(assign, fn_kwargs={"plan_ref": plan_ref}, batch_format="pyarrow")
+        tokenized.map_batches(assign_pack_slots, fn_kwargs={"plan_ref": plan_ref}, batch_format="pyarrow")
         .groupby("shard", num_partitions=num_shards)
         .map_groups(
-            write_group,
+            write_shards,
             fn_kwargs={"tmp_dir": join(cfg.output, TMP, "shards"), "so": so, "layout": cfg.layout, "seq_length": S,
                        "pad_id": pad_id, "resume": resuming},
             batch_format="pyarrow",
@@ -548,9 +587,16 @@ def run(cfg: BuildConfig) -> dict:
     # ---- merge (into _tmp), check, commit
     names = [f"shards/part-{m['shard']:05d}" for m in metas]
     merged = merge_shards(out_fs, [join(tmp_root, n) for n in names], join(tmp_root, "data"))
+    with out_fs.open(join(tmp_root, "provenance.bin"), "wb") as out:
+        for n in names:
+            with out_fs.open(join(tmp_root, n + ".prov"), "rb") as f:
+                out.write(f.read())
+            out_fs.rm(join(tmp_root, n + ".prov"))
+    with out_fs.open(join(tmp_root, "inputs.json"), "w") as f:
+        json.dump([fi.url for fi in files], f, indent=1)
     with out_fs.open(join(tmp_root, "data_order.txt"), "w") as f:
         f.write("".join(f"{n}.bin\n" for n in names))
-    present = ["data.bin", "data.idx", "data_order.txt", "shards", "stats.json"]
+    present = ["data.bin", "data.idx", "data_order.txt", "shards", "stats.json", "provenance.bin", "inputs.json"]
     if errors:
         present.append("rejects.jsonl")
         with out_fs.open(join(tmp_root, "rejects.jsonl"), "w") as f:
@@ -599,6 +645,11 @@ def run(cfg: BuildConfig) -> dict:
     with out_fs.open(join(tmp_root, "stats.json"), "w") as f:
         json.dump(result, f, indent=2)
         f.write("\n")
+    from .report import render_report
+
+    with out_fs.open(join(tmp_root, "report.html"), "w") as f:
+        f.write(render_report(result))
+    present.append("report.html")
     _commit(out_fs, out_root, present)
     print(stats_mod.format_summary(result), file=sys.stderr)
     print(f"output           {cfg.output}  ({time.time() - t0:.1f} s)", file=sys.stderr)

@@ -98,3 +98,9 @@ def format_summary(stats: dict) -> str:
 
 def _reasons(d: dict) -> str:
     return "(" + ", ".join(f"{k}: {v:,}" for k, v in sorted(d.items())) + ")"
+
+
+if __name__ == "__main__":  # python -m raysft.stats: the input-statistics command
+    from .inputstats import main
+
+    raise SystemExit(main())

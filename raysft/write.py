@@ -19,6 +19,17 @@ import numpy as np
 from .indexed import Index, encode_index
 
 LAYOUTS = ("native", "pai")
+
+# provenance.bin: one record per sample, in output order (native: per sequence)
+# (src: index in inputs.json, piece: part of a split record, row: record index or -1,
+#  offset: byte offset of the JSON line or -1, pack: output pack = Megatron document)
+PROVENANCE_DTYPE = np.dtype([("src", "<i4"), ("piece", "<i4"), ("row", "<i8"), ("offset", "<i8"), ("pack", "<i8")])
+
+
+def provenance_records(src, piece, row, offset, pack) -> np.ndarray:
+    out = np.empty(len(src), dtype=PROVENANCE_DTYPE)
+    out["src"], out["piece"], out["row"], out["offset"], out["pack"] = src, piece, row, offset, pack
+    return out
 IGNORE = -100
 
 

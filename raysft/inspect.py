@@ -1,0 +1,176 @@
+"""``python -m raysft.inspect OUT``: look at packs of a built dataset.
+
+Prints a pack's samples decoded, with the tokens that carry loss marked (green on a terminal,
+``[[...]]`` when piped), each sample's length and source, and where position ids restart.
+Works on both layouts and on s3:// outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+from .fs import get_fs, join, storage_options
+from .indexed import IndexedReader
+from .write import IGNORE, PROVENANCE_DTYPE
+
+EXAMPLE = """\
+examples:
+  python -m raysft.inspect out/ --pack 17
+  python -m raysft.inspect out/ --sample data/train.jsonl:42      # line 42 of a JSON Lines file
+  python -m raysft.inspect out/ --sample data/train.json:5        # record 5 (0-based) of a JSON array
+  python -m raysft.inspect s3://bucket/packed/ --pack 0 --s3-endpoint-url http://127.0.0.1:9000
+"""
+
+
+class Dataset:
+    def __init__(self, out: str, so: dict, tokenizer: str | None = None):
+        self.fs, self.root = get_fs(out, so)
+        with self.fs.open(join(self.root, "stats.json"), "r") as f:
+            self.stats = json.load(f)
+        with self.fs.open(join(self.root, "data.idx"), "rb") as f:
+            idx = f.read()
+        self.reader = IndexedReader(idx, self.fs.open(join(self.root, "data.bin"), "rb"))
+        with self.fs.open(join(self.root, "provenance.bin"), "rb") as f:
+            self.prov = np.frombuffer(f.read(), dtype=PROVENANCE_DTYPE)
+        with self.fs.open(join(self.root, "inputs.json"), "r") as f:
+            self.inputs = json.load(f)
+        from .tokenize import load_tokenizer_info
+
+        self.tok = load_tokenizer_info(tokenizer or self.stats["tokenizer"]).load()
+        self.so = so
+
+    @property
+    def num_packs(self) -> int:
+        return self.reader.index.num_documents
+
+    def pack_samples(self, pack: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(token ids, loss mask) of each sample of a pack."""
+        if not 0 <= pack < self.num_packs:
+            raise SystemExit(f"pack {pack} out of range: the dataset has {self.num_packs} packs (0..{self.num_packs - 1})")
+        if self.stats["layout"] == "native":
+            docs = self.reader.index.document_indices
+            out = []
+            for i in range(int(docs[pack]), int(docs[pack + 1])):
+                signed = self.reader[i]
+                out.append((np.where(signed < 0, ~signed, signed), signed >= 0))
+            return out
+        S = self.stats["seq_length"]
+        seq = self.reader[pack]
+        inputs, labels = seq[:S], seq[S:]
+        out, start = [], 0
+        for end in np.nonzero(inputs < 0)[0]:
+            ids = inputs[start : end + 1].copy()
+            ids[-1] = -1 - ids[-1]
+            loss = np.zeros(len(ids), dtype=bool)
+            loss[1:] = labels[start:end] != IGNORE  # label i targets token i+1
+            out.append((ids, loss))
+            start = end + 1
+        return out
+
+    def provenance(self, pack: int) -> np.ndarray:
+        return self.prov[self.prov["pack"] == pack]
+
+    def describe(self, p) -> str:
+        url = self.inputs[int(p["src"])]
+        if p["offset"] >= 0:
+            from .read import line_number
+
+            where = f"line {line_number(url, int(p['offset']), self.so)}"
+        else:
+            where = f"record {int(p['row'])}"
+        return f"{url} {where}" + (f" (piece {int(p['piece'])})" if p["piece"] else "")
+
+    def find_sample(self, spec: str) -> tuple[int, int]:
+        """(pack, index of the sample in the pack) of the sample from FILE:ROW."""
+        path, _, row = spec.rpartition(":")
+        if not path or not row.isdigit():
+            raise SystemExit("--sample takes FILE:ROW (line number for .jsonl, 0-based record index otherwise)")
+        matches = [i for i, u in enumerate(self.inputs) if u == path or u.endswith("/" + path.lstrip("./"))]
+        if not matches:
+            raise SystemExit(f"--sample: {path} is not one of this dataset's inputs (see inputs.json)")
+        src, n = matches[0], int(row)
+        sel = self.prov[self.prov["src"] == src]
+        if len(sel) and sel["offset"][0] >= 0:  # JSON Lines: find the byte offset of line n
+            fs, p = get_fs(self.inputs[src], self.so)
+            offset = 0
+            with fs.open(p, "rb") as f:
+                for _ in range(n - 1):
+                    offset += len(f.readline())
+            hits = sel[sel["offset"] == offset]
+        else:
+            hits = sel[sel["row"] == n]
+        if not len(hits):
+            raise SystemExit(f"--sample {spec}: no written sample comes from there (rejected or dropped? see rejects.jsonl)")
+        pack = int(hits["pack"][0])
+        in_pack = np.nonzero(self.prov["pack"] == pack)[0]
+        return pack, int(np.searchsorted(in_pack, int(np.nonzero(np.isin(self.prov, hits[:1]))[0][0])))
+
+
+def render_tokens(tok, ids: np.ndarray, loss: np.ndarray, color: bool) -> str:
+    out = []
+    start = 0
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or loss[i] != loss[start]:
+            text = tok.decode(ids[start:i].tolist(), skip_special_tokens=False)
+            if loss[start]:
+                text = f"\x1b[32m{text}\x1b[0m" if color else f"[[{text}]]"
+            out.append(text)
+            start = i
+    return "".join(out)
+
+
+def show_pack(ds: Dataset, pack: int, color: bool, file=None, mark: int | None = None) -> None:
+    file = file or sys.stdout
+    samples = ds.pack_samples(pack)
+    prov = ds.provenance(pack)
+    total = sum(len(s[0]) for s in samples)
+    S = ds.stats["seq_length"]
+    print(f"pack {pack} of {ds.num_packs}: {len(samples)} samples, {total} tokens of {S} "
+          f"({total / S:.1%} full), layout {ds.stats['layout']}", file=file)
+    pos = 0
+    for k, (ids, loss) in enumerate(samples):
+        src = ds.describe(prov[k]) if k < len(prov) else "?"
+        print(f"\n── sample {k}: {len(ids)} tokens ({int(loss.sum())} with loss), tokens {pos}..{pos + len(ids) - 1} "
+              f"of the pack, position ids restart at 0 here — {src}" + ("   <== requested" if k == mark else ""),
+              file=file)
+        print(render_tokens(ds.tok, ids, loss, color), file=file)
+        pos += len(ids)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m raysft.inspect", description=__doc__, epilog=EXAMPLE,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("output", help="a raysft output folder (local or s3://)")
+    g = p.add_argument_group("what to show (one of)")
+    g.add_argument("--pack", type=int, help="pack (Megatron document) number")
+    g.add_argument("--sample", metavar="FILE:ROW", help="the pack holding the sample from this source row")
+    g = p.add_argument_group("options")
+    g.add_argument("--tokenizer", help="tokenizer to decode with (default: the one in stats.json)")
+    g.add_argument("--color", choices=("auto", "always", "never"), default="auto",
+                   help="colour loss tokens (auto: when stdout is a terminal; otherwise [[...]])")
+    g.add_argument("--s3-endpoint-url", metavar="URL")
+    g.add_argument("--s3-addressing-style", choices=("auto", "virtual", "path"))
+    args = p.parse_args(argv)
+    if (args.pack is None) == (args.sample is None):
+        p.error("give exactly one of --pack N or --sample FILE:ROW")
+    so = storage_options(args.s3_endpoint_url, args.s3_addressing_style)
+    try:
+        ds = Dataset(args.output, so, args.tokenizer)
+    except FileNotFoundError as e:
+        print(f"raysft.inspect: error: {args.output} is not a finished raysft output ({e})", file=sys.stderr)
+        return 1
+    pack, mark = (args.pack, None) if args.pack is not None else ds.find_sample(args.sample)
+    color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+    try:
+        show_pack(ds, pack, color, mark=mark)
+    except BrokenPipeError:  # piped into head & co.
+        sys.stderr.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

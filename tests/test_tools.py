@@ -1,0 +1,106 @@
+"""inspect, stats, report.html and --help: the tools people look at a dataset with."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from helpers import build, reader
+
+from raysft import inspect as insp
+from raysft.write import PROVENANCE_DTYPE
+
+
+@pytest.fixture(scope="module", params=["native", "pai"])
+def built(request, tmp_path_factory, ray_session, shared_data, llama3_dir):
+    out = tmp_path_factory.mktemp(request.param)
+    inputs = [shared_data / "glaive_toolcall_en_demo.json", shared_data / "alpaca_en_demo.json"]
+    stats = build(out, inputs, llama3_dir, template="llama3", seq_length=2048, layout=request.param,
+                  on_bad_record="skip")
+    return out, stats
+
+
+def test_inspect_pack_marks_loss_and_matches_the_data(built, capsys, llama3_info):
+    out, stats = built
+    assert insp.main([str(out), "--pack", "3", "--color", "never"]) == 0
+    text = capsys.readouterr().out
+    ds = insp.Dataset(str(out), {})
+    samples = ds.pack_samples(3)
+    assert text.count("── sample ") == len(samples) == (ds.prov["pack"] == 3).sum()
+    assert "[[" in text and "position ids restart" in text
+    tok = llama3_info.load()
+    for ids, loss in samples:
+        answer = tok.decode(ids[loss].tolist(), skip_special_tokens=False)
+        assert answer.endswith("<|eot_id|>")
+    if stats["layout"] == "native":
+        docs = reader(out).index.document_indices
+        assert len(samples) == docs[4] - docs[3]
+
+
+def test_inspect_sample_by_source_row(built, capsys):
+    out, _ = built
+    ds = insp.Dataset(str(out), {})
+    inputs = json.loads((out / "inputs.json").read_text())
+    p = ds.prov[len(ds.prov) // 2]
+    name = os.path.basename(inputs[p["src"]])
+    assert insp.main([str(out), "--sample", f"{name}:{int(p['row'])}", "--color", "never"]) == 0
+    text = capsys.readouterr().out
+    line = next(ln for ln in text.splitlines() if "<== requested" in ln)
+    assert f"{name} record {int(p['row'])}" in line
+    assert f"pack {int(p['pack'])} of" in text
+
+
+def test_provenance_covers_every_sample(built):
+    out, stats = built
+    prov = np.fromfile(out / "provenance.bin", dtype=PROVENANCE_DTYPE)
+    assert len(prov) == stats["samples_written"]
+    assert np.all(np.diff(prov["pack"]) >= 0) and prov["pack"].max() == stats["packs"] - 1
+
+
+def test_stats_cli(shared_data, llama3_dir, ray_session, capsys):
+    from raysft.inputstats import main
+
+    assert main([str(shared_data / "glaive_toolcall_en_demo.json"), "--tokenizer", llama3_dir, "--template",
+                 "llama3"]) == 0
+    text = capsys.readouterr().out
+    assert "rows read 300; tokenized 300" in text
+    assert re.search(r"\n\s+2048\s+\d+\.\d+%", text) and "histogram:" in text
+    assert "max 4043" in text
+
+
+@pytest.mark.parametrize("module", ["raysft.build", "raysft.inspect", "raysft.stats", "raysft.example"])
+def test_help_groups_flags_and_gives_an_example(module):
+    r = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0
+    assert "example" in r.stdout.lower()
+    if module != "raysft.example":
+        assert len(re.findall(r"^[a-z][a-z ]+:$", r.stdout, flags=re.M)) >= 3  # argument groups
+
+
+def chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def test_report_renders_in_headless_chromium(built, tmp_path):
+    out, stats = built
+    html = (out / "report.html").read_text()
+    assert html.count("<img class=\"plot\"") == 4  # length, fill, files, reasons (glaive has an overlong row)
+    assert "packing efficiency" in html and f"{stats['packs']:,}" in html
+    browser = chromium()
+    if browser is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed (.ci/run installs Debian's chromium)")
+        pytest.skip("chromium not installed")
+    r = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom",
+         (out / "report.html").as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert 'data-plots-loaded="4"' in r.stdout
