@@ -15,7 +15,7 @@ import numpy as np
 
 from .fs import get_fs, join, storage_options
 from .indexed import IndexedReader
-from .write import IGNORE, PROVENANCE_DTYPE
+from .write import IGNORE, PROVENANCE_DTYPE, layout_parts
 
 EXAMPLE = """\
 examples:
@@ -31,9 +31,13 @@ class Dataset:
         self.fs, self.root = get_fs(out, so)
         with self.fs.open(join(self.root, "stats.json"), "r") as f:
             self.stats = json.load(f)
-        with self.fs.open(join(self.root, "data.idx"), "rb") as f:
-            idx = f.read()
-        self.reader = IndexedReader(idx, self.fs.open(join(self.root, "data.bin"), "rb"))
+        names = ["data" + s for s in layout_parts(self.stats["layout"])]
+        self.readers = []
+        for name in names:
+            with self.fs.open(join(self.root, name + ".idx"), "rb") as f:
+                idx = f.read()
+            self.readers.append(IndexedReader(idx, self.fs.open(join(self.root, name + ".bin"), "rb")))
+        self.reader = self.readers[0]
         with self.fs.open(join(self.root, "provenance.bin"), "rb") as f:
             self.prov = np.frombuffer(f.read(), dtype=PROVENANCE_DTYPE)
         with self.fs.open(join(self.root, "inputs.json"), "r") as f:
@@ -59,6 +63,9 @@ class Dataset:
                 out.append((np.where(signed < 0, ~signed, signed), signed >= 0))
             return out
         S = self.stats["seq_length"]
+        if self.stats["layout"] == "mindspeed":
+            ids, labels, segments = (r[pack] for r in self.readers)
+            return [(ids[segments == k], labels[segments == k] != IGNORE) for k in range(1, int(segments.max()) + 1)]
         seq = self.reader[pack]
         inputs, labels = seq[:S], seq[S:]
         out, start = [], 0

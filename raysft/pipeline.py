@@ -31,7 +31,7 @@ from .merge import merge_shards
 from .pack import PackPlan, assign_slots, plan_bfd, slot_table
 from .read import Chunk, check_bucket, describe_position, expand_inputs, plan_chunks, read_chunk
 from .tokenize import SampleBuilder, TokenizerInfo, fit_overlong, load_tokenizer_info
-from .write import encode_shard, order_samples, provenance_records, write_shard
+from .write import MINDSPEED_PARTS, encode_shard, layout_parts, order_samples, provenance_records, write_shard
 
 log = logging.getLogger("raysft")
 
@@ -259,18 +259,22 @@ def assign_pack_slots(batch: pa.Table, plan_ref) -> pa.Table:
     )
 
 
-def existing_shard(fs, prefix: str) -> dict | None:
-    """The meta of a shard an earlier run completed (its .idx, written last, matches its .bin)."""
-    try:
-        with fs.open(prefix + ".idx", "rb") as f:
-            index = decode_index(f.read(), prefix + ".idx")
-        size = fs.size(prefix + ".bin")
-    except (OSError, ValueError):
-        return None
-    if size != index.num_tokens * index.dtype.itemsize or not fs.exists(prefix + ".prov"):
-        return None
-    return {"prefix": prefix, "sequences": len(index.sequence_lengths), "documents": index.num_documents,
-            "tokens": index.num_tokens, "bytes": size}
+def existing_shard(fs, prefix: str, suffixes: tuple[str, ...] = ("",)) -> dict | None:
+    """The meta of a shard an earlier run completed (each .idx, written last, matches its .bin)."""
+    metas = []
+    for suffix in suffixes:
+        p = prefix + suffix
+        try:
+            with fs.open(p + ".idx", "rb") as f:
+                index = decode_index(f.read(), p + ".idx")
+            size = fs.size(p + ".bin")
+        except (OSError, ValueError):
+            return None
+        if size != index.num_tokens * index.dtype.itemsize:
+            return None
+        metas.append({"prefix": p, "sequences": len(index.sequence_lengths), "documents": index.num_documents,
+                      "tokens": index.num_tokens, "bytes": size})
+    return metas[0] if fs.exists(prefix + ".prov") else None
 
 
 def write_shards(batch: pa.Table, tmp_dir: str, so: dict, layout: str, seq_length: int, pad_id: int,
@@ -280,7 +284,7 @@ def write_shards(batch: pa.Table, tmp_dir: str, so: dict, layout: str, seq_lengt
     fs, root = get_fs(tmp_dir, so)
     prefix = join(root, f"part-{shard:05d}")
     if resume:
-        done = existing_shard(fs, prefix)
+        done = existing_shard(fs, prefix, layout_parts(layout))
         if done is not None:
             return pa.table({"shard": [shard], "meta": [json.dumps(done | {"resumed": True})]})
     ids_col = batch.column("ids").combine_chunks()
@@ -288,12 +292,14 @@ def write_shards(batch: pa.Table, tmp_dir: str, so: dict, layout: str, seq_lengt
     values = ids_col.values.to_numpy(zero_copy_only=False)
     samples = [values[offsets[i] : offsets[i + 1]] for i in range(len(ids_col))]
     out_pack, pos = batch.column("out_pack").to_numpy(), batch.column("pos").to_numpy()
-    tokens, index = encode_shard(samples, out_pack, pos, layout, seq_length, pad_id)
+    parts = encode_shard(samples, out_pack, pos, layout, seq_length, pad_id)
     order = order_samples(out_pack, pos)
     prov = provenance_records(*(batch.column(k).to_numpy()[order] for k in ("src", "piece", "row", "offset", "out_pack")))
     with fs.open(prefix + ".prov", "wb") as f:
         f.write(prov.tobytes())
-    meta = write_shard(fs, prefix, tokens, index)
+    metas = [write_shard(fs, prefix + suffix, tokens, index)
+             for suffix, (tokens, index) in zip(layout_parts(layout), parts)]
+    meta = metas[0]
     return pa.table({"shard": [shard], "meta": [json.dumps(meta)]})
 
 
@@ -318,7 +324,7 @@ def _plan_single(hist: np.ndarray, seq_length: int) -> PackPlan:
     return PackPlan(seq_length, [(L,) for L in lengths], np.array([hist[L] for L in lengths], dtype=np.int64))
 
 
-FINAL_NAMES = ("data.bin", "data.idx", "data_order.txt", "stats.json", "rejects.jsonl", "shards", "provenance.bin",
+FINAL_NAMES = ("data.bin", "data.idx", *(f"data_{p}.{e}" for p in MINDSPEED_PARTS for e in ("bin", "idx")), "data_order.txt", "stats.json", "rejects.jsonl", "shards", "provenance.bin",
                "inputs.json", "report.html")
 TMP = "_tmp"
 
@@ -555,7 +561,7 @@ def run(cfg: BuildConfig) -> dict:
     # ---- plan
     plan = plan_bfd(hist_kept, S) if cfg.pack else _plan_single(hist_kept, S)
     P = plan.num_packs
-    stored = P * 2 * S if cfg.layout == "pai" else int(np.dot(np.arange(S + 1), hist_kept))
+    stored = {"pai": 2 * S * P, "mindspeed": 3 * S * P}.get(cfg.layout) or int(np.dot(np.arange(S + 1), hist_kept))
     num_shards = max(1, min(cfg.num_shards or -(-stored // cfg.shard_tokens), P))
     plan_ref = ray.put(
         {"table": slot_table(plan), "run_offsets": _run_offsets(agg["runs"]), "seed": cfg.seed,
@@ -586,7 +592,11 @@ def run(cfg: BuildConfig) -> dict:
 
     # ---- merge (into _tmp), check, commit
     names = [f"shards/part-{m['shard']:05d}" for m in metas]
-    merged = merge_shards(out_fs, [join(tmp_root, n) for n in names], join(tmp_root, "data"))
+    suffixes = layout_parts(cfg.layout)
+    merged = None
+    for suffix in suffixes:
+        m = merge_shards(out_fs, [join(tmp_root, n + suffix) for n in names], join(tmp_root, "data" + suffix))
+        merged = merged or m
     with out_fs.open(join(tmp_root, "provenance.bin"), "wb") as out:
         for n in names:
             with out_fs.open(join(tmp_root, n + ".prov"), "rb") as f:
@@ -595,8 +605,9 @@ def run(cfg: BuildConfig) -> dict:
     with out_fs.open(join(tmp_root, "inputs.json"), "w") as f:
         json.dump([fi.url for fi in files], f, indent=1)
     with out_fs.open(join(tmp_root, "data_order.txt"), "w") as f:
-        f.write("".join(f"{n}.bin\n" for n in names))
-    present = ["data.bin", "data.idx", "data_order.txt", "shards", "stats.json", "provenance.bin", "inputs.json"]
+        f.write("".join(f"{n}{s}.bin\n" for n in names for s in suffixes))
+    present = [f"data{s}.{e}" for s in suffixes for e in ("bin", "idx")]
+    present += ["data_order.txt", "shards", "stats.json", "provenance.bin", "inputs.json"]
     if errors:
         present.append("rejects.jsonl")
         with out_fs.open(join(tmp_root, "rejects.jsonl"), "w") as f:

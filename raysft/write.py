@@ -5,6 +5,12 @@ pack and its position in the pack. Two layouts, both Megatron MMIDIDX v1 int32:
 
 ``native``  one Megatron sequence per sample, one document per pack; no padding; a token
             without loss is stored as ``~id`` (``-id-1``).
+``mindspeed`` three datasets per output, as MindSpeed-LLM's packed fine-tuning reads them:
+            ``*_packed_input_ids_document`` (ids padded to seq_length with the pad id),
+            ``*_packed_labels_document`` (unshifted labels: the id where the token carries loss,
+            -100 elsewhere and on padding) and ``*_packed_attention_mask_document`` (segment
+            ids 1, 2, 3... per sample, 0 on padding, as its neat-pack mode uses); each pack is
+            one document of exactly one sequence of seq_length, int32.
 ``pai``     one sequence of ``2 * seq_length`` per pack, as Pai-Megatron-Patch's SFT trainer
             reads with sequence packing: input ids padded to seq_length with the pad id, then
             labels shifted by one (``label[i]`` is the target at position i, -100 where there is
@@ -18,7 +24,14 @@ import numpy as np
 
 from .indexed import Index, encode_index
 
-LAYOUTS = ("native", "pai")
+LAYOUTS = ("native", "pai", "mindspeed")
+# mindspeed writes three datasets side by side; the others one
+MINDSPEED_PARTS = ("packed_input_ids_document", "packed_labels_document", "packed_attention_mask_document")
+
+
+def layout_parts(layout: str) -> tuple[str, ...]:
+    """Name suffixes of the datasets a layout writes ("" = the dataset itself)."""
+    return tuple("_" + p for p in MINDSPEED_PARTS) if layout == "mindspeed" else ("",)
 
 # provenance.bin: one record per sample, in output order (native: per sequence)
 # (src: index in inputs.json, piece: part of a split record, row: record index or -1,
@@ -87,16 +100,48 @@ def encode_pai(samples: list[np.ndarray], packs: np.ndarray, seq_length: int, pa
     return out.reshape(-1), index
 
 
+def encode_mindspeed(samples: list[np.ndarray], packs: np.ndarray, seq_length: int, pad_id: int) -> list[np.ndarray]:
+    """[input ids, labels, segment ids], each (packs, seq_length) int32, flattened."""
+    S = seq_length
+    flat, lengths = flatten(samples)
+    packs = np.asarray(packs, dtype=np.int64)
+    new_pack = np.concatenate([[True], packs[1:] != packs[:-1]]) if len(packs) else np.zeros(0, bool)
+    row = np.cumsum(new_pack) - 1
+    P = int(row[-1]) + 1 if len(row) else 0
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    pack_first = starts[new_pack]
+    sample_no = np.arange(len(samples)) - np.flatnonzero(new_pack)[row]  # 0-based index in its pack
+    token_sample = np.repeat(np.arange(len(samples)), lengths)
+    token_row = row[token_sample]
+    token_pos = np.arange(len(flat), dtype=np.int64) - pack_first[token_row]
+    if len(flat) and token_pos.max() >= S:
+        raise ValueError("encode_mindspeed: a pack is longer than seq_length")
+    loss = flat >= 0
+    ids = np.where(loss, flat, ~flat)
+    out = [np.full((P, S), pad_id, np.int32), np.full((P, S), IGNORE, np.int32), np.zeros((P, S), np.int32)]
+    out[0][token_row, token_pos] = ids
+    out[1][token_row, token_pos] = np.where(loss, ids, IGNORE)
+    out[2][token_row, token_pos] = sample_no[token_sample] + 1
+    return [a.reshape(-1) for a in out]
+
+
 def encode_shard(
     samples: list[np.ndarray], out_pack: np.ndarray, pos: np.ndarray, layout: str, seq_length: int, pad_id: int
-) -> tuple[np.ndarray, Index]:
+) -> list[tuple[np.ndarray, Index]]:
+    """The shard's datasets (one per ``layout_parts(layout)``) as (tokens, index) pairs."""
     order = order_samples(out_pack, pos)
     ordered = [samples[i] for i in order]
     packs = np.asarray(out_pack)[order]
     if layout == "native":
-        return encode_native(ordered, packs)
+        return [encode_native(ordered, packs)]
     if layout == "pai":
-        return encode_pai(ordered, packs, seq_length, pad_id)
+        return [encode_pai(ordered, packs, seq_length, pad_id)]
+    if layout == "mindspeed":
+        arrays = encode_mindspeed(ordered, packs, seq_length, pad_id)
+        P = len(arrays[0]) // seq_length
+        index = Index(np.dtype(np.int32), np.full(P, seq_length, np.int32), np.arange(P + 1, dtype=np.int64))
+        return [(a, index) for a in arrays]
     raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
 
 

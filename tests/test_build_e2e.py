@@ -149,3 +149,28 @@ def test_existing_output_needs_overwrite(native_out, llama3_dir):
     out, inputs, _ = native_out
     with pytest.raises(BuildError, match="--overwrite"):
         build(out, inputs, llama3_dir, template="llama3", seq_length=2048)
+
+
+def test_mindspeed_layout_read_by_megatron_and_consistent(tmp_path, ray_session, shared_data, llama3_dir,
+                                                        llama3_info):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    S = 2048
+    inputs = [shared_data / "glaive_toolcall_en_demo.json"]
+    stats = build(tmp_path, inputs, llama3_dir, template="llama3", seq_length=S, layout="mindspeed")
+    sets = [IndexedDataset(str(tmp_path / f"data_packed_{p}_document"), mmap=True)
+            for p in ("input_ids", "labels", "attention_mask")]
+    assert all(len(d) == stats["packs"] for d in sets)
+    assert all(int(n) == S for d in sets for n in d.sequence_lengths)
+    got = []
+    for p in range(stats["packs"]):
+        ids, labels, seg = (d[p] for d in sets)
+        assert np.all(ids[seg == 0] == stats["pad_id"]) and np.all(labels[seg == 0] == IGNORE)
+        assert np.all(np.diff(seg[seg > 0]) >= 0)  # samples are contiguous, numbered 1, 2, 3...
+        for k in range(1, int(seg.max()) + 1):
+            s_ids, s_lab = ids[seg == k], labels[seg == k]
+            assert np.all((s_lab == IGNORE) | (s_lab == s_ids))
+            got.append(np.where(s_lab != IGNORE, s_ids, ~s_ids).astype(np.int32).tobytes())
+    assert sorted(got) == sorted(expected_samples(llama3_info, inputs, seq_length=S).elements())
+    order = (tmp_path / "data_order.txt").read_text().split()
+    assert len(order) == 3 and all((tmp_path / o).exists() for o in order)

@@ -15,7 +15,7 @@ from raysft import inspect as insp
 from raysft.write import PROVENANCE_DTYPE
 
 
-@pytest.fixture(scope="module", params=["native", "pai"])
+@pytest.fixture(scope="module", params=["native", "pai", "mindspeed"])
 def built(request, tmp_path_factory, ray_session, shared_data, llama3_dir):
     out = tmp_path_factory.mktemp(request.param)
     inputs = [shared_data / "glaive_toolcall_en_demo.json", shared_data / "alpaca_en_demo.json"]

@@ -19,7 +19,7 @@ SAMPLES = [
 
 
 def test_native_layout_orders_by_pack_then_position():
-    tokens, idx = encode_shard(SAMPLES, np.array([1, 0, 0]), np.array([0, 1, 0]), "native", 8, 0)
+    [(tokens, idx)] = encode_shard(SAMPLES, np.array([1, 0, 0]), np.array([0, 1, 0]), "native", 8, 0)
     assert tokens.tolist() == SAMPLES[2].tolist() + SAMPLES[1].tolist() + SAMPLES[0].tolist()
     assert idx.sequence_lengths.tolist() == [2, 3, 4]
     assert idx.document_indices.tolist() == [0, 2, 3]
@@ -27,7 +27,7 @@ def test_native_layout_orders_by_pack_then_position():
 
 def test_pai_layout():
     S = 8
-    tokens, idx = encode_shard(SAMPLES, np.array([0, 0, 1]), np.array([0, 1, 0]), "pai", S, 99)
+    [(tokens, idx)] = encode_shard(SAMPLES, np.array([0, 0, 1]), np.array([0, 1, 0]), "pai", S, 99)
     assert idx.sequence_lengths.tolist() == [16, 16]
     assert idx.document_indices.tolist() == [0, 1, 2]
     seq0 = tokens[:16]
@@ -45,7 +45,7 @@ def test_merge_concatenates_shards(tmp_path):
     fs = fsspec.filesystem("file")
     prefixes = []
     for k, (samples, packs) in enumerate([(SAMPLES[:2], [0, 1]), (SAMPLES[2:], [2])]):
-        tokens, idx = encode_shard(samples, np.array(packs), np.zeros(len(packs), np.int64), "native", 8, 0)
+        [(tokens, idx)] = encode_shard(samples, np.array(packs), np.zeros(len(packs), np.int64), "native", 8, 0)
         p = str(tmp_path / f"part-{k}")
         write_shard(fs, p, tokens, idx)
         prefixes.append(p)
@@ -55,3 +55,16 @@ def test_merge_concatenates_shards(tmp_path):
     data = np.fromfile(tmp_path / "data.bin", dtype="<i4")
     assert data.tolist() == sum((s.tolist() for s in SAMPLES), [])
     assert decode_index((tmp_path / "data.idx").read_bytes()).sequence_lengths.tolist() == [4, 3, 2]
+
+
+def test_mindspeed_layout():
+    S = 8
+    parts = encode_shard(SAMPLES, np.array([0, 0, 1]), np.array([0, 1, 0]), "mindspeed", S, 99)
+    (ids, idx), (labels, _), (segments, _) = parts
+    assert idx.sequence_lengths.tolist() == [S, S] and idx.document_indices.tolist() == [0, 1, 2]
+    assert ids[:S].tolist() == [10, 11, 12, 13, 20, 21, 22, 99]
+    assert labels[:S].tolist() == [IGNORE, IGNORE, 12, 13, IGNORE, 21, 22, IGNORE]  # unshifted
+    assert segments[:S].tolist() == [1, 1, 1, 1, 2, 2, 2, 0]
+    assert ids[S:].tolist() == [30, 31] + [99] * 6
+    assert labels[S:].tolist() == [IGNORE, 31] + [IGNORE] * 6
+    assert segments[S:].tolist() == [1, 1] + [0] * 6
