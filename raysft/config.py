@@ -23,6 +23,7 @@ class BuildConfig:
     overwrite: bool = False
     resume: bool = False
     trust_remote_code: bool = False
+    add_special_tokens: bool = False
     # object storage
     s3_endpoint_url: str | None = None
     s3_addressing_style: str | None = None

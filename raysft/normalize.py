@@ -70,6 +70,7 @@ class Message:
     content: str
     tool_calls: list[dict] | None = None  # [{"name": str, "arguments": dict|str}]
     loss: bool | None = None  # None: decided by the loss policy; False: never; True: always
+    reasoning: str | None = None  # assistant reasoning ("reasoning_content"), trained as output
 
 
 @dataclass
@@ -301,7 +302,11 @@ def _from_openai(record: dict, keys: dict[str, str]) -> Conversation:
         if content_tag not in t and calls is None:
             raise RecordError("missing_field", f"{where} has no '{content_tag}'")
         content = _text(t.get(content_tag), f"{where}.{content_tag}", allow_none=calls is not None)
-        msgs.append(Message(role, content, calls, _loss_flag(t, where)))
+        reasoning = None
+        for key in ("reasoning_content", "reasoning"):
+            if role == ASSISTANT and t.get(key) not in (None, ""):
+                reasoning = _text(t[key], f"{where}.{key}")
+        msgs.append(Message(role, content, calls, _loss_flag(t, where), reasoning))
     return Conversation(msgs, _tools(record, keys))
 
 
@@ -328,7 +333,7 @@ def validate(conv: Conversation) -> None:
                 raise RecordError("role_order", f"turn {i}: {m.role} after {prev.role}")
             if m.role == TOOL and prev.role == ASSISTANT and not prev.tool_calls:
                 raise RecordError("role_order", f"turn {i}: tool result without a preceding tool call")
-        if m.role == ASSISTANT and not m.content.strip() and not m.tool_calls:
+        if m.role == ASSISTANT and not m.content.strip() and not m.tool_calls and not m.reasoning:
             raise RecordError("empty_assistant", f"turn {i}: assistant turn has empty content")
         prev = m
     if prev.role != ASSISTANT:

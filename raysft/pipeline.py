@@ -25,12 +25,21 @@ import pyarrow.compute as pc
 
 from . import stats as stats_mod
 from .config import BuildConfig
-from .fs import get_fs, is_remote, join, storage_options
+from .fs import get_fs, join, storage_options
 from .indexed import decode_index
 from .merge import merge_shards
 from .pack import PackPlan, assign_slots, plan_bfd, slot_table
 from .read import Chunk, check_bucket, describe_position, expand_inputs, plan_chunks, read_chunk
-from .tokenize import SampleBuilder, TokenizerInfo, fit_overlong, load_tokenizer_info
+from .template import MARKERS
+from .tokenize import (
+    SampleBuilder,
+    TokenizerInfo,
+    add_special_tokens,
+    fit_overlong,
+    load_tokenizer_info,
+    missing_markers,
+    save_tokenizer,
+)
 from .write import MINDSPEED_PARTS, encode_shard, layout_parts, order_samples, provenance_records, write_shard
 
 log = logging.getLogger("raysft")
@@ -325,7 +334,7 @@ def _plan_single(hist: np.ndarray, seq_length: int) -> PackPlan:
 
 
 FINAL_NAMES = ("data.bin", "data.idx", *(f"data_{p}.{e}" for p in MINDSPEED_PARTS for e in ("bin", "idx")), "data_order.txt", "stats.json", "rejects.jsonl", "shards", "provenance.bin",
-               "inputs.json", "report.html")
+               "inputs.json", "report.html", "tokenizer")
 TMP = "_tmp"
 
 
@@ -367,7 +376,7 @@ def _run_offsets(runs: dict) -> dict:
 
 # Settings that change output bytes; execution knobs (workers, batch size, shards...) do not.
 FINGERPRINT_FLAGS = ("template", "format", "map_keys", "loss", "seq_length", "pack", "layout", "seed",
-                     "on_bad_record", "overlong", "num_shards", "shard_tokens")
+                     "on_bad_record", "overlong", "num_shards", "shard_tokens", "add_special_tokens")
 
 
 def fingerprint(cfg: BuildConfig, files, info: TokenizerInfo, so: dict) -> dict:
@@ -423,16 +432,22 @@ def _commit(fs, root: str, present: list[str]) -> None:
 
     Until this point nothing exists at a final name (an interrupted job leaves only _tmp/)."""
     tmp = out_path(root, TMP)
+    fs.invalidate_cache()  # object-store listings are cached: shard .prov objects were just removed
     for name in FINAL_NAMES:
         final = out_path(root, name)
         if fs.exists(final):
             fs.rm(final, recursive=True)
+    local = fs.protocol in ("file", ("file", "local"))
     for name in present:
         src, dst = join(tmp, name), out_path(root, name)
-        if is_remote(src) or fs.protocol not in ("file", ("file", "local")):
-            fs.mv(src, dst, recursive=True)
-        else:
+        if local:
             os.replace(src, dst)
+            continue
+        # object stores have no rename: copy each object (server side), then delete the originals
+        objects = [src] if fs.isfile(src) else sorted(fs.find(src))
+        for obj in objects:
+            fs.copy(obj, dst + obj[len(src):])
+        fs.rm(objects)
     fs.rm(tmp, recursive=True)
     with fs.open(out_path(root, "_SUCCESS"), "w") as f:
         f.write("")
@@ -499,6 +514,16 @@ def run(cfg: BuildConfig) -> dict:
     from .template import Template
 
     Template(cfg.template, info.specials, info.chat_template, info.special_strings, cfg.loss)  # fail early
+    added: list[str] = []
+    markers = MARKERS.get(cfg.template, ())
+    if cfg.add_special_tokens:
+        info, added = add_special_tokens(info, markers)
+        if added:
+            log.info("added special tokens %s; vocabulary is now %d", ", ".join(added), info.vocab_size)
+    elif missing_markers(info, markers):
+        log.warning("template %s writes %s, which this tokenizer has no single token for: they are split into "
+                    "ordinary tokens. Pass --add-special-tokens to add them (the extended tokenizer is saved "
+                    "in OUTPUT/tokenizer/)", cfg.template, ", ".join(missing_markers(info, markers)))
     pad_id = info.pad_id()
     out_fs, out_root = get_fs(cfg.output, so)
     check_bucket(out_fs, out_root, cfg.output, "--output")
@@ -522,6 +547,7 @@ def run(cfg: BuildConfig) -> dict:
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
+    ctx.execution_options.verbose_progress = False  # progress bars, not per-operator metric dumps
     # task-based sort shuffle: no aggregator actors to start, far cheaper at our group counts
     ctx.shuffle_strategy = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -607,6 +633,10 @@ def run(cfg: BuildConfig) -> dict:
     with out_fs.open(join(tmp_root, "data_order.txt"), "w") as f:
         f.write("".join(f"{n}{s}.bin\n" for n in names for s in suffixes))
     present = [f"data{s}.{e}" for s in suffixes for e in ("bin", "idx")]
+    if added:
+        out_fs.makedirs(join(tmp_root, "tokenizer"), exist_ok=True)
+        save_tokenizer(out_fs, join(tmp_root, "tokenizer"), info)
+        present.append("tokenizer")
     present += ["data_order.txt", "shards", "stats.json", "provenance.bin", "inputs.json"]
     if errors:
         present.append("rejects.jsonl")
@@ -648,6 +678,7 @@ def run(cfg: BuildConfig) -> dict:
         "seed": cfg.seed,
         "shards": len(metas),
         "vocab_size": info.vocab_size,
+        "added_special_tokens": added,
         "pad_id": pad_id,
         "rows_per_file": {files[s].url: int(c) for s, c in sorted(agg["rows_per_src"].items())},
         "pack_fill": {str(t): int(c) for t, c in enumerate(plan.pack_fill()) if c},

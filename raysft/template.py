@@ -82,7 +82,7 @@ def _llama3(conv: Conversation, sp: Specials) -> list[Piece]:
             content = intro + defs + content
             tools_pending = None
         if m.role == ASSISTANT:
-            body = content
+            body = _with_reasoning(m, content)
             if m.tool_calls:
                 calls = "".join(_call_json(c, "parameters") for c in m.tool_calls)
                 body = (content + "\n" if content else "") + calls
@@ -116,7 +116,7 @@ def _chatml(default_system: str | None) -> Callable[[Conversation, Specials], li
         for i in range(start, len(msgs)):
             m = msgs[i]
             if m.role == ASSISTANT:
-                body = m.content
+                body = _with_reasoning(m, m.content)
                 for c in m.tool_calls or ():
                     body += ("\n" if body else "") + "<tool_call>\n" + _call_json(c) + "\n</tool_call>"
                 out += [("<|im_start|>assistant\n", i, False), (body + "<|im_end|>", i, True), ("\n", i, False)]
@@ -150,15 +150,214 @@ def _llama2(conv: Conversation, sp: Specials) -> list[Piece]:
         if m.role == USER:
             out.append((f"{bos}[INST] {content.strip()} [/INST]", i, False))
         else:
-            out += [(" ", i, False), (f"{content.strip()} {eos}", i, True)]
+            out += [(" ", i, False), (f"{_with_reasoning(m, content.strip())} {eos}", i, True)]
+    return out
+
+
+def _with_reasoning(m: Message, content: str) -> str:
+    """Reasoning for families without a format of their own: a <think> block before the answer."""
+    return f"<think>\n{m.reasoning.strip()}\n</think>\n\n{content}" if m.reasoning else content
+
+
+QWEN_TOOLS = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>{defs}\n</tools>\n\n"
+    "For each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\n<tool_call>\n"
+    '{{"name": <function-name>, "arguments": <args-json-object>}}\n</tool_call>'
+)
+
+
+def _qwen3(conv: Conversation, sp: Specials) -> list[Piece]:
+    """Qwen3: ChatML, tools as Qwen2.5, reasoning in <think> blocks. As Qwen3's template does,
+    reasoning is kept only for assistant turns after the last user query, and the final
+    assistant turn always carries a (possibly empty) think block."""
+    msgs = conv.messages
+    out: list[Piece] = []
+    start = 1 if msgs and msgs[0].role == SYSTEM else 0
+    system = msgs[0].content if start else None
+    if conv.tools:
+        defs = "".join("\n" + _dumps(t) for t in conv.tools)
+        system = (system + "\n\n" if system else "") + QWEN_TOOLS.format(defs=defs)
+    if system is not None:
+        out.append((f"<|im_start|>system\n{system}<|im_end|>\n", 0 if start else -1, False))
+    last_query = max((i for i, m in enumerate(msgs) if m.role == USER), default=-1)
+    for i in range(start, len(msgs)):
+        m = msgs[i]
+        if m.role == ASSISTANT:
+            body = m.content
+            if i > last_query and (i == len(msgs) - 1 or m.reasoning):
+                body = f"<think>\n{(m.reasoning or '').strip()}\n</think>\n\n{body.lstrip()}"
+            for j, c in enumerate(m.tool_calls or ()):
+                body += ("\n" if body or j else "") + "<tool_call>\n" + _call_json(c) + "\n</tool_call>"
+            out += [("<|im_start|>assistant\n", i, False), (body + "<|im_end|>", i, True), ("\n", i, False)]
+        elif m.role == TOOL:
+            first = msgs[i - 1].role != TOOL
+            last = i == len(msgs) - 1 or msgs[i + 1].role != TOOL
+            text = ("<|im_start|>user" if first else "") + f"\n<tool_response>\n{m.content}\n</tool_response>"
+            out.append((text + ("<|im_end|>\n" if last else ""), i, False))
+        else:
+            out.append((f"<|im_start|>{m.role}\n{m.content}<|im_end|>\n", i, False))
+    return out
+
+
+def _mistral(conv: Conversation, sp: Specials) -> list[Piece]:
+    """Mistral instruct (v3 tokenizer, e.g. Mistral-7B-Instruct-v0.3):
+    ``<s>[INST] {user}[/INST] {answer}</s>``; the system prompt goes before the last user
+    message; tools as ``[AVAILABLE_TOOLS] [...][/AVAILABLE_TOOLS]`` before the last user
+    message, calls as ``[TOOL_CALLS] [...]</s>``, results as ``[TOOL_RESULTS] {...}[/TOOL_RESULTS]``."""
+    bos, eos = sp.bos or "<s>", sp.eos or "</s>"
+    msgs = conv.messages
+    start = 1 if msgs[0].role == SYSTEM else 0
+    system = msgs[0].content if start else None
+    last_user = max(i for i, m in enumerate(msgs) if m.role == USER)
+    out: list[Piece] = [(bos, -1, False)]
+    for i in range(start, len(msgs)):
+        m = msgs[i]
+        if m.role == USER:
+            text = ""
+            if conv.tools and i == last_user:
+                tools = [{"type": "function", "function": t} for t in conv.tools]
+                text += "[AVAILABLE_TOOLS] " + _dumps(tools) + "[/AVAILABLE_TOOLS]"
+            content = f"{system}\n\n{m.content}" if system is not None and i == last_user else m.content
+            out.append((text + f"[INST] {content}[/INST]", i, False))
+        elif m.role == ASSISTANT:
+            if m.tool_calls:
+                calls = [{"name": c["name"], "arguments": c["arguments"]} for c in m.tool_calls]
+                out += [(" " if m.content else "", i, False),
+                        ((m.content + " " if m.content else "") + "[TOOL_CALLS] " + _dumps(calls) + eos, i, True)]
+            else:
+                out += [(" ", i, False), (_with_reasoning(m, m.content) + eos, i, True)]
+        else:
+            out.append(("[TOOL_RESULTS] " + _dumps({"content": m.content}) + "[/TOOL_RESULTS]", i, False))
+    return out
+
+
+def _internlm2(conv: Conversation, sp: Specials) -> list[Piece]:
+    """InternLM2 chat: ChatML after BOS. Tools follow InternLM2's plugin protocol: definitions
+    in ``<|im_start|>system name=<|plugin|>``, calls as ``<|action_start|><|plugin|>\n{json}
+    <|action_end|>``, results as ``<|im_start|>environment name=<|plugin|>``."""
+    bos = sp.bos or "<s>"
+    msgs = conv.messages
+    out: list[Piece] = [(bos, -1, False)]
+    start = 1 if msgs[0].role == SYSTEM else 0
+    if start:
+        out.append((f"<|im_start|>system\n{msgs[0].content}<|im_end|>\n", 0, False))
+    if conv.tools:
+        out.append(("<|im_start|>system name=<|plugin|>\n" + _dumps(conv.tools) + "<|im_end|>\n", -1, False))
+    for i in range(start, len(msgs)):
+        m = msgs[i]
+        if m.role == ASSISTANT:
+            body = _with_reasoning(m, m.content)
+            for c in m.tool_calls or ():
+                body += "<|action_start|><|plugin|>\n" + _call_json(c, "parameters") + "<|action_end|>"
+            out += [("<|im_start|>assistant\n", i, False), (body + "<|im_end|>", i, True), ("\n", i, False)]
+        elif m.role == TOOL:
+            out.append((f"<|im_start|>environment name=<|plugin|>\n{m.content}<|im_end|>\n", i, False))
+        else:
+            out.append((f"<|im_start|>{m.role}\n{m.content}<|im_end|>\n", i, False))
+    return out
+
+
+def _deepseek_v3(conv: Conversation, sp: Specials) -> list[Piece]:
+    """DeepSeek-V3: ``<｜begin▁of▁sentence｜>{system}<｜User｜>{user}<｜Assistant｜>{answer}<｜end▁of▁sentence｜>``;
+    tool definitions are appended to the system prompt in V3.1's "## Tools" form;
+    tool calls in ``<｜tool▁calls▁begin｜>...<｜tool▁calls▁end｜>`` (arguments as a json code block),
+    results in ``<｜tool▁outputs▁begin｜>...<｜tool▁outputs▁end｜>``, after which the answer follows
+    without a new assistant marker; reasoning as a ``<think>`` block (R1 style)."""
+    bos, eos = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
+    msgs = conv.messages
+    start = 1 if msgs[0].role == SYSTEM else 0
+    system = msgs[0].content if start else ""
+    if conv.tools:  # DeepSeek-V3.1's documented tool description, appended to the system prompt
+        system += "## Tools\nYou have access to the following tools:\n" + "".join(
+            f"\n### {t.get('name', 'tool')}\nDescription: {t.get('description', '')}\n\n"
+            f"Parameters: {_dumps(t.get('parameters', {}))}\n" for t in conv.tools)
+    out: list[Piece] = [(bos + system, 0 if start else -1, False)]
+    for i in range(start, len(msgs)):
+        m = msgs[i]
+        if m.role == USER:
+            out.append(("<｜User｜>" + m.content, i, False))
+        elif m.role == TOOL:
+            first = msgs[i - 1].role != TOOL
+            last = i == len(msgs) - 1 or msgs[i + 1].role != TOOL
+            text = ("<｜tool▁outputs▁begin｜>" if first else "") + f"<｜tool▁output▁begin｜>{m.content}<｜tool▁output▁end｜>"
+            out.append((text + ("<｜tool▁outputs▁end｜>" if last else ""), i, False))
+        else:
+            after_tool = msgs[i - 1].role == TOOL
+            body = _with_reasoning(m, m.content)
+            if m.tool_calls:
+                body += "<｜tool▁calls▁begin｜>" + "".join(
+                    "<｜tool▁call▁begin｜>function<｜tool▁sep｜>" + c["name"] + "\n```json\n"
+                    + (c["arguments"] if isinstance(c["arguments"], str) else _dumps(c["arguments"]))
+                    + "\n```<｜tool▁call▁end｜>" for c in m.tool_calls) + "<｜tool▁calls▁end｜>"
+            out += [("" if after_tool else "<｜Assistant｜>", i, False), (body + eos, i, True)]
+    return out
+
+
+def _glm4(conv: Conversation, sp: Specials) -> list[Piece]:
+    """GLM-4 chat (glm-4-9b-chat): ``[gMASK]<sop><|system|>\n{system}<|user|>\n{user}<|assistant|>\n{answer}``.
+    A turn has no closing token of its own: the model stops by producing the next role token
+    (``<|user|>`` or ``<|observation|>``, both end-of-turn tokens for GLM-4), so that token
+    belongs to the answer and carries loss, and ``<|endoftext|>`` closes the final answer.
+    Tools are listed in the system turn; a call is ``<|assistant|>{name}\n{arguments json}``,
+    a result an ``<|observation|>`` turn."""
+    msgs = conv.messages
+    out: list[Piece] = [("[gMASK]<sop>", -1, False)]
+    start = 1 if msgs[0].role == SYSTEM else 0
+    system = msgs[0].content if start else None
+    if conv.tools:
+        defs = "".join(f"\n\n## {t.get('name', 'tool')}\n\n{json.dumps(t, ensure_ascii=False, indent=4)}\n"
+                       "在调用上述函数时，请使用 Json 格式表示调用的参数。" for t in conv.tools)
+        system = (system + "\n\n" if system else "") + "# 可用工具" + defs
+    if system is not None:
+        out.append((f"<|system|>\n{system}", 0 if start else -1, False))
+    for i in range(start, len(msgs)):
+        m = msgs[i]
+        prev_answer = i > start and msgs[i - 1].role == ASSISTANT  # its answer already wrote our marker
+        if m.role == USER:
+            out.append((("" if prev_answer else "<|user|>") + f"\n{m.content}", i, False))
+        elif m.role == TOOL:
+            out.append((("" if prev_answer else "<|observation|>") + f"\n{m.content}", i, False))
+        else:
+            nxt = msgs[i + 1] if i + 1 < len(msgs) else None
+            if m.tool_calls:
+                c = m.tool_calls[0]
+                args = c["arguments"] if isinstance(c["arguments"], str) else _dumps(c["arguments"])
+                body = f"{c['name']}\n{args}"
+            else:
+                body = "\n" + _with_reasoning(m, m.content)
+            end = "<|endoftext|>" if nxt is None else ("<|observation|>" if nxt.role == TOOL else "<|user|>")
+            out += [("<|assistant|>", i, False), (body + end, i, True)]
     return out
 
 
 BUILTIN: dict[str, Callable[[Conversation, Specials], list[Piece]]] = {
     "llama3": _llama3,
+    "llama2": _llama2,
     "chatml": _chatml(None),
     "qwen2": _chatml("You are a helpful assistant."),
-    "llama2": _llama2,
+    "qwen3": _qwen3,
+    "mistral": _mistral,
+    "internlm2": _internlm2,
+    "deepseek-v3": _deepseek_v3,
+    "glm4": _glm4,
+}
+# The special tokens each built-in writes (--add-special-tokens adds those a tokenizer lacks).
+MARKERS: dict[str, tuple[str, ...]] = {
+    "llama3": ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+    "llama2": (),
+    "chatml": ("<|im_start|>", "<|im_end|>"),
+    "qwen2": ("<|im_start|>", "<|im_end|>"),
+    "qwen3": ("<|im_start|>", "<|im_end|>"),
+    "mistral": ("[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]",
+                "[/TOOL_RESULTS]"),
+    "internlm2": ("<|im_start|>", "<|im_end|>", "<|action_start|>", "<|action_end|>", "<|plugin|>"),
+    "deepseek-v3": ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>",
+                    "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>", "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>",
+                    "<｜tool▁sep｜>", "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>", "<｜tool▁output▁begin｜>",
+                    "<｜tool▁output▁end｜>"),
+    "glm4": ("[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>", "<|endoftext|>"),
 }
 TEMPLATE_NAMES = (*BUILTIN, "auto")
 
@@ -171,6 +370,8 @@ def to_hf_messages(conv: Conversation) -> list[dict]:
     out = []
     for m in conv.messages:
         d: dict = {"role": m.role, "content": m.content}
+        if m.reasoning:
+            d["reasoning_content"] = m.reasoning
         if m.tool_calls:
             d["tool_calls"] = [
                 {"type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}} for c in m.tool_calls

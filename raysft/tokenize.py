@@ -144,6 +144,44 @@ def load_tokenizer_info(path: str, trust_remote_code: bool = False) -> Tokenizer
     )
 
 
+def add_special_tokens(info: TokenizerInfo, markers: tuple[str, ...]) -> tuple[TokenizerInfo, list[str]]:
+    """A copy of ``info`` whose tokenizer also has ``markers`` as special tokens (the ones it
+    lacked, appended to the vocabulary in the order given), and the list of tokens added."""
+    import dataclasses
+
+    from tokenizers import AddedToken
+
+    tok = info.load()
+    missing = [m for m in markers if tok.token_to_id(m) is None]
+    if not missing:
+        return info, []
+    tok.add_special_tokens([AddedToken(m, special=True, normalized=False) for m in missing])
+    extended = dataclasses.replace(
+        info,
+        tokenizer_json=tok.to_str(),
+        special_strings=(*info.special_strings, *missing),
+        vocab_size=tok.get_vocab_size(with_added_tokens=True),
+    )
+    return extended, missing
+
+
+def missing_markers(info: TokenizerInfo, markers: tuple[str, ...]) -> list[str]:
+    tok = info.load()
+    return [m for m in markers if tok.token_to_id(m) is None]
+
+
+def save_tokenizer(fs, folder: str, info: TokenizerInfo) -> None:
+    """tokenizer.json + tokenizer_config.json, loadable by transformers and by --tokenizer."""
+    with fs.open(folder + "/tokenizer.json", "w") as f:
+        f.write(info.tokenizer_json)
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": info.bos, "eos_token": info.eos,
+              "pad_token": info.pad}
+    if info.chat_template:
+        config["chat_template"] = info.chat_template
+    with fs.open(folder + "/tokenizer_config.json", "w") as f:
+        json.dump(config, f, indent=2, ensure_ascii=False)
+
+
 def loss_flags(encoding, spans: list[tuple[int, int]], n: int) -> np.ndarray:
     """Boolean loss flag per token: token overlaps a loss span (see module doc)."""
     flags = np.zeros(n, dtype=bool)

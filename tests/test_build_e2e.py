@@ -174,3 +174,21 @@ def test_mindspeed_layout_read_by_megatron_and_consistent(tmp_path, ray_session,
     assert sorted(got) == sorted(expected_samples(llama3_info, inputs, seq_length=S).elements())
     order = (tmp_path / "data_order.txt").read_text().split()
     assert len(order) == 3 and all((tmp_path / o).exists() for o in order)
+
+
+def test_add_special_tokens_extends_and_saves_the_tokenizer(tmp_path, ray_session, shared_data, llama3_dir):
+    from raysft.tokenize import load_tokenizer_info
+
+    inputs = [shared_data / "glaive_toolcall_en_demo.json"]
+    stats = build(tmp_path, inputs, llama3_dir, template="chatml", seq_length=4096, add_special_tokens=True)
+    assert stats["added_special_tokens"] == ["<|im_start|>", "<|im_end|>"]
+    assert stats["vocab_size"] == 128256 + 2
+    info = load_tokenizer_info(str(tmp_path / "tokenizer"))
+    tok = info.load()
+    assert tok.token_to_id("<|im_start|>") == 128256 and tok.token_to_id("<|im_end|>") == 128257
+    assert written_samples(tmp_path) == expected_samples(info, inputs, template="chatml", seq_length=4096)
+    r = reader(tmp_path)
+    for i in (0, len(r) - 1):
+        signed = r[i]
+        assert ~signed[0] == 128256 and (signed >= 0).any()  # prompt tokens are stored complemented
+        assert signed[signed >= 0][-1] == 128257  # the answer ends with the new <|im_end|>

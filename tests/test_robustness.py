@@ -141,7 +141,8 @@ def test_interrupted_job_leaves_no_final_names(tmp_path, ray_session, shared_dat
     monkeypatch.undo()
     build(out, [shared_data / "glaive_toolcall_en_demo.json"], llama3_dir, template="llama3", seq_length=2048)
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["_SUCCESS", "data.bin", "data.idx", "data_order.txt", "rejects.jsonl", "shards", "stats.json"])
+        ["_SUCCESS", "data.bin", "data.idx", "data_order.txt", "inputs.json", "provenance.bin", "rejects.jsonl",
+         "report.html", "shards", "stats.json"])
 
 
 def _kill_once(match: str, stop: threading.Event, killed: list):
