@@ -121,7 +121,13 @@ class TokenizeAndMask:
         ids, reasons, messages = self.builder(raws, errors)
         take, piece, orig_n, samples, reason, message, bad_raw = [], [], [], [], [], [], []
         for i, arr in enumerate(ids):
-            pieces, why = ([], reasons[i]) if arr is None else fit_overlong(arr, self.seq_length, self.overlong)
+            if arr is None:
+                pieces, why = [], reasons[i]
+            else:
+                unsafe = None
+                if len(arr) > self.seq_length and self.overlong != "drop" and self.builder.markers:
+                    unsafe = self.builder.unsafe_cuts(raws[i])
+                pieces, why = fit_overlong(arr, self.seq_length, self.overlong, unsafe)
             if not pieces:
                 take.append(i)
                 piece.append(0)

@@ -243,6 +243,19 @@ class SampleBuilder:
         self.template = Template(template, info.specials, info.chat_template, info.special_strings, loss)
         self.fmt = fmt
         self.keys = map_keys or {}
+        from .template import MARKERS
+
+        # markers this tokenizer has no single token for: a cut could fall inside them
+        markers = MARKERS.get(template, ()) + tuple(info.special_strings) + tuple(s for s in (info.bos, info.eos) if s)
+        self.markers = tuple(m for m in dict.fromkeys(markers) if self.tokenizer.token_to_id(m) is None)
+
+    def unsafe_cuts(self, raw: bytes) -> np.ndarray:
+        """Cut positions inside a template marker, for one (overlong) record."""
+        from .normalize import normalize
+
+        rendered = self.template.render(normalize(json.loads(raw), self.fmt, self.keys))
+        return marker_cuts(self.tokenizer.encode(rendered.text, add_special_tokens=False), rendered.text,
+                           self.markers)
 
     def __call__(self, raws: list[bytes], errors: list[str] | None = None):
         from .normalize import RecordError, normalize
@@ -290,7 +303,32 @@ def turn_ends(signed: np.ndarray) -> np.ndarray:
     return np.concatenate([edge, [len(signed)]]) if len(signed) and loss[-1] else edge
 
 
-def fit_overlong(signed: np.ndarray, seq_length: int, policy: str) -> tuple[list[np.ndarray], str]:
+def marker_cuts(encoding, text: str, markers: tuple[str, ...]) -> np.ndarray:
+    """``unsafe[b]`` is True when a cut between tokens b-1 and b would fall inside a marker."""
+    n = len(encoding.ids)
+    unsafe = np.zeros(n + 1, dtype=bool)
+    starts = np.array([encoding.offsets[i][0] for i in range(n)] + [len(text)], dtype=np.int64)
+    for m in markers:
+        k = text.find(m)
+        while k >= 0:
+            inside = (starts > k) & (starts < k + len(m))
+            unsafe[np.nonzero(inside)[0]] = True
+            k = text.find(m, k + len(m))
+    return unsafe
+
+
+def _safe_cut(limit: int, lowest: int, unsafe: np.ndarray | None) -> int:
+    """The last cut position <= limit that is not inside a marker (limit itself if none is)."""
+    if unsafe is None:
+        return limit
+    for b in range(limit, lowest, -1):
+        if not unsafe[b]:
+            return b
+    return limit
+
+
+def fit_overlong(signed: np.ndarray, seq_length: int, policy: str,
+                 unsafe: np.ndarray | None = None) -> tuple[list[np.ndarray], str]:
     """Apply ``--overlong`` to a sample longer than ``seq_length``.
 
     * ``drop``: no piece (the sample is counted as dropped);
@@ -300,6 +338,9 @@ def fit_overlong(signed: np.ndarray, seq_length: int, policy: str) -> tuple[list
       turn end inside ``seq_length`` is cut at ``seq_length``; pieces without any loss-bearing
       token are left out.
 
+    ``unsafe`` (see ``marker_cuts``) marks cut positions inside a template marker that the
+    tokenizer splits into several tokens: a cut moves back to the marker's start.
+
     Returns the pieces and, when nothing is kept, the reason.
     """
     if len(signed) <= seq_length:
@@ -307,7 +348,7 @@ def fit_overlong(signed: np.ndarray, seq_length: int, policy: str) -> tuple[list
     if policy == "drop":
         return [], "overlong"
     if policy == "truncate":
-        head = signed[:seq_length]
+        head = signed[: _safe_cut(seq_length, 0, unsafe)]
         return ([head], "") if (head >= 0).any() else ([], "overlong_prompt")
     if policy != "split":
         raise ValueError(f"unknown overlong policy {policy!r}; choose one of {', '.join(OVERLONG_POLICIES)}")
@@ -316,7 +357,7 @@ def fit_overlong(signed: np.ndarray, seq_length: int, policy: str) -> tuple[list
     while start < len(signed):
         limit = start + seq_length
         fits = ends[(ends > start) & (ends <= limit)]
-        stop = int(fits[-1]) if len(fits) else min(limit, len(signed))
+        stop = int(fits[-1]) if len(fits) else (_safe_cut(limit, start, unsafe) if limit < len(signed) else len(signed))
         piece = signed[start:stop]
         if (piece >= 0).any():
             pieces.append(piece)

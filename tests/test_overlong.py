@@ -46,3 +46,35 @@ def test_split_hard_cut_when_no_turn_end_fits():
 def test_unknown_policy():
     with pytest.raises(ValueError):
         fit_overlong(SAMPLE, 4, "nope")
+
+
+def test_cuts_never_fall_inside_a_marker():
+    sample = s(range(12), [0, 0] + [1] * 10)  # one answer turn, ending at 12
+    unsafe = np.zeros(13, dtype=bool)
+    unsafe[[5, 6]] = True  # tokens 4..6 spell one marker the tokenizer splits into three tokens
+    pieces, _ = fit_overlong(sample, 6, "truncate", unsafe)
+    assert [len(p) for p in pieces] == [4]  # moved back from 6 to the marker's start
+    pieces, _ = fit_overlong(sample, 5, "split", unsafe)
+    assert [len(p) for p in pieces] == [4, 5, 3]
+    cuts = np.cumsum([len(p) for p in pieces])[:-1]
+    assert not unsafe[cuts].any()
+    assert [len(p) for p in fit_overlong(sample, 5, "split")[0]] == [5, 5, 2]  # without markers
+
+
+def test_marker_cuts_on_a_real_tokenizer(llama3_info):
+    from raysft.normalize import normalize
+    from raysft.template import Template
+    from raysft.tokenize import SampleBuilder, marker_cuts
+
+    tok = llama3_info.load()  # no <|im_start|>/<|im_end|> tokens: ChatML markers are split
+    r = Template("chatml").render(normalize({"instruction": "hi", "output": "hello"}))
+    enc = tok.encode(r.text, add_special_tokens=False)
+    unsafe = marker_cuts(enc, r.text, ("<|im_start|>", "<|im_end|>"))
+    starts = [o[0] for o in enc.offsets]
+    for b in np.nonzero(unsafe)[0]:
+        k = starts[b]
+        assert any(r.text.find(m, max(0, k - len(m) + 1)) in range(k - len(m) + 1, k)
+                   for m in ("<|im_start|>", "<|im_end|>"))
+    assert unsafe.sum() > 0 and not unsafe[0] and not unsafe[len(enc.ids)]
+    b = SampleBuilder(llama3_info, "chatml")
+    assert set(b.markers) == {"<|im_start|>", "<|im_end|>"}

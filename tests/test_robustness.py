@@ -6,6 +6,7 @@ import random
 import threading
 import time
 
+import numpy as np
 import pytest
 from helpers import build, file_bytes, reader
 
@@ -216,3 +217,17 @@ def test_resume_reuses_completed_shards_and_refuses_changes(tmp_path, ray_sessio
     build(out, inputs, llama3_dir, **flags, resume=True)
     assert file_bytes(out) == file_bytes(tmp_path / "clean")
     assert {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("*.bin")} == stamps  # reused, not rewritten
+
+
+def test_truncation_never_ends_inside_a_split_marker(tmp_path, ray_session, shared_data, llama3_dir, llama3_info):
+    stats = build(tmp_path, [shared_data / "glaive_toolcall_en_demo.json"], llama3_dir, template="chatml",
+                  seq_length=300, overlong="truncate")
+    assert stats["overlong"]["rows_kept"] > 50
+    tok, r = llama3_info.load(), reader(tmp_path)
+    markers = ("<|im_start|>", "<|im_end|>")
+    for i in range(len(r)):
+        signed = r[i]
+        text = tok.decode(np.where(signed < 0, ~signed, signed).tolist(), skip_special_tokens=False)
+        tail = text[-12:]
+        for m in markers:
+            assert not any(tail.endswith(m[:k]) for k in range(2, len(m))), (i, tail)
