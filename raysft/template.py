@@ -92,10 +92,13 @@ def _llama3(conv: Conversation, sp: Specials) -> list[Piece]:
     return out
 
 
-def _chatml(default_system: str | None) -> Callable[[Conversation, Specials], list[Piece]]:
-    """ChatML (``<|im_start|>role\\n...<|im_end|>\\n``) with Qwen2/2.5 tool calling:
+def _chatml(default_system: str | None, think: bool = False) -> Callable[[Conversation, Specials], list[Piece]]:
+    """ChatML (``<|im_start|>role\n...<|im_end|>\n``) with Qwen2.5/Qwen3 tool calling:
     definitions in ``<tools>`` in the system turn, calls in ``<tool_call>``, results as a user
-    turn of ``<tool_response>`` blocks."""
+    turn of ``<tool_response>`` blocks.
+
+    ``think`` (Qwen3): reasoning is kept only for assistant turns after the last user query, in
+    a ``<think>`` block, and the final assistant turn always carries one (possibly empty)."""
 
     def render(conv: Conversation, sp: Specials) -> list[Piece]:
         msgs = conv.messages
@@ -103,20 +106,20 @@ def _chatml(default_system: str | None) -> Callable[[Conversation, Specials], li
         start = 1 if msgs and msgs[0].role == SYSTEM else 0
         out: list[Piece] = []
         if conv.tools:
-            system = (system + "\n\n" if system else "") + (
-                "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
-                "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
-                + "".join("\n" + _dumps(t) for t in conv.tools)
-                + "\n</tools>\n\nFor each function call, return a json object with function name "
-                "and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
-                '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
-            )
+            defs = "".join("\n" + _dumps(t) for t in conv.tools)
+            system = (system + "\n\n" if system else "") + QWEN_TOOLS.format(defs=defs)
         if system is not None:
             out.append((f"<|im_start|>system\n{system}<|im_end|>\n", 0 if start else -1, False))
+        last_query = max((i for i, m in enumerate(msgs) if m.role == USER), default=-1)
         for i in range(start, len(msgs)):
             m = msgs[i]
             if m.role == ASSISTANT:
-                body = _with_reasoning(m, m.content)
+                if not think:
+                    body = _with_reasoning(m, m.content)
+                elif i > last_query and (i == len(msgs) - 1 or m.reasoning):
+                    body = f"<think>\n{(m.reasoning or '').strip()}\n</think>\n\n{m.content.lstrip()}"
+                else:
+                    body = m.content
                 for c in m.tool_calls or ():
                     body += ("\n" if body else "") + "<tool_call>\n" + _call_json(c) + "\n</tool_call>"
                 out += [("<|im_start|>assistant\n", i, False), (body + "<|im_end|>", i, True), ("\n", i, False)]
@@ -166,39 +169,6 @@ QWEN_TOOLS = (
     "<tool_call></tool_call> XML tags:\n<tool_call>\n"
     '{{"name": <function-name>, "arguments": <args-json-object>}}\n</tool_call>'
 )
-
-
-def _qwen3(conv: Conversation, sp: Specials) -> list[Piece]:
-    """Qwen3: ChatML, tools as Qwen2.5, reasoning in <think> blocks. As Qwen3's template does,
-    reasoning is kept only for assistant turns after the last user query, and the final
-    assistant turn always carries a (possibly empty) think block."""
-    msgs = conv.messages
-    out: list[Piece] = []
-    start = 1 if msgs and msgs[0].role == SYSTEM else 0
-    system = msgs[0].content if start else None
-    if conv.tools:
-        defs = "".join("\n" + _dumps(t) for t in conv.tools)
-        system = (system + "\n\n" if system else "") + QWEN_TOOLS.format(defs=defs)
-    if system is not None:
-        out.append((f"<|im_start|>system\n{system}<|im_end|>\n", 0 if start else -1, False))
-    last_query = max((i for i, m in enumerate(msgs) if m.role == USER), default=-1)
-    for i in range(start, len(msgs)):
-        m = msgs[i]
-        if m.role == ASSISTANT:
-            body = m.content
-            if i > last_query and (i == len(msgs) - 1 or m.reasoning):
-                body = f"<think>\n{(m.reasoning or '').strip()}\n</think>\n\n{body.lstrip()}"
-            for j, c in enumerate(m.tool_calls or ()):
-                body += ("\n" if body or j else "") + "<tool_call>\n" + _call_json(c) + "\n</tool_call>"
-            out += [("<|im_start|>assistant\n", i, False), (body + "<|im_end|>", i, True), ("\n", i, False)]
-        elif m.role == TOOL:
-            first = msgs[i - 1].role != TOOL
-            last = i == len(msgs) - 1 or msgs[i + 1].role != TOOL
-            text = ("<|im_start|>user" if first else "") + f"\n<tool_response>\n{m.content}\n</tool_response>"
-            out.append((text + ("<|im_end|>\n" if last else ""), i, False))
-        else:
-            out.append((f"<|im_start|>{m.role}\n{m.content}<|im_end|>\n", i, False))
-    return out
 
 
 def _mistral(conv: Conversation, sp: Specials) -> list[Piece]:
@@ -337,7 +307,7 @@ BUILTIN: dict[str, Callable[[Conversation, Specials], list[Piece]]] = {
     "llama2": _llama2,
     "chatml": _chatml(None),
     "qwen2": _chatml("You are a helpful assistant."),
-    "qwen3": _qwen3,
+    "qwen3": _chatml(None, think=True),
     "mistral": _mistral,
     "internlm2": _internlm2,
     "deepseek-v3": _deepseek_v3,

@@ -65,23 +65,28 @@ def encode_native(samples: list[np.ndarray], packs: np.ndarray) -> tuple[np.ndar
     return flat, Index(np.dtype(np.int32), lengths.astype(np.int32), docs)
 
 
-def encode_pai(samples: list[np.ndarray], packs: np.ndarray, seq_length: int, pad_id: int) -> tuple[np.ndarray, Index]:
-    S = seq_length
+def _placement(samples: list[np.ndarray], packs: np.ndarray, seq_length: int):
+    """Where every token of packed samples goes: (flat tokens, pack row per token, position in
+    the pack per token, sample index per token, sample ends in flat, first sample of each pack
+    mask, pack row per sample, number of packs). ``samples``/``packs`` are in output order."""
     flat, lengths = flatten(samples)
     packs = np.asarray(packs, dtype=np.int64)
-    # pack row of each sample, 0..P-1 in order of appearance
     new_pack = np.concatenate([[True], packs[1:] != packs[:-1]]) if len(packs) else np.zeros(0, bool)
-    row = np.cumsum(new_pack) - 1
+    row = np.cumsum(new_pack) - 1  # pack row of each sample, 0..P-1 in order of appearance
     P = int(row[-1]) + 1 if len(row) else 0
     ends = np.cumsum(lengths)
-    starts = ends - lengths
-    pack_first = starts[new_pack]  # flat offset where each pack begins
-    sample_row = row
+    pack_first = (ends - lengths)[new_pack]  # flat offset where each pack begins
     token_sample = np.repeat(np.arange(len(samples)), lengths)
-    token_row = sample_row[token_sample]
+    token_row = row[token_sample]
     token_pos = np.arange(len(flat), dtype=np.int64) - pack_first[token_row]
-    if len(flat) and token_pos.max() >= S:
-        raise ValueError("encode_pai: a pack is longer than seq_length")
+    if len(flat) and token_pos.max() >= seq_length:
+        raise ValueError("a pack is longer than seq_length")
+    return flat, token_row, token_pos, token_sample, ends, new_pack, row, P
+
+
+def encode_pai(samples: list[np.ndarray], packs: np.ndarray, seq_length: int, pad_id: int) -> tuple[np.ndarray, Index]:
+    S = seq_length
+    flat, token_row, token_pos, _, ends, _, _, P = _placement(samples, packs, S)
     loss = flat >= 0
     ids = np.where(loss, flat, ~flat)
     labels = np.full(len(flat), IGNORE, dtype=np.int32)
@@ -103,20 +108,8 @@ def encode_pai(samples: list[np.ndarray], packs: np.ndarray, seq_length: int, pa
 def encode_mindspeed(samples: list[np.ndarray], packs: np.ndarray, seq_length: int, pad_id: int) -> list[np.ndarray]:
     """[input ids, labels, segment ids], each (packs, seq_length) int32, flattened."""
     S = seq_length
-    flat, lengths = flatten(samples)
-    packs = np.asarray(packs, dtype=np.int64)
-    new_pack = np.concatenate([[True], packs[1:] != packs[:-1]]) if len(packs) else np.zeros(0, bool)
-    row = np.cumsum(new_pack) - 1
-    P = int(row[-1]) + 1 if len(row) else 0
-    ends = np.cumsum(lengths)
-    starts = ends - lengths
-    pack_first = starts[new_pack]
-    sample_no = np.arange(len(samples)) - np.flatnonzero(new_pack)[row]  # 0-based index in its pack
-    token_sample = np.repeat(np.arange(len(samples)), lengths)
-    token_row = row[token_sample]
-    token_pos = np.arange(len(flat), dtype=np.int64) - pack_first[token_row]
-    if len(flat) and token_pos.max() >= S:
-        raise ValueError("encode_mindspeed: a pack is longer than seq_length")
+    flat, token_row, token_pos, token_sample, _, new_pack, row, P = _placement(samples, packs, S)
+    sample_no = np.arange(len(row)) - np.flatnonzero(new_pack)[row]  # 0-based index in its pack
     loss = flat >= 0
     ids = np.where(loss, flat, ~flat)
     out = [np.full((P, S), pad_id, np.int32), np.full((P, S), IGNORE, np.int32), np.zeros((P, S), np.int32)]
