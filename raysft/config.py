@@ -30,6 +30,7 @@ class BuildConfig:
     # execution
     ray_address: str | None = None
     num_cpus: int | None = None
+    object_store_memory: int | None = None
     tokenize_workers: int | None = None
     batch_size: int = 1024
     chunk_bytes: int = 16 << 20

@@ -330,7 +330,8 @@ def init_ray(cfg: BuildConfig) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=cfg.num_cpus, object_store_memory=cfg.object_store_memory, include_dashboard=False,
+                 log_to_driver=True)
 
 
 def _plan_single(hist: np.ndarray, seq_length: int) -> PackPlan:

@@ -19,7 +19,8 @@ def bucket(s3_endpoint, shared_data):
     return s3
 
 
-def test_s3_in_and_out_byte_identical_to_local(tmp_path, ray_session, bucket, s3_endpoint, shared_data, llama3_dir):
+def test_s3_in_and_out_byte_identical_to_local(tmp_path, ray_session, bucket, s3_endpoint, shared_data, llama3_dir,
+                                                capsys):
     local = tmp_path / "local"
     flags = dict(template="llama3", seq_length=2048, num_shards=2)
     build(local, [shared_data / "alpaca_zh_demo.json", shared_data / "glaive_toolcall_en_demo.json"], llama3_dir,
@@ -35,6 +36,13 @@ def test_s3_in_and_out_byte_identical_to_local(tmp_path, ray_session, bucket, s3
     for line in remote["data_order.txt"].decode().split():
         bucket.head_object(Bucket=BUCKET, Key=f"packed/run1/{line}")
     assert "testing" not in remote["stats.json"].decode()  # no credentials in outputs
+
+    # inspect reads the S3 output directly
+    from raysft import inspect as insp
+
+    assert insp.main([out, "--pack", "0", "--color", "never", "--s3-endpoint-url", s3_endpoint]) == 0
+    shown = capsys.readouterr().out
+    assert shown.startswith("pack 0 of ") and "[[" in shown and "s3://raysft-data/raw/" in shown
 
 
 @pytest.mark.parametrize(
