@@ -7,8 +7,9 @@
 2. times the ceiling: the same tokenizer's ``encode_batch`` over the rendered texts, all cores;
 3. times ``python -m raysft.build`` end to end (wall clock, Ray start-up included) on the same
    input with the Llama-3 tokenizer at seq-length 4096;
-4. prints rows/s, tokens/s, build/ceiling, peak memory (RSS of the build's whole process tree,
-   Ray workers included) and packing efficiency, and writes them to OUT/bench.json.
+4. prints rows/s, tokens/s, build/ceiling, peak memory of the build's whole process tree (Ray
+   workers included; PSS, so shared object-store pages count once) and packing efficiency, and
+   writes them to OUT/bench.json.
 
 ``--plan-samples 1e9`` also times the packing planner alone on that many synthetic lengths.
 """
@@ -79,13 +80,17 @@ def ceiling(texts: list[str], tokenizer: str, batch: int = 1024) -> dict:
 
 
 class TreeMemory:
-    """Peak summed RSS of a process and all its descendants, sampled every 0.2 s."""
+    """Peak memory of a process and all its descendants, sampled every second: the sum of PSS
+    (proportional set size: shared pages, such as Ray's object store mapped into every worker,
+    are split between the processes that map them) and, for comparison, the sum of RSS (which
+    counts each shared page once per process)."""
 
     def __init__(self, pid: int):
         import psutil
 
         self.proc = psutil.Process(pid)
         self.peak = 0
+        self.peak_rss = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -96,16 +101,19 @@ class TreeMemory:
         while not self._stop.is_set():
             try:
                 procs = [self.proc, *self.proc.children(recursive=True)]
-                rss = 0
+                rss = pss = 0
                 for p in procs:
                     try:
-                        rss += p.memory_info().rss
+                        full = p.memory_full_info()
+                        rss += full.rss
+                        pss += getattr(full, "pss", full.rss)
                     except psutil.Error:
                         pass
-                self.peak = max(self.peak, rss)
+                self.peak = max(self.peak, pss)
+                self.peak_rss = max(self.peak_rss, rss)
             except psutil.Error:
                 pass
-            time.sleep(0.2)
+            time.sleep(1.0)  # reading smaps is not free: sample once a second
 
     def stop(self) -> int:
         self._stop.set()
@@ -132,7 +140,8 @@ def run_build(inputs: str, tokenizer: str, out: Path, seq_length: int, extra: li
         "seconds": round(dt, 2),
         "rows_per_s": round(stats["rows_read"] / dt),
         "tokens_per_s": round(stats["tokens"] / dt),
-        "peak_rss_gib": round(peak / 2**30, 2),
+        "peak_pss_gib": round(peak / 2**30, 2),
+        "peak_rss_sum_gib": round(mem.peak_rss / 2**30, 2),
         "packing_efficiency": stats["packing_efficiency"],
         "packs": stats["packs"],
         "lower_bound_packs": stats["lower_bound_packs"],

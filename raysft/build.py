@@ -106,8 +106,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--ray-address", metavar="ADDR", help="Ray cluster to join (default: $RAY_ADDRESS, else local)")
     g.add_argument("--num-cpus", type=int, help="CPUs of the in-process Ray instance (default: all)")
     g.add_argument("--object-store-memory", type=int, metavar="BYTES",
-                   help="object store size of the in-process Ray instance; beyond it Ray spills to local disk, "
-                        "which bounds the job's memory (default: Ray's, 30%% of RAM)")
+                   help="object store size of the in-process Ray instance; beyond it Ray spills blocks to "
+                        "local disk (default: Ray's, 30%% of RAM)")
     g.add_argument("--tokenize-workers", type=int, metavar="N", help="tokenizer actors (default: CPUs - 1)")
     g.add_argument("--batch-size", type=int, metavar="N", help="records per tokenizer call (default 1024)")
     g.add_argument("--num-shards", type=int, metavar="N", help="writer shards (default: by size)")
