@@ -35,7 +35,7 @@ class BuildConfig:
     batch_size: int = 1024
     chunk_bytes: int = 16 << 20
     num_shards: int | None = None
-    shard_tokens: int = 128 << 20
+    shard_tokens: int = 16 << 20  # tokens per writer shard (64 MB of int32): bounds a writer task's memory
 
     def to_dict(self) -> dict:
         return asdict(self)
