@@ -298,21 +298,3 @@ def assign_slots(table: SlotTable, lengths: np.ndarray, ranks: np.ndarray, seed:
     pos = table.entry_pos[e] + j % c
     out_pack = permute(pack.astype(np.uint64), table.num_packs, derive_key(seed, 2)).astype(np.int64)
     return out_pack, pos
-
-
-def ranks_in_run(lengths: np.ndarray, offsets_by_length: dict[int, int] | np.ndarray) -> np.ndarray:
-    """Rank of each sample of a run (samples in input order) within its length class:
-    the number of same-length samples before the run (``offsets_by_length[L]``) plus those
-    before it in the run."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    order = np.argsort(lengths, kind="stable")
-    sorted_l = lengths[order]
-    first = np.searchsorted(sorted_l, sorted_l, side="left")
-    within = np.arange(len(lengths), dtype=np.int64) - first
-    ranks = np.empty(len(lengths), dtype=np.int64)
-    ranks[order] = within
-    if isinstance(offsets_by_length, dict):
-        base = np.array([offsets_by_length.get(int(L), 0) for L in lengths], dtype=np.int64)
-    else:
-        base = np.asarray(offsets_by_length, dtype=np.int64)[lengths]
-    return ranks + base

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from raysft.pack import assign_slots, bfd_items, lower_bound, permute, plan_bfd, ranks_in_run, slot_table
+from raysft.pack import assign_slots, bfd_items, lower_bound, permute, plan_bfd, slot_table
 
 
 def brute_force_optimum(lengths, cap):
@@ -79,7 +79,13 @@ def test_assignment_fills_every_slot_once_and_shuffles_within_length():
     lengths = rng.integers(1, 60, size=3000)
     plan = plan_bfd(np.bincount(lengths, minlength=S + 1), S)
     table = slot_table(plan)
-    ranks = ranks_in_run(lengths, np.zeros(S + 1, np.int64))
+    # rank of each sample among the samples of its length, in input order
+    seen: dict[int, int] = {}
+    ranks = []
+    for L in lengths.tolist():
+        ranks.append(seen.get(L, 0))
+        seen[L] = ranks[-1] + 1
+    ranks = np.array(ranks)
     pack, pos = assign_slots(table, lengths, ranks, seed=7)
     pairs = set(zip(pack.tolist(), pos.tolist()))
     assert len(pairs) == len(lengths)  # no slot used twice
@@ -94,8 +100,3 @@ def test_assignment_fills_every_slot_once_and_shuffles_within_length():
     # another seed gives another assignment, same seed the same
     assert not np.array_equal(assign_slots(table, lengths, ranks, seed=8)[0], pack)
     assert np.array_equal(assign_slots(table, lengths, ranks, seed=7)[0], pack)
-
-
-def test_ranks_in_run():
-    lengths = np.array([5, 3, 5, 5, 3])
-    assert ranks_in_run(lengths, {5: 10, 3: 0}).tolist() == [10, 0, 11, 12, 1]
