@@ -111,7 +111,6 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenize-workers", type=int, metavar="N", help="tokenizer actors (default: CPUs - 1)")
     g.add_argument("--batch-size", type=int, metavar="N", help="records per tokenizer call (default 1024)")
     g.add_argument("--num-shards", type=int, metavar="N", help="writer shards (default: by size)")
-    g.add_argument("--quiet", action="store_true", help="less logging")
     return p
 
 
