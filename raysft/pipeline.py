@@ -340,8 +340,10 @@ def _plan_single(hist: np.ndarray, seq_length: int) -> PackPlan:
     return PackPlan(seq_length, [(L,) for L in lengths], np.array([hist[L] for L in lengths], dtype=np.int64))
 
 
-FINAL_NAMES = ("data.bin", "data.idx", *(f"data_{p}.{e}" for p in MINDSPEED_PARTS for e in ("bin", "idx")), "data_order.txt", "stats.json", "rejects.jsonl", "shards", "provenance.bin",
-               "inputs.json", "report.html", "tokenizer")
+FINAL_NAMES = (
+    "data.bin", "data.idx", *(f"data_{p}.{e}" for p in MINDSPEED_PARTS for e in ("bin", "idx")), "data_order.txt",
+    "stats.json", "rejects.jsonl", "shards", "provenance.bin", "inputs.json", "report.html", "tokenizer",
+)
 TMP = "_tmp"
 
 
@@ -353,10 +355,10 @@ def out_path(root: str, rel: str) -> str:
     return join(root, rel)
 
 
-def _collect(parts: list[dict], seq_length: int) -> dict:
+def _collect(parts: list[dict]) -> dict:
+    """Sum the per-block payloads of ``length_stats``."""
     agg = {"rows": 0, "rows_written": 0, "overlong_kept": 0, "loss_tokens": 0, "errors": [],
-           "rows_per_src": Counter(), "runs": {}, "hist_all": None,
-           "hist_kept": np.zeros(seq_length + 1, dtype=np.int64) if seq_length < (1 << 24) else None}
+           "rows_per_src": Counter(), "runs": {}, "hist_all": None, "hist_kept": None}
     for p in parts:
         for k in ("rows", "rows_written", "overlong_kept", "loss_tokens"):
             agg[k] += p[k]
@@ -486,24 +488,53 @@ def _tokenize_dataset(cfg: BuildConfig, chunks, info: TokenizerInfo, so: dict, w
     return ds
 
 
-def measure_inputs(cfg: BuildConfig) -> tuple[dict, dict]:
-    """Read and tokenize the inputs and return their length statistics (no output written)."""
+def _prepare(cfg: BuildConfig):
+    """What every command that reads inputs needs first: storage options, the tokenizer (checked
+    against the template), the input files and their read chunks. Fails before Ray starts."""
     so = storage_options(cfg.s3_endpoint_url, cfg.s3_addressing_style)
     info = load_tokenizer_info(cfg.tokenizer, cfg.trust_remote_code)
     from .template import Template
 
-    Template(cfg.template, info.specials, info.chat_template, info.special_strings, cfg.loss)
+    Template(cfg.template, info.specials, info.chat_template, info.special_strings, cfg.loss)  # fail early
     files = expand_inputs(cfg.inputs, so)
     chunks = plan_chunks(files, so, cfg.chunk_bytes)
+    return so, info, files, chunks
+
+
+def _start_ray(cfg: BuildConfig) -> tuple[int, int]:
+    """Start or join Ray, set up Ray Data, and size the tokenizer pool: (actors, encoder threads).
+
+    Tokenizer actors take one CPU each and leave at least one for the read tasks (an actor pool
+    holding every CPU starves them). The Rust encoder is multi-threaded: each actor gets its
+    share of the cores, so on 2 cores one actor encodes with 2 threads."""
     init_ray(cfg)
     import ray
+    import ray.data
 
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = True
+    ctx.execution_options.verbose_progress = False  # progress bars, not per-operator metric dumps
+    # task-based sort shuffle: no aggregator actors to start, far cheaper at our group counts
+    ctx.shuffle_strategy = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     cpus = int(ray.cluster_resources().get("CPU", 1))
     workers = cfg.tokenize_workers or max(1, cpus - 1)
-    tokenized = _tokenize_dataset(cfg, chunks, info, so, workers, max(1, round(cpus / workers))).materialize()
-    agg = _collect(_length_parts(tokenized, cfg.seq_length), cfg.seq_length)
-    rejected = Counter(e["reason"] for e in agg["errors"] if e["reason"] not in DROP_REASONS)
-    return agg, dict(rejected)
+    return workers, max(1, round(cpus / workers))
+
+
+def _split_reasons(errors: list[dict]) -> tuple[Counter, Counter]:
+    """(rejected, dropped) counts by reason."""
+    rejected = Counter(e["reason"] for e in errors if e["reason"] not in DROP_REASONS)
+    dropped = Counter(e["reason"] for e in errors if e["reason"] in DROP_REASONS)
+    return rejected, dropped
+
+
+def measure_inputs(cfg: BuildConfig) -> tuple[dict, dict]:
+    """Read and tokenize the inputs and return their length statistics (no output written)."""
+    so, info, files, chunks = _prepare(cfg)
+    workers, threads = _start_ray(cfg)
+    tokenized = _tokenize_dataset(cfg, chunks, info, so, workers, threads).materialize()
+    agg = _collect(_length_parts(tokenized, cfg.seq_length))
+    return agg, dict(_split_reasons(agg["errors"])[0])
 
 
 def _length_parts(tokenized, seq_length: int) -> list[dict]:
@@ -516,28 +547,22 @@ def _length_parts(tokenized, seq_length: int) -> list[dict]:
 
 def run(cfg: BuildConfig) -> dict:
     t0 = time.time()
-    so = storage_options(cfg.s3_endpoint_url, cfg.s3_addressing_style)
-    info = load_tokenizer_info(cfg.tokenizer, cfg.trust_remote_code)
-    from .template import Template
-
-    Template(cfg.template, info.specials, info.chat_template, info.special_strings, cfg.loss)  # fail early
+    so, info, files, chunks = _prepare(cfg)
     added: list[str] = []
     markers = MARKERS.get(cfg.template, ())
     if cfg.add_special_tokens:
         info, added = add_special_tokens(info, markers)
         if added:
             log.info("added special tokens %s; vocabulary is now %d", ", ".join(added), info.vocab_size)
-    elif missing_markers(info, markers):
+    elif missing := missing_markers(info, markers):
         log.warning("template %s writes %s, which this tokenizer has no single token for: they are split into "
                     "ordinary tokens. Pass --add-special-tokens to add them (the extended tokenizer is saved "
-                    "in OUTPUT/tokenizer/)", cfg.template, ", ".join(missing_markers(info, markers)))
+                    "in OUTPUT/tokenizer/)", cfg.template, ", ".join(missing))
     pad_id = info.pad_id()
     out_fs, out_root = get_fs(cfg.output, so)
     check_bucket(out_fs, out_root, cfg.output, "--output")
     if (out_fs.exists(out_path(out_root, "_SUCCESS")) or out_fs.exists(out_path(out_root, "data.idx"))) and not cfg.overwrite:
         raise BuildError(f"{cfg.output} already holds a dataset; pass --overwrite to replace it")
-    files = expand_inputs(cfg.inputs, so)
-    chunks = plan_chunks(files, so, cfg.chunk_bytes)
     log.info("inputs: %d files, %d chunks", len(files), len(chunks))
     tmp_root = out_path(out_root, TMP)
     manifest = fingerprint(cfg, files, info, so)
@@ -548,21 +573,8 @@ def run(cfg: BuildConfig) -> dict:
     with out_fs.open(join(tmp_root, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=2, sort_keys=True)
 
-    init_ray(cfg)
+    workers, threads = _start_ray(cfg)
     import ray
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = True
-    ctx.execution_options.verbose_progress = False  # progress bars, not per-operator metric dumps
-    # task-based sort shuffle: no aggregator actors to start, far cheaper at our group counts
-    ctx.shuffle_strategy = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    # Tokenizer actors take one CPU each and leave at least one for the read tasks (an actor
-    # pool holding every CPU starves them). The Rust encoder is multi-threaded: each actor gets
-    # its share of the cores, so on 2 cores one actor encodes with 2 threads.
-    workers = cfg.tokenize_workers or max(1, cpus - 1)
-    threads = max(1, round(cpus / workers))
 
     ds = _tokenize_dataset(cfg, chunks, info, so, workers, threads)
     t_stage = time.time()
@@ -572,10 +584,10 @@ def run(cfg: BuildConfig) -> dict:
 
     # ---- stats
     S = cfg.seq_length
-    agg = _collect(_length_parts(tokenized, S), S)
-    errors, hist_kept = agg["errors"], agg["hist_kept"]
-    rejected = Counter(e["reason"] for e in errors if e["reason"] not in DROP_REASONS)
-    dropped = Counter(e["reason"] for e in errors if e["reason"] in DROP_REASONS)
+    agg = _collect(_length_parts(tokenized, S))
+    errors = agg["errors"]
+    hist_kept = stats_mod.add_hist(np.zeros(S + 1, dtype=np.int64), agg["hist_kept"])  # kept lengths are <= S
+    rejected, dropped = _split_reasons(errors)
     if rejected and cfg.on_bad_record == "fail":
         first = next(e for e in errors if e["reason"] not in DROP_REASONS)
         where = describe_position(files[first["src"]].url, first["row"], first["offset"], so)
