@@ -40,7 +40,7 @@ from .tokenize import (
     missing_markers,
     save_tokenizer,
 )
-from .write import MINDSPEED_PARTS, encode_shard, layout_parts, order_samples, provenance_records, write_shard
+from .write import MINDSPEED_PARTS, encode_ordered, layout_parts, order_samples, provenance_records, write_shard
 
 log = logging.getLogger("raysft")
 
@@ -307,8 +307,8 @@ def write_shards(batch: pa.Table, tmp_dir: str, so: dict, layout: str, seq_lengt
     values = ids_col.values.to_numpy(zero_copy_only=False)
     samples = [values[offsets[i] : offsets[i + 1]] for i in range(len(ids_col))]
     out_pack, pos = batch.column("out_pack").to_numpy(), batch.column("pos").to_numpy()
-    parts = encode_shard(samples, out_pack, pos, layout, seq_length, pad_id)
     order = order_samples(out_pack, pos)
+    parts = encode_ordered([samples[i] for i in order], out_pack[order], layout, seq_length, pad_id)
     prov = provenance_records(*(batch.column(k).to_numpy()[order] for k in ("src", "piece", "row", "offset", "out_pack")))
     with fs.open(prefix + ".prov", "wb") as f:
         f.write(prov.tobytes())

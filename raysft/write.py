@@ -119,23 +119,29 @@ def encode_mindspeed(samples: list[np.ndarray], packs: np.ndarray, seq_length: i
     return [a.reshape(-1) for a in out]
 
 
-def encode_shard(
-    samples: list[np.ndarray], out_pack: np.ndarray, pos: np.ndarray, layout: str, seq_length: int, pad_id: int
+def encode_ordered(
+    samples: list[np.ndarray], packs: np.ndarray, layout: str, seq_length: int, pad_id: int
 ) -> list[tuple[np.ndarray, Index]]:
-    """The shard's datasets (one per ``layout_parts(layout)``) as (tokens, index) pairs."""
-    order = order_samples(out_pack, pos)
-    ordered = [samples[i] for i in order]
-    packs = np.asarray(out_pack)[order]
+    """The shard's datasets (one per ``layout_parts(layout)``) as (tokens, index) pairs, for
+    samples already in output order (see ``order_samples``)."""
     if layout == "native":
-        return [encode_native(ordered, packs)]
+        return [encode_native(samples, packs)]
     if layout == "pai":
-        return [encode_pai(ordered, packs, seq_length, pad_id)]
+        return [encode_pai(samples, packs, seq_length, pad_id)]
     if layout == "mindspeed":
-        arrays = encode_mindspeed(ordered, packs, seq_length, pad_id)
+        arrays = encode_mindspeed(samples, packs, seq_length, pad_id)
         P = len(arrays[0]) // seq_length
         index = Index(np.dtype(np.int32), np.full(P, seq_length, np.int32), np.arange(P + 1, dtype=np.int64))
         return [(a, index) for a in arrays]
     raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+
+
+def encode_shard(
+    samples: list[np.ndarray], out_pack: np.ndarray, pos: np.ndarray, layout: str, seq_length: int, pad_id: int
+) -> list[tuple[np.ndarray, Index]]:
+    """``encode_ordered`` for samples in any order, placed by their (pack, position)."""
+    order = order_samples(out_pack, pos)
+    return encode_ordered([samples[i] for i in order], np.asarray(out_pack)[order], layout, seq_length, pad_id)
 
 
 def write_shard(fs, prefix: str, tokens: np.ndarray, index: Index) -> dict:
