@@ -13,7 +13,7 @@ import numpy as np
 
 from .config import BuildConfig
 from .normalize import FORMATS, parse_map_keys
-from .stats import length_summary
+from .stats import length_summary, percentile_from_hist
 from .template import TEMPLATE_NAMES
 
 EXAMPLE = """\
@@ -38,8 +38,12 @@ def report(agg: dict, rejected: dict) -> str:
         lines.append(f"{S:>10}   {fit / max(1, s['count']):>15.2%}   {kept / total:>11.2%}   {-(-kept // S):>17,}")
     if s["count"]:
         lines.append("\nhistogram:")
-        edges = np.unique(np.percentile(np.repeat(lengths, hist), np.linspace(0, 100, 11)).astype(int))
-        counts, edges = np.histogram(np.repeat(lengths, hist), bins=max(1, len(edges) - 1) if len(edges) > 1 else 1)
+        # as many equal-width bins as there are distinct deciles, computed on the histogram
+        # itself (no per-sample array: inputs may hold billions of samples)
+        deciles = np.unique([int(percentile_from_hist(hist, q)) for q in np.linspace(0, 100, 11)])
+        present = np.nonzero(hist)[0]
+        counts, edges = np.histogram(present, bins=max(1, len(deciles) - 1), range=(present[0], present[-1]),
+                                     weights=hist[present])
         width = max(counts.max(), 1)
         for c, a, b in zip(counts, edges[:-1], edges[1:]):
             lines.append(f"{int(a):>7}-{int(b):<7} {'#' * int(40 * c / width):<40} {int(c):,}")

@@ -100,21 +100,22 @@ class Dataset:
         if not matches:
             raise SystemExit(f"--sample: {path} is not one of this dataset's inputs (see inputs.json)")
         src, n = matches[0], int(row)
-        sel = self.prov[self.prov["src"] == src]
-        if len(sel) and sel["offset"][0] >= 0:  # JSON Lines: find the byte offset of line n
+        from_src = self.prov["src"] == src
+        if from_src.any() and self.prov["offset"][from_src][0] >= 0:  # JSON Lines: byte offset of line n
             fs, p = get_fs(self.inputs[src], self.so)
             offset = 0
             with fs.open(p, "rb") as f:
                 for _ in range(n - 1):
                     offset += len(f.readline())
-            hits = sel[sel["offset"] == offset]
+            hits = np.nonzero(from_src & (self.prov["offset"] == offset))[0]
         else:
-            hits = sel[sel["row"] == n]
+            hits = np.nonzero(from_src & (self.prov["row"] == n))[0]
         if not len(hits):
             raise SystemExit(f"--sample {spec}: no written sample comes from there (rejected or dropped? see rejects.jsonl)")
-        pack = int(hits["pack"][0])
-        in_pack = np.nonzero(self.prov["pack"] == pack)[0]
-        return pack, int(np.searchsorted(in_pack, int(np.nonzero(np.isin(self.prov, hits[:1]))[0][0])))
+        # provenance is in output order, pack by pack: the sample's index in its pack follows
+        first = int(hits[0])
+        pack = int(self.prov["pack"][first])
+        return pack, first - int(np.searchsorted(self.prov["pack"], pack))
 
 
 def render_tokens(tok, ids: np.ndarray, loss: np.ndarray, color: bool) -> str:

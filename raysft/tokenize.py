@@ -54,11 +54,6 @@ class TokenizerInfo:
     def specials(self) -> Specials:
         return Specials(self.bos, self.eos)
 
-    def token_id(self, text: str | None) -> int | None:
-        if text is None:
-            return None
-        return self.load().token_to_id(text)
-
     def pad_id(self) -> int:
         """Pad id: the tokenizer's pad token, else its EOS token."""
         tok = self.load()
