@@ -91,6 +91,7 @@ class TreeMemory:
         self.proc = psutil.Process(pid)
         self.peak = 0
         self.peak_rss = 0
+        self.at_peak: list[tuple[str, int]] = []  # (process, PSS) at the peak, largest first
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -102,14 +103,18 @@ class TreeMemory:
             try:
                 procs = [self.proc, *self.proc.children(recursive=True)]
                 rss = pss = 0
+                each = []
                 for p in procs:
                     try:
                         full = p.memory_full_info()
                         rss += full.rss
                         pss += getattr(full, "pss", full.rss)
+                        each.append((p.name(), getattr(full, "pss", full.rss)))
                     except psutil.Error:
                         pass
-                self.peak = max(self.peak, pss)
+                if pss > self.peak:
+                    self.peak = pss
+                    self.at_peak = sorted(each, key=lambda x: -x[1])[:6]
                 self.peak_rss = max(self.peak_rss, rss)
             except psutil.Error:
                 pass
@@ -142,6 +147,7 @@ def run_build(inputs: str, tokenizer: str, out: Path, seq_length: int, extra: li
         "tokens_per_s": round(stats["tokens"] / dt),
         "peak_pss_gib": round(peak / 2**30, 2),
         "peak_rss_sum_gib": round(mem.peak_rss / 2**30, 2),
+        "peak_by_process_mib": [[name, round(b / 2**20)] for name, b in mem.at_peak],
         "packing_efficiency": stats["packing_efficiency"],
         "packs": stats["packs"],
         "lower_bound_packs": stats["lower_bound_packs"],

@@ -118,44 +118,49 @@ class TokenizeAndMask:
     def __call__(self, batch: pa.Table) -> pa.Table:
         raws = batch.column("raw").to_pylist()
         errors = batch.column("error").to_pylist()
-        ids, reasons, messages = self.builder(raws, errors)
-        take, piece, orig_n, samples, reason, message, bad_raw = [], [], [], [], [], [], []
-        for i, arr in enumerate(ids):
-            if arr is None:
-                pieces, why = [], reasons[i]
-            else:
-                unsafe = None
-                if len(arr) > self.seq_length and self.overlong != "drop" and self.builder.markers:
-                    unsafe = self.builder.unsafe_cuts(raws[i])
-                pieces, why = fit_overlong(arr, self.seq_length, self.overlong, unsafe)
-            if not pieces:
-                take.append(i)
-                piece.append(0)
-                orig_n.append(-1 if arr is None else len(arr))
-                samples.append(None)
-                reason.append(why)
-                message.append(messages[i] or f"{len(arr)} tokens > seq-length {self.seq_length}")
-                bad_raw.append(raws[i])
-                continue
-            for k, p in enumerate(pieces):
-                take.append(i)
-                piece.append(k)
-                orig_n.append(len(arr))
-                samples.append(p)
-                reason.append("")
-                message.append("")
-                bad_raw.append(b"")
-        take_a = pa.array(np.asarray(take, dtype=np.int64))
+        e = self.builder.encode(raws, errors)
+        S = self.seq_length
+        ends = np.cumsum(e.lengths)  # record i's tokens are e.values[ends[i] - lengths[i]:ends[i]]
+        rows_of = np.ones(len(raws), dtype=np.int64)  # output rows per record
+        fitted: dict[int, tuple[list[np.ndarray], str]] = {}  # overlong records: (pieces, reason)
+        for i in np.flatnonzero(e.ok & (e.lengths > S)).tolist():
+            arr = e.values[ends[i] - e.lengths[i] : ends[i]]
+            unsafe = self.builder.unsafe_cuts(raws[i]) if self.overlong != "drop" and self.builder.markers else None
+            fitted[i] = fit_overlong(arr, S, self.overlong, unsafe)
+            rows_of[i] = max(1, len(fitted[i][0]))
+        take = np.repeat(np.arange(len(raws)), rows_of)
         n = len(take)
-        kept = np.array([s is not None for s in samples], dtype=bool)
-        lengths = np.array([len(s) if s is not None else o for s, o in zip(samples, orig_n)], dtype=np.int32)
-        loss_n = np.array([int((s >= 0).sum()) if s is not None else 0 for s in samples], dtype=np.int32)
-        offsets = np.zeros(n + 1, dtype=np.int32)
+        piece = np.arange(n) - np.repeat(np.cumsum(rows_of) - rows_of, rows_of)
+        orig_n = np.where(e.ok, e.lengths, -1)[take].astype(np.int32)
+        kept = e.ok[take]
+        lengths = orig_n.copy()
+        reason = [e.reasons[i] for i in take.tolist()]
+        message = [e.messages[i] for i in take.tolist()]
+        values = e.values
+        if fitted:
+            segments, done, row = [], 0, np.cumsum(rows_of) - rows_of  # first output row per record
+            for i, (pieces, why) in fitted.items():
+                segments.append(e.values[done : ends[i] - e.lengths[i]])
+                segments += pieces
+                done = ends[i]
+                if pieces:
+                    lengths[row[i] : row[i] + len(pieces)] = [len(p) for p in pieces]
+                else:
+                    kept[row[i]] = False
+                    reason[row[i]] = why
+                    message[row[i]] = f"{e.lengths[i]} tokens > seq-length {S}"
+            segments.append(e.values[done:])
+            values = np.concatenate(segments)
+        bad_raw = [b"" if k else raws[i] for i, k in zip(take.tolist(), kept.tolist())]
+        offsets = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(np.where(kept, lengths, 0), out=offsets[1:])
-        values = np.concatenate([s for s in samples if s is not None]) if kept.any() else np.zeros(0, np.int32)
+        with_loss = np.concatenate([[0], np.cumsum(values >= 0)])
+        loss_n = (with_loss[offsets[1:]] - with_loss[offsets[:-1]]).astype(np.int32)
+        offsets = offsets.astype(np.int32)
+        take_a = pa.array(take)
         chunk = batch.column("chunk").to_numpy()[take]
         # rank of each kept sample among same-length kept samples of its run (input order)
-        run_first = _runs(chunk, batch.column("idx").to_numpy()[take], np.asarray(piece, dtype=np.int64))
+        run_first = _runs(chunk, batch.column("idx").to_numpy()[take], piece)
         run_rank = np.zeros(n, dtype=np.int64)
         kpos = np.nonzero(kept)[0]
         if len(kpos):
@@ -171,11 +176,11 @@ class TokenizeAndMask:
                 "chunk": pa.array(chunk),
                 "src": batch.column("src").take(take_a),
                 "idx": batch.column("idx").take(take_a),
-                "piece": pa.array(np.asarray(piece, dtype=np.int32)),
+                "piece": pa.array(piece.astype(np.int32)),
                 "row": batch.column("row").take(take_a),
                 "offset": batch.column("offset").take(take_a),
                 "n": pa.array(lengths),
-                "orig_n": pa.array(np.asarray(orig_n, dtype=np.int32)),
+                "orig_n": pa.array(orig_n),
                 "loss_n": pa.array(loss_n),
                 "run_first": pa.array(run_first),
                 "run_rank": pa.array(run_rank),

@@ -165,21 +165,33 @@ def read_chunk(c: Chunk, so: dict | None = None) -> RawRows:
         out.error.append(error)
 
     if c.kind == "jsonl":
-        with fs.open(path, "rb", block_size=min(c.end - c.start + 1, 64 << 20) or None) as fh:
-            pos = c.start
-            if c.start > 0:
-                fh.seek(c.start - 1)
-                skipped = fh.readline()  # the line that started in the previous chunk
-                pos = c.start - 1 + len(skipped)
-            else:
-                fh.seek(0)
-            while pos < c.end:
-                line = fh.readline()
-                if not line:
-                    break
-                if line.strip():
-                    add(-1, pos, line.rstrip(b"\r\n"))
-                pos += len(line)
+        # a chunk owns the lines that start in [start, end): read the range in one request
+        # (plus the byte before it, and the rest of its last line), then cut lines in memory
+        base = max(c.start - 1, 0)
+        with fs.open(path, "rb", block_size=min(c.end - base + 1, 64 << 20) or None) as fh:
+            fh.seek(base)
+            data = fh.read(c.end - base)
+            if data and not data.endswith(b"\n"):
+                tail = [data]
+                while True:
+                    more = fh.read(1 << 16)
+                    if not more:
+                        break
+                    cut = more.find(b"\n")
+                    if cut >= 0:
+                        tail.append(more[: cut + 1])
+                        break
+                    tail.append(more)
+                data = b"".join(tail)
+        pos = base
+        if c.start > 0:  # skip the line that started in the previous chunk
+            first = data.find(b"\n")
+            pos = base + first + 1 if first >= 0 else base + len(data)
+            data = data[pos - base :]
+        for line in data.split(b"\n"):
+            if line.strip():
+                add(-1, pos, line.rstrip(b"\r"))
+            pos += len(line) + 1
     elif c.kind == "json":
         with fs.open(path, "rb") as fh:
             data = fh.read()

@@ -177,14 +177,22 @@ def save_tokenizer(fs, folder: str, info: TokenizerInfo) -> None:
         json.dump(config, f, indent=2, ensure_ascii=False)
 
 
-def loss_flags(encoding, spans: list[tuple[int, int]], n: int) -> np.ndarray:
-    """Boolean loss flag per token: token overlaps a loss span (see module doc)."""
-    flags = np.zeros(n, dtype=bool)
+def _loss_ranges(encoding, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Token ranges ``[first, last + 1)`` that carry loss: the tokens overlapping each span."""
+    out = []
     for start, end in spans:
         first = _token_at(encoding, start, end, +1)
         last = _token_at(encoding, end - 1, start - 1, -1)
         if first is not None and last is not None and last >= first:
-            flags[first : last + 1] = True
+            out.append((first, last + 1))
+    return out
+
+
+def loss_flags(encoding, spans: list[tuple[int, int]], n: int) -> np.ndarray:
+    """Boolean loss flag per token: token overlaps a loss span (see module doc)."""
+    flags = np.zeros(n, dtype=bool)
+    for first, stop in _loss_ranges(encoding, spans):
+        flags[first:stop] = True
     return flags
 
 
@@ -199,15 +207,38 @@ def _token_at(encoding, pos: int, stop: int, step: int) -> int | None:
     return None
 
 
+def encode_flat(tokenizer, rendered: list[Rendered]) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenize rendered texts in one batch call: (signed int32 tokens of all texts back to
+    back, token count per text). Loss flags are set per batch from token ranges, with no
+    per-token Python."""
+    encodings = tokenizer.encode_batch([r.text for r in rendered], add_special_tokens=False)
+    flat: list[int] = []
+    lengths = np.empty(len(encodings), dtype=np.int64)
+    edges: list[int] = []
+    ends: list[int] = []
+    offset = 0
+    for k, (enc, r) in enumerate(zip(encodings, rendered)):
+        ids = enc.ids
+        flat += ids
+        lengths[k] = len(ids)
+        for first, stop in _loss_ranges(enc, r.spans):
+            edges.append(offset + first)
+            ends.append(offset + stop)
+        offset += len(ids)
+    ids = np.array(flat, dtype=np.int32)
+    depth = np.zeros(offset + 1, dtype=np.int32)  # +1 where a loss range opens, -1 where it closes
+    np.add.at(depth, edges, 1)
+    np.add.at(depth, ends, -1)
+    return np.where(np.cumsum(depth[:-1]) > 0, ids, ~ids), lengths
+
+
+def split_flat(values: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
+    return np.split(values, np.cumsum(lengths)[:-1]) if len(lengths) else []
+
+
 def encode_rendered(tokenizer, rendered: list[Rendered]) -> list[np.ndarray]:
     """Tokenize rendered texts in one batch call; return signed int32 arrays (see module doc)."""
-    encodings = tokenizer.encode_batch([r.text for r in rendered], add_special_tokens=False)
-    out = []
-    for enc, r in zip(encodings, rendered):
-        ids = np.array(enc.ids, dtype=np.int32)
-        flags = loss_flags(enc, r.spans, len(ids))
-        out.append(np.where(flags, ids, ~ids))
-    return out
+    return split_flat(*encode_flat(tokenizer, rendered))
 
 
 def decode_signed(signed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -215,6 +246,17 @@ def decode_signed(signed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     signed = np.asarray(signed)
     loss = signed >= 0
     return np.where(loss, signed, ~signed), loss
+
+
+@dataclass
+class Encoded:
+    """A batch of records, tokenized: the kept records' signed tokens back to back."""
+
+    values: np.ndarray  # int32, signed (see module doc)
+    lengths: np.ndarray  # int64 per record: its token count, 0 when rejected
+    ok: np.ndarray  # bool per record: kept
+    reasons: list[str]  # per record: "" or why it was rejected
+    messages: list[str]
 
 
 class SampleBuilder:
@@ -252,7 +294,7 @@ class SampleBuilder:
         return marker_cuts(self.tokenizer.encode(rendered.text, add_special_tokens=False), rendered.text,
                            self.markers)
 
-    def __call__(self, raws: list[bytes], errors: list[str] | None = None):
+    def encode(self, raws: list[bytes], errors: list[str] | None = None) -> Encoded:
         from .normalize import RecordError, normalize
 
         n = len(raws)
@@ -277,15 +319,34 @@ class SampleBuilder:
                 reasons[i], messages[i] = "invalid_json", f"not valid JSON (col {e.colno}: {e.msg})"
             except RecursionError:
                 reasons[i], messages[i] = "invalid_json", "JSON nested too deeply"
-        ids: list[np.ndarray | None] = [None] * n
-        for i, arr in zip(where, encode_rendered(self.tokenizer, rendered) if rendered else []):
-            if len(arr) == 0:
-                reasons[i], messages[i] = "empty_sample", "the rendered conversation has no tokens"
-            elif not (arr >= 0).any():
-                reasons[i], messages[i] = "all_masked", "no token of the sample carries loss"
-            else:
-                ids[i] = arr
-        return ids, reasons, messages
+        values, counts = encode_flat(self.tokenizer, rendered)
+        lengths = np.zeros(n, dtype=np.int64)
+        ok = np.zeros(n, dtype=bool)
+        if where:
+            at = np.asarray(where, dtype=np.int64)
+            ends = np.cumsum(counts)
+            with_loss = np.concatenate([[0], np.cumsum(values >= 0)])
+            loss = with_loss[ends] - with_loss[ends - counts]
+            good = (counts > 0) & (loss > 0)
+            for j in np.flatnonzero(~good).tolist():
+                i = where[j]
+                if counts[j] == 0:
+                    reasons[i], messages[i] = "empty_sample", "the rendered conversation has no tokens"
+                else:
+                    reasons[i], messages[i] = "all_masked", "no token of the sample carries loss"
+            keep = np.repeat(good, counts)
+            if not keep.all():
+                values = values[keep]
+            lengths[at[good]] = counts[good]
+            ok[at[good]] = True
+        return Encoded(values, lengths, ok, reasons, messages)
+
+    def __call__(self, raws: list[bytes], errors: list[str] | None = None):
+        """Per record: its signed token array (None when rejected), reasons, messages."""
+        e = self.encode(raws, errors)
+        arrays = iter(split_flat(e.values, e.lengths[e.ok]))
+        ids = [next(arrays) if good else None for good in e.ok.tolist()]
+        return ids, e.reasons, e.messages
 
 
 OVERLONG_POLICIES = ("drop", "truncate", "split")

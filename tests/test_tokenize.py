@@ -44,3 +44,32 @@ def test_sample_builder_reports_reasons(llama3_info):
     assert ids[0] is not None and (ids[0] >= 0).any() and (ids[0] < 0).any()
     assert all(m for m in messages[1:])
     assert np.all(ids[0][:3] < 0)  # prompt tokens are stored complemented
+
+
+def test_batch_encoding_matches_one_record_at_a_time(llama3_info, shared_data):
+    """The batched path (flat arrays, loss ranges set per batch) gives every record exactly
+    what encoding it alone and flagging its tokens one by one gives."""
+    import json
+
+    tok = llama3_info.load()
+    t = Template("llama3")
+    records = []
+    for name in ("alpaca_en_demo.json", "glaive_toolcall_en_demo.json"):
+        records += json.loads((shared_data / name).read_text())[:300]
+    rendered = [t.render(normalize(r)) for r in records]
+    batched = encode_rendered(tok, rendered)
+    assert len(batched) == len(rendered)
+    for r, got in zip(rendered, batched):
+        enc = tok.encode(r.text, add_special_tokens=False)
+        ids = np.array(enc.ids, dtype=np.int32)
+        want = np.where(loss_flags(enc, r.spans, len(ids)), ids, ~ids)
+        assert got.dtype == np.int32 and got.tolist() == want.tolist()
+    # rejected records sit between kept ones without shifting them
+    b = SampleBuilder(llama3_info, "llama3")
+    raws = [json.dumps(r).encode() for r in records[:50]]
+    raws[10:10] = [b"not json", b'{"messages": [{"role": "user", "content": "x"}]}']
+    ids, reasons, _ = b(raws, [""] * len(raws))
+    assert reasons[10:12] == ["invalid_json", "no_final_assistant"]
+    kept = [a for a in ids if a is not None]
+    assert len(kept) == 50
+    assert [a.tolist() for a in kept] == [a.tolist() for a in batched[:50]]
