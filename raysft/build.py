@@ -106,10 +106,14 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--ray-address", metavar="ADDR", help="Ray cluster to join (default: $RAY_ADDRESS, else local)")
     g.add_argument("--num-cpus", type=int, help="CPUs of the in-process Ray instance (default: all)")
     g.add_argument("--object-store-memory", type=int, metavar="BYTES",
-                   help="object store size of the in-process Ray instance; beyond it Ray spills blocks to "
-                        "local disk (default: Ray's, 30%% of RAM)")
+                   help="object store size of the in-process Ray instance (default 1 GiB, at most 30%% of RAM); "
+                        "the tokenized dataset is held until the plan is made and spills to disk beyond it, so "
+                        "memory stays flat as the input grows")
+    g.add_argument("--spill-dir", metavar="DIR",
+                   help="where the in-process Ray instance spills objects (default: Ray's, under /tmp/ray); "
+                        "needs about 4 bytes per token of free space for large inputs")
     g.add_argument("--tokenize-workers", type=int, metavar="N", help="tokenizer actors (default: CPUs - 1)")
-    g.add_argument("--batch-size", type=int, metavar="N", help="records per tokenizer call (default 1024)")
+    g.add_argument("--batch-size", type=int, metavar="N", help="records per tokenizer actor call, encoded in two halves that overlap (default 16384)")
     g.add_argument("--num-shards", type=int, metavar="N", help="writer shards (default: by size)")
     return p
 

@@ -30,9 +30,10 @@ class BuildConfig:
     # execution
     ray_address: str | None = None
     num_cpus: int | None = None
-    object_store_memory: int | None = None
+    object_store_memory: int | None = None  # in-process Ray only; default pipeline.OBJECT_STORE_BYTES
+    spill_dir: str | None = None  # in-process Ray only: where the object store spills
     tokenize_workers: int | None = None
-    batch_size: int = 1024
+    batch_size: int = 16384
     chunk_bytes: int = 16 << 20
     num_shards: int | None = None
     shard_tokens: int = 16 << 20  # tokens per writer shard (64 MB of int32): bounds a writer task's memory

@@ -40,7 +40,7 @@ from .tokenize import (
     missing_markers,
     save_tokenizer,
 )
-from .write import MINDSPEED_PARTS, encode_ordered, layout_parts, order_samples, provenance_records, write_shard
+from .write import MINDSPEED_PARTS, ShardWriter, layout_parts, order_samples, provenance_records
 
 log = logging.getLogger("raysft")
 
@@ -313,13 +313,12 @@ def write_shards(batch: pa.Table, tmp_dir: str, so: dict, layout: str, seq_lengt
     samples = [values[offsets[i] : offsets[i + 1]] for i in range(len(ids_col))]
     out_pack, pos = batch.column("out_pack").to_numpy(), batch.column("pos").to_numpy()
     order = order_samples(out_pack, pos)
-    parts = encode_ordered([samples[i] for i in order], out_pack[order], layout, seq_length, pad_id)
     prov = provenance_records(*(batch.column(k).to_numpy()[order] for k in ("src", "piece", "row", "offset", "out_pack")))
     with fs.open(prefix + ".prov", "wb") as f:
         f.write(prov.tobytes())
-    metas = [write_shard(fs, prefix + suffix, tokens, index)
-             for suffix, (tokens, index) in zip(layout_parts(layout), parts)]
-    meta = metas[0]
+    writer = ShardWriter(fs, prefix, layout, seq_length, pad_id)
+    writer.write_all([samples[i] for i in order], out_pack[order])
+    meta = writer.close()
     return pa.table({"shard": [shard], "meta": [json.dumps(meta)]})
 
 
@@ -334,9 +333,27 @@ def init_ray(cfg: BuildConfig) -> None:
         return
     if address:
         ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(num_cpus=cfg.num_cpus, object_store_memory=cfg.object_store_memory, include_dashboard=False,
-                 log_to_driver=True)
+        return
+    system: dict = {}
+    if cfg.spill_dir:
+        os.makedirs(cfg.spill_dir, exist_ok=True)
+        system["object_spilling_config"] = json.dumps(
+            {"type": "filesystem", "params": {"directory_path": os.path.abspath(cfg.spill_dir)}})
+    ray.init(num_cpus=cfg.num_cpus, object_store_memory=object_store_bytes(cfg), include_dashboard=False,
+             log_to_driver=True, _system_config=system or None)
+
+
+OBJECT_STORE_BYTES = 1 << 30
+
+
+def object_store_bytes(cfg: BuildConfig) -> int:
+    """Object store of an in-process Ray instance: --object-store-memory, else 1 GiB (at most
+    30% of RAM). The job's blocks stream through it; the tokenized dataset, held until the
+    plan is made, spills to local disk beyond it, so memory does not grow with the input."""
+    if cfg.object_store_memory:
+        return cfg.object_store_memory
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(min(OBJECT_STORE_BYTES, 0.3 * ram))
 
 
 def _plan_single(hist: np.ndarray, seq_length: int) -> PackPlan:

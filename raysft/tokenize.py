@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
 from .template import Rendered, Specials
+
+LANES = 2  # a batch is encoded in this many parts at once (see SampleBuilder.encode)
 
 
 class TokenizerError(ValueError):
@@ -207,11 +210,9 @@ def _token_at(encoding, pos: int, stop: int, step: int) -> int | None:
     return None
 
 
-def encode_flat(tokenizer, rendered: list[Rendered]) -> tuple[np.ndarray, np.ndarray]:
-    """Tokenize rendered texts in one batch call: (signed int32 tokens of all texts back to
-    back, token count per text). Loss flags are set per batch from token ranges, with no
-    per-token Python."""
-    encodings = tokenizer.encode_batch([r.text for r in rendered], add_special_tokens=False)
+def flatten_encodings(encodings, rendered: list[Rendered]) -> tuple[np.ndarray, np.ndarray]:
+    """Encodings of rendered texts -> (signed int32 tokens of all texts back to back, token
+    count per text). Loss flags are set per batch from token ranges, with no per-token Python."""
     flat: list[int] = []
     lengths = np.empty(len(encodings), dtype=np.int64)
     edges: list[int] = []
@@ -230,6 +231,11 @@ def encode_flat(tokenizer, rendered: list[Rendered]) -> tuple[np.ndarray, np.nda
     np.add.at(depth, edges, 1)
     np.add.at(depth, ends, -1)
     return np.where(np.cumsum(depth[:-1]) > 0, ids, ~ids), lengths
+
+
+def encode_flat(tokenizer, rendered: list[Rendered]) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenize rendered texts in one batch call; see ``flatten_encodings``."""
+    return flatten_encodings(tokenizer.encode_batch([r.text for r in rendered], add_special_tokens=False), rendered)
 
 
 def split_flat(values: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
@@ -273,6 +279,7 @@ class SampleBuilder:
         fmt: str = "auto",
         map_keys: dict | None = None,
         loss: str = "assistant",
+        lanes: int = LANES,
     ):
         from .template import Template
 
@@ -285,6 +292,8 @@ class SampleBuilder:
         # markers this tokenizer has no single token for: a cut could fall inside them
         markers = MARKERS.get(template, ()) + tuple(info.special_strings) + tuple(s for s in (info.bos, info.eos) if s)
         self.markers = tuple(m for m in dict.fromkeys(markers) if self.tokenizer.token_to_id(m) is None)
+        self.lanes = lanes
+        self._pool: ThreadPoolExecutor | None = None
 
     def unsafe_cuts(self, raw: bytes) -> np.ndarray:
         """Cut positions inside a template marker, for one (overlong) record."""
@@ -294,21 +303,19 @@ class SampleBuilder:
         return marker_cuts(self.tokenizer.encode(rendered.text, add_special_tokens=False), rendered.text,
                            self.markers)
 
-    def encode(self, raws: list[bytes], errors: list[str] | None = None) -> Encoded:
+    def _render(self, raws: list[bytes], errors: list[str] | None, lo: int, hi: int,
+                reasons: list[str], messages: list[str]) -> tuple[list[Rendered], list[int]]:
+        """Decode, normalize and render records ``lo:hi``; failures go to reasons/messages."""
         from .normalize import RecordError, normalize
 
-        n = len(raws)
-        reasons = [""] * n
-        messages = [""] * n
-        rendered: list = []
+        rendered: list[Rendered] = []
         where: list[int] = []
-        for i, raw in enumerate(raws):
+        for i in range(lo, hi):
             if errors and errors[i]:
                 reasons[i], _, messages[i] = errors[i].partition(": ")
                 continue
             try:
-                record = json.loads(raw)
-                conv = normalize(record, self.fmt, self.keys)
+                conv = normalize(json.loads(raws[i]), self.fmt, self.keys)
                 rendered.append(self.template.render(conv))
                 where.append(i)
             except RecordError as e:
@@ -319,7 +326,31 @@ class SampleBuilder:
                 reasons[i], messages[i] = "invalid_json", f"not valid JSON (col {e.colno}: {e.msg})"
             except RecursionError:
                 reasons[i], messages[i] = "invalid_json", "JSON nested too deeply"
-        values, counts = encode_flat(self.tokenizer, rendered)
+        return rendered, where
+
+    def encode(self, raws: list[bytes], errors: list[str] | None = None) -> Encoded:
+        """Records -> kept samples' signed tokens, back to back, and a reason per rejected one.
+
+        The batch is cut into ``lanes`` equal parts that go through render -> encode -> flatten
+        in threads of their own: the Rust encoder releases the GIL, so while one part is in
+        Python (JSON, templating, flattening) another keeps the encoder's cores busy. Parts are
+        joined in order: the result does not depend on the number of lanes."""
+        n = len(raws)
+        reasons = [""] * n
+        messages = [""] * n
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.lanes, thread_name_prefix="encode")
+        size = max(1, -(-n // self.lanes))
+
+        def lane(lo: int):
+            rendered, at = self._render(raws, errors, lo, min(n, lo + size), reasons, messages)
+            encodings = self.tokenizer.encode_batch([r.text for r in rendered], add_special_tokens=False)
+            return (*flatten_encodings(encodings, rendered), at)
+
+        parts = list(self._pool.map(lane, range(0, n, size)))
+        where = [i for p in parts for i in p[2]]
+        values = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int32)
+        counts = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64)
         lengths = np.zeros(n, dtype=np.int64)
         ok = np.zeros(n, dtype=bool)
         if where:

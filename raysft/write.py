@@ -144,6 +144,67 @@ def encode_shard(
     return encode_ordered([samples[i] for i in order], np.asarray(out_pack)[order], layout, seq_length, pad_id)
 
 
+SLICE_TOKENS = 1 << 20  # a writer encodes this many pack tokens at a time
+
+
+class ShardWriter:
+    """Writes one shard's datasets (one per ``layout_parts``) a pack range at a time, so a
+    writer's memory is bounded by a slice, not by the shard.
+
+    ``write`` takes whole packs, samples in output order; ``close`` writes each ``.idx`` (after
+    its ``.bin`` is complete) and returns what the merge needs to know."""
+
+    def __init__(self, fs, prefix: str, layout: str, seq_length: int, pad_id: int):
+        self.fs, self.prefix, self.layout = fs, prefix, layout
+        self.seq_length, self.pad_id = seq_length, pad_id
+        self.suffixes = layout_parts(layout)
+        self.files = [fs.open(prefix + s + ".bin", "wb") for s in self.suffixes]
+        self.indexes: list[list[Index]] = [[] for _ in self.suffixes]
+
+    def write(self, samples: list[np.ndarray], packs: np.ndarray) -> None:
+        for f, indexes, (tokens, index) in zip(
+            self.files, self.indexes, encode_ordered(samples, packs, self.layout, self.seq_length, self.pad_id)
+        ):
+            f.write(memoryview(np.ascontiguousarray(tokens, dtype="<i4")).cast("B"))
+            indexes.append(index)
+
+    def write_all(self, samples: list[np.ndarray], packs: np.ndarray) -> None:
+        """``write`` in slices of about ``SLICE_TOKENS`` stored tokens, cut between packs."""
+        packs = np.asarray(packs)
+        if not len(packs):
+            return
+        per_pack = {"pai": 2 * self.seq_length, "mindspeed": self.seq_length}.get(self.layout)
+        sizes = np.fromiter((len(s) for s in samples), np.int64, len(samples))
+        first = np.flatnonzero(np.concatenate([[True], packs[1:] != packs[:-1]]))  # first sample of each pack
+        stored = np.full(len(first), per_pack) if per_pack else np.add.reduceat(sizes, first)
+        cuts = [0]
+        budget = 0
+        for k, n in enumerate(stored.tolist()):
+            if budget and budget + n > SLICE_TOKENS:
+                cuts.append(int(first[k]))
+                budget = 0
+            budget += n
+        cuts.append(len(samples))
+        for lo, hi in zip(cuts[:-1], cuts[1:]):
+            self.write(samples[lo:hi], packs[lo:hi])
+
+    def close(self) -> dict:
+        from .merge import merge_indexes
+
+        for f in self.files:
+            f.close()
+        metas = []
+        for suffix, indexes in zip(self.suffixes, self.indexes):
+            index = merge_indexes(indexes) if indexes else Index(np.dtype(np.int32), np.zeros(0, np.int32),
+                                                               np.zeros(1, np.int64))
+            with self.fs.open(self.prefix + suffix + ".idx", "wb") as f:
+                f.write(encode_index(index))
+            metas.append({"prefix": self.prefix + suffix, "sequences": len(index.sequence_lengths),
+                          "documents": index.num_documents, "tokens": index.num_tokens,
+                          "bytes": index.num_tokens * 4})
+        return metas[0]
+
+
 def write_shard(fs, prefix: str, tokens: np.ndarray, index: Index) -> dict:
     """Write ``prefix.bin`` and ``prefix.idx``; return what the merge needs to know."""
     data = np.ascontiguousarray(tokens, dtype="<i4")

@@ -1,5 +1,6 @@
 import fsspec
 import numpy as np
+import pytest
 
 from raysft.indexed import decode_index
 from raysft.merge import merge_shards
@@ -68,3 +69,37 @@ def test_mindspeed_layout():
     assert ids[S:].tolist() == [30, 31] + [99] * 6
     assert labels[S:].tolist() == [IGNORE, 31] + [IGNORE] * 6
     assert segments[S:].tolist() == [1, 1] + [0] * 6
+
+
+@pytest.mark.parametrize("layout", ["native", "pai", "mindspeed"])
+def test_shard_writer_slices_give_the_same_bytes(tmp_path, monkeypatch, layout):
+    """Writing a shard a few packs at a time gives exactly the bytes of encoding it whole."""
+    import raysft.write as w
+
+    S = 16
+    rng = np.random.default_rng(3)
+    samples, packs = [], []
+    for p in range(40):
+        room = S
+        while room > 2 and rng.random() < 0.8:
+            n = int(rng.integers(1, room))
+            samples.append(signed(rng.integers(0, 1000, n), rng.integers(0, 2, n)))
+            packs.append(p)
+            room -= n
+        if not packs or packs[-1] != p:
+            samples.append(signed([5], [1]))
+            packs.append(p)
+    packs = np.array(packs)
+    fs = fsspec.filesystem("file")
+    whole = w.encode_ordered(samples, packs, layout, S, 7)
+    monkeypatch.setattr(w, "SLICE_TOKENS", 40)  # a few packs per slice
+    writer = w.ShardWriter(fs, str(tmp_path / "part"), layout, S, 7)
+    writer.write_all(samples, packs)
+    meta = writer.close()
+    assert len(writer.indexes[0]) > 5  # it did write in slices
+    for suffix, (tokens, index) in zip(w.layout_parts(layout), whole):
+        assert (tmp_path / f"part{suffix}.bin").read_bytes() == tokens.astype("<i4").tobytes()
+        got = decode_index((tmp_path / f"part{suffix}.idx").read_bytes())
+        assert got.sequence_lengths.tolist() == index.sequence_lengths.tolist()
+        assert got.document_indices.tolist() == index.document_indices.tolist()
+    assert meta["documents"] == 40
