@@ -37,10 +37,11 @@ from .tokenize import (
     add_special_tokens,
     fit_overlong,
     load_tokenizer_info,
+    loss_counts,
     missing_markers,
     save_tokenizer,
 )
-from .write import MINDSPEED_PARTS, ShardWriter, layout_parts, order_samples, provenance_records
+from .write import MINDSPEED_PARTS, ShardWriter, layout_parts, order_samples, provenance_records, shard_meta
 
 log = logging.getLogger("raysft")
 
@@ -134,8 +135,9 @@ class TokenizeAndMask:
         orig_n = np.where(e.ok, e.lengths, -1)[take].astype(np.int32)
         kept = e.ok[take]
         lengths = orig_n.copy()
-        reason = [e.reasons[i] for i in take.tolist()]
-        message = [e.messages[i] for i in take.tolist()]
+        records = take.tolist()
+        reason = [e.reasons[i] for i in records]
+        message = [e.messages[i] for i in records]
         values = e.values
         if fitted:
             segments, done, row = [], 0, np.cumsum(rows_of) - rows_of  # first output row per record
@@ -151,11 +153,10 @@ class TokenizeAndMask:
                     message[row[i]] = f"{e.lengths[i]} tokens > seq-length {S}"
             segments.append(e.values[done:])
             values = np.concatenate(segments)
-        bad_raw = [b"" if k else raws[i] for i, k in zip(take.tolist(), kept.tolist())]
+        bad_raw = [b"" if k else raws[i] for i, k in zip(records, kept.tolist())]
         offsets = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(np.where(kept, lengths, 0), out=offsets[1:])
-        with_loss = np.concatenate([[0], np.cumsum(values >= 0)])
-        loss_n = (with_loss[offsets[1:]] - with_loss[offsets[:-1]]).astype(np.int32)
+        loss_n = loss_counts(values, offsets).astype(np.int32)
         offsets = offsets.astype(np.int32)
         take_a = pa.array(take)
         chunk = batch.column("chunk").to_numpy()[take]
@@ -292,8 +293,7 @@ def existing_shard(fs, prefix: str, suffixes: tuple[str, ...] = ("",)) -> dict |
             return None
         if size != index.num_tokens * index.dtype.itemsize:
             return None
-        metas.append({"prefix": p, "sequences": len(index.sequence_lengths), "documents": index.num_documents,
-                      "tokens": index.num_tokens, "bytes": size})
+        metas.append(shard_meta(p, index))
     return metas[0] if fs.exists(prefix + ".prov") else None
 
 

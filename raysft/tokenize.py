@@ -233,18 +233,20 @@ def flatten_encodings(encodings, rendered: list[Rendered]) -> tuple[np.ndarray, 
     return np.where(np.cumsum(depth[:-1]) > 0, ids, ~ids), lengths
 
 
-def encode_flat(tokenizer, rendered: list[Rendered]) -> tuple[np.ndarray, np.ndarray]:
-    """Tokenize rendered texts in one batch call; see ``flatten_encodings``."""
-    return flatten_encodings(tokenizer.encode_batch([r.text for r in rendered], add_special_tokens=False), rendered)
-
-
 def split_flat(values: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
     return np.split(values, np.cumsum(lengths)[:-1]) if len(lengths) else []
 
 
+def loss_counts(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Loss-bearing tokens in each segment ``values[offsets[k]:offsets[k + 1]]`` of signed tokens."""
+    with_loss = np.concatenate([[0], np.cumsum(values >= 0)])
+    return with_loss[offsets[1:]] - with_loss[offsets[:-1]]
+
+
 def encode_rendered(tokenizer, rendered: list[Rendered]) -> list[np.ndarray]:
     """Tokenize rendered texts in one batch call; return signed int32 arrays (see module doc)."""
-    return split_flat(*encode_flat(tokenizer, rendered))
+    encodings = tokenizer.encode_batch([r.text for r in rendered], add_special_tokens=False)
+    return split_flat(*flatten_encodings(encodings, rendered))
 
 
 def decode_signed(signed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -355,9 +357,7 @@ class SampleBuilder:
         ok = np.zeros(n, dtype=bool)
         if where:
             at = np.asarray(where, dtype=np.int64)
-            ends = np.cumsum(counts)
-            with_loss = np.concatenate([[0], np.cumsum(values >= 0)])
-            loss = with_loss[ends] - with_loss[ends - counts]
+            loss = loss_counts(values, np.concatenate([[0], np.cumsum(counts)]))
             good = (counts > 0) & (loss > 0)
             for j in np.flatnonzero(~good).tolist():
                 i = where[j]

@@ -199,23 +199,11 @@ class ShardWriter:
                                                                np.zeros(1, np.int64))
             with self.fs.open(self.prefix + suffix + ".idx", "wb") as f:
                 f.write(encode_index(index))
-            metas.append({"prefix": self.prefix + suffix, "sequences": len(index.sequence_lengths),
-                          "documents": index.num_documents, "tokens": index.num_tokens,
-                          "bytes": index.num_tokens * 4})
+            metas.append(shard_meta(self.prefix + suffix, index))
         return metas[0]
 
 
-def write_shard(fs, prefix: str, tokens: np.ndarray, index: Index) -> dict:
-    """Write ``prefix.bin`` and ``prefix.idx``; return what the merge needs to know."""
-    data = np.ascontiguousarray(tokens, dtype="<i4")
-    with fs.open(prefix + ".bin", "wb") as f:
-        f.write(memoryview(data).cast("B"))
-    with fs.open(prefix + ".idx", "wb") as f:
-        f.write(encode_index(index))
-    return {
-        "prefix": prefix,
-        "sequences": len(index.sequence_lengths),
-        "documents": index.num_documents,
-        "tokens": int(data.size),
-        "bytes": int(data.nbytes),
-    }
+def shard_meta(prefix: str, index: Index) -> dict:
+    """What the merge needs to know of a written shard."""
+    return {"prefix": prefix, "sequences": len(index.sequence_lengths), "documents": index.num_documents,
+            "tokens": index.num_tokens, "bytes": index.num_tokens * index.dtype.itemsize}

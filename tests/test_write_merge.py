@@ -4,7 +4,7 @@ import pytest
 
 from raysft.indexed import decode_index
 from raysft.merge import merge_shards
-from raysft.write import IGNORE, encode_shard, write_shard
+from raysft.write import IGNORE, ShardWriter, encode_shard
 
 
 def signed(ids, loss):
@@ -46,9 +46,10 @@ def test_merge_concatenates_shards(tmp_path):
     fs = fsspec.filesystem("file")
     prefixes = []
     for k, (samples, packs) in enumerate([(SAMPLES[:2], [0, 1]), (SAMPLES[2:], [2])]):
-        [(tokens, idx)] = encode_shard(samples, np.array(packs), np.zeros(len(packs), np.int64), "native", 8, 0)
         p = str(tmp_path / f"part-{k}")
-        write_shard(fs, p, tokens, idx)
+        writer = ShardWriter(fs, p, "native", 8, 0)
+        writer.write_all(samples, np.array(packs))
+        writer.close()
         prefixes.append(p)
     merged = merge_shards(fs, prefixes, str(tmp_path / "data"))
     assert merged.sequence_lengths.tolist() == [4, 3, 2]
