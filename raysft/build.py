@@ -112,7 +112,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--spill-dir", metavar="DIR",
                    help="where the in-process Ray instance spills objects (default: Ray's, under /tmp/ray); "
                         "needs about 4 bytes per token of free space for large inputs")
-    g.add_argument("--tokenize-workers", type=int, metavar="N", help="tokenizer actors (default: CPUs - 1)")
+    g.add_argument("--tokenize-workers", type=int, metavar="N", help="tokenizer actors (default: one per CPU, each encoding with one thread; with fewer, each gets its share of the cores)")
     g.add_argument("--batch-size", type=int, metavar="N", help="records per tokenizer actor call, encoded in two halves that overlap (default 16384)")
     g.add_argument("--num-shards", type=int, metavar="N", help="writer shards (default: by size)")
     return p

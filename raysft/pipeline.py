@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import pickle
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -46,7 +47,6 @@ from .write import MINDSPEED_PARTS, ShardWriter, layout_parts, order_samples, pr
 log = logging.getLogger("raysft")
 
 
-READ_CPUS = 1
 PIECES = 1 << 16  # record ordinal = idx * PIECES + piece: a split record's pieces stay in order
 DROP_REASONS = ("overlong", "overlong_prompt")
 
@@ -60,7 +60,7 @@ class BuildError(RuntimeError):
 
 
 def read_records(batch: dict, so: dict) -> pa.Table:
-    """Read stage (Ray task): one chunk description -> its raw records."""
+    """Read stage (in the tokenizer actor): chunk descriptions -> their raw records."""
     tables = []
     for i in range(len(batch["chunk"])):
         c = Chunk(**{k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in batch.items()})
@@ -101,22 +101,37 @@ def _runs(chunk: np.ndarray, idx: np.ndarray, piece: np.ndarray) -> np.ndarray:
 
 
 class TokenizeAndMask:
-    """Tokenize stage (Ray actor): holds one tokenizer for its lifetime.
+    """Read + tokenize stage (Ray actor): holds one tokenizer for its lifetime.
+
+    Called with chunk descriptions, one at a time: reads the chunk and yields one table per
+    ``batch_size`` records. Reading inside the actor keeps raw records out of the object store,
+    and one task per chunk spreads the chunks over all actors (Ray would bundle the tiny chunk
+    rows of a separate read operator fused into this one up to ``batch_size`` rows per task:
+    every chunk in one task, on one actor).
 
     Emits one row per sample piece (``--overlong split`` may make several of one record) and
     one row per rejected or dropped record, so every record read is accounted for.
     """
 
     def __init__(self, info: TokenizerInfo, template: str, fmt: str, map_keys: dict, loss: str, seq_length: int,
-                 overlong: str = "drop", threads: int = 0):
+                 overlong: str = "drop", threads: int = 0, so: dict | None = None, batch_size: int = 16384):
         if threads:
             # the Rust encoder's thread pool starts on first use: size it to this actor's cores
             os.environ["RAYON_NUM_THREADS"] = str(threads)
-        self.builder = SampleBuilder(info, template, fmt, map_keys, loss)
+        # a multi-threaded encoder gets as many lanes, so Python work overlaps its encoding
+        self.builder = SampleBuilder(info, template, fmt, map_keys, loss, lanes=max(1, threads))
         self.seq_length = seq_length
         self.overlong = overlong
+        self.so = so or {}
+        self.batch_size = batch_size
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def __call__(self, chunks: dict):
+        records = read_records(chunks, self.so)
+        for lo in range(0, records.num_rows, self.batch_size):
+            yield self.tokenize(records.slice(lo, self.batch_size))
+
+    def tokenize(self, batch: pa.Table) -> pa.Table:
+        """Records (the columns of ``read_records``) -> one row per sample piece or rejected record."""
         raws = batch.column("raw").to_pylist()
         errors = batch.column("error").to_pylist()
         e = self.builder.encode(raws, errors)
@@ -484,12 +499,11 @@ def _commit(fs, root: str, present: list[str]) -> None:
         f.write("")
 
 
-def _tokenize_dataset(cfg: BuildConfig, chunks, info: TokenizerInfo, so: dict, workers: int, threads: int):
-    """read -> normalize+template+tokenize+mask, as a lazy Ray dataset."""
+def _tokenize_dataset(cfg: BuildConfig, chunks, info: TokenizerInfo, so: dict, pool: TokenizePool):
+    """read -> normalize+template+tokenize+mask, as a lazy Ray dataset: one actor task per chunk."""
     import ray.data
 
     ds = ray.data.from_items([asdict(c) for c in chunks], override_num_blocks=max(1, len(chunks)))
-    ds = ds.map_batches(read_records, fn_kwargs={"so": so}, batch_size=1, batch_format="numpy", num_cpus=READ_CPUS)
     ds = ds.map_batches(
         TokenizeAndMask,
         fn_constructor_kwargs={
@@ -500,12 +514,15 @@ def _tokenize_dataset(cfg: BuildConfig, chunks, info: TokenizerInfo, so: dict, w
             "loss": cfg.loss,
             "seq_length": cfg.seq_length,
             "overlong": cfg.overlong,
-            "threads": threads,
+            "threads": pool.threads,
+            "so": so,
+            "batch_size": cfg.batch_size,
         },
-        batch_size=cfg.batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=workers),
-        num_cpus=1,
+        batch_size=1,
+        batch_format="numpy",
+        # one chunk queued per actor: a chunk waits for whichever actor is free first
+        compute=ray.data.ActorPoolStrategy(size=pool.workers, max_tasks_in_flight_per_actor=1),
+        num_cpus=pool.actor_cpus,
     )
     return ds
 
@@ -523,12 +540,37 @@ def _prepare(cfg: BuildConfig):
     return so, info, files, chunks
 
 
-def _start_ray(cfg: BuildConfig) -> tuple[int, int]:
-    """Start or join Ray, set up Ray Data, and size the tokenizer pool: (actors, encoder threads).
+@dataclass(frozen=True)
+class TokenizePool:
+    """How the tokenizer actors are sized."""
 
-    Tokenizer actors take one CPU each and leave at least one for the read tasks (an actor pool
-    holding every CPU starves them). The Rust encoder is multi-threaded: each actor gets its
-    share of the cores, so on 2 cores one actor encodes with 2 threads."""
+    workers: int  # actors
+    threads: int  # encoder threads per actor
+    actor_cpus: float  # logical CPUs each actor (and the read fused into it) asks Ray for
+
+
+def size_pool(cpus: int, workers: int | None = None, chunks: int | None = None) -> TokenizePool:
+    """One single-threaded tokenizer actor per CPU by default, and no more actors than chunks
+    (an actor takes a whole chunk at a time: extra ones would only start up and sit idle).
+
+    Each actor alternates between Python (JSON, normalize, template, masks) and the Rust
+    encoder, and the actors are not in step, so every core stays busy: measured on 2 cores, two
+    one-thread actors beat one two-thread actor, whose cores idle while it is in Python. With
+    fewer actors than CPUs, each encodes with its share of the cores.
+
+    The actors ask Ray for at most ``cpus - 1`` CPUs in all (half a CPU on a one-CPU machine):
+    an actor pool holding every logical CPU would starve any task scheduled beside it.
+    """
+    cpus = max(1, int(cpus))
+    workers = workers or cpus
+    workers = max(1, min(workers, chunks or workers))
+    threads = max(1, round(cpus / workers))
+    spare = max(cpus - 1, cpus / 2) / workers
+    return TokenizePool(workers, threads, math.floor(min(float(threads), spare) * 1e4) / 1e4)
+
+
+def _start_ray(cfg: BuildConfig, chunks: int) -> TokenizePool:
+    """Start or join Ray, set up Ray Data, and size the tokenizer pool from the cluster's CPUs."""
     init_ray(cfg)
     import ray
     import ray.data
@@ -538,9 +580,9 @@ def _start_ray(cfg: BuildConfig) -> tuple[int, int]:
     ctx.execution_options.verbose_progress = False  # progress bars, not per-operator metric dumps
     # task-based sort shuffle: no aggregator actors to start, far cheaper at our group counts
     ctx.shuffle_strategy = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    workers = cfg.tokenize_workers or max(1, cpus - 1)
-    return workers, max(1, round(cpus / workers))
+    pool = size_pool(int(ray.cluster_resources().get("CPU", 1)), cfg.tokenize_workers, chunks)
+    log.info("tokenizer actors: %d, %d encoder thread(s) each", pool.workers, pool.threads)
+    return pool
 
 
 def _split_reasons(errors: list[dict]) -> tuple[Counter, Counter]:
@@ -553,8 +595,8 @@ def _split_reasons(errors: list[dict]) -> tuple[Counter, Counter]:
 def measure_inputs(cfg: BuildConfig) -> tuple[dict, dict]:
     """Read and tokenize the inputs and return their length statistics (no output written)."""
     so, info, files, chunks = _prepare(cfg)
-    workers, threads = _start_ray(cfg)
-    tokenized = _tokenize_dataset(cfg, chunks, info, so, workers, threads).materialize()
+    pool = _start_ray(cfg, len(chunks))
+    tokenized = _tokenize_dataset(cfg, chunks, info, so, pool).materialize()
     agg = _collect(_length_parts(tokenized, cfg.seq_length))
     return agg, dict(_split_reasons(agg["errors"])[0])
 
@@ -595,10 +637,10 @@ def run(cfg: BuildConfig) -> dict:
     with out_fs.open(join(tmp_root, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=2, sort_keys=True)
 
-    workers, threads = _start_ray(cfg)
+    pool = _start_ray(cfg, len(chunks))
     import ray
 
-    ds = _tokenize_dataset(cfg, chunks, info, so, workers, threads)
+    ds = _tokenize_dataset(cfg, chunks, info, so, pool)
     t_stage = time.time()
     tokenized = ds.materialize()
     timings = {"start": round(t_stage - t0, 2), "read+tokenize": round(time.time() - t_stage, 2)}
