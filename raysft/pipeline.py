@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import os
-import pickle
 import sys
 import time
 from collections import Counter
@@ -30,7 +29,7 @@ from .fs import get_fs, join, storage_options
 from .indexed import decode_index
 from .merge import merge_shards
 from .pack import PackPlan, assign_slots, plan_bfd, slot_table
-from .read import Chunk, check_bucket, describe_position, expand_inputs, plan_chunks, read_chunk
+from .read import Chunk, check_bucket, describe_position, expand_inputs, plan_chunks, read_chunk, split_tail
 from .template import MARKERS
 from .tokenize import (
     SampleBuilder,
@@ -208,8 +207,8 @@ class TokenizeAndMask:
         )
 
 
-def length_stats(batch: pa.Table, seq_length: int) -> pa.Table:
-    """Stats stage (Ray task): histograms and counts of one block, pickled into one row."""
+def length_stats(batch: pa.Table, seq_length: int) -> dict:
+    """Stats stage (Ray task, one per tokenized block): its histograms and counts."""
     n = batch.column("n").to_numpy()
     orig_n = batch.column("orig_n").to_numpy()
     first = batch.column("piece").to_numpy() == 0  # one row per record read
@@ -246,26 +245,12 @@ def length_stats(batch: pa.Table, seq_length: int) -> pa.Table:
         "runs": runs,
         "errors": errors,
     }
-    return pa.table({"payload": pa.array([pickle.dumps(payload)], pa.binary())})
+    return payload
 
 
-_CACHE: dict = {}
-
-
-def _cached_get(ref):
-    import ray
-
-    key = ref.hex()
-    if key not in _CACHE:
-        _CACHE.clear()
-        _CACHE[key] = ray.get(ref)
-    return _CACHE[key]
-
-
-def assign_pack_slots(batch: pa.Table, plan_ref) -> pa.Table:
-    """Sort+pack stage, per block (Ray task): each kept sample gets its output pack, its
-    position in the pack and the shard that writes it."""
-    ctx = _cached_get(plan_ref)
+def assign_pack_slots(batch: pa.Table, ctx: dict) -> pa.Table:
+    """Sort+pack stage, per block: each kept sample gets its output pack, its position in the
+    pack and the shard that writes it (``ctx``: the plan as the driver puts it)."""
     keep = pc.equal(batch.column("reason"), "")
     batch = batch.filter(keep)
     n = batch.column("n").to_numpy().astype(np.int64)
@@ -293,6 +278,26 @@ def assign_pack_slots(batch: pa.Table, plan_ref) -> pa.Table:
             "offset": batch.column("offset"),
         }
     )
+
+
+def partition_block(batch: pa.Table, plan: dict, num_shards: int) -> list[pa.Table] | pa.Table:
+    """Shuffle, map side (Ray task, one per tokenized block): the block's kept samples with
+    their pack slots, cut into one table per output shard (empty where it has none); the table
+    itself for one shard (a Ray task with one return value returns it as is)."""
+    t = assign_pack_slots(batch, plan)
+    shard = t.column("shard").to_numpy()
+    order = np.argsort(shard, kind="stable")
+    bounds = np.searchsorted(shard[order], np.arange(num_shards + 1))
+    # take, not slice: a slice would carry (and serialize) the whole block's buffers
+    if num_shards == 1:
+        return t
+    return [t.take(pa.array(order[bounds[s] : bounds[s + 1]])) for s in range(num_shards)]
+
+
+def write_parts(shard: int, *parts: pa.Table, **kw) -> dict:
+    """Shuffle, reduce side (Ray task, one per shard): its parts from every block -> the shard."""
+    batch = pa.concat_tables(parts)
+    return json.loads(write_shards(batch, **kw)["meta"][0].as_py()) | {"shard": shard}
 
 
 def existing_shard(fs, prefix: str, suffixes: tuple[str, ...] = ("",)) -> dict | None:
@@ -503,6 +508,7 @@ def _tokenize_dataset(cfg: BuildConfig, chunks, info: TokenizerInfo, so: dict, p
     """read -> normalize+template+tokenize+mask, as a lazy Ray dataset: one actor task per chunk."""
     import ray.data
 
+    chunks = split_tail(chunks, 2 * pool.workers)
     ds = ray.data.from_items([asdict(c) for c in chunks], override_num_blocks=max(1, len(chunks)))
     ds = ds.map_batches(
         TokenizeAndMask,
@@ -596,17 +602,56 @@ def measure_inputs(cfg: BuildConfig) -> tuple[dict, dict]:
     """Read and tokenize the inputs and return their length statistics (no output written)."""
     so, info, files, chunks = _prepare(cfg)
     pool = _start_ray(cfg, len(chunks))
-    tokenized = _tokenize_dataset(cfg, chunks, info, so, pool).materialize()
-    agg = _collect(_length_parts(tokenized, cfg.seq_length))
+    _, parts = _tokenize_and_measure(_tokenize_dataset(cfg, chunks, info, so, pool), cfg.seq_length)
+    import ray
+
+    agg = _collect(ray.get(parts))
     return agg, dict(_split_reasons(agg["errors"])[0])
 
 
-def _length_parts(tokenized, seq_length: int) -> list[dict]:
-    return [
-        pickle.loads(b)
-        for b in tokenized.map_batches(length_stats, fn_kwargs={"seq_length": seq_length}, batch_size=None,
-                                       batch_format="pyarrow").to_pandas()["payload"]
-    ]
+STATS_CPUS = 0.25  # a block's statistics take milliseconds: run them beside the tokenizer actors
+
+
+def _tokenize_and_measure(ds, seq_length: int) -> tuple[list, list]:
+    """Run the read+tokenize dataset to its end, keeping its blocks in the object store, and
+    start the statistics of each block as soon as it exists (a small task, on the CPU the
+    actors leave, where the block is): they are ready when tokenization ends, with no second
+    pass over the data. Returns the block refs and the refs of their statistics."""
+    import ray
+
+    measure = ray.remote(length_stats).options(num_cpus=STATS_CPUS)
+    blocks, parts = [], []
+    for bundle in ds.iter_internal_ref_bundles():
+        if any(sl is not None for sl in getattr(bundle, "slices", None) or ()):
+            raise BuildError("internal error: Ray Data returned a partial block")  # never for map outputs
+        for ref in bundle.block_refs:
+            blocks.append(ref)
+            parts.append(measure.remote(ref, seq_length))
+    return blocks, parts
+
+
+def _shuffle_and_write(blocks: list, plan_ref, num_shards: int, write_kw: dict) -> list[dict]:
+    """Assign pack slots and write the shards: one partition task per block (its samples cut by
+    output shard), one writer task per shard (its parts from every block). A block is read once
+    and each sample crosses the object store once; Ray retries a task that dies. Empties
+    ``blocks``, so that each block is freed once its partition task has run."""
+    import ray
+
+    split = ray.remote(partition_block).options(num_returns=num_shards)
+    parts = [split.remote(b, plan_ref, num_shards) for b in blocks]
+    if num_shards == 1:
+        parts = [[p] for p in parts]
+    blocks.clear()
+    write = ray.remote(write_parts)
+    pending = [write.remote(s, *(p[s] for p in parts), **write_kw) for s in range(num_shards)]
+    del parts
+    metas, step, t0 = [], max(1, num_shards // 10), time.time()
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        metas += ray.get(done)
+        if len(metas) % step == 0 or not pending:
+            log.info("shards written: %d/%d (%.0f s)", len(metas), num_shards, time.time() - t0)
+    return sorted(metas, key=lambda m: m["shard"])
 
 
 def run(cfg: BuildConfig) -> dict:
@@ -641,14 +686,14 @@ def run(cfg: BuildConfig) -> dict:
     import ray
 
     ds = _tokenize_dataset(cfg, chunks, info, so, pool)
+    S = cfg.seq_length
     t_stage = time.time()
-    tokenized = ds.materialize()
+    blocks, parts = _tokenize_and_measure(ds, S)
     timings = {"start": round(t_stage - t0, 2), "read+tokenize": round(time.time() - t_stage, 2)}
     t_stage = time.time()
 
-    # ---- stats
-    S = cfg.seq_length
-    agg = _collect(_length_parts(tokenized, S))
+    # ---- stats (computed per block while tokenizing: this waits for the last ones)
+    agg = _collect(ray.get(parts))
     errors = agg["errors"]
     hist_kept = stats_mod.add_hist(np.zeros(S + 1, dtype=np.int64), agg["hist_kept"])  # kept lengths are <= S
     rejected, dropped = _split_reasons(errors)
@@ -680,18 +725,9 @@ def run(cfg: BuildConfig) -> dict:
     t_stage = time.time()
 
     # ---- assign + write shards (into _tmp/shards)
-    metas = (
-        tokenized.map_batches(assign_pack_slots, fn_kwargs={"plan_ref": plan_ref}, batch_format="pyarrow")
-        .groupby("shard", num_partitions=num_shards)
-        .map_groups(
-            write_shards,
-            fn_kwargs={"tmp_dir": join(cfg.output, TMP, "shards"), "so": so, "layout": cfg.layout, "seq_length": S,
-                       "pad_id": pad_id, "resume": resuming},
-            batch_format="pyarrow",
-        )
-        .take_all()
-    )
-    metas = sorted((json.loads(m["meta"]) | {"shard": m["shard"]} for m in metas), key=lambda m: m["shard"])
+    write_kw = {"tmp_dir": join(cfg.output, TMP, "shards"), "so": so, "layout": cfg.layout, "seq_length": S,
+                "pad_id": pad_id, "resume": resuming}
+    metas = _shuffle_and_write(blocks, plan_ref, num_shards, write_kw)
     if resuming:
         log.info("resume: reused %d of %d shards", sum(bool(m.get("resumed")) for m in metas), len(metas))
     if [m["shard"] for m in metas] != list(range(num_shards)):

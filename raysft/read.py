@@ -109,6 +109,22 @@ def _short(e: Exception) -> str:
     return msg[:200]
 
 
+def split_tail(chunks: list[Chunk], count: int, parts: int = 4) -> list[Chunk]:
+    """Cut each of the last ``count`` chunks into ``parts`` byte ranges (JSON Lines chunks
+    only), renumbered in order. Workers take chunks in order, so the last ones decide when the
+    stage ends: smaller final chunks let every worker finish at about the same time."""
+    out: list[Chunk] = []
+    first = len(chunks) - count
+    for i, c in enumerate(chunks):
+        if i >= first and c.kind == "jsonl" and c.end - c.start >= parts:
+            step = -(-(c.end - c.start) // parts)
+            for lo in range(c.start, c.end, step):
+                out.append(Chunk(len(out), c.src, c.url, c.kind, lo, min(c.end, lo + step)))
+        else:
+            out.append(Chunk(len(out), c.src, c.url, c.kind, c.start, c.end))
+    return out
+
+
 def plan_chunks(files: list[InputFile], so: dict | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[Chunk]:
     chunks: list[Chunk] = []
     for src, f in enumerate(files):

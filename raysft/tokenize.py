@@ -46,6 +46,7 @@ class TokenizerInfo:
     vocab_size: int
 
     def load(self):
+        """A new tokenizer of its own (safe to change)."""
         from tokenizers import Tokenizer
 
         tok = Tokenizer.from_str(self.tokenizer_json)
@@ -53,13 +54,24 @@ class TokenizerInfo:
         tok.no_padding()
         return tok
 
+    def shared(self):
+        """One tokenizer per TokenizerInfo for lookups that change nothing (parsing a large
+        tokenizer.json takes ~0.5 s); not pickled with the info."""
+        tok = self.__dict__.get("_shared")
+        if tok is None:
+            tok = self.__dict__["_shared"] = self.load()
+        return tok
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_shared"}
+
     @property
     def specials(self) -> Specials:
         return Specials(self.bos, self.eos)
 
     def pad_id(self) -> int:
         """Pad id: the tokenizer's pad token, else its EOS token."""
-        tok = self.load()
+        tok = self.shared()
         for t in (self.pad, self.eos):
             if t is not None and tok.token_to_id(t) is not None:
                 return tok.token_to_id(t)
@@ -124,13 +136,15 @@ def load_tokenizer_info(path: str, trust_remote_code: bool = False) -> Tokenizer
     if isinstance(chat_template, list):  # named templates: use "default"
         named = {t.get("name"): t.get("template") for t in chat_template if isinstance(t, dict)}
         chat_template = named.get("default")
-    added = json.loads(tokenizer_json).get("added_tokens", [])
-    specials = tuple(t["content"] for t in added if t.get("special"))
+    added = sorted(tok.get_added_tokens_decoder().items())
+    specials = tuple(t.content for _, t in added if t.special)
     bos, eos, pad = (_token_text(config.get(k)) for k in ("bos_token", "eos_token", "pad_token"))
     if not config:  # a bare tokenizer.json: recognise the usual special-token names
         bos = bos or next((t for t in KNOWN_BOS if t in specials), None)
         eos = eos or next((t for t in KNOWN_EOS if t in specials), None)
-    return TokenizerInfo(
+    tok.no_truncation()
+    tok.no_padding()
+    info = TokenizerInfo(
         path=path,
         tokenizer_json=tokenizer_json,
         bos=bos,
@@ -140,6 +154,8 @@ def load_tokenizer_info(path: str, trust_remote_code: bool = False) -> Tokenizer
         special_strings=specials,
         vocab_size=tok.get_vocab_size(with_added_tokens=True),
     )
+    info.__dict__["_shared"] = tok
+    return info
 
 
 def add_special_tokens(info: TokenizerInfo, markers: tuple[str, ...]) -> tuple[TokenizerInfo, list[str]]:
@@ -164,7 +180,7 @@ def add_special_tokens(info: TokenizerInfo, markers: tuple[str, ...]) -> tuple[T
 
 
 def missing_markers(info: TokenizerInfo, markers: tuple[str, ...]) -> list[str]:
-    tok = info.load()
+    tok = info.shared()
     return [m for m in markers if tok.token_to_id(m) is None]
 
 
@@ -340,8 +356,6 @@ class SampleBuilder:
         n = len(raws)
         reasons = [""] * n
         messages = [""] * n
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.lanes, thread_name_prefix="encode")
         size = max(1, -(-n // self.lanes))
 
         def lane(lo: int):
@@ -349,7 +363,12 @@ class SampleBuilder:
             encodings = self.tokenizer.encode_batch([r.text for r in rendered], add_special_tokens=False)
             return (*flatten_encodings(encodings, rendered), at)
 
-        parts = list(self._pool.map(lane, range(0, n, size)))
+        if self.lanes == 1:
+            parts = [lane(0)] if n else []
+        else:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.lanes, thread_name_prefix="encode")
+            parts = list(self._pool.map(lane, range(0, n, size)))
         where = [i for p in parts for i in p[2]]
         values = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int32)
         counts = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64)

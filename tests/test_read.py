@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from raysft.read import expand_inputs, plan_chunks, read_chunk
+from raysft.read import expand_inputs, plan_chunks, read_chunk, split_tail
 
 
 def reference_lines(data: bytes) -> list[tuple[int, bytes]]:
@@ -17,8 +17,9 @@ def reference_lines(data: bytes) -> list[tuple[int, bytes]]:
     return out
 
 
-def lines_by_chunks(path, chunk_bytes: int) -> list[tuple[int, bytes]]:
-    chunks = plan_chunks(expand_inputs([str(path)]), None, chunk_bytes)
+def lines_by_chunks(path, chunk_bytes: int, tail: int = 0) -> list[tuple[int, bytes]]:
+    chunks = split_tail(plan_chunks(expand_inputs([str(path)]), None, chunk_bytes), tail)
+    assert [c.chunk for c in chunks] == list(range(len(chunks)))
     got = []
     for c in chunks:
         rows = read_chunk(c)
@@ -47,6 +48,18 @@ def test_every_line_once_for_any_chunk_size(tmp_path, trailing_newline):
     assert len(want) > 250
     for chunk_bytes in (5, 64, 100, 333, 1000, 4096, len(data) - 1, len(data), 1 << 20):
         assert lines_by_chunks(path, chunk_bytes) == want, chunk_bytes
+        assert lines_by_chunks(path, chunk_bytes, tail=3) == want, chunk_bytes  # last 3 chunks cut in 4
+
+
+def test_split_tail_cuts_only_the_last_chunks(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'{"a": 1}\n' * 1000)
+    chunks = plan_chunks(expand_inputs([str(path)]), None, 1000)  # 9 chunks
+    split = split_tail(chunks, 2)
+    assert len(split) == 7 + 2 * 4
+    assert [(c.start, c.end) for c in split[:7]] == [(c.start, c.end) for c in chunks[:7]]
+    assert [c.end - c.start for c in split[7:]] == [250] * 8
+    assert split[-1].end == 9000 and all(a.end == b.start for a, b in zip(split, split[1:]))
 
 
 def test_chunk_cut_exactly_after_a_newline(tmp_path):
