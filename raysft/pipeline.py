@@ -207,8 +207,16 @@ class TokenizeAndMask:
         )
 
 
+_EMPTY = pa.table({k: pa.array([], t) for k, t in (
+    ("n", pa.int32()), ("orig_n", pa.int32()), ("piece", pa.int32()), ("reason", pa.string()), ("src", pa.int32()),
+    ("chunk", pa.int32()), ("run_first", pa.int64()), ("loss_n", pa.int32()), ("idx", pa.int64()), ("row", pa.int64()),
+    ("offset", pa.int64()), ("message", pa.string()), ("bad_raw", pa.binary()))})
+
+
 def length_stats(batch: pa.Table, seq_length: int) -> dict:
     """Stats stage (Ray task, one per tokenized block): its histograms and counts."""
+    if "n" not in batch.column_names:  # an empty block without schema
+        batch = _EMPTY
     n = batch.column("n").to_numpy()
     orig_n = batch.column("orig_n").to_numpy()
     first = batch.column("piece").to_numpy() == 0  # one row per record read
@@ -624,7 +632,9 @@ def _tokenize_and_measure(ds, seq_length: int) -> tuple[list, list]:
     for bundle in ds.iter_internal_ref_bundles():
         if any(sl is not None for sl in getattr(bundle, "slices", None) or ()):
             raise BuildError("internal error: Ray Data returned a partial block")  # never for map outputs
-        for ref in bundle.block_refs:
+        for ref, meta in zip(bundle.block_refs, bundle.metadata):
+            if meta.num_rows == 0:
+                continue  # an empty block (it may lack the schema): nothing to count or write
             blocks.append(ref)
             parts.append(measure.remote(ref, seq_length))
     return blocks, parts
