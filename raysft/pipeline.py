@@ -207,16 +207,8 @@ class TokenizeAndMask:
         )
 
 
-_EMPTY = pa.table({k: pa.array([], t) for k, t in (
-    ("n", pa.int32()), ("orig_n", pa.int32()), ("piece", pa.int32()), ("reason", pa.string()), ("src", pa.int32()),
-    ("chunk", pa.int32()), ("run_first", pa.int64()), ("loss_n", pa.int32()), ("idx", pa.int64()), ("row", pa.int64()),
-    ("offset", pa.int64()), ("message", pa.string()), ("bad_raw", pa.binary()))})
-
-
 def length_stats(batch: pa.Table, seq_length: int) -> dict:
     """Stats stage (Ray task, one per tokenized block): its histograms and counts."""
-    if "n" not in batch.column_names:  # an empty block without schema
-        batch = _EMPTY
     n = batch.column("n").to_numpy()
     orig_n = batch.column("orig_n").to_numpy()
     first = batch.column("piece").to_numpy() == 0  # one row per record read
@@ -293,19 +285,18 @@ def partition_block(batch: pa.Table, plan: dict, num_shards: int) -> list[pa.Tab
     their pack slots, cut into one table per output shard (empty where it has none); the table
     itself for one shard (a Ray task with one return value returns it as is)."""
     t = assign_pack_slots(batch, plan)
+    if num_shards == 1:
+        return t
     shard = t.column("shard").to_numpy()
     order = np.argsort(shard, kind="stable")
     bounds = np.searchsorted(shard[order], np.arange(num_shards + 1))
     # take, not slice: a slice would carry (and serialize) the whole block's buffers
-    if num_shards == 1:
-        return t
     return [t.take(pa.array(order[bounds[s] : bounds[s + 1]])) for s in range(num_shards)]
 
 
 def write_parts(shard: int, *parts: pa.Table, **kw) -> dict:
     """Shuffle, reduce side (Ray task, one per shard): its parts from every block -> the shard."""
-    batch = pa.concat_tables(parts)
-    return json.loads(write_shards(batch, **kw)["meta"][0].as_py()) | {"shard": shard}
+    return write_shards(pa.concat_tables(parts), shard, **kw) | {"shard": shard}
 
 
 def existing_shard(fs, prefix: str, suffixes: tuple[str, ...] = ("",)) -> dict | None:
@@ -325,16 +316,15 @@ def existing_shard(fs, prefix: str, suffixes: tuple[str, ...] = ("",)) -> dict |
     return metas[0] if fs.exists(prefix + ".prov") else None
 
 
-def write_shards(batch: pa.Table, tmp_dir: str, so: dict, layout: str, seq_length: int, pad_id: int,
-                resume: bool = False) -> pa.Table:
-    """Write-shards stage (Ray task): all samples of one pack range -> one .bin/.idx shard."""
-    shard = int(batch.column("shard")[0].as_py())
+def write_shards(batch: pa.Table, shard: int, tmp_dir: str, so: dict, layout: str, seq_length: int, pad_id: int,
+                 resume: bool = False) -> dict:
+    """Write-shards stage: all samples of one pack range -> one .bin/.idx shard; its meta."""
     fs, root = get_fs(tmp_dir, so)
     prefix = join(root, f"part-{shard:05d}")
     if resume:
         done = existing_shard(fs, prefix, layout_parts(layout))
         if done is not None:
-            return pa.table({"shard": [shard], "meta": [json.dumps(done | {"resumed": True})]})
+            return done | {"resumed": True}
     ids_col = batch.column("ids").combine_chunks()
     offsets = ids_col.offsets.to_numpy()
     values = ids_col.values.to_numpy(zero_copy_only=False)
@@ -346,8 +336,7 @@ def write_shards(batch: pa.Table, tmp_dir: str, so: dict, layout: str, seq_lengt
         f.write(prov.tobytes())
     writer = ShardWriter(fs, prefix, layout, seq_length, pad_id)
     writer.write_all([samples[i] for i in order], out_pack[order])
-    meta = writer.close()
-    return pa.table({"shard": [shard], "meta": [json.dumps(meta)]})
+    return writer.close()
 
 
 # --------------------------------------------------------------------------- driver
@@ -592,8 +581,6 @@ def _start_ray(cfg: BuildConfig, chunks: int) -> TokenizePool:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
     ctx.execution_options.verbose_progress = False  # progress bars, not per-operator metric dumps
-    # task-based sort shuffle: no aggregator actors to start, far cheaper at our group counts
-    ctx.shuffle_strategy = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     pool = size_pool(int(ray.cluster_resources().get("CPU", 1)), cfg.tokenize_workers, chunks)
     log.info("tokenizer actors: %d, %d encoder thread(s) each", pool.workers, pool.threads)
     return pool

@@ -350,7 +350,7 @@ class SampleBuilder:
         """Records -> kept samples' signed tokens, back to back, and a reason per rejected one.
 
         The batch is cut into ``lanes`` equal parts that go through render -> encode -> flatten
-        in threads of their own: the Rust encoder releases the GIL, so while one part is in
+        in threads of their own (one lane runs inline): the Rust encoder releases the GIL, so while one part is in
         Python (JSON, templating, flattening) another keeps the encoder's cores busy. Parts are
         joined in order: the result does not depend on the number of lanes."""
         n = len(raws)
