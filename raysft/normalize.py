@@ -310,6 +310,9 @@ def _from_openai(record: dict, keys: dict[str, str]) -> Conversation:
     return Conversation(msgs, _tools(record, keys))
 
 
+_MAY_FOLLOW = {USER: (ASSISTANT,), ASSISTANT: (USER, TOOL), TOOL: (TOOL, ASSISTANT)}  # role -> roles after it
+
+
 def validate(conv: Conversation) -> None:
     """Role order: optional system first, then user/assistant alternation (tool results may
     follow an assistant tool call and precede the next assistant turn); ends on an assistant."""
@@ -324,16 +327,11 @@ def validate(conv: Conversation) -> None:
         if prev is None and m.role != USER:
             raise RecordError("role_order", f"turn {i}: conversation must start with a user turn, not {m.role}")
         if prev is not None:
-            ok = {
-                USER: (ASSISTANT,),
-                ASSISTANT: (USER, TOOL),
-                TOOL: (TOOL, ASSISTANT),
-            }[prev.role]
-            if m.role not in ok:
+            if m.role not in _MAY_FOLLOW[prev.role]:
                 raise RecordError("role_order", f"turn {i}: {m.role} after {prev.role}")
             if m.role == TOOL and prev.role == ASSISTANT and not prev.tool_calls:
                 raise RecordError("role_order", f"turn {i}: tool result without a preceding tool call")
-        if m.role == ASSISTANT and not m.content.strip() and not m.tool_calls and not m.reasoning:
+        if m.role == ASSISTANT and (not m.content or m.content.isspace()) and not m.tool_calls and not m.reasoning:
             raise RecordError("empty_assistant", f"turn {i}: assistant turn has empty content")
         prev = m
     if prev.role != ASSISTANT:

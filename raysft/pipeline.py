@@ -1,6 +1,6 @@
 """The Ray driver: wires the pure stages into Ray Data and runs them.
 
-read (tasks) -> normalize+template+tokenize+mask (actor pool) -> stats (tasks + driver)
+read+normalize+template+tokenize+mask (actor pool) -> stats (tasks + driver)
 -> sort+pack (plan on the driver from histograms, slot assignment in tasks)
 -> write shards (one task per pack range) -> merge (driver, streaming).
 
@@ -212,9 +212,10 @@ def length_stats(batch: pa.Table, seq_length: int) -> dict:
     n = batch.column("n").to_numpy()
     orig_n = batch.column("orig_n").to_numpy()
     first = batch.column("piece").to_numpy() == 0  # one row per record read
-    reason = np.asarray(batch.column("reason").to_pylist(), dtype=object)
     src = batch.column("src").to_numpy()
-    kept = reason == ""
+    # pyarrow compute, as assign_pack_slots uses it: its first call in a process costs ~0.2 s,
+    # paid here, during tokenization, by a worker Ray may reuse to partition the blocks
+    kept = pc.equal(batch.column("reason"), "").to_numpy(zero_copy_only=False)
     chunk = batch.column("chunk").to_numpy()[kept]
     run_first = batch.column("run_first").to_numpy()[kept]
     lk = n[kept].astype(np.int64)
@@ -523,8 +524,10 @@ def _tokenize_dataset(cfg: BuildConfig, chunks, info: TokenizerInfo, so: dict, p
         },
         batch_size=1,
         batch_format="numpy",
-        # one chunk queued per actor: a chunk waits for whichever actor is free first
-        compute=ray.data.ActorPoolStrategy(size=pool.workers, max_tasks_in_flight_per_actor=1),
+        # a second chunk queued per actor, so it starts the moment the first ends (with one, an
+        # actor idled ~0.15 s per chunk waiting for the next); the last chunks are cut small
+        # (split_tail), so a queued chunk delays the end by little
+        compute=ray.data.ActorPoolStrategy(size=pool.workers, max_tasks_in_flight_per_actor=2),
         num_cpus=pool.actor_cpus,
     )
     return ds
@@ -550,6 +553,8 @@ class TokenizePool:
     workers: int  # actors
     threads: int  # encoder threads per actor
     actor_cpus: float  # logical CPUs each actor (and the read fused into it) asks Ray for
+    stats_cpus: float = 1.0  # what a statistics task asks for: the CPU the actors leave, at most one
+
 
 
 def size_pool(cpus: int, workers: int | None = None, chunks: int | None = None) -> TokenizePool:
@@ -569,7 +574,11 @@ def size_pool(cpus: int, workers: int | None = None, chunks: int | None = None) 
     workers = max(1, min(workers, chunks or workers))
     threads = max(1, round(cpus / workers))
     spare = max(cpus - 1, cpus / 2) / workers
-    return TokenizePool(workers, threads, math.floor(min(float(threads), spare) * 1e4) / 1e4)
+    actor_cpus = math.floor(min(float(threads), spare) * 1e4) / 1e4
+    # one statistics task at a time beside the actors: a second would only make Ray start
+    # (and import into) another worker process for a task of milliseconds
+    stats_cpus = math.floor(min(1.0, cpus - workers * actor_cpus) * 1e4) / 1e4
+    return TokenizePool(workers, threads, actor_cpus, stats_cpus)
 
 
 def _start_ray(cfg: BuildConfig, chunks: int) -> TokenizePool:
@@ -597,24 +606,22 @@ def measure_inputs(cfg: BuildConfig) -> tuple[dict, dict]:
     """Read and tokenize the inputs and return their length statistics (no output written)."""
     so, info, files, chunks = _prepare(cfg)
     pool = _start_ray(cfg, len(chunks))
-    _, parts = _tokenize_and_measure(_tokenize_dataset(cfg, chunks, info, so, pool), cfg.seq_length)
+    _, parts = _tokenize_and_measure(_tokenize_dataset(cfg, chunks, info, so, pool), cfg.seq_length,
+                                     pool.stats_cpus)
     import ray
 
     agg = _collect(ray.get(parts))
     return agg, dict(_split_reasons(agg["errors"])[0])
 
 
-STATS_CPUS = 0.25  # a block's statistics take milliseconds: run them beside the tokenizer actors
-
-
-def _tokenize_and_measure(ds, seq_length: int) -> tuple[list, list]:
+def _tokenize_and_measure(ds, seq_length: int, stats_cpus: float) -> tuple[list, list]:
     """Run the read+tokenize dataset to its end, keeping its blocks in the object store, and
     start the statistics of each block as soon as it exists (a small task, on the CPU the
     actors leave, where the block is): they are ready when tokenization ends, with no second
     pass over the data. Returns the block refs and the refs of their statistics."""
     import ray
 
-    measure = ray.remote(length_stats).options(num_cpus=STATS_CPUS)
+    measure = ray.remote(length_stats).options(num_cpus=stats_cpus)
     blocks, parts = [], []
     for bundle in ds.iter_internal_ref_bundles():
         if any(sl is not None for sl in getattr(bundle, "slices", None) or ()):
@@ -685,7 +692,7 @@ def run(cfg: BuildConfig) -> dict:
     ds = _tokenize_dataset(cfg, chunks, info, so, pool)
     S = cfg.seq_length
     t_stage = time.time()
-    blocks, parts = _tokenize_and_measure(ds, S)
+    blocks, parts = _tokenize_and_measure(ds, S, pool.stats_cpus)
     timings = {"start": round(t_stage - t0, 2), "read+tokenize": round(time.time() - t_stage, 2)}
     t_stage = time.time()
 

@@ -21,6 +21,10 @@ def test_pool_leaves_a_cpu_and_uses_every_core(cpus, workers, expect):
     pool = size_pool(cpus, workers)
     assert (pool.workers, pool.threads, pool.actor_cpus) == expect
     assert pool.workers * pool.actor_cpus <= max(cpus - 1, cpus / 2)
+    # one statistics task fits beside the actors, and only one: it takes the CPU they leave
+    assert 0 < pool.stats_cpus <= 1
+    assert pool.workers * pool.actor_cpus + pool.stats_cpus <= cpus
+    assert pool.workers * pool.actor_cpus + 2 * pool.stats_cpus > cpus or pool.stats_cpus == 1
 
 
 def test_no_more_actors_than_chunks():

@@ -1,3 +1,7 @@
+import errno
+import os
+import pathlib
+
 import fsspec
 import numpy as np
 import pytest
@@ -42,8 +46,29 @@ def test_pai_layout():
     assert seq1[S:].tolist() == [31] + [IGNORE] * 7
 
 
-def test_merge_concatenates_shards(tmp_path):
-    fs = fsspec.filesystem("file")
+def _copy_file_range_refused_at(call: int, unit: int):
+    """os.copy_file_range that copies ``unit`` bytes per call and fails on call number ``call``."""
+    real, seen = os.copy_file_range, [0]
+
+    def fake(src, dst, count, *args):
+        seen[0] += 1
+        if seen[0] == call:
+            raise OSError(errno.EXDEV, "refused")
+        return real(src, dst, min(count, unit), *args)
+
+    return fake
+
+
+@pytest.mark.parametrize("fs_name, refuse_at", [("file", None), ("file", 1), ("file", 3), ("memory", None)])
+def test_merge_concatenates_shards(tmp_path, monkeypatch, fs_name, refuse_at):
+    """Local disk copies in the kernel, falling back to a buffered copy where copy_file_range
+    is refused (at a file's start or mid-file; the next shard goes back to the kernel copy);
+    other file systems stream. The bytes are the same."""
+    if refuse_at is not None:
+        monkeypatch.setattr(os, "copy_file_range", _copy_file_range_refused_at(refuse_at, 4))
+    fs = fsspec.filesystem(fs_name)
+    if fs_name == "memory":
+        tmp_path = pathlib.PurePosixPath(f"/merge-{refuse_at}")
     prefixes = []
     for k, (samples, packs) in enumerate([(SAMPLES[:2], [0, 1]), (SAMPLES[2:], [2])]):
         p = str(tmp_path / f"part-{k}")
@@ -54,9 +79,9 @@ def test_merge_concatenates_shards(tmp_path):
     merged = merge_shards(fs, prefixes, str(tmp_path / "data"))
     assert merged.sequence_lengths.tolist() == [4, 3, 2]
     assert merged.document_indices.tolist() == [0, 1, 2, 3]
-    data = np.fromfile(tmp_path / "data.bin", dtype="<i4")
+    data = np.frombuffer(fs.cat_file(str(tmp_path / "data.bin")), dtype="<i4")
     assert data.tolist() == sum((s.tolist() for s in SAMPLES), [])
-    assert decode_index((tmp_path / "data.idx").read_bytes()).sequence_lengths.tolist() == [4, 3, 2]
+    assert decode_index(fs.cat_file(str(tmp_path / "data.idx"))).sequence_lengths.tolist() == [4, 3, 2]
 
 
 def test_mindspeed_layout():
