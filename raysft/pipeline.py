@@ -207,15 +207,21 @@ class TokenizeAndMask:
         )
 
 
+def kept_mask(batch: pa.Table):
+    """Rows of a tokenized block that are samples to write (rejected and dropped records carry
+    their reason)."""
+    return pc.equal(batch.column("reason"), "")
+
+
 def length_stats(batch: pa.Table, seq_length: int) -> dict:
     """Stats stage (Ray task, one per tokenized block): its histograms and counts."""
     n = batch.column("n").to_numpy()
     orig_n = batch.column("orig_n").to_numpy()
     first = batch.column("piece").to_numpy() == 0  # one row per record read
     src = batch.column("src").to_numpy()
-    # pyarrow compute, as assign_pack_slots uses it: its first call in a process costs ~0.2 s,
-    # paid here, during tokenization, by a worker Ray may reuse to partition the blocks
-    kept = pc.equal(batch.column("reason"), "").to_numpy(zero_copy_only=False)
+    # pyarrow compute's first call in a process costs ~0.2 s: paid here, during tokenization,
+    # by a worker Ray may reuse to partition the blocks
+    kept = kept_mask(batch).to_numpy(zero_copy_only=False)
     chunk = batch.column("chunk").to_numpy()[kept]
     run_first = batch.column("run_first").to_numpy()[kept]
     lk = n[kept].astype(np.int64)
@@ -252,8 +258,7 @@ def length_stats(batch: pa.Table, seq_length: int) -> dict:
 def assign_pack_slots(batch: pa.Table, ctx: dict) -> pa.Table:
     """Sort+pack stage, per block: each kept sample gets its output pack, its position in the
     pack and the shard that writes it (``ctx``: the plan as the driver puts it)."""
-    keep = pc.equal(batch.column("reason"), "")
-    batch = batch.filter(keep)
+    batch = batch.filter(kept_mask(batch))
     n = batch.column("n").to_numpy().astype(np.int64)
     chunk = batch.column("chunk").to_numpy().astype(np.int64)
     run_first = batch.column("run_first").to_numpy()
@@ -553,8 +558,7 @@ class TokenizePool:
     workers: int  # actors
     threads: int  # encoder threads per actor
     actor_cpus: float  # logical CPUs each actor (and the read fused into it) asks Ray for
-    stats_cpus: float = 1.0  # what a statistics task asks for: the CPU the actors leave, at most one
-
+    stats_cpus: float  # what a statistics task asks for: the CPU the actors leave, at most one
 
 
 def size_pool(cpus: int, workers: int | None = None, chunks: int | None = None) -> TokenizePool:

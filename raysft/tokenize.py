@@ -49,10 +49,7 @@ class TokenizerInfo:
         """A new tokenizer of its own (safe to change)."""
         from tokenizers import Tokenizer
 
-        tok = Tokenizer.from_str(self.tokenizer_json)
-        tok.no_truncation()
-        tok.no_padding()
-        return tok
+        return _whole(Tokenizer.from_str(self.tokenizer_json))
 
     def shared(self):
         """One tokenizer per TokenizerInfo for lookups that change nothing (parsing a large
@@ -76,6 +73,13 @@ class TokenizerInfo:
             if t is not None and tok.token_to_id(t) is not None:
                 return tok.token_to_id(t)
         raise TokenizerError(f"{self.path}: the tokenizer has neither a pad nor an eos token")
+
+
+def _whole(tok):
+    """The tokenizer without truncation or padding: every sample is encoded in full."""
+    tok.no_truncation()
+    tok.no_padding()
+    return tok
 
 
 KNOWN_BOS = ("<|begin_of_text|>", "<s>", "<｜begin▁of▁sentence｜>", "[gMASK]<sop>", "<bos>")
@@ -142,8 +146,6 @@ def load_tokenizer_info(path: str, trust_remote_code: bool = False) -> Tokenizer
     if not config:  # a bare tokenizer.json: recognise the usual special-token names
         bos = bos or next((t for t in KNOWN_BOS if t in specials), None)
         eos = eos or next((t for t in KNOWN_EOS if t in specials), None)
-    tok.no_truncation()
-    tok.no_padding()
     info = TokenizerInfo(
         path=path,
         tokenizer_json=tokenizer_json,
@@ -154,7 +156,7 @@ def load_tokenizer_info(path: str, trust_remote_code: bool = False) -> Tokenizer
         special_strings=specials,
         vocab_size=tok.get_vocab_size(with_added_tokens=True),
     )
-    info.__dict__["_shared"] = tok
+    info.__dict__["_shared"] = _whole(tok)
     return info
 
 
@@ -350,9 +352,10 @@ class SampleBuilder:
         """Records -> kept samples' signed tokens, back to back, and a reason per rejected one.
 
         The batch is cut into ``lanes`` equal parts that go through render -> encode -> flatten
-        in threads of their own (one lane runs inline): the Rust encoder releases the GIL, so while one part is in
-        Python (JSON, templating, flattening) another keeps the encoder's cores busy. Parts are
-        joined in order: the result does not depend on the number of lanes."""
+        in threads of their own (one lane runs inline): the Rust encoder releases the GIL, so
+        while one part is in Python (JSON, templating, flattening) another keeps the encoder's
+        cores busy. Parts are joined in order: the result does not depend on the number of
+        lanes."""
         n = len(raws)
         reasons = [""] * n
         messages = [""] * n
