@@ -170,7 +170,10 @@ class TokenizeAndMask:
         bad_raw = [b"" if k else raws[i] for i, k in zip(records, kept.tolist())]
         offsets = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(np.where(kept, lengths, 0), out=offsets[1:])
-        loss_n = loss_counts(values, offsets).astype(np.int32)
+        if fitted:  # pieces of cut records: count their loss tokens again
+            loss_n = loss_counts(values, offsets).astype(np.int32)
+        else:
+            loss_n = e.loss.astype(np.int32)
         offsets = offsets.astype(np.int32)
         take_a = pa.array(take)
         chunk = batch.column("chunk").to_numpy()[take]

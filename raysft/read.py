@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from itertools import accumulate
 
 from .fs import full_url, get_fs, is_remote
 
@@ -204,10 +205,12 @@ def read_chunk(c: Chunk, so: dict | None = None) -> RawRows:
             first = data.find(b"\n")
             pos = base + first + 1 if first >= 0 else base + len(data)
             data = data[pos - base :]
-        for line in data.split(b"\n"):
-            if line.strip():
-                add(-1, pos, line.rstrip(b"\r"))
-            pos += len(line) + 1
+        lines = data.split(b"\n")
+        starts = list(accumulate((len(line) + 1 for line in lines), initial=pos))
+        keep = [i for i, line in enumerate(lines) if line.strip()]  # blank lines are no records
+        n = len(keep)
+        return RawRows(list(range(n)), [-1] * n, [starts[i] for i in keep], [lines[i].rstrip(b"\r") for i in keep],
+                       [""] * n)
     elif c.kind == "json":
         with fs.open(path, "rb") as fh:
             data = fh.read()

@@ -20,6 +20,7 @@ import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 
@@ -228,27 +229,44 @@ def _token_at(encoding, pos: int, stop: int, step: int) -> int | None:
     return None
 
 
-def flatten_encodings(encodings, rendered: list[Rendered]) -> tuple[np.ndarray, np.ndarray]:
+def flatten_encodings(encodings, rendered: list[Rendered]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Encodings of rendered texts -> (signed int32 tokens of all texts back to back, token
-    count per text). Loss flags are set per batch from token ranges, with no per-token Python."""
-    flat: list[int] = []
-    lengths = np.empty(len(encodings), dtype=np.int64)
+    count per text, loss-bearing token count per text). Loss flags are set per batch from token
+    ranges, with no per-token Python."""
+    ids = [enc.ids for enc in encodings]
+    n = len(ids)
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=n)
+    starts = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths, out=starts[1:])
+    total = int(starts[-1])
+    flat = np.fromiter(chain.from_iterable(ids), dtype=np.int32, count=total)
     edges: list[int] = []
     ends: list[int] = []
-    offset = 0
-    for k, (enc, r) in enumerate(zip(encodings, rendered)):
-        ids = enc.ids
-        flat += ids
-        lengths[k] = len(ids)
-        for first, stop in _loss_ranges(enc, r.spans):
-            edges.append(offset + first)
-            ends.append(offset + stop)
-        offset += len(ids)
-    ids = np.array(flat, dtype=np.int32)
-    depth = np.zeros(offset + 1, dtype=np.int32)  # +1 where a loss range opens, -1 where it closes
+    counts: list[int] = []  # loss-bearing tokens per text
+    for enc, r, offset in zip(encodings, rendered, starts.tolist()):
+        count = 0
+        done = 0  # end of the previous range: consecutive ranges may share a straddling token
+        for start, end in r.spans:
+            # the tokens covering a span's first and last characters (the common case: one call
+            # each; _token_at steps over characters a normalizer removed)
+            first = enc.char_to_token(start)
+            if first is None:
+                first = _token_at(enc, start, end, +1)
+            last = enc.char_to_token(end - 1)
+            if last is None:
+                last = _token_at(enc, end - 1, start - 1, -1)
+            if first is not None and last is not None and last >= first:
+                edges.append(offset + first)
+                ends.append(offset + last + 1)
+                count += last + 1 - max(first, done)
+                done = last + 1
+        counts.append(count)
+    # +1 where a loss range opens, -1 where it closes
+    depth = np.zeros(total + 1, dtype=np.int32)
     np.add.at(depth, edges, 1)
     np.add.at(depth, ends, -1)
-    return np.where(np.cumsum(depth[:-1]) > 0, ids, ~ids), lengths
+    loss = np.cumsum(depth[:-1], dtype=np.int32) > 0
+    return np.where(loss, flat, ~flat), lengths, np.array(counts, dtype=np.int64)
 
 
 def split_flat(values: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
@@ -264,7 +282,8 @@ def loss_counts(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 def encode_rendered(tokenizer, rendered: list[Rendered]) -> list[np.ndarray]:
     """Tokenize rendered texts in one batch call; return signed int32 arrays (see module doc)."""
     encodings = tokenizer.encode_batch([r.text for r in rendered], add_special_tokens=False)
-    return split_flat(*flatten_encodings(encodings, rendered))
+    values, lengths, _ = flatten_encodings(encodings, rendered)
+    return split_flat(values, lengths)
 
 
 def decode_signed(signed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -280,6 +299,7 @@ class Encoded:
 
     values: np.ndarray  # int32, signed (see module doc)
     lengths: np.ndarray  # int64 per record: its token count, 0 when rejected
+    loss: np.ndarray  # int64 per record: its loss-bearing token count, 0 when rejected
     ok: np.ndarray  # bool per record: kept
     reasons: list[str]  # per record: "" or why it was rejected
     messages: list[str]
@@ -372,14 +392,15 @@ class SampleBuilder:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.lanes, thread_name_prefix="encode")
             parts = list(self._pool.map(lane, range(0, n, size)))
-        where = [i for p in parts for i in p[2]]
+        where = [i for p in parts for i in p[3]]
         values = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int32)
         counts = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64)
         lengths = np.zeros(n, dtype=np.int64)
+        loss_n = np.zeros(n, dtype=np.int64)
         ok = np.zeros(n, dtype=bool)
         if where:
             at = np.asarray(where, dtype=np.int64)
-            loss = loss_counts(values, np.concatenate([[0], np.cumsum(counts)]))
+            loss = np.concatenate([p[2] for p in parts])
             good = (counts > 0) & (loss > 0)
             for j in np.flatnonzero(~good).tolist():
                 i = where[j]
@@ -387,12 +408,12 @@ class SampleBuilder:
                     reasons[i], messages[i] = "empty_sample", "the rendered conversation has no tokens"
                 else:
                     reasons[i], messages[i] = "all_masked", "no token of the sample carries loss"
-            keep = np.repeat(good, counts)
-            if not keep.all():
-                values = values[keep]
+            if not good.all():
+                values = values[np.repeat(good, counts)]
             lengths[at[good]] = counts[good]
+            loss_n[at[good]] = loss[good]
             ok[at[good]] = True
-        return Encoded(values, lengths, ok, reasons, messages)
+        return Encoded(values, lengths, loss_n, ok, reasons, messages)
 
     def __call__(self, raws: list[bytes], errors: list[str] | None = None):
         """Per record: its signed token array (None when rejected), reasons, messages."""

@@ -1,8 +1,8 @@
 import numpy as np
 
 from raysft.normalize import normalize
-from raysft.template import Template
-from raysft.tokenize import SampleBuilder, decode_signed, encode_rendered, loss_flags
+from raysft.template import Rendered, Template
+from raysft.tokenize import SampleBuilder, decode_signed, encode_rendered, flatten_encodings, loss_flags
 
 CONV = {"messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "2+2 is 4."}]}
 
@@ -29,6 +29,18 @@ def test_straddling_token_carries_loss(llama3_info):
     # a span covering the last char of "hello" and the space marks both tokens
     assert loss_flags(enc, [(4, 6)], 2).tolist() == [True, True]
     assert loss_flags(enc, [], 2).tolist() == [False, False]
+
+
+def test_loss_counts_count_a_shared_token_once(llama3_info):
+    """Two spans inside one token flag it once; the per-text loss count says the same."""
+    tok = llama3_info.load()
+    texts = [Rendered("hello world", [(1, 2), (3, 4)]), Rendered("hello world", [(4, 7)]),
+             Rendered("hello world", []), Rendered("", [])]
+    encs = tok.encode_batch([r.text for r in texts], add_special_tokens=False)
+    values, lengths, loss = flatten_encodings(encs, texts)
+    assert lengths.tolist() == [2, 2, 2, 0]
+    assert (values >= 0).tolist() == [True, False, True, True, False, False]
+    assert loss.tolist() == [1, 2, 0, 0]
 
 
 def test_sample_builder_reports_reasons(llama3_info):
@@ -72,4 +84,6 @@ def test_batch_encoding_matches_one_record_at_a_time(llama3_info, shared_data):
     assert reasons[10:12] == ["invalid_json", "no_final_assistant"]
     kept = [a for a in ids if a is not None]
     assert len(kept) == 50
+    e = b.encode(raws, [""] * len(raws))
+    assert e.loss.tolist() == [int((a >= 0).sum()) if a is not None else 0 for a in ids]
     assert [a.tolist() for a in kept] == [a.tolist() for a in batched[:50]]
