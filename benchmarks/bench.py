@@ -127,6 +127,7 @@ class TreeMemory:
         self.peak_rss = 0
         self.at_peak: list[tuple[str, int]] = []  # (process, PSS) at the peak, largest first
         self.cpu: dict[int, float] = {}  # pid -> user + system seconds, last reading
+        self.names: dict[int, str] = {}  # pid -> process name (Ray names its workers ray::Class)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -144,6 +145,8 @@ class TreeMemory:
                 try:
                     t = p.cpu_times()
                     self.cpu[p.pid] = t.user + t.system
+                    if tick % 4 == 0 or p.pid not in self.names:  # Ray workers rename themselves
+                        self.names[p.pid] = p.name()
                 except psutil.Error:
                     pass
             if tick % 4 == 0:  # reading smaps is not free: memory once a second
@@ -168,6 +171,16 @@ class TreeMemory:
             self.peak = pss
             self.at_peak = sorted(each, key=lambda x: -x[1])[:6]
         self.peak_rss = max(self.peak_rss, rss)
+
+    def cpu_by_name(self, top: int = 12) -> list[list]:
+        """CPU seconds summed per process name, largest first: [name, processes, seconds]."""
+        by: dict[str, list] = {}
+        for pid, sec in self.cpu.items():
+            e = by.setdefault(self.names.get(pid, "?"), [0, 0.0])
+            e[0] += 1
+            e[1] += sec
+        rows = sorted(([n, k, round(s, 1)] for n, (k, s) in by.items()), key=lambda r: -r[2])
+        return rows[:top]
 
     def stop(self) -> int:
         self._stop.set()
@@ -196,6 +209,7 @@ def run_build(inputs: str, tokenizer: str, out: Path, seq_length: int, extra: li
         # every process of the build (Ray's daemons and workers are its descendants): CPU time
         # does not count the time the hypervisor took away
         "cpu_seconds": round(sum(mem.cpu.values()), 1),
+        "cpu_seconds_by_process": mem.cpu_by_name(),
         "steal": steal.share(),
         "rows_per_s": round(stats["rows_read"] / dt),
         "tokens_per_s": round(stats["tokens"] / dt),
