@@ -261,7 +261,9 @@ def length_stats(batch: pa.Table, seq_length: int) -> dict:
 def assign_pack_slots(batch: pa.Table, ctx: dict) -> pa.Table:
     """Sort+pack stage, per block: each kept sample gets its output pack, its position in the
     pack and the shard that writes it (``ctx``: the plan as the driver puts it)."""
-    batch = batch.filter(kept_mask(batch))
+    kept = kept_mask(batch)
+    if not pc.all(kept).as_py():  # filtering copies every column, the token lists included
+        batch = batch.filter(kept)
     n = batch.column("n").to_numpy().astype(np.int64)
     chunk = batch.column("chunk").to_numpy().astype(np.int64)
     run_first = batch.column("run_first").to_numpy()
