@@ -184,7 +184,10 @@ class TreeMemory:
         """CPU seconds summed per process name, largest first: [name, processes, seconds]."""
         by: dict[str, list] = {}
         for pid, sec in self.cpu.items():
-            e = by.setdefault(self.names.get(pid, "?"), [0, 0.0])
+            name = self.names.get(pid, "?")
+            if name.startswith("ray::"):  # one worker reads "ray::MapWorker(" or "ray::MapWorker(MapBa...).submit"
+                name = name.split("(")[0]
+            e = by.setdefault(name, [0, 0.0])
             e[0] += 1
             e[1] += sec
         rows = sorted(([n, k, round(s, 1)] for n, (k, s) in by.items()), key=lambda r: -r[2])
