@@ -10,6 +10,7 @@ data between them. Output is independent of how many workers, blocks or shards r
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -123,6 +124,10 @@ class TokenizeAndMask:
         self.overlong = overlong
         self.so = so or {}
         self.batch_size = batch_size
+        # what exists now (Ray, Ray Data, the tokenizer) lives as long as the actor: keep it out
+        # of the collector's full passes, which the records' many small objects trigger (measured
+        # at 100k rows: 0.22 s of collection per actor instead of 0.62 s, of ~28 CPU-s)
+        gc.freeze()
 
     def __call__(self, chunks: dict):
         records = read_records(chunks, self.so)
