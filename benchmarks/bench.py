@@ -16,6 +16,9 @@
    wall time drifts by tens of percent within minutes, CPU time much less.
 
 ``--plan-samples 1e9`` also times the packing planner alone on that many synthetic lengths.
+``--direct`` also times the tokenize step without Ray (the actor's code in one process per CPU),
+between the first ceiling and another: what the Python around the encoder costs, and so what
+Ray costs.
 """
 
 from __future__ import annotations
@@ -86,6 +89,59 @@ def ceiling(texts: list[str], tokenizer: str, batch: int = CEILING_BATCH) -> dic
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {"seconds": round(dt, 2), "cpu_seconds": round(cpu, 1), "steal": steal.share(), "tokens": tokens,
             "rows_per_s": round(len(texts) / dt), "tokens_per_s": round(tokens / dt)}
+
+
+_DIRECT = None  # the tokenize step of one --direct worker process
+
+
+def _direct_init(tokenizer: str, seq_length: int) -> None:
+    global _DIRECT
+    from raysft.pipeline import TokenizeAndMask
+    from raysft.tokenize import load_tokenizer_info
+
+    _DIRECT = TokenizeAndMask(load_tokenizer_info(tokenizer), "llama3", "auto", {}, "assistant", seq_length, threads=1)
+
+
+def _direct_chunk(chunk) -> tuple[int, int]:
+    from dataclasses import asdict
+
+    import pyarrow.compute as pc
+
+    tokens = rows = 0
+    for t in _DIRECT({k: np.array([v]) for k, v in asdict(chunk).items()}):
+        kept = pc.equal(t.column("reason"), "")
+        tokens += pc.sum(pc.filter(t.column("n"), kept)).as_py() or 0
+        rows += t.num_rows
+    return tokens, rows
+
+
+def direct(paths: list[Path], tokenizer: str, seq_length: int, workers: int) -> dict:
+    """The build's read+normalize+template+tokenize+mask step without Ray: one process per CPU,
+    each holding the tokenizer actor's class, handed the build's read chunks one at a time (as
+    Ray hands them to the actors), start-up (spawn, imports, tokenizer load) included. Set
+    beside the ceiling it shows what the Python around the encoder costs; set beside the build,
+    what Ray costs."""
+    import multiprocessing as mp
+    import resource
+
+    from raysft.config import BuildConfig
+    from raysft.read import expand_inputs, plan_chunks, split_tail
+
+    chunks = split_tail(plan_chunks(expand_inputs([str(p) for p in paths], {}), {}, BuildConfig.chunk_bytes),
+                        2 * workers)
+    steal = Steal()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    with mp.get_context("spawn").Pool(workers, _direct_init, (tokenizer, seq_length)) as pool:
+        done = list(pool.imap_unordered(_direct_chunk, chunks))
+        pool.close()
+        pool.join()
+    dt = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    tokens, rows = sum(d[0] for d in done), sum(d[1] for d in done)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return {"seconds": round(dt, 2), "cpu_seconds": round(cpu, 1), "steal": steal.share(), "workers": workers,
+            "tokens": tokens, "rows_per_s": round(rows / dt), "tokens_per_s": round(tokens / dt)}
 
 
 class Steal:
@@ -263,6 +319,9 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=1,
                    help="builds to run, each followed by a ceiling timing (the first ceiling runs before them)")
     p.add_argument("--plan-samples", type=float, default=0, help="also time the planner on this many lengths")
+    p.add_argument("--direct", action="store_true",
+                   help="also time the tokenize step without Ray (one process per CPU, the actor's code), "
+                        "between the first ceiling and one more")
     p.add_argument("build_flags", nargs="*", help="extra raysft.build flags (after --)")
     args = p.parse_args()
     out = Path(args.out)
@@ -279,6 +338,15 @@ def main() -> None:
         texts = rendered_texts(paths, tokenizer, "llama3")
         ceilings.append(ceiling(texts, tokenizer))
         print(f"ceiling  {ceilings[-1]}", flush=True)
+    if args.direct:
+        result["direct"] = direct(paths, tokenizer, args.seq_length, os.cpu_count() or 1)
+        print(f"direct   {result['direct']}", flush=True)
+        if texts is not None:
+            ceilings.append(ceiling(texts, tokenizer))
+            print(f"ceiling  {ceilings[-1]}", flush=True)
+            mean = (ceilings[-2]["tokens_per_s"] + ceilings[-1]["tokens_per_s"]) / 2
+            result["direct_over_ceiling"] = round(result["direct"]["tokens_per_s"] / mean, 3)
+            print(f"direct/ceiling tokens/s: {result['direct_over_ceiling']:.1%}", flush=True)
     builds, ratios, cpu_ratios = [], [], []
     for _ in range(args.repeat):
         builds.append(run_build(str(out / "input" / "*.jsonl"), tokenizer, out / "build", args.seq_length,
