@@ -107,10 +107,11 @@ def _direct_chunk(chunk) -> tuple[int, int]:
 
     import pyarrow.compute as pc
 
+    from raysft.pipeline import kept_mask
+
     tokens = rows = 0
     for t in _DIRECT({k: np.array([v]) for k, v in asdict(chunk).items()}):
-        kept = pc.equal(t.column("reason"), "")
-        tokens += pc.sum(pc.filter(t.column("n"), kept)).as_py() or 0
+        tokens += pc.sum(pc.filter(t.column("n"), kept_mask(t))).as_py() or 0
         rows += t.num_rows
     return tokens, rows
 
@@ -142,6 +143,11 @@ def direct(paths: list[Path], tokenizer: str, seq_length: int, workers: int) -> 
     cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     return {"seconds": round(dt, 2), "cpu_seconds": round(cpu, 1), "steal": steal.share(), "workers": workers,
             "tokens": tokens, "rows_per_s": round(rows / dt), "tokens_per_s": round(tokens / dt)}
+
+
+def over_ceilings(tokens_per_s: float, before: dict, after: dict) -> float:
+    """Tokens/s over the mean of the ceilings timed just before and just after them."""
+    return round(tokens_per_s / ((before["tokens_per_s"] + after["tokens_per_s"]) / 2), 3)
 
 
 class Steal:
@@ -344,8 +350,7 @@ def main() -> None:
         if texts is not None:
             ceilings.append(ceiling(texts, tokenizer))
             print(f"ceiling  {ceilings[-1]}", flush=True)
-            mean = (ceilings[-2]["tokens_per_s"] + ceilings[-1]["tokens_per_s"]) / 2
-            result["direct_over_ceiling"] = round(result["direct"]["tokens_per_s"] / mean, 3)
+            result["direct_over_ceiling"] = over_ceilings(result["direct"]["tokens_per_s"], *ceilings[-2:])
             print(f"direct/ceiling tokens/s: {result['direct_over_ceiling']:.1%}", flush=True)
     builds, ratios, cpu_ratios = [], [], []
     for _ in range(args.repeat):
@@ -358,10 +363,10 @@ def main() -> None:
         # compare the build with the mean of the ceilings just before and after it
         ceilings.append(ceiling(texts, tokenizer))
         print(f"ceiling  {ceilings[-1]}", flush=True)
-        before, after = ceilings[-2:]
-        ratios.append(round(builds[-1]["tokens_per_s"] / ((before["tokens_per_s"] + after["tokens_per_s"]) / 2), 3))
+        ratios.append(over_ceilings(builds[-1]["tokens_per_s"], *ceilings[-2:]))
         # the same comparison in CPU time, which the drift (hypervisor steal, clock) moves far
         # less than wall time: the ceiling's CPU seconds over those of all the build's processes
+        before, after = ceilings[-2:]
         cpu_ratios.append(round((before["cpu_seconds"] + after["cpu_seconds"]) / 2 / builds[-1]["cpu_seconds"], 3))
         print(f"build/ceiling tokens/s: {ratios[-1]:.1%}; ceiling/build CPU seconds: {cpu_ratios[-1]:.1%}")
     result["build"] = builds[-1]
