@@ -81,6 +81,29 @@ def test_help_groups_flags_and_gives_an_example(module):
         assert len(re.findall(r"^[a-z][a-z ]+:$", r.stdout, flags=re.M)) >= 3  # argument groups
 
 
+def test_report_plots_are_well_formed_svg_with_their_figures():
+    import base64
+    import xml.etree.ElementTree as ET
+
+    from raysft.report import render_report
+
+    stats = {"seq_length": 4096, "length": {"count": 6, "mean": 1.0}, "rows_read": 7, "samples_written": 6,
+             "rejected": {"invalid_json": 1}, "dropped": {}, "tokens": 24_001, "loss_tokens": 9, "packs": 7,
+             "lower_bound_packs": 6, "packing_efficiency": 0.84, "layout": "native", "template": "llama3",
+             "tokenizer": "t", "sample_lengths": {"22": 5, "4000": 1}, "pack_fill": {"4001": 6, "3": 1},
+             "rows_per_file": {"a<b>.jsonl": 7}}
+    page = render_report(stats)
+    uris = re.findall(r'<img class="plot" alt="[^"]*" src="data:image/svg\+xml;base64,([^"]+)"', page)
+    assert len(uris) == 4
+    svgs = [ET.fromstring(base64.b64decode(u)) for u in uris]  # raises on malformed XML
+    texts = ["".join(t.itertext()) for t in svgs]
+    assert "seq-length 4096" in texts[0] and "4,000" in texts[0]  # the marker and a round x tick
+    ns = "{http://www.w3.org/2000/svg}"
+    bars = [r for r in svgs[0].iter(ns + "rect") if r.find(ns + "title") is not None]
+    assert sorted(r.find(ns + "title").text.split(": ")[1] for r in bars) == ["1", "5"]  # both lengths, counted
+    assert "a<b>.jsonl" in texts[2] and "invalid_json" in texts[3]  # labels escaped, then read back intact
+
+
 def chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
