@@ -19,15 +19,19 @@ MARK = "#d8503b"
 FONT = "font-family='system-ui,sans-serif' font-size='12'"
 
 
-def _nice_ticks(hi: int, n: int = 5) -> list[int]:
-    """0 and whole round steps (1, 2 or 5 times a power of ten) up to ``hi``: axes here count
-    rows or tokens."""
-    if hi <= 0:
-        return [0]
-    raw = hi / n
+def _tick_step(span: int, n: int = 5) -> int:
+    """A whole round step (1, 2 or 5 times a power of ten) that cuts ``span`` into about ``n``
+    parts: axes here count rows or tokens."""
+    if span <= 0:
+        return 1
+    raw = span / n
     mag = 10 ** math.floor(math.log10(raw))
-    step = max(1, int(next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)))
-    return list(range(0, hi + 1, step))
+    return max(1, int(next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)))
+
+
+def _nice_ticks(hi: int) -> list[int]:
+    """0 and round steps up to ``hi``."""
+    return list(range(0, max(0, hi) + 1, _tick_step(hi)))
 
 
 def _num(v: int) -> str:
@@ -77,7 +81,7 @@ def _hist_plot(counts: dict, title: str, xlabel: str, marker: int | None = None,
             body.append(f"<rect x='{x(a):.1f}' y='{y(c):.1f}' width='{max(0.5, x(b) - x(a) - 0.5):.1f}' "
                         f"height='{bottom - y(c):.1f}' fill='{BAR}'><title>{math.ceil(a)}-{math.ceil(b) - 1}: "
                         f"{int(c):,}</title></rect>")
-    step = (_nice_ticks(hi - lo) + [0, 1])[1] or 1  # [0] when all values are one
+    step = _tick_step(hi - lo)
     for t in range(math.ceil(lo / step) * step, hi + 1, step):
         body.append(_text(x(t), bottom + 16, _num(t)))
     body.append(f"<line x1='{left}' x2='{right}' y1='{bottom}' y2='{bottom}' stroke='#444'/>")
