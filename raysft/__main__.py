@@ -1,3 +1,3 @@
-from .build import main
+from .build import exit_now, main
 
-raise SystemExit(main())
+exit_now(main())

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from .config import BuildConfig
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"raysft.build: error: {e}", file=sys.stderr)
         return 2
     from .merge import MergeError
-    from .pipeline import BuildError, run
+    from .pipeline import BuildError, run, stop_ray
     from .read import InputError
     from .template import TemplateError
     from .tokenize import TokenizerError
@@ -188,8 +189,22 @@ def main(argv: list[str] | None = None) -> int:
     except (BuildError, InputError, TemplateError, TokenizerError, MergeError) as e:
         print(f"raysft.build: error: {e}", file=sys.stderr)
         return 1
+    finally:
+        stop_ray()
     return 0 if result else 1
 
 
+def exit_now(code: int) -> None:
+    """End a command whose work is done (outputs closed, Ray stopped) without the interpreter's
+    teardown of Ray's core worker, Arrow and the tokenizer: ~0.5 s of clean-up that decides
+    nothing. Not under a tracer or profiler (coverage, cProfile), whose exit hooks save data."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if sys.gettrace() is None and sys.getprofile() is None:
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

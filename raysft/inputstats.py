@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = BuildConfig(inputs=args.inputs, tokenizer=args.tokenizer, template=args.template, format=args.format,
                       map_keys=parse_map_keys(args.map_keys), seq_length=1 << 30, s3_endpoint_url=args.s3_endpoint_url,
                       s3_addressing_style=args.s3_addressing_style, num_cpus=args.num_cpus, output="-")
-    from .pipeline import BuildError, measure_inputs
+    from .pipeline import BuildError, measure_inputs, stop_ray
     from .read import InputError
     from .template import TemplateError
     from .tokenize import TokenizerError
@@ -77,5 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     except (BuildError, InputError, TemplateError, TokenizerError) as e:
         print(f"raysft.stats: error: {e}", file=sys.stderr)
         return 1
+    finally:
+        stop_ray()
     print(report(agg, rejected))
     return 0

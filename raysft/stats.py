@@ -101,6 +101,7 @@ def _reasons(d: dict) -> str:
 
 
 if __name__ == "__main__":  # python -m raysft.stats: the input-statistics command
+    from .build import exit_now
     from .inputstats import main
 
-    raise SystemExit(main())
+    exit_now(main())

@@ -101,3 +101,40 @@ def test_ray_job_submit_end_to_end(head, tmp_path):
     r = subprocess.run(bad, env=env, capture_output=True, text=True, timeout=200)
     assert r.returncode != 0
     assert "raysft.build: error: --input /nonexistent/*.jsonl" in r.stdout + r.stderr
+
+
+STOP_SCRIPT = r"""
+import json, sys, psutil, ray
+from ray._private import worker
+from raysft.config import BuildConfig
+from raysft.pipeline import init_ray, stop_ray
+
+init_ray(BuildConfig(inputs=["-"], output="-", tokenizer="-", num_cpus=1))
+node = worker._global_node
+pids = {t: [p.process.pid for p in ps] for t, ps in node.all_processes.items()}
+order, kill = [], node._kill_process_type
+node._kill_process_type = lambda t, **kw: (order.append(t), kill(t, **kw))[1]
+stop_ray()
+print(json.dumps({"order": order, "pids": pids, "initialized": ray.is_initialized(),
+                  "alive": [p for ps in pids.values() for p in ps if psutil.pid_exists(p)]}))
+"""
+
+
+def test_stop_ray_kills_the_monitor_first_and_leaves_nothing_running(tmp_path):
+    """The Ray a command started is stopped when its work is done, the autoscaler monitor before
+    the GCS (its SIGTERM handler would wait on the dead GCS), and none of its processes is left."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", STOP_SCRIPT], env=env, capture_output=True, text=True, timeout=180,
+                       cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["order"][0] == "monitor" and {"raylet", "gcs_server"} <= set(got["order"])
+    assert "monitor" in got["pids"] and not got["initialized"] and got["alive"] == []
+
+
+def test_stop_ray_leaves_a_ray_it_did_not_start_running(ray_session):
+    from raysft.pipeline import stop_ray
+
+    stop_ray()
+    assert ray_session.is_initialized()
+    assert ray_session.get(ray_session.put(7)) == 7
