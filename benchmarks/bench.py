@@ -97,6 +97,7 @@ _DIRECT = None  # the tokenize step of one --direct worker process
 def _direct_init(tokenizer: str, seq_length: int) -> None:
     global _DIRECT
     from raysft.pipeline import TokenizeAndMask
+
     from raysft.tokenize import load_tokenizer_info
 
     _DIRECT = TokenizeAndMask(load_tokenizer_info(tokenizer), "llama3", "auto", {}, "assistant", seq_length, threads=1)
@@ -106,8 +107,7 @@ def _direct_chunk(chunk) -> tuple[int, int]:
     from dataclasses import asdict
 
     import pyarrow.compute as pc
-
-    from raysft.pipeline import kept_mask
+    from raysft.samples import kept_mask
 
     tokens = rows = 0
     for t in _DIRECT({k: np.array([v]) for k, v in asdict(chunk).items()}):

@@ -11,20 +11,29 @@ import os
 import sys
 
 from .config import BuildConfig
+from .encode import ENCODERS
+from .layouts import LAYOUTS, REGISTRY
 from .normalize import FORMATS, parse_map_keys
 from .template import LOSS_POLICIES, TEMPLATE_NAMES
 from .tokenize import OVERLONG_POLICIES
-from .write import LAYOUTS
 
 EXAMPLE = """\
 example:
   python -m raysft.build --input 'data/*.jsonl' --tokenizer /models/Llama-3-8B \\
       --template llama3 --seq-length 4096 --output out/
 
-Outputs in --output: data.bin + data.idx (Megatron MMIDIDX, int32), data_order.txt,
-shards/part-NNNNN.{bin,idx}, stats.json, rejects.jsonl (when records were rejected), _SUCCESS.
+Outputs in --output: the layout's dataset (native: data.bin + data.idx, Megatron MMIDIDX
+int32), data_order.txt, shards/, stats.json, report.html, provenance.bin, inputs.json,
+manifest.json, rejects.jsonl (when records were rejected), _SUCCESS (last).
 With no RAY_ADDRESS (or --ray-address) Ray starts in-process; otherwise the job joins that cluster.
+
+exit codes: 0 ok, 1 bad input, 2 usage, 3 storage/output, 4 cluster, 70 internal error,
+130 interrupted (--resume continues).
 """
+
+
+def _layout_help() -> str:
+    return "; ".join(f"{name}: {lay.summary}" for name, lay in REGISTRY.items())
 
 
 def parser() -> argparse.ArgumentParser:
@@ -75,6 +84,13 @@ def parser() -> argparse.ArgumentParser:
         dest="loss",
         help="put loss on the last assistant turn only",
     )
+    g.add_argument("--template-kwargs", metavar="JSON", type=_json_object,
+                   help='extra variables for the chat template, e.g. \'{"enable_thinking": false, "date_string": '
+                        '"26 Jul 2024"}\' (recorded in stats.json); templates that read the date get a fixed one '
+                        "(2024-01-01) unless given")
+    g.add_argument("--encoder", choices=ENCODERS,
+                   help="auto (default): fastokens when it matches the reference on a start-up canary, else hf; "
+                        "fastokens: require it; hf: Hugging Face tokenizers. Output bytes are the same")
     g.add_argument(
         "--trust-remote-code",
         action="store_true",
@@ -89,7 +105,11 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--overlong", choices=OVERLONG_POLICIES,
                    help="samples longer than --seq-length: drop (default), truncate (keep the prompt, cut the "
                         "answer) or split (cut at answer-turn ends)")
-    g.add_argument("--layout", choices=LAYOUTS, help="native (default) or pai; see README")
+    g.add_argument("--layout", choices=LAYOUTS, help="output layout for the trainer that reads it (default native). "
+                   + _layout_help())
+    g.add_argument("--drop-shards", action="store_true", default=None,
+                   help="keep only the merged dataset (shards/ is removed after the merge; data_order.txt then names "
+                        "the merged file)")
     g.add_argument("--seed", type=int, help="seed of the pack order and slot shuffles (default 1234)")
     g.add_argument("--output", metavar="DIR", help="output folder, local or s3://")
     g.add_argument("--overwrite", action="store_true", default=None, help="replace an existing output")
@@ -116,7 +136,23 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenize-workers", type=int, metavar="N", help="tokenizer actors (default: one per CPU, each encoding with one thread; with fewer, each gets its share of the cores)")
     g.add_argument("--batch-size", type=int, metavar="N", help="records per tokenizer actor call, encoded in two halves that overlap (default 16384)")
     g.add_argument("--num-shards", type=int, metavar="N", help="writer shards (default: by size)")
+    g.add_argument("--stall-timeout", type=float, metavar="S",
+                   help="fail a stage that makes no progress for S seconds, naming what it waits for (default 600; "
+                        "0: wait forever)")
+    g.add_argument("--debug", action="store_true", help="print the traceback of a failure")
     return p
+
+
+def _json_object(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
 
 
 def load_config_file(path: str) -> dict:
@@ -168,30 +204,61 @@ def config_from_args(argv: list[str] | None = None) -> BuildConfig:
         parser().error("--seq-length must be at least 2")
     if cfg.loss not in LOSS_POLICIES:
         parser().error(f"loss policy must be one of {', '.join(LOSS_POLICIES)}")
+    if cfg.layout not in LAYOUTS:
+        parser().error(f"--layout must be one of {', '.join(LAYOUTS)}")
+    if cfg.stall_timeout == 0:
+        cfg.stall_timeout = None
+    if isinstance(cfg.template_kwargs, str):
+        try:
+            cfg.template_kwargs = _json_object(cfg.template_kwargs)
+        except argparse.ArgumentTypeError as e:
+            parser().error(f"--template-kwargs {e}")
     return cfg
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="raysft: %(message)s")
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
         cfg = config_from_args(argv)
     except ValueError as e:
         print(f"raysft.build: error: {e}", file=sys.stderr)
         return 2
-    from .merge import MergeError
-    from .pipeline import BuildError, run, stop_ray
-    from .read import InputError
-    from .template import TemplateError
-    from .tokenize import TokenizerError
+    from .engine.driver import run
+    from .engine.session import stop_ray
+
+    return guarded("raysft.build", lambda: run(cfg), stop_ray, debug)
+
+
+def guarded(prog: str, work, cleanup, debug: bool = False) -> int:
+    """Run a command's work: one error line and its exit code on failure (see raysft.errors)."""
+    import signal
+
+    from .errors import classify
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
 
     try:
-        result = run(cfg)
-    except (BuildError, InputError, TemplateError, TokenizerError, MergeError) as e:
-        print(f"raysft.build: error: {e}", file=sys.stderr)
-        return 1
+        signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread
+        pass
+    try:
+        work()
+        return 0
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - every failure ends as one line
+        code, line = classify(e)
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        print(f"{prog}: error: {line}", file=sys.stderr)
+        return code
     finally:
-        stop_ray()
-    return 0 if result else 1
+        try:
+            cleanup()
+        except (Exception, KeyboardInterrupt):  # noqa: BLE001 - never mask the outcome
+            pass
 
 
 def exit_now(code: int) -> None:

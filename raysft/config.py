@@ -24,6 +24,9 @@ class BuildConfig:
     resume: bool = False
     trust_remote_code: bool = False
     add_special_tokens: bool = False
+    encoder: str = "auto"  # auto | fastokens | hf (same output; see raysft.encode)
+    template_kwargs: dict = field(default_factory=dict)  # extra variables for the chat template
+    drop_shards: bool = False  # keep only the merged dataset
     # object storage
     s3_endpoint_url: str | None = None
     s3_addressing_style: str | None = None
@@ -37,6 +40,7 @@ class BuildConfig:
     chunk_bytes: int = 16 << 20
     num_shards: int | None = None
     shard_tokens: int = 16 << 20  # tokens per writer shard (64 MB of int32): bounds a writer task's memory
+    stall_timeout: float | None = 600.0  # a stage with no progress for this long fails (None: wait forever)
 
     def to_dict(self) -> dict:
         return asdict(self)

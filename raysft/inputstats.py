@@ -1,13 +1,14 @@
 """``python -m raysft.stats INPUT... --tokenizer T``: token lengths of raw inputs, no build.
 
-What Pai-Megatron-Patch's sample_stats prints, but in tokens after templating, so you can pick
-``--seq-length`` before running the job. Runs the read and tokenize stages of the build on Ray.
+What Pai-Megatron-Patch's sample_stats prints, but in tokens after templating, and with the
+packs a build would make at each candidate ``--seq-length`` (the build's own planner, run on
+the length histogram), so you can pick it before running the job. Runs the read and tokenize
+stages of the build on Ray; writes nothing.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 
 import numpy as np
 
@@ -23,19 +24,41 @@ example:
 CANDIDATES = (1024, 2048, 4096, 8192, 16384, 32768)
 
 
-def report(agg: dict, rejected: dict) -> str:
-    hist = agg["hist_all"] if agg["hist_all"] is not None else np.zeros(1, np.int64)
-    s = length_summary(hist)
-    lines = [f"rows read {agg['rows']:,}; tokenized {s['count']:,}; rejected {sum(rejected.values()):,}"
-             + (f" ({', '.join(f'{k}: {v}' for k, v in sorted(rejected.items()))})" if rejected else "")]
-    lines.append("length (tokens): " + "  ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in s.items()))
+def pack_table(hist: np.ndarray, candidates=CANDIDATES, capacity=lambda S: S) -> list[dict]:
+    """Per candidate seq-length: the samples and tokens that fit (``--overlong drop``), the
+    packs best-fit-decreasing makes of them (the build's planner, on the histogram: no
+    writing) and the lower bound."""
+    from .pack import plan_bfd
+
+    hist = np.asarray(hist, dtype=np.int64)
     lengths = np.arange(len(hist))
     total = int(np.dot(lengths, hist)) or 1
-    lines.append("\nseq-length   samples that fit   tokens kept   lower-bound packs")
-    for S in CANDIDATES:
-        fit = hist[: S + 1].sum() if len(hist) > S else hist.sum()
-        kept = int(np.dot(lengths[: S + 1], hist[: S + 1]))
-        lines.append(f"{S:>10}   {fit / max(1, s['count']):>15.2%}   {kept / total:>11.2%}   {-(-kept // S):>17,}")
+    count = int(hist.sum()) or 1
+    out = []
+    for S in candidates:
+        cap = capacity(S)
+        h = hist[: cap + 1].copy()
+        if len(h):
+            h[0] = 0
+        kept = int(np.dot(lengths[: len(h)], h))
+        packs = plan_bfd(h, cap).num_packs if h.any() else 0
+        out.append({"seq_length": S, "samples": int(h.sum()), "share_samples": h.sum() / count,
+                    "share_tokens": kept / total, "packs": packs, "lower_bound": -(-kept // cap),
+                    "efficiency": kept / (packs * S) if packs else 0.0})
+    return out
+
+
+def report(t, candidates=CANDIDATES) -> str:
+    hist = t.hist_all if t.hist_all is not None else np.zeros(1, np.int64)
+    rejected = t.rejected
+    s = length_summary(hist)
+    lines = [f"rows read {t.rows:,}; tokenized {s['count']:,}; rejected {sum(rejected.values()):,}"
+             + (f" ({', '.join(f'{k}: {v}' for k, v in sorted(rejected.items()))})" if rejected else "")]
+    lines.append("length (tokens): " + "  ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in s.items()))
+    lines.append("\nseq-length   samples that fit   tokens kept   packs (best-fit-decreasing)   lower bound   efficiency")
+    for r in pack_table(hist, candidates):
+        lines.append(f"{r['seq_length']:>10}   {r['share_samples']:>15.2%}   {r['share_tokens']:>11.2%}   "
+                     f"{r['packs']:>27,}   {r['lower_bound']:>11,}   {r['efficiency']:>10.2%}")
     if s["count"]:
         lines.append("\nhistogram:")
         # as many equal-width bins as there are distinct deciles, computed on the histogram
@@ -59,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--template", choices=TEMPLATE_NAMES, default="auto")
     g.add_argument("--format", choices=FORMATS, default="auto")
     g.add_argument("--map-keys", metavar="JSON")
+    g.add_argument("--seq-lengths", metavar="N,N,...", help="candidate seq-lengths (default: "
+                   + ",".join(map(str, CANDIDATES)) + ")")
     g = p.add_argument_group("object storage and execution")
     g.add_argument("--s3-endpoint-url", metavar="URL")
     g.add_argument("--s3-addressing-style", choices=("auto", "virtual", "path"))
@@ -67,17 +92,15 @@ def main(argv: list[str] | None = None) -> int:
     cfg = BuildConfig(inputs=args.inputs, tokenizer=args.tokenizer, template=args.template, format=args.format,
                       map_keys=parse_map_keys(args.map_keys), seq_length=1 << 30, s3_endpoint_url=args.s3_endpoint_url,
                       s3_addressing_style=args.s3_addressing_style, num_cpus=args.num_cpus, output="-")
-    from .pipeline import BuildError, measure_inputs, stop_ray
-    from .read import InputError
-    from .template import TemplateError
-    from .tokenize import TokenizerError
-
     try:
-        agg, rejected = measure_inputs(cfg)
-    except (BuildError, InputError, TemplateError, TokenizerError) as e:
-        print(f"raysft.stats: error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        stop_ray()
-    print(report(agg, rejected))
-    return 0
+        candidates = tuple(int(x) for x in args.seq_lengths.split(",")) if args.seq_lengths else CANDIDATES
+    except ValueError:
+        p.error("--seq-lengths takes integers separated by commas")
+    from .build import guarded
+    from .engine.driver import measure_inputs
+    from .engine.session import stop_ray
+
+    def work():
+        print(report(measure_inputs(cfg), candidates))
+
+    return guarded("raysft.stats", work, stop_ray)

@@ -2,7 +2,7 @@
 
 Prints a pack's samples decoded, with the tokens that carry loss marked (green on a terminal,
 ``[[...]]`` when piped), each sample's length and source, and where position ids restart.
-Works on both layouts and on s3:// outputs.
+Works on every layout and on s3:// outputs.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import sys
 import numpy as np
 
 from .fs import get_fs, join, storage_options
-from .indexed import IndexedReader
-from .write import IGNORE, PROVENANCE_DTYPE, layout_parts
+from .layouts import get_layout
+from .write import read_provenance
 
 EXAMPLE = """\
 examples:
@@ -31,15 +31,9 @@ class Dataset:
         self.fs, self.root = get_fs(out, so)
         with self.fs.open(join(self.root, "stats.json"), "r") as f:
             self.stats = json.load(f)
-        names = ["data" + s for s in layout_parts(self.stats["layout"])]
-        self.readers = []
-        for name in names:
-            with self.fs.open(join(self.root, name + ".idx"), "rb") as f:
-                idx = f.read()
-            self.readers.append(IndexedReader(idx, self.fs.open(join(self.root, name + ".bin"), "rb")))
-        self.reader = self.readers[0]
-        with self.fs.open(join(self.root, "provenance.bin"), "rb") as f:
-            self.prov = np.frombuffer(f.read(), dtype=PROVENANCE_DTYPE)
+        self.layout = get_layout(self.stats["layout"])
+        self.num_packs = self.layout.num_packs(self.fs, self.root)
+        self.prov = read_provenance(self.fs, self.root)
         with self.fs.open(join(self.root, "inputs.json"), "r") as f:
             self.inputs = json.load(f)
         from .tokenize import load_tokenizer_info
@@ -47,36 +41,11 @@ class Dataset:
         self.tok = load_tokenizer_info(tokenizer or self.stats["tokenizer"]).load()
         self.so = so
 
-    @property
-    def num_packs(self) -> int:
-        return self.reader.index.num_documents
-
     def pack_samples(self, pack: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """(token ids, loss mask) of each sample of a pack."""
         if not 0 <= pack < self.num_packs:
             raise SystemExit(f"pack {pack} out of range: the dataset has {self.num_packs} packs (0..{self.num_packs - 1})")
-        if self.stats["layout"] == "native":
-            docs = self.reader.index.document_indices
-            out = []
-            for i in range(int(docs[pack]), int(docs[pack + 1])):
-                signed = self.reader[i]
-                out.append((np.where(signed < 0, ~signed, signed), signed >= 0))
-            return out
-        S = self.stats["seq_length"]
-        if self.stats["layout"] == "mindspeed":
-            ids, labels, segments = (r[pack] for r in self.readers)
-            return [(ids[segments == k], labels[segments == k] != IGNORE) for k in range(1, int(segments.max()) + 1)]
-        seq = self.reader[pack]
-        inputs, labels = seq[:S], seq[S:]
-        out, start = [], 0
-        for end in np.nonzero(inputs < 0)[0]:
-            ids = inputs[start : end + 1].copy()
-            ids[-1] = -1 - ids[-1]
-            loss = np.zeros(len(ids), dtype=bool)
-            loss[1:] = labels[start:end] != IGNORE  # label i targets token i+1
-            out.append((ids, loss))
-            start = end + 1
-        return out
+        return self.layout.read_pack(self.fs, self.root, self.stats, pack)
 
     def provenance(self, pack: int) -> np.ndarray:
         return self.prov[self.prov["pack"] == pack]

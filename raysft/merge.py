@@ -1,21 +1,31 @@
-"""Merge stage: concatenate per-shard .bin/.idx files into one dataset.
+"""Merge stage: concatenate per-shard files into one dataset, with bounded memory.
 
-Pure fsspec + numpy. The merged index is built from the shard indexes alone; the .bin bytes
-are streamed shard by shard in bounded buffers (on S3, s3fs turns the stream into a multipart
-upload; on local disk the kernel copies them), so the merge never holds the dataset in memory.
+Pure fsspec + numpy. Two jobs:
+
+* ``copy_into``: concatenate files into one. On local disk the kernel copies the bytes
+  (``copy_file_range``); on S3 the object is assembled by a multipart upload whose parts are
+  server-side copies of the shards (``UploadPartCopy``), so no data byte passes through this
+  process (shards under S3's 5 MiB minimum part size are joined here into one part); other
+  file systems stream in bounded buffers.
+* ``merge_index_files``: the merged ``.idx`` written from the shard indexes in three streaming
+  passes (lengths, pointers, document indices), one shard's index in memory at a time, so the
+  driver's memory does not grow with the number of samples.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import struct
 
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
-from .indexed import Index, decode_index, encode_index
+from .indexed import DTYPE_CODES, HEADER_SIZE, MAGIC, VERSION, Index, decode_index
 
 COPY_BUFFER = 16 << 20
+S3_MIN_PART = 5 << 20  # S3's smallest part but the last
+S3_MAX_PART = 5 << 30  # S3's largest part (a server-side copy range too)
 
 
 class MergeError(RuntimeError):
@@ -23,6 +33,7 @@ class MergeError(RuntimeError):
 
 
 def merge_indexes(indexes: list[Index]) -> Index:
+    """Concatenate in-memory indexes (a shard writer's slices)."""
     if not indexes:
         raise MergeError("nothing to merge")
     dtype = indexes[0].dtype
@@ -37,23 +48,77 @@ def merge_indexes(indexes: list[Index]) -> Index:
     return Index(dtype, np.concatenate(lengths).astype(np.int32), np.concatenate(docs).astype(np.int64))
 
 
-def merge_shards(fs, shard_prefixes: list[str], out_prefix: str) -> Index:
-    """Write ``out_prefix.bin/.idx`` from the shards, in the order given."""
-    indexes = []
+class MergedIndex:
+    """What a streamed merge wrote: counts only (the arrays were never held in memory)."""
+
+    def __init__(self, sequences: int, documents: int, tokens: int):
+        self.sequences, self.num_documents, self.num_tokens = sequences, documents, tokens
+
+
+def _read_index(fs, path: str) -> Index:
+    with fs.open(path, "rb") as f:
+        return decode_index(f.read(), path)
+
+
+def merge_index_files(fs, shard_prefixes: list[str], out_prefix: str) -> MergedIndex:
+    """Write ``out_prefix.bin/.idx`` from the shards, in the order given; the .bin bytes are
+    copied by ``copy_into`` and checked against each shard's index."""
+    if not shard_prefixes:
+        raise MergeError("nothing to merge")
+    heads = []  # (sequences, documents, tokens, dtype) per shard
     for p in shard_prefixes:
-        with fs.open(p + ".idx", "rb") as f:
-            indexes.append(decode_index(f.read(), p + ".idx"))
-    merged = merge_indexes(indexes)
-    local = isinstance(fs, LocalFileSystem)
-    with (open(out_prefix + ".bin", "wb") if local else fs.open(out_prefix + ".bin", "wb")) as out:
-        for p, idx in zip(shard_prefixes, indexes):
-            expected = idx.num_tokens * idx.dtype.itemsize
-            copied = _copy_local(p + ".bin", out) if local else _copy_stream(fs, p + ".bin", out)
-            if copied != expected:
-                raise MergeError(f"{p}.bin has {copied} bytes, its index says {expected}")
-    with fs.open(out_prefix + ".idx", "wb") as f:
-        f.write(encode_index(merged))
-    return merged
+        idx = _read_index(fs, p + ".idx")
+        heads.append((len(idx.sequence_lengths), idx.num_documents, idx.num_tokens, idx.dtype))
+    dtype = heads[0][3]
+    if any(h[3] != dtype for h in heads):
+        raise MergeError(f"shards disagree on dtype in {shard_prefixes[0]}...")
+    sizes = copy_into(fs, [p + ".bin" for p in shard_prefixes], out_prefix + ".bin")
+    for p, size, h in zip(shard_prefixes, sizes, heads):
+        if size != h[2] * dtype.itemsize:
+            raise MergeError(f"{p}.bin has {size} bytes, its index says {h[2] * dtype.itemsize}")
+    S = sum(h[0] for h in heads)
+    D = sum(h[1] for h in heads)
+    with fs.open(out_prefix + ".idx", "wb") as out:
+        out.write(MAGIC + struct.pack("<Q", VERSION) + struct.pack("<B", DTYPE_CODES[np.dtype(dtype)])
+                  + struct.pack("<Q", S) + struct.pack("<Q", D + 1))
+        for p in shard_prefixes:  # sequence lengths
+            out.write(_read_index(fs, p + ".idx").sequence_lengths.astype("<i4").tobytes())
+        base = 0
+        for p in shard_prefixes:  # sequence pointers, continuing across shards
+            lengths = _read_index(fs, p + ".idx").sequence_lengths.astype(np.int64)
+            ptr = np.empty(len(lengths), np.int64)
+            if len(lengths):
+                ptr[0] = 0
+                np.cumsum(lengths[:-1], out=ptr[1:])
+            out.write(((ptr * dtype.itemsize) + base).astype("<i8").tobytes())
+            base += int(lengths.sum()) * dtype.itemsize
+        out.write(np.zeros(1, "<i8").tobytes())  # document indices
+        offset = 0
+        for p, h in zip(shard_prefixes, heads):
+            docs = _read_index(fs, p + ".idx").document_indices[1:] + offset
+            out.write(docs.astype("<i8").tobytes())
+            offset += h[0]
+    return MergedIndex(S, D, sum(h[2] for h in heads))
+
+
+def merge_shards(fs, shard_prefixes: list[str], out_prefix: str) -> Index:
+    """``merge_index_files`` and the merged index read back (for small datasets and tests)."""
+    merge_index_files(fs, shard_prefixes, out_prefix)
+    return _read_index(fs, out_prefix + ".idx")
+
+
+# --------------------------------------------------------------------------- concatenation
+
+
+def copy_into(fs, sources: list[str], dest: str) -> list[int]:
+    """Concatenate ``sources`` into ``dest`` (same file system); the size of each source."""
+    if isinstance(fs, LocalFileSystem):
+        with open(dest, "wb") as out:
+            return [_copy_local(p, out) for p in sources]
+    if getattr(fs, "protocol", None) in ("s3", ("s3", "s3a")) and hasattr(fs, "call_s3"):
+        return _copy_s3(fs, sources, dest)
+    with fs.open(dest, "wb") as out:
+        return [_copy_stream(fs, p, out) for p in sources]
 
 
 def _copy_stream(fs, path: str, out) -> int:
@@ -86,3 +151,74 @@ def _copy_local(path: str, out) -> int:
             out.flush()  # the next shard may go through copy_file_range again
             copied += out.tell() - before
     return copied
+
+
+def _split_s3(path: str) -> tuple[str, str]:
+    bucket, _, key = path.partition("/")
+    return bucket, key
+
+
+def _copy_s3(fs, sources: list[str], dest: str) -> list[int]:
+    """A multipart upload of ``dest`` whose parts are server-side copies of the sources. Only
+    what cannot be a part of its own passes through this process: a source (or the start of
+    one) that would leave a part under S3's 5 MiB minimum is read and joined with its
+    neighbours into one part, so at most 5 MiB is held at a time."""
+    sizes = [int(fs.info(p)["size"]) for p in sources]
+    bucket, key = _split_s3(dest)
+    if sum(sizes) < S3_MIN_PART:  # one small object: no multipart upload needed
+        with fs.open(dest, "wb") as out:
+            return [_copy_stream(fs, p, out) for p in sources]
+    uid = fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key)["UploadId"]
+    parts: list[dict] = []
+    pending: list[bytes] = []
+
+    def add_part(**kw) -> None:
+        n = len(parts) + 1
+        if "Body" in kw:
+            r = fs.call_s3("upload_part", Bucket=bucket, Key=key, UploadId=uid, PartNumber=n, **kw)
+            etag = r["ETag"]
+        else:
+            r = fs.call_s3("upload_part_copy", Bucket=bucket, Key=key, UploadId=uid, PartNumber=n, **kw)
+            etag = r["CopyPartResult"]["ETag"]
+        parts.append({"PartNumber": n, "ETag": etag})
+
+    def flush() -> None:
+        if pending:
+            add_part(Body=b"".join(pending))
+            pending.clear()
+
+    try:
+        for p, size in zip(sources, sizes):
+            offset = 0
+            held = sum(len(b) for b in pending)
+            if held:  # top the held bytes up to a whole part from this source's start
+                take = min(size, S3_MIN_PART - held)
+                pending.append(fs.cat_file(p, start=0, end=take) if take else b"")
+                offset = take
+                if held + take >= S3_MIN_PART:
+                    flush()
+            rest = size - offset
+            if rest >= S3_MIN_PART:  # whole parts copied inside the store
+                sb, sk = _split_s3(p)
+                pieces = -(-rest // S3_MAX_PART)
+                step = -(-rest // pieces)
+                for lo in range(offset, size, step):
+                    hi = min(size, lo + step) - 1
+                    add_part(CopySource={"Bucket": sb, "Key": sk}, CopySourceRange=f"bytes={lo}-{hi}")
+            elif rest > 0:
+                pending.append(fs.cat_file(p, start=offset, end=size))
+        flush()  # the last part may be small
+        fs.call_s3("complete_multipart_upload", Bucket=bucket, Key=key, UploadId=uid,
+                   MultipartUpload={"Parts": parts})
+    except BaseException:
+        try:
+            fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=uid)
+        except Exception:  # noqa: BLE001 - the original error is the one to report
+            pass
+        raise
+    fs.invalidate_cache(dest)
+    return sizes
+
+
+__all__ = ["MergeError", "merge_indexes", "merge_index_files", "merge_shards", "copy_into", "MergedIndex",
+           "HEADER_SIZE"]

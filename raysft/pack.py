@@ -298,3 +298,40 @@ def assign_slots(table: SlotTable, lengths: np.ndarray, ranks: np.ndarray, seed:
     pos = table.entry_pos[e] + j % c
     out_pack = permute(pack.astype(np.uint64), table.num_packs, derive_key(seed, 2)).astype(np.int64)
     return out_pack, pos
+
+
+# --------------------------------------------------------------------------- per block
+
+
+class RunOffsets:
+    """Same-length samples before each run, computed run by run in input order.
+
+    Feed the runs of every block in input order (``offsets``): the running counts are one
+    array of ``seq_length + 1``, and each block gets only the offsets of its own runs, so
+    neither the driver's memory nor a task's plan grows with the number of blocks."""
+
+    def __init__(self, seq_length: int):
+        self.running = np.zeros(seq_length + 1, dtype=np.int64)
+
+    def offsets(self, runs: dict) -> dict:
+        """``runs``: run key -> {length: kept samples}, of one block; returns run key ->
+        (lengths, samples of each length before the run)."""
+        out = {}
+        for key in sorted(runs):
+            lengths = np.array(sorted(runs[key]), dtype=np.int64)
+            out[key] = (lengths, self.running[lengths].copy())
+            self.running[lengths] += np.array([runs[key][L] for L in lengths.tolist()], dtype=np.int64)
+        return out
+
+
+def block_ranks(n: np.ndarray, chunk: np.ndarray, run_first: np.ndarray, run_rank: np.ndarray,
+                run_offsets: dict) -> np.ndarray:
+    """Rank of each kept sample of a block in its length class (input order)."""
+    base = np.zeros(len(n), dtype=np.int64)
+    keys, inverse = np.unique(np.stack([chunk, run_first], axis=1), axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    for j, (c, r) in enumerate(keys.tolist()):
+        lengths, offsets = run_offsets[(c, r)]
+        rows = inverse == j
+        base[rows] = offsets[np.searchsorted(lengths, n[rows])]
+    return base + run_rank

@@ -17,6 +17,7 @@ hold no record.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from itertools import accumulate
@@ -168,6 +169,15 @@ class RawRows:
     offset: list[int]  # byte offset of the line (jsonl), else -1
     raw: list[bytes]
     error: list[str]  # "" or "reason: message" for records that cannot even be cut out
+    digest: int = 0  # 64-bit hash of the bytes the chunk was read from
+
+
+def content_hash(*parts: bytes) -> int:
+    """A chunk's content fingerprint (64-bit BLAKE2b of its bytes, as a signed int64)."""
+    h = hashlib.blake2b(digest_size=8)
+    for p in parts:
+        h.update(p)
+    return int.from_bytes(h.digest(), "little", signed=True)
 
 
 def read_chunk(c: Chunk, so: dict | None = None) -> RawRows:
@@ -210,10 +220,11 @@ def read_chunk(c: Chunk, so: dict | None = None) -> RawRows:
         keep = [i for i, line in enumerate(lines) if line.strip()]  # blank lines are no records
         n = len(keep)
         return RawRows(list(range(n)), [-1] * n, [starts[i] for i in keep], [lines[i].rstrip(b"\r") for i in keep],
-                       [""] * n)
+                       [""] * n, content_hash(data))
     elif c.kind == "json":
         with fs.open(path, "rb") as fh:
             data = fh.read()
+        out.digest = content_hash(data)
         try:
             records = json.loads(data)
         except UnicodeDecodeError as e:
@@ -235,6 +246,7 @@ def read_chunk(c: Chunk, so: dict | None = None) -> RawRows:
             if pf.metadata.num_row_groups == 0:
                 return out
             table = pf.read_row_group(c.start)
+        out.digest = content_hash(str(table.to_pydict()).encode())
         for i, rec in enumerate(table.to_pylist()):
             add(first + i, -1, json.dumps(rec, ensure_ascii=False, default=str).encode())
     return out
@@ -260,3 +272,36 @@ def describe_position(url: str, row: int, offset: int, so: dict | None = None) -
     if offset >= 0:
         return f"{url} line {line_number(url, offset, so)}"
     return f"{url} record {row} (0-based)"
+
+
+class LineCounter:
+    """1-based line numbers of increasing byte offsets in one file, counted in a single forward
+    pass (rejects come in input order, so each file is read at most once, only as far as its
+    last bad line)."""
+
+    def __init__(self, url: str, so: dict | None = None):
+        self.url, self.so = url, so
+        self.fh = None
+        self.pos = 0
+        self.lines = 0
+
+    def line(self, offset: int) -> int:
+        if offset < self.pos:  # out of order (not expected): count from the start again
+            self.close()
+            self.pos = self.lines = 0
+        if self.fh is None:
+            fs, path = get_fs(self.url, self.so)
+            self.fh = fs.open(path, "rb")
+            self.fh.seek(self.pos)
+        while self.pos < offset:
+            buf = self.fh.read(min(offset - self.pos, 8 << 20))
+            if not buf:
+                break
+            self.lines += buf.count(b"\n")
+            self.pos += len(buf)
+        return self.lines + 1
+
+    def close(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+            self.fh = None

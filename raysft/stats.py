@@ -105,3 +105,119 @@ if __name__ == "__main__":  # python -m raysft.stats: the input-statistics comma
     from .inputstats import main
 
     exit_now(main())
+
+
+# --------------------------------------------------------------------------- per block
+
+
+def block_stats(table, seq_length: int) -> tuple[dict, dict]:
+    """Statistics of one tokenized block (``raysft.samples`` rows): a small summary the driver
+    adds up, and the block's runs (run key -> {length: kept samples}) that slot assignment
+    needs later. Rejected and dropped rows are counted by reason; their details stay with
+    the block (``block_rejects``)."""
+    from collections import Counter
+
+    from .samples import kept_mask
+
+    n = table.column("n").to_numpy()
+    orig_n = table.column("orig_n").to_numpy()
+    first = table.column("piece").to_numpy() == 0  # one row per record read
+    src = table.column("src").to_numpy()
+    kept = kept_mask(table).to_numpy(zero_copy_only=False)
+    chunk = table.column("chunk").to_numpy()
+    run_first = table.column("run_first").to_numpy()
+    lk = n[kept].astype(np.int64)
+    runs: dict[tuple[int, int], dict[int, int]] = {}
+    if len(lk):
+        keys = np.stack([chunk[kept].astype(np.int64), run_first[kept], lk], axis=1)
+        uniq, counts = np.unique(keys, axis=0, return_counts=True)
+        for (c, r, L), k in zip(uniq.tolist(), counts.tolist()):
+            runs.setdefault((c, r), {})[L] = k
+    reasons = Counter()
+    first_bad = None
+    bad = np.flatnonzero(~kept)
+    if len(bad):
+        why = table.column("reason").take(bad).to_pylist()
+        reasons.update(why)
+        j = int(bad[0])
+        first_bad = {k: table.column(k)[j].as_py() for k in ("chunk", "idx", "src", "row", "offset", "reason",
+                                                              "message")}
+    measured = first & (orig_n >= 0)
+    key = (int(chunk[0]), int(run_first[0])) if len(chunk) else (0, 0)
+    summary = {
+        "key": key,
+        "rows": int(first.sum()),
+        "rows_written": int((first & kept).sum()),
+        "samples": int(kept.sum()),
+        "overlong_kept": int((first & kept & (orig_n > seq_length)).sum()),
+        "rows_per_src": Counter(src[first].tolist()),
+        "hist_all": np.bincount(orig_n[measured].astype(np.int64)) if measured.any() else np.zeros(1, np.int64),
+        "hist_kept": np.bincount(lk) if len(lk) else np.zeros(1, np.int64),
+        "loss_tokens": int(table.column("loss_n").to_numpy()[kept].sum()),
+        "reasons": reasons,
+        "first_bad": first_bad,
+        "encoder": [int(table.column(k).to_numpy().sum()) for k in ("enc_checked", "enc_mismatch", "enc_fallback")],
+        "chunks": {int(c): int(h) for c, h in zip(*np.unique(np.stack([chunk, table.column("chunk_hash").to_numpy()]),
+                                                            axis=1))} if len(chunk) else {},
+    }
+    return summary, runs
+
+
+def block_rejects(table) -> list[dict]:
+    """The rejected and dropped rows of a block, as ``rejects.jsonl`` wants them (the record
+    cut to 4 KB), in input order."""
+    from .samples import kept_mask
+
+    bad = np.flatnonzero(~kept_mask(table).to_numpy(zero_copy_only=False))
+    if not len(bad):
+        return []
+    cols = {k: table.column(k).take(bad).to_pylist()
+            for k in ("chunk", "idx", "src", "row", "offset", "reason", "message", "bad_raw")}
+    out = []
+    for j in range(len(bad)):
+        e = {k: v[j] for k, v in cols.items()}
+        e["bad_raw"] = (e["bad_raw"] or b"")[:4000].decode("utf-8", errors="replace")
+        out.append(e)
+    return out
+
+
+DROP_REASONS = ("overlong", "overlong_prompt")
+
+
+class Totals:
+    """The build's statistics, added up one block summary at a time (bounded memory: the
+    histograms are ``seq_length`` long, the rest counters)."""
+
+    def __init__(self):
+        from collections import Counter
+
+        self.rows = self.rows_written = self.samples = self.overlong_kept = self.loss_tokens = 0
+        self.rows_per_src: Counter = Counter()
+        self.hist_all: np.ndarray | None = None
+        self.hist_kept: np.ndarray | None = None
+        self.reasons: Counter = Counter()
+        self.first_bad: dict | None = None
+        self.chunks: dict[int, int] = {}
+        self.encoder = [0, 0, 0]  # rows checked against hf, batches that disagreed, rows hf encoded
+
+    def add(self, s: dict) -> None:
+        for k in ("rows", "rows_written", "samples", "overlong_kept", "loss_tokens"):
+            setattr(self, k, getattr(self, k) + s[k])
+        self.rows_per_src.update(s["rows_per_src"])
+        self.hist_all = add_hist(self.hist_all, s["hist_all"])
+        self.hist_kept = add_hist(self.hist_kept, s["hist_kept"])
+        self.reasons.update(s["reasons"])
+        fb = s.get("first_bad")
+        if fb is not None and fb["reason"] not in DROP_REASONS and (
+                self.first_bad is None or (fb["chunk"], fb["idx"]) < (self.first_bad["chunk"], self.first_bad["idx"])):
+            self.first_bad = fb
+        self.chunks.update(s.get("chunks", {}))
+        self.encoder = [a + b for a, b in zip(self.encoder, s.get("encoder", [0, 0, 0]))]
+
+    @property
+    def rejected(self) -> dict:
+        return {k: v for k, v in sorted(self.reasons.items()) if k not in DROP_REASONS}
+
+    @property
+    def dropped(self) -> dict:
+        return {k: v for k, v in sorted(self.reasons.items()) if k in DROP_REASONS}

@@ -470,6 +470,7 @@ class Template:
         chat_template: str | None = None,
         special_strings: tuple[str, ...] = (),
         loss: str = "assistant",
+        template_kwargs: dict | None = None,
     ):
         if loss not in LOSS_POLICIES:
             raise TemplateError(f"unknown loss policy {loss!r}; choose one of {', '.join(LOSS_POLICIES)}")
@@ -483,7 +484,7 @@ class Template:
                     "--template auto needs a tokenizer with a chat_template (in tokenizer_config.json "
                     f"or chat_template.jinja); choose a built-in instead: {', '.join(BUILTIN)}"
                 )
-            self._jinja = JinjaTemplate(chat_template, self.specials)
+            self._jinja = JinjaTemplate(chat_template, self.specials, template_kwargs)
             self._special_strings = tuple(sorted(special_strings, key=len, reverse=True))
         elif name not in BUILTIN:
             raise TemplateError(f"unknown template {name!r}; choose one of {', '.join(TEMPLATE_NAMES)}")

@@ -6,9 +6,10 @@ already wrote BOS and every marker: this is what ``apply_chat_template(..., toke
 gives and what the model sees when served.
 
 Loss mask rule (documented in the README): a token carries loss iff any character it covers
-lies inside a loss span. Spans are mapped to tokens with the fast tokenizer's character
-offsets (``Encoding.char_to_token``), so a token that straddles a span boundary carries loss:
-every character of an answer is inside some loss-bearing token.
+lies inside a loss span, so a token that straddles a span boundary carries loss and every
+character of an answer is inside some loss-bearing token; a sample's first token never
+carries loss (nothing in the sample precedes it). ``raysft.encode`` maps spans to tokens,
+from the reference tokenizer's offsets or from the bytes each token stands for.
 
 Samples are returned as one flat int32 array per sample in which a token without loss is
 stored as its bitwise complement (``~id == -id - 1``); ``decode_signed`` undoes it.
@@ -18,15 +19,11 @@ from __future__ import annotations
 
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from itertools import chain
 
 import numpy as np
 
 from .template import Rendered, Specials
-
-LANES = 2  # a batch is encoded in this many parts at once (see SampleBuilder.encode)
 
 
 class TokenizerError(ValueError):
@@ -199,76 +196,6 @@ def save_tokenizer(fs, folder: str, info: TokenizerInfo) -> None:
         json.dump(config, f, indent=2, ensure_ascii=False)
 
 
-def _loss_ranges(encoding, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Token ranges ``[first, last + 1)`` that carry loss: the tokens overlapping each span."""
-    out = []
-    for start, end in spans:
-        first = _token_at(encoding, start, end, +1)
-        last = _token_at(encoding, end - 1, start - 1, -1)
-        if first is not None and last is not None and last >= first:
-            out.append((first, last + 1))
-    return out
-
-
-def loss_flags(encoding, spans: list[tuple[int, int]], n: int) -> np.ndarray:
-    """Boolean loss flag per token: token overlaps a loss span (see module doc)."""
-    flags = np.zeros(n, dtype=bool)
-    for first, stop in _loss_ranges(encoding, spans):
-        flags[first:stop] = True
-    return flags
-
-
-def _token_at(encoding, pos: int, stop: int, step: int) -> int | None:
-    """The token covering character ``pos``; characters that map to no token (removed by a
-    normalizer) are skipped towards ``stop``."""
-    while pos != stop:
-        t = encoding.char_to_token(pos)
-        if t is not None:
-            return t
-        pos += step
-    return None
-
-
-def flatten_encodings(encodings, rendered: list[Rendered]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Encodings of rendered texts -> (signed int32 tokens of all texts back to back, token
-    count per text, loss-bearing token count per text). Loss flags are set per batch from token
-    ranges, with no per-token Python."""
-    ids = [enc.ids for enc in encodings]
-    n = len(ids)
-    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=n)
-    starts = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(lengths, out=starts[1:])
-    total = int(starts[-1])
-    flat = np.fromiter(chain.from_iterable(ids), dtype=np.int32, count=total)
-    edges: list[int] = []
-    ends: list[int] = []
-    counts: list[int] = []  # loss-bearing tokens per text
-    for enc, r, offset in zip(encodings, rendered, starts.tolist()):
-        count = 0
-        done = 0  # end of the previous range: consecutive ranges may share a straddling token
-        for start, end in r.spans:
-            # the tokens covering a span's first and last characters (the common case: one call
-            # each; _token_at steps over characters a normalizer removed)
-            first = enc.char_to_token(start)
-            if first is None:
-                first = _token_at(enc, start, end, +1)
-            last = enc.char_to_token(end - 1)
-            if last is None:
-                last = _token_at(enc, end - 1, start - 1, -1)
-            if first is not None and last is not None and last >= first:
-                edges.append(offset + first)
-                ends.append(offset + last + 1)
-                count += last + 1 - max(first, done)
-                done = last + 1
-        counts.append(count)
-    # +1 where a loss range opens, -1 where it closes
-    depth = np.zeros(total + 1, dtype=np.int32)
-    np.add.at(depth, edges, 1)
-    np.add.at(depth, ends, -1)
-    loss = np.cumsum(depth[:-1], dtype=np.int32) > 0
-    return np.where(loss, flat, ~flat), lengths, np.array(counts, dtype=np.int64)
-
-
 def split_flat(values: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
     return np.split(values, np.cumsum(lengths)[:-1]) if len(lengths) else []
 
@@ -279,18 +206,29 @@ def loss_counts(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     return with_loss[offsets[1:]] - with_loss[offsets[:-1]]
 
 
-def encode_rendered(tokenizer, rendered: list[Rendered]) -> list[np.ndarray]:
-    """Tokenize rendered texts in one batch call; return signed int32 arrays (see module doc)."""
-    encodings = tokenizer.encode_batch([r.text for r in rendered], add_special_tokens=False)
-    values, lengths, _ = flatten_encodings(encodings, rendered)
-    return split_flat(values, lengths)
-
-
 def decode_signed(signed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Signed storage -> (token ids, loss mask)."""
     signed = np.asarray(signed)
     loss = signed >= 0
     return np.where(loss, signed, ~signed), loss
+
+
+def json_loads(raw: bytes):
+    """Decode one record: the C parser (orjson), and the standard library's where orjson
+    refuses what JSON allows (NaN, integers beyond 64 bits). Every failure is a ValueError or
+    RecursionError."""
+    if orjson is not None:
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(raw)
+
+
+try:
+    import orjson
+except ImportError:  # pragma: no cover - orjson is a dependency
+    orjson = None
 
 
 @dataclass
@@ -303,13 +241,28 @@ class Encoded:
     ok: np.ndarray  # bool per record: kept
     reasons: list[str]  # per record: "" or why it was rejected
     messages: list[str]
+    batch: object = None  # the encoder's Batch (parity and fallback counts)
+
+
+def _reject_reason(e: BaseException) -> tuple[str, str]:
+    """(reason, message) of a record that failed to decode."""
+    if isinstance(e, UnicodeDecodeError):
+        return "invalid_utf8", f"not valid UTF-8 ({e.reason} at byte {e.start})"
+    if isinstance(e, UnicodeEncodeError):
+        return "invalid_utf8", f"text holds a character UTF-8 cannot encode ({e.reason}: {e.object[e.start:e.end]!r})"
+    if isinstance(e, json.JSONDecodeError):
+        return "invalid_json", f"not valid JSON (col {e.colno}: {e.msg})"
+    if isinstance(e, RecursionError):
+        return "invalid_json", "JSON nested too deeply"
+    return "invalid_json", f"not valid JSON ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})"
 
 
 class SampleBuilder:
     """Raw JSON records -> signed token arrays, or a (reason, message) per rejected record.
 
     The whole per-record path of the job (decode, normalize, render, tokenize, mask) without
-    any engine; the Ray actor of the pipeline only wraps it.
+    any engine; the Ray actor of the pipeline only wraps it. ``encoder`` is an encoder object
+    from ``raysft.encode`` or a ``--encoder`` mode (``hf`` by default here: the reference).
     """
 
     def __init__(
@@ -319,88 +272,75 @@ class SampleBuilder:
         fmt: str = "auto",
         map_keys: dict | None = None,
         loss: str = "assistant",
-        lanes: int = LANES,
+        encoder="hf",
+        template_kwargs: dict | None = None,
+        max_chars: int | None = None,
     ):
+        from .encode import choose
         from .template import Template
 
-        self.tokenizer = info.load()
-        self.template = Template(template, info.specials, info.chat_template, info.special_strings, loss)
+        self.info = info
+        self.encoder = choose(encoder, info)[0] if isinstance(encoder, str) else encoder
+        self.tokenizer = info.shared()
+        self.template = Template(template, info.specials, info.chat_template, info.special_strings, loss,
+                                 template_kwargs)
         self.fmt = fmt
         self.keys = map_keys or {}
+        self.max_chars = max_chars
         from .template import MARKERS
 
         # markers this tokenizer has no single token for: a cut could fall inside them
         markers = MARKERS.get(template, ()) + tuple(info.special_strings) + tuple(s for s in (info.bos, info.eos) if s)
         self.markers = tuple(m for m in dict.fromkeys(markers) if self.tokenizer.token_to_id(m) is None)
-        self.lanes = lanes
-        self._pool: ThreadPoolExecutor | None = None
 
     def unsafe_cuts(self, raw: bytes) -> np.ndarray:
         """Cut positions inside a template marker, for one (overlong) record."""
         from .normalize import normalize
 
-        rendered = self.template.render(normalize(json.loads(raw), self.fmt, self.keys))
+        rendered = self.template.render(normalize(json_loads(raw), self.fmt, self.keys))
         return marker_cuts(self.tokenizer.encode(rendered.text, add_special_tokens=False), rendered.text,
                            self.markers)
 
-    def _render(self, raws: list[bytes], errors: list[str] | None, lo: int, hi: int,
-                reasons: list[str], messages: list[str]) -> tuple[list[Rendered], list[int]]:
-        """Decode, normalize and render records ``lo:hi``; failures go to reasons/messages."""
+    def render(self, raws: list[bytes], errors: list[str] | None, reasons: list[str],
+               messages: list[str]) -> tuple[list[Rendered], list[int]]:
+        """Decode, normalize and render records; failures go to reasons/messages."""
         from .normalize import RecordError, normalize
 
         rendered: list[Rendered] = []
         where: list[int] = []
-        for i in range(lo, hi):
+        template, fmt, keys, max_chars = self.template, self.fmt, self.keys, self.max_chars
+        for i, raw in enumerate(raws):
             if errors and errors[i]:
                 reasons[i], _, messages[i] = errors[i].partition(": ")
                 continue
             try:
-                conv = normalize(json.loads(raws[i]), self.fmt, self.keys)
-                rendered.append(self.template.render(conv))
+                r = template.render(normalize(json_loads(raw), fmt, keys))
+                if not r.text.isascii():
+                    r.text.encode("utf-8")  # a lone surrogate ("\ud83d") is valid JSON, not text
+                if max_chars is not None and len(r.text) > max_chars:
+                    reasons[i], messages[i] = "overlong", f"rendered text of {len(r.text):,} characters"
+                    continue
+                rendered.append(r)
                 where.append(i)
             except RecordError as e:
                 reasons[i], messages[i] = e.reason, e.message
-            except UnicodeDecodeError as e:
-                reasons[i], messages[i] = "invalid_utf8", f"not valid UTF-8 ({e.reason} at byte {e.start})"
-            except json.JSONDecodeError as e:
-                reasons[i], messages[i] = "invalid_json", f"not valid JSON (col {e.colno}: {e.msg})"
-            except RecursionError:
-                reasons[i], messages[i] = "invalid_json", "JSON nested too deeply"
+            except (ValueError, RecursionError) as e:
+                reasons[i], messages[i] = _reject_reason(e)
         return rendered, where
 
     def encode(self, raws: list[bytes], errors: list[str] | None = None) -> Encoded:
-        """Records -> kept samples' signed tokens, back to back, and a reason per rejected one.
-
-        The batch is cut into ``lanes`` equal parts that go through render -> encode -> flatten
-        in threads of their own (one lane runs inline): the Rust encoder releases the GIL, so
-        while one part is in Python (JSON, templating, flattening) another keeps the encoder's
-        cores busy. Parts are joined in order: the result does not depend on the number of
-        lanes."""
+        """Records -> kept samples' signed tokens, back to back, and a reason per rejected one."""
         n = len(raws)
         reasons = [""] * n
         messages = [""] * n
-        size = max(1, -(-n // self.lanes))
-
-        def lane(lo: int):
-            rendered, at = self._render(raws, errors, lo, min(n, lo + size), reasons, messages)
-            encodings = self.tokenizer.encode_batch([r.text for r in rendered], add_special_tokens=False)
-            return (*flatten_encodings(encodings, rendered), at)
-
-        if self.lanes == 1:
-            parts = [lane(0)] if n else []
-        else:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.lanes, thread_name_prefix="encode")
-            parts = list(self._pool.map(lane, range(0, n, size)))
-        where = [i for p in parts for i in p[3]]
-        values = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int32)
-        counts = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64)
+        rendered, where = self.render(raws, errors, reasons, messages)
+        b = self.encoder.encode([r.text for r in rendered], [r.spans for r in rendered])
+        values, counts, loss = b.values, b.lengths, b.loss
         lengths = np.zeros(n, dtype=np.int64)
         loss_n = np.zeros(n, dtype=np.int64)
         ok = np.zeros(n, dtype=bool)
         if where:
             at = np.asarray(where, dtype=np.int64)
-            loss = np.concatenate([p[2] for p in parts])
             good = (counts > 0) & (loss > 0)
             for j in np.flatnonzero(~good).tolist():
                 i = where[j]
@@ -413,7 +353,7 @@ class SampleBuilder:
             lengths[at[good]] = counts[good]
             loss_n[at[good]] = loss[good]
             ok[at[good]] = True
-        return Encoded(values, lengths, loss_n, ok, reasons, messages)
+        return Encoded(values, lengths, loss_n, ok, reasons, messages, b)
 
     def __call__(self, raws: list[bytes], errors: list[str] | None = None):
         """Per record: its signed token array (None when rejected), reasons, messages."""
@@ -465,8 +405,8 @@ def fit_overlong(signed: np.ndarray, seq_length: int, policy: str,
     * ``truncate``: keep the first ``seq_length`` tokens: the prompt stays whole and the answer
       is cut; dropped when the cut leaves no loss-bearing token (the prompt alone is too long);
     * ``split``: cut at the ends of answer turns, each piece as long as fits; a stretch with no
-      turn end inside ``seq_length`` is cut at ``seq_length``; pieces without any loss-bearing
-      token are left out.
+      turn end inside ``seq_length`` is cut at ``seq_length``; a piece's first token carries no
+      loss (it starts a sample); pieces without any loss-bearing token are left out.
 
     ``unsafe`` (see ``marker_cuts``) marks cut positions inside a template marker that the
     tokenizer splits into several tokens: a cut moves back to the marker's start.
@@ -489,6 +429,9 @@ def fit_overlong(signed: np.ndarray, seq_length: int, policy: str,
         fits = ends[(ends > start) & (ends <= limit)]
         stop = int(fits[-1]) if len(fits) else (_safe_cut(limit, start, unsafe) if limit < len(signed) else len(signed))
         piece = signed[start:stop]
+        if piece[0] >= 0:  # a piece is a sample: no loss on its first token
+            piece = piece.copy()
+            piece[0] = ~piece[0]
         if (piece >= 0).any():
             pieces.append(piece)
         start = stop

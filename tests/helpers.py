@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from raysft.config import BuildConfig
+from raysft.engine.driver import run
 from raysft.indexed import IndexedReader
-from raysft.pipeline import run
 from raysft.tokenize import SampleBuilder
 
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from helpers import build, expected_samples, file_bytes, reader, written_samples
 
-from raysft.pipeline import BuildError
-from raysft.write import IGNORE
+from raysft.engine.driver import BuildError
+from raysft.layouts import IGNORE
 
 STATS_KEYS = {
     "rows_read", "samples_written", "rejected", "dropped", "tokens", "loss_tokens", "packs", "seq_length",
@@ -146,8 +146,10 @@ def test_bad_record_names_file_and_line(tmp_path, ray_session, llama3_dir):
 
 
 def test_existing_output_needs_overwrite(native_out, llama3_dir):
+    from raysft.output import OutputError
+
     out, inputs, _ = native_out
-    with pytest.raises(BuildError, match="--overwrite"):
+    with pytest.raises(OutputError, match="--overwrite"):
         build(out, inputs, llama3_dir, template="llama3", seq_length=2048)
 
 

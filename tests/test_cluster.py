@@ -107,7 +107,7 @@ STOP_SCRIPT = r"""
 import json, sys, psutil, ray
 from ray._private import worker
 from raysft.config import BuildConfig
-from raysft.pipeline import init_ray, stop_ray
+from raysft.engine.session import init_ray, stop_ray
 
 init_ray(BuildConfig(inputs=["-"], output="-", tokenizer="-", num_cpus=1))
 node = worker._global_node
@@ -133,7 +133,7 @@ def test_stop_ray_kills_the_monitor_first_and_leaves_nothing_running(tmp_path):
 
 
 def test_stop_ray_leaves_a_ray_it_did_not_start_running(ray_session):
-    from raysft.pipeline import stop_ray
+    from raysft.engine.session import stop_ray
 
     stop_ray()
     assert ray_session.is_initialized()

@@ -2,7 +2,7 @@
 
 import pytest
 
-from raysft.pipeline import size_pool
+from raysft.engine.session import size_pool
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from helpers import build, file_bytes, reader
 
-from raysft.pipeline import BuildError
+from raysft.engine.driver import BuildError
 from raysft.tokenize import SampleBuilder
 
 GOOD = {"instruction": "Say hello.", "output": "Hello!"}
@@ -51,9 +51,15 @@ def test_every_reason_is_counted_and_listed(tmp_path, ray_session, llama3_dir):
     assert [r["reason"] for r in rejects] == list(BAD_ROWS)
     assert [r["position"].rsplit(" ", 1)[1] for r in rejects] == [str(i + 2) for i in range(len(BAD_ROWS))]
     assert rejects[0]["record"].startswith('{"instruction": "x"')
-    # fail policy: one line naming file, line and reason
-    with pytest.raises(BuildError, match=r"mixed\.jsonl line 2: invalid_json: .*and 10 more bad records"):
+    # fail policy: one line naming file, line and reason, as soon as a bad record is found
+    # (whichever the tokenizer actors meet first)
+    with pytest.raises(BuildError, match=r"mixed\.jsonl line \d+: [a-z_]+: ") as e:
         build(tmp_path / "out2", [src], llama3_dir, template="llama3", seq_length=256)
+    import re
+
+    line, reason = re.search(r"line (\d+): ([a-z_]+):", str(e.value)).groups()
+    assert list(BAD_ROWS)[int(line) - 2] == reason and "\n" not in str(e.value)
+    assert not (tmp_path / "out2" / "_SUCCESS").exists()
 
 
 def fuzz_rows(n: int, seed: int) -> list[bytes]:
@@ -129,12 +135,12 @@ def test_overlong_policies(tmp_path, ray_session, shared_data, llama3_dir, polic
 
 
 def test_interrupted_job_leaves_no_final_names(tmp_path, ray_session, shared_data, llama3_dir, monkeypatch):
-    import raysft.pipeline as pipeline
+    import raysft.layouts.base as base
 
     def boom(*a, **k):
         raise RuntimeError("simulated crash during merge")
 
-    monkeypatch.setattr(pipeline, "merge_shards", boom)
+    monkeypatch.setattr(base, "merge_index_files", boom)
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="simulated crash"):
         build(out, [shared_data / "glaive_toolcall_en_demo.json"], llama3_dir, template="llama3", seq_length=2048)
@@ -142,8 +148,8 @@ def test_interrupted_job_leaves_no_final_names(tmp_path, ray_session, shared_dat
     monkeypatch.undo()
     build(out, [shared_data / "glaive_toolcall_en_demo.json"], llama3_dir, template="llama3", seq_length=2048)
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["_SUCCESS", "data.bin", "data.idx", "data_order.txt", "inputs.json", "provenance.bin", "rejects.jsonl",
-         "report.html", "shards", "stats.json"])
+        ["_SUCCESS", "data.bin", "data.idx", "data_order.txt", "inputs.json", "manifest.json", "provenance.bin",
+         "rejects.jsonl", "report.html", "shards", "stats.json"])
 
 
 def _kill_once(match: str, stop: threading.Event, killed: list):
@@ -186,24 +192,24 @@ def test_trust_remote_code_off_by_default():
 
 
 def test_out_path_refuses_escapes():
-    from raysft.pipeline import out_path
+    from raysft.output import OutputError, out_path
 
     assert out_path("/o", "shards/part-00000") == "/o/shards/part-00000"
     for bad in ("../x", "/etc/passwd", "a/../../b", "a//b"):
-        with pytest.raises(BuildError):
+        with pytest.raises(OutputError):
             out_path("/o", bad)
 
 
 def test_resume_reuses_completed_shards_and_refuses_changes(tmp_path, ray_session, shared_data, llama3_dir,
                                                             monkeypatch):
-    import raysft.pipeline as pipeline
+    import raysft.layouts.base as base
 
     inputs = [shared_data / "glaive_toolcall_en_demo.json"]
     flags = dict(template="llama3", seq_length=1024, num_shards=3)
     build(tmp_path / "clean", inputs, llama3_dir, **flags)
 
     out = tmp_path / "out"
-    monkeypatch.setattr(pipeline, "merge_shards", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("crash")))
+    monkeypatch.setattr(base, "merge_index_files", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("crash")))
     with pytest.raises(RuntimeError):
         build(out, inputs, llama3_dir, **flags)
     monkeypatch.undo()
@@ -211,7 +217,9 @@ def test_resume_reuses_completed_shards_and_refuses_changes(tmp_path, ray_sessio
     assert len(shards) == 3
     stamps = {p.name: p.stat().st_mtime_ns for p in shards}
 
-    with pytest.raises(BuildError, match=r"cannot resume: --seq-length changed"):
+    from raysft.output import OutputError
+
+    with pytest.raises(OutputError, match=r"cannot resume: --seq-length changed"):
         build(out, inputs, llama3_dir, **(flags | {"seq_length": 2048}), resume=True)
 
     build(out, inputs, llama3_dir, **flags, resume=True)

@@ -4,7 +4,7 @@ import boto3
 import pytest
 from helpers import build, file_bytes
 
-from raysft.pipeline import BuildError
+from raysft.engine.driver import BuildError
 from raysft.read import InputError
 
 BUCKET = "raysft-data"

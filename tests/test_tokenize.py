@@ -1,8 +1,19 @@
 import numpy as np
 
+from raysft.encode import HFEncoder
 from raysft.normalize import normalize
-from raysft.template import Rendered, Template
-from raysft.tokenize import SampleBuilder, decode_signed, encode_rendered, flatten_encodings, loss_flags
+from raysft.template import Template
+from raysft.tokenize import SampleBuilder, decode_signed, split_flat
+
+
+def encode_rendered(tok, rendered):
+    b = HFEncoder(tok).encode([r.text for r in rendered], [r.spans for r in rendered])
+    return split_flat(b.values, b.lengths)
+
+
+def loss_flags(tok, text, spans):
+    b = HFEncoder(tok).encode([text], [spans])
+    return (b.values >= 0).tolist()
 
 CONV = {"messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "2+2 is 4."}]}
 
@@ -16,31 +27,32 @@ def test_ids_are_one_pass_encoding_of_whole_text(llama3_info):
     assert tok.decode(ids.tolist(), skip_special_tokens=False) == r.text
     # loss covers exactly the answer and its end-of-turn token
     assert tok.decode(ids[loss].tolist(), skip_special_tokens=False) == "2+2 is 4.<|eot_id|>"
+    assert not loss[0]  # never on a sample's first token
     assert ids[loss][-1] == tok.token_to_id("<|eot_id|>")
 
 
 def test_straddling_token_carries_loss(llama3_info):
     tok = llama3_info.load()
-    text = "hello world"
-    enc = tok.encode(text, add_special_tokens=False)  # "hello", " world"
-    assert len(enc.ids) == 2
+    text = "say hello world"
+    assert len(tok.encode(text, add_special_tokens=False).ids) == 3  # "say", " hello", " world"
     # a span starting mid-token (inside " world") marks that whole token
-    assert loss_flags(enc, [(8, 11)], 2).tolist() == [False, True]
-    # a span covering the last char of "hello" and the space marks both tokens
-    assert loss_flags(enc, [(4, 6)], 2).tolist() == [True, True]
-    assert loss_flags(enc, [], 2).tolist() == [False, False]
+    assert loss_flags(tok, text, [(12, 15)]) == [False, False, True]
+    # a span covering the last char of " hello" and the space marks both tokens
+    assert loss_flags(tok, text, [(8, 10)]) == [False, True, True]
+    assert loss_flags(tok, text, []) == [False, False, False]
+    # the first token of a sample never carries loss: nothing in the sample precedes it
+    assert loss_flags(tok, text, [(0, 15)]) == [False, True, True]
 
 
 def test_loss_counts_count_a_shared_token_once(llama3_info):
     """Two spans inside one token flag it once; the per-text loss count says the same."""
     tok = llama3_info.load()
-    texts = [Rendered("hello world", [(1, 2), (3, 4)]), Rendered("hello world", [(4, 7)]),
-             Rendered("hello world", []), Rendered("", [])]
-    encs = tok.encode_batch([r.text for r in texts], add_special_tokens=False)
-    values, lengths, loss = flatten_encodings(encs, texts)
-    assert lengths.tolist() == [2, 2, 2, 0]
-    assert (values >= 0).tolist() == [True, False, True, True, False, False]
-    assert loss.tolist() == [1, 2, 0, 0]
+    texts = ["go hello world", "go hello world", "go hello world", ""]
+    spans = [[(4, 5), (6, 7)], [(7, 10)], [], []]
+    b = HFEncoder(tok).encode(texts, spans)
+    assert b.lengths.tolist() == [3, 3, 3, 0]
+    assert (b.values >= 0).tolist() == [False, True, False, False, True, True, False, False, False]
+    assert b.loss.tolist() == [1, 2, 0]  + [0]
 
 
 def test_sample_builder_reports_reasons(llama3_info):
@@ -74,7 +86,12 @@ def test_batch_encoding_matches_one_record_at_a_time(llama3_info, shared_data):
     for r, got in zip(rendered, batched):
         enc = tok.encode(r.text, add_special_tokens=False)
         ids = np.array(enc.ids, dtype=np.int32)
-        want = np.where(loss_flags(enc, r.spans, len(ids)), ids, ~ids)
+        offs = np.array(enc.offsets).reshape(-1, 2)
+        flags = np.zeros(len(ids), bool)  # the rule, token by token: covers a character of a span
+        for s, e in r.spans:
+            flags |= (offs[:, 0] < e) & (offs[:, 1] > s) & (offs[:, 1] > offs[:, 0])
+        flags[0] = False
+        want = np.where(flags, ids, ~ids)
         assert got.dtype == np.int32 and got.tolist() == want.tolist()
     # rejected records sit between kept ones without shifting them
     b = SampleBuilder(llama3_info, "llama3")

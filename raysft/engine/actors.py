@@ -1,0 +1,57 @@
+"""The tokenizer actor: reads its chunks and runs the pure tokenize stage on them."""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import pyarrow as pa
+
+from ..read import Chunk, read_chunk
+from ..samples import tokenize_batch
+
+
+class TokenizeAndMask:
+    """Read + tokenize stage (Ray actor): holds one tokenizer (and encoder) for its lifetime.
+
+    Called with chunk descriptions, one at a time: reads the chunk and yields one table per
+    ``batch_size`` records (``raysft.samples``). Reading inside the actor keeps raw records out
+    of the object store, and one task per chunk spreads the chunks over all actors.
+    """
+
+    def __init__(self, info, template: str, fmt: str, map_keys: dict, loss: str, seq_length: int,
+                 overlong: str = "drop", threads: int = 1, so: dict | None = None, batch_size: int = 16384,
+                 encoder: str = "auto", template_kwargs: dict | None = None, max_chars: int | None = None):
+        # the encoders' thread pools start on first use: size them to this actor's cores
+        os.environ["RAYON_NUM_THREADS"] = str(max(1, threads))
+        os.environ["FASTOKENS_BPE_THREADS"] = str(max(1, threads))
+        from ..encode import choose
+        from ..tokenize import SampleBuilder
+
+        enc, _ = choose(encoder, info, parity=True)  # the driver already ran the canary and logged
+        self.builder = SampleBuilder(info, template, fmt, map_keys, loss, enc, template_kwargs, max_chars)
+        self.seq_length = seq_length
+        self.overlong = overlong
+        self.so = so or {}
+        self.batch_size = batch_size
+        # what exists now (Ray, Ray Data, the tokenizer) lives as long as the actor: keep it out
+        # of the collector's full passes, which the records' many small objects trigger
+        gc.freeze()
+
+    def __call__(self, chunks: dict):
+        for i in range(len(chunks["chunk"])):
+            c = Chunk(**{k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in chunks.items()})
+            yield from self.tokenize_chunk(c)
+
+    def tokenize_chunk(self, c: Chunk):
+        rows = read_chunk(c, self.so)
+        n = len(rows.idx)
+        for lo in range(0, max(n, 1), self.batch_size):
+            hi = min(n, lo + self.batch_size)
+            if hi <= lo:
+                return
+            pos = {"chunk": [c.chunk] * (hi - lo), "src": [c.src] * (hi - lo), "idx": rows.idx[lo:hi],
+                   "row": rows.row[lo:hi], "offset": rows.offset[lo:hi]}
+            table: pa.Table = tokenize_batch(self.builder, rows.raw[lo:hi], rows.error[lo:hi], pos, self.seq_length,
+                                             self.overlong, rows.digest)
+            yield table

@@ -1,0 +1,560 @@
+"""The Ray driver: wires the pure stages into Ray Data and Ray tasks and runs them.
+
+read+normalize+template+tokenize+mask (actor pool) -> stats (a task per block, reduced as it
+arrives) -> plan (driver, from histograms) -> slot assignment cut by shard (a task per block)
+-> write shards (a task per shard) -> merge (driver, streaming) -> commit.
+
+Nothing here decides a byte of output: that is the pure modules' work. The driver's memory
+does not grow with the rows: it holds object references per block, histograms of
+``seq_length`` and counters; rejects and provenance are written by workers and concatenated
+in bounded buffers, and the merged index is streamed from the shard indexes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict
+
+import numpy as np
+
+from .. import stats as stats_mod
+from ..config import BuildConfig
+from ..encode import EncoderStats, choose
+from ..fs import get_fs, join, storage_options
+from ..layouts import get_layout
+from ..merge import copy_into
+from ..output import TMP, Output, OutputError, OutputLock
+from ..pack import PackPlan, RunOffsets, plan_bfd, slot_table
+from ..read import LineCounter, check_bucket, describe_position, expand_inputs, plan_chunks, split_tail
+from ..template import MARKERS
+from ..tokenize import add_special_tokens, load_tokenizer_info, missing_markers, save_tokenizer
+from .session import TokenizePool, init_ray, node_cpus, setup_data_context, size_pool
+from .watch import Watchdog
+
+log = logging.getLogger("raysft")
+
+VERSION = 2  # of the manifest and of what output bytes depend on
+
+
+class BuildError(RuntimeError):
+    """A failure to report as one clear line (bad input, bad settings)."""
+
+
+# --------------------------------------------------------------------------- preparation
+
+
+def prepare(cfg: BuildConfig):
+    """What every command that reads inputs needs first: storage options, the tokenizer
+    (checked against the template), the input files and their read chunks. Fails before Ray
+    starts."""
+    so = storage_options(cfg.s3_endpoint_url, cfg.s3_addressing_style)
+    info = load_tokenizer_info(cfg.tokenizer, cfg.trust_remote_code)
+    from ..template import Template
+
+    Template(cfg.template, info.specials, info.chat_template, info.special_strings, cfg.loss,
+             cfg.template_kwargs)  # fail early
+    files = expand_inputs(cfg.inputs, so)
+    chunks = plan_chunks(files, so, cfg.chunk_bytes)
+    return so, info, files, chunks
+
+
+def start(cfg: BuildConfig, chunks: int) -> TokenizePool:
+    """Start or join Ray, set up Ray Data, and size the tokenizer pool from the nodes' CPUs."""
+    init_ray(cfg)
+    setup_data_context()
+    nodes = node_cpus()
+    pool = size_pool(nodes, cfg.tokenize_workers, chunks)
+    log.info("tokenizer actors: %d, %d encoder thread(s) each (%d node(s), %d CPUs)", pool.workers, pool.threads,
+             len(nodes), sum(nodes))
+    return pool
+
+
+def pick_encoder(cfg: BuildConfig, info, files, so) -> tuple[str, EncoderStats]:
+    """Run the encoder choice (and its canary) once, on the driver; the actors get the result."""
+    enc, why = choose(cfg.encoder, info, _sample_texts(files, so), parity=False)
+    if why:
+        log.info("encoder: hf (%s)", why)
+    else:
+        log.info("encoder: %s %s", enc.name, enc.version)
+    return enc.name, EncoderStats(enc.name, enc.version, why=why)
+
+
+def _sample_texts(files, so, limit: int = 64) -> list[str]:
+    """The start of the first input, as text lines, for the encoder canary."""
+    if not files:
+        return []
+    try:
+        fs, path = get_fs(files[0].url, so)
+        with fs.open(path, "rb") as f:
+            head = f.read(64 << 10)
+        return [t for t in head.decode("utf-8", "ignore").splitlines() if t.strip()][:limit]
+    except Exception:  # noqa: BLE001 - the canary has enough without these
+        return []
+
+
+def tokenize_dataset(cfg: BuildConfig, chunks, info, so: dict, pool: TokenizePool, encoder: str):
+    """read -> normalize+template+tokenize+mask, as a lazy Ray dataset: one actor task per chunk."""
+    import ray.data
+
+    from .actors import TokenizeAndMask
+
+    chunks = split_tail(chunks, 2 * pool.workers)
+    ds = ray.data.from_items([asdict(c) for c in chunks], override_num_blocks=max(1, len(chunks)))
+    return ds.map_batches(
+        TokenizeAndMask,
+        fn_constructor_kwargs={
+            "info": info, "template": cfg.template, "fmt": cfg.format, "map_keys": cfg.map_keys, "loss": cfg.loss,
+            "seq_length": get_layout(cfg.layout).capacity(cfg.seq_length), "overlong": cfg.overlong, "threads": pool.threads, "so": so,
+            "batch_size": cfg.batch_size, "encoder": encoder, "template_kwargs": cfg.template_kwargs,
+            "max_chars": max_chars(cfg),
+        },
+        batch_size=1,
+        batch_format="numpy",
+        # a second chunk queued per actor, so it starts the moment the first ends; the last
+        # chunks are cut small (split_tail), so a queued chunk delays the end by little
+        compute=ray.data.ActorPoolStrategy(size=pool.workers, max_tasks_in_flight_per_actor=2),
+        num_cpus=pool.actor_cpus,
+    )
+
+
+def max_chars(cfg: BuildConfig) -> int | None:
+    """Rendered texts longer than this cannot fit ``--seq-length`` under ``--overlong drop``
+    (no token of a byte-level tokenizer stands for more than ``MAX_TOKEN_CHARS`` characters):
+    they are dropped before they are encoded."""
+    return get_layout(cfg.layout).capacity(cfg.seq_length) * MAX_TOKEN_CHARS if cfg.overlong == "drop" else None
+
+
+MAX_TOKEN_CHARS = 1024
+
+
+class Blocks:
+    """The tokenized blocks, their statistics as they arrive, and the build's totals."""
+
+    def __init__(self, seq_length: int, fail_fast: bool, files, so):
+        self.refs: list = []  # block refs
+        self.summaries: list = []  # refs of each block's summary
+        self.runs: list = []  # refs of each block's runs
+        self.keys: list = []  # each block's input position, once its summary is in
+        self.rejects: list = []  # (key, file) of each block that had rejects
+        self.totals = stats_mod.Totals()
+        self.pending: dict = {}  # summary ref -> block number
+        self.fail_fast, self.files, self.so, self.S = fail_fast, files, so, seq_length
+
+    def add(self, ref, measure, rejects_dir) -> None:
+        summary, runs = measure.remote(ref, self.S, rejects_dir, self.so)
+        self.pending[summary] = len(self.refs)
+        self.refs.append(ref)
+        self.summaries.append(summary)
+        self.runs.append(runs)
+        self.keys.append(None)
+
+    def collect(self, wait: bool) -> None:
+        import ray
+
+        while self.pending:
+            ready, _ = ray.wait(list(self.pending), num_returns=len(self.pending) if wait else 1,
+                                timeout=None if wait else 0)
+            if not ready:
+                return
+            for ref, s in zip(ready, ray.get(ready)):
+                k = self.pending.pop(ref)
+                self.keys[k] = tuple(s["key"])
+                self.totals.add(s)
+                if s.get("rejects_file"):
+                    self.rejects.append((tuple(s["key"]), s["rejects_file"]))
+                if self.fail_fast and self.totals.rejected:
+                    raise bad_record_error(self.totals, self.files, self.so)
+            if not wait:
+                return
+
+
+def bad_record_error(t: stats_mod.Totals, files, so) -> BuildError:
+    fb = t.first_bad
+    where = describe_position(files[fb["src"]].url, fb["row"], fb["offset"], so)
+    return BuildError(f"{where}: {fb['reason']}: {fb['message']}; pass --on-bad-record skip to skip bad records and "
+                      "list them in rejects.jsonl")
+
+
+def tokenize_and_measure(ds, blocks: Blocks, rejects_dir: str | None, stats_cpus: float, watch: Watchdog) -> None:
+    """Run the read+tokenize dataset to its end, keeping its blocks in the object store, and
+    start the statistics of each block as soon as it exists (a small task, on the CPU the
+    actors leave): they are ready when tokenization ends, with no second pass over the data."""
+    import ray
+
+    from .tasks import measure_block
+
+    measure = ray.remote(measure_block).options(num_cpus=stats_cpus, num_returns=2)
+    watch.progress("tokenize", "the tokenizer actors' first block")
+    for bundle in ds.iter_internal_ref_bundles():
+        if any(sl is not None for sl in getattr(bundle, "slices", None) or ()):
+            raise BuildError("internal error: Ray Data returned a partial block")  # never for map outputs
+        for ref, meta in zip(bundle.block_refs, bundle.metadata):
+            if meta.num_rows == 0:
+                continue  # an empty block (it may lack the schema): nothing to count or write
+            blocks.add(ref, measure, rejects_dir)
+        watch.progress("tokenize", f"tokenized blocks after {len(blocks.refs)}")
+        blocks.collect(wait=False)
+    watch.progress("stats", "the statistics of the last blocks")
+    blocks.collect(wait=True)
+
+
+def shuffle_and_write(blocks: Blocks, plan_ref, num_shards: int, write_kw: dict, reuse: dict,
+                      watch: Watchdog) -> list[dict]:
+    """Assign pack slots and write the shards: one partition task per block (its samples cut
+    by output shard, with the rank offsets of its own runs), one writer task per shard. Blocks
+    go in input order, so the offsets come from one running count of ``seq_length``."""
+    import ray
+
+    from .tasks import partition_block, write_parts
+
+    split = ray.remote(partition_block).options(num_returns=num_shards)
+    offsets = RunOffsets(write_kw["seq_length"])
+    order = sorted(range(len(blocks.refs)), key=lambda k: blocks.keys[k])
+    parts = []
+    for k in order:
+        runs = ray.get(blocks.runs[k])
+        blocks.runs[k] = None
+        if not runs:
+            continue  # nothing kept in this block
+        p = split.remote(blocks.refs[k], plan_ref, offsets.offsets(runs), num_shards)
+        parts.append([p] if num_shards == 1 else p)
+    blocks.refs.clear()
+    write = ray.remote(write_parts)
+    pending = [write.remote(s, *(p[s] for p in parts), **write_kw, reuse=reuse.get(s)) for s in range(num_shards)]
+    del parts
+    metas, step, t0 = [], max(1, num_shards // 10), time.time()
+    while pending:
+        watch.progress("write", f"{len(pending)} shard writer(s)")
+        done, pending = ray.wait(pending, num_returns=1)
+        metas += ray.get(done)
+        if len(metas) % step == 0 or not pending:
+            log.info("shards written: %d/%d (%.0f s)", len(metas), num_shards, time.time() - t0)
+    return sorted(metas, key=lambda m: m["shard"])
+
+
+def plan_single(hist: np.ndarray, seq_length: int) -> PackPlan:
+    """--no-pack: every sample is its own pack."""
+    lengths = [L for L in range(len(hist) - 1, 0, -1) if hist[L]]
+    return PackPlan(seq_length, [(L,) for L in lengths], np.array([hist[L] for L in lengths], dtype=np.int64))
+
+
+# Settings that change output bytes; execution knobs (workers, batch size, shards...) do not.
+FINGERPRINT_FLAGS = ("template", "format", "map_keys", "loss", "seq_length", "pack", "layout", "seed",
+                     "on_bad_record", "overlong", "num_shards", "shard_tokens", "add_special_tokens", "template_kwargs",
+                     "chunk_bytes")
+
+
+def fingerprint(cfg: BuildConfig, files, info) -> dict:
+    """What an output depends on besides input content: the input list, the tokenizer's files
+    and the output-affecting flags. Input content is compared chunk by chunk (their hashes,
+    recorded per shard) when a run resumes."""
+    tok = hashlib.sha256(info.tokenizer_json.encode())
+    tok.update(json.dumps([info.bos, info.eos, info.pad, info.chat_template]).encode())
+    flags = {k: getattr(cfg, k) for k in FINGERPRINT_FLAGS}
+    return {"inputs": [f.url for f in files], "tokenizer": tok.hexdigest(), "flags": flags, "version": VERSION}
+
+
+def plan_digest(hist: np.ndarray, cfg: BuildConfig, num_shards: int) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(np.asarray(hist, "<i8").tobytes())
+    h.update(json.dumps([cfg.seq_length, cfg.seed, cfg.layout, cfg.pack, num_shards]).encode())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- merge
+
+
+def write_rejects(fs, tmp: str, blocks: Blocks, files, so) -> int:
+    """rejects.jsonl from the blocks' reject files, in input order, each with its file
+    position (JSON Lines: the line, counted in one pass per file as far as its last reject)."""
+    counters: dict[int, LineCounter] = {}
+    n = 0
+    with fs.open(join(tmp, "rejects.jsonl"), "wb") as out:
+        for _, name in sorted(blocks.rejects):
+            path = join(tmp, "rejects", name)
+            with fs.open(path, "rb") as f:
+                for line in f:
+                    e = json.loads(line)
+                    url = files[e["src"]].url
+                    if e["offset"] >= 0:
+                        counter = counters.setdefault(e["src"], LineCounter(url, so))
+                        where = f"{url} line {counter.line(e['offset'])}"
+                    else:
+                        where = f"{url} record {e['row']} (0-based)"
+                    out.write(json.dumps({"source": url, "position": where, "reason": e["reason"],
+                                          "message": e["message"], "record": e["bad_raw"]},
+                                         ensure_ascii=False).encode("utf-8", "replace") + b"\n")
+                    n += 1
+    for c in counters.values():
+        c.close()
+    fs.rm(join(tmp, "rejects"), recursive=True)
+    return n
+
+
+def run(cfg: BuildConfig) -> dict:
+    t0 = time.time()
+    so, info, files, chunks = prepare(cfg)
+    layout = get_layout(cfg.layout)
+    added: list[str] = []
+    markers = MARKERS.get(cfg.template, ())
+    if cfg.add_special_tokens:
+        info, added = add_special_tokens(info, markers)
+        if added:
+            log.info("added special tokens %s; vocabulary is now %d", ", ".join(added), info.vocab_size)
+    elif missing := missing_markers(info, markers):
+        log.warning("template %s writes %s, which this tokenizer has no single token for: they are split into "
+                    "ordinary tokens. Pass --add-special-tokens to add them (the extended tokenizer is saved "
+                    "in OUTPUT/tokenizer/)", cfg.template, ", ".join(missing))
+    pad_id = info.pad_id()
+    out_fs, out_root = get_fs(cfg.output, so)
+    check_bucket(out_fs, out_root, cfg.output, "--output")
+    check_output_outside_inputs(cfg.output, files)
+    out = Output(out_fs, out_root, cfg.output)
+    out.state()  # a regular file at --output: one line, before anything is created
+    lock = OutputLock(out_fs, out_root, cfg.output)
+    lock.acquire()
+    try:
+        manifest = fingerprint(cfg, files, info)
+        if out.recover():
+            m = out.manifest() or {}
+            if {k: m.get(k) for k in manifest} == manifest:
+                log.info("%s now holds the dataset of that run, which is this build's: nothing left to do", cfg.output)
+                with out_fs.open(join(out_root, "stats.json"), "r") as f:
+                    return json.load(f)
+        out.check_writable(cfg.overwrite)
+        log.info("inputs: %d files, %d chunks", len(files), len(chunks))
+        old = out.prepare_tmp(manifest, cfg.resume)
+        return _build(cfg, t0, so, info, files, chunks, layout, added, pad_id, out, lock, manifest, old)
+    finally:
+        lock.release()
+
+
+def check_output_outside_inputs(output: str, files) -> None:
+    """An output inside an input folder would be read back as input by the next run."""
+    from ..fs import is_remote
+
+    o = output.rstrip("/") + "/"
+    if not is_remote(output):
+        import os
+
+        o = os.path.abspath(output).rstrip("/") + "/"
+    for f in files:
+        if f.url.startswith(o):
+            raise BuildError(f"--output {output} holds input {f.url}: write the output outside the input folders")
+
+
+def _build(cfg, t0, so, info, files, chunks, layout, added, pad_id, out: Output, lock: OutputLock, manifest: dict,
+           old: dict | None) -> dict:
+    out_fs, tmp = out.fs, out.tmp
+    tmp_url = join(cfg.output, TMP)
+    encoder, enc_stats = pick_encoder(cfg, info, files, so)
+    pool = start(cfg, len(chunks))
+    import ray
+
+    from .storage import check_shared_storage
+
+    out_fs.makedirs(join(tmp, "shards"), exist_ok=True)
+    out_fs.makedirs(join(tmp, "rejects"), exist_ok=True)
+    check_shared_storage(cfg, files, so, tmp_url)
+    S = cfg.seq_length
+    with Watchdog(cfg.stall_timeout) as watch:
+        try:
+            ds = tokenize_dataset(cfg, chunks, info, so, pool, encoder)
+            blocks = Blocks(S, cfg.on_bad_record == "fail", files, so)
+            t_stage = time.time()
+            tokenize_and_measure(ds, blocks, join(tmp_url, "rejects"), pool.stats_cpus, watch)
+            timings = {"start": round(t_stage - t0, 2), "read+tokenize": round(time.time() - t_stage, 2)}
+            t_stage = time.time()
+            tot = blocks.totals
+            if tot.rejected and cfg.on_bad_record == "fail":
+                raise bad_record_error(tot, files, so)
+            hist_kept = stats_mod.add_hist(np.zeros(S + 1, dtype=np.int64), tot.hist_kept)  # kept lengths are <= S
+            samples = int(hist_kept.sum())
+            enc_stats.rows_checked, enc_stats.mismatches, enc_stats.fallbacks = tot.encoder
+            if samples == 0:
+                raise BuildError("no sample left to write: every record was rejected or dropped"
+                                 + (f" ({_reasons(tot.reasons)}); see rejects.jsonl" if tot.reasons else ""))
+            timings["stats"] = round(time.time() - t_stage, 2)
+            t_stage = time.time()
+
+            # ---- plan (on what a pack of this layout may hold: pai keeps its last position free)
+            cap = layout.capacity(S)
+            hist_plan = hist_kept if cap == S else _capacity_check(hist_kept, cap, layout)
+            plan = plan_bfd(hist_plan, cap) if cfg.pack else plan_single(hist_plan, cap)
+            plan.seq_length = cap
+            P = plan.num_packs
+            per_pack = layout.stored_per_pack(S)
+            stored = per_pack * P if per_pack else int(np.dot(np.arange(S + 1), hist_kept))
+            num_shards = max(1, min(cfg.num_shards or -(-stored // cfg.shard_tokens), P))
+            plan_ref = ray.put({"table": slot_table(plan), "seed": cfg.seed, "num_shards": num_shards,
+                                "num_packs": P})
+            digest = plan_digest(hist_kept, cfg, num_shards)
+            reuse = _reusable(out_fs, tmp, old, digest, num_shards) if old is not None else {}
+            _write_json(out_fs, join(tmp, "manifest.json"), manifest | {"plan": digest})
+            timings["plan"] = round(time.time() - t_stage, 2)
+            t_stage = time.time()
+
+            # ---- assign + write shards (into _tmp/shards)
+            write_kw = {"tmp_dir": join(tmp_url, "shards"), "so": so, "layout": cfg.layout, "seq_length": S,
+                        "pad_id": pad_id}
+            metas = shuffle_and_write(blocks, plan_ref, num_shards, write_kw, reuse, watch)
+        except KeyboardInterrupt:
+            watch.check()
+            raise
+    if old is not None:
+        log.info("resume: reused %d of %d shards", sum(bool(m.get("resumed")) for m in metas), len(metas))
+    if [m["shard"] for m in metas] != list(range(num_shards)):
+        raise BuildError(f"expected {num_shards} shards, got {[m['shard'] for m in metas]}")
+    timings["assign+write"] = round(time.time() - t_stage, 2)
+    t_stage = time.time()
+
+    # ---- merge (into _tmp), check, commit
+    names = [f"shards/part-{m['shard']:05d}" for m in metas]
+    merged = layout.merge(out_fs, [join(tmp, n) for n in names], join(tmp, "data"), metas)
+    copy_into(out_fs, [join(tmp, n + ".prov") for n in names], join(tmp, "provenance.bin"))
+    for n in names:
+        for extra in (".prov", ".meta.json"):
+            if out_fs.exists(join(tmp, n + extra)):
+                out_fs.rm(join(tmp, n + extra))
+    if not getattr(layout, "keeps_shards", True) or cfg.drop_shards:
+        out_fs.rm(join(tmp, "shards"), recursive=True)
+    with out_fs.open(join(tmp, "inputs.json"), "w") as f:
+        json.dump([fi.url for fi in files], f, indent=1)
+    with out_fs.open(join(tmp, "data_order.txt"), "w") as f:
+        f.write("".join(line + "\n" for line in (layout.data_order(names)
+                                                   if getattr(layout, "keeps_shards", True) and not cfg.drop_shards
+                                                   else layout.final_files()[:1])))
+    present = layout.final_files() + ["data_order.txt", "stats.json", "provenance.bin", "inputs.json", "report.html"]
+    if getattr(layout, "keeps_shards", True) and not cfg.drop_shards:
+        present.append("shards")
+    if added:
+        out_fs.makedirs(join(tmp, "tokenizer"), exist_ok=True)
+        save_tokenizer(out_fs, join(tmp, "tokenizer"), info)
+        present.append("tokenizer")
+    if blocks.rejects:
+        write_rejects(out_fs, tmp, blocks, files, so)
+        present.append("rejects.jsonl")
+    timings["merge"] = round(time.time() - t_stage, 2)
+    log.info("stage seconds: %s", ", ".join(f"{k} {v}" for k, v in timings.items()))
+
+    tokens = int(np.dot(np.arange(S + 1), hist_kept))
+    if merged["packs"] != P:
+        raise BuildError(f"internal check failed: {merged['packs']} packs written, plan has {P}")
+    if merged.get("samples") is not None and merged["samples"] != samples and layout.name in ("native", "xtuner",
+                                                                                               "bridge", "bridge-npy"):
+        raise BuildError(f"internal check failed: {merged['samples']} samples written for {samples}")
+    rej_n, drop_n = sum(tot.rejected.values()), sum(tot.dropped.values())
+    if tot.rows != tot.rows_written + rej_n + drop_n:
+        raise BuildError(f"internal check failed: rows read {tot.rows} != written {tot.rows_written} + rejected "
+                         f"{rej_n} + dropped {drop_n}")
+    lossy: dict = {}
+    for m in metas:
+        for k, v in (m.get("unrepresentable") or {}).items():
+            lossy[k] = lossy.get(k, 0) + v
+    for k, v in lossy.items():
+        log.warning("layout %s cannot represent %s: %d time(s)", layout.name, k, v)
+    result = {
+        "rows_read": tot.rows,
+        "rows_written": tot.rows_written,
+        "samples_written": samples,
+        "rejected": tot.rejected,
+        "dropped": tot.dropped,
+        "overlong": {"policy": cfg.overlong, "rows_kept": tot.overlong_kept},
+        "tokens": tokens,
+        "loss_tokens": tot.loss_tokens,
+        **stats_mod.packing_figures(tokens, P, S),
+        "length": stats_mod.length_summary(tot.hist_all if tot.hist_all is not None else np.zeros(1)),
+        "layout": cfg.layout,
+        "pack_capacity": cap,
+        "tokenizer": cfg.tokenizer,
+        "template": cfg.template,
+        "template_kwargs": cfg.template_kwargs,
+        "encoder": {"name": enc_stats.name, "version": enc_stats.version, "rows_checked": enc_stats.rows_checked,
+                    "mismatches": enc_stats.mismatches, "fallbacks": enc_stats.fallbacks,
+                    **({"why": enc_stats.why} if enc_stats.why else {})},
+        "loss_policy": cfg.loss,
+        "packed": cfg.pack,
+        "seed": cfg.seed,
+        "shards": len(metas),
+        "vocab_size": info.vocab_size,
+        "added_special_tokens": added,
+        "pad_id": pad_id,
+        "max_sample_length": int(np.nonzero(hist_kept)[0].max()),
+        "max_samples_per_pack": max(len(p) for p in plan.patterns),
+        "unrepresentable": lossy,
+        "rows_per_file": {files[s].url: int(c) for s, c in sorted(tot.rows_per_src.items())},
+        "pack_fill": {str(t): int(c) for t, c in enumerate(plan.pack_fill()) if c},
+        "sample_lengths": {str(L): int(c) for L, c in enumerate(tot.hist_all) if c},
+    }
+    result.update(layout.extra_stats(result))
+    present += layout.write_extra(out_fs, tmp, result)
+    with out_fs.open(join(tmp, "stats.json"), "w") as f:
+        json.dump(result, f, indent=2)
+        f.write("\n")
+    from ..report import render_report
+
+    with out_fs.open(join(tmp, "report.html"), "w") as f:
+        f.write(render_report(result))
+    out.commit(present, manifest | {"plan": digest}, lock)
+    print(stats_mod.format_summary(result), file=sys.stderr)
+    print(f"output           {cfg.output}  ({time.time() - t0:.1f} s)", file=sys.stderr)
+    return result
+
+
+def _reasons(d: dict) -> str:
+    return ", ".join(f"{k}: {v:,}" for k, v in sorted(d.items()))
+
+
+def _capacity_check(hist: np.ndarray, cap: int, layout) -> np.ndarray:
+    """Layouts whose packs hold fewer than ``seq_length`` tokens take no sample longer."""
+    if hist[cap + 1 :].any():
+        raise BuildError(f"internal error: samples of more than {cap} tokens reached layout {layout.name}")
+    return hist[: cap + 1]
+
+
+def _write_json(fs, path, obj) -> None:
+    from ..output import _write_json as w
+
+    w(fs, path, obj)
+
+
+def _reusable(fs, tmp: str, old: dict, digest: str, num_shards: int) -> dict:
+    """--resume: the shards of the interrupted run that may be kept (same plan; each is kept by
+    its writer only if the chunks feeding it have the same content)."""
+    if old.get("plan") != digest:
+        if old.get("plan"):
+            log.info("resume: the inputs' lengths changed since the interrupted run, so did the packing: no shard is "
+                     "reused")
+        return {}
+    out = {}
+    for s in range(num_shards):
+        p = join(tmp, "shards", f"part-{s:05d}.meta.json")
+        try:
+            with fs.open(p, "r") as f:
+                out[s] = json.load(f)
+        except (FileNotFoundError, ValueError):
+            pass
+    return out
+
+
+def measure_inputs(cfg: BuildConfig) -> stats_mod.Totals:
+    """Read and tokenize the inputs and return their statistics (no output written)."""
+    so, info, files, chunks = prepare(cfg)
+    encoder, _ = pick_encoder(cfg, info, files, so)
+    pool = start(cfg, len(chunks))
+    blocks = Blocks(cfg.seq_length, False, files, so)
+    with Watchdog(cfg.stall_timeout) as watch:
+        try:
+            tokenize_and_measure(tokenize_dataset(cfg, chunks, info, so, pool, encoder), blocks, None,
+                                 pool.stats_cpus, watch)
+        except KeyboardInterrupt:
+            watch.check()
+            raise
+    return blocks.totals
+
+
+__all__ = ["BuildError", "OutputError", "run", "measure_inputs", "prepare", "start"]

@@ -1,0 +1,150 @@
+"""Starting, joining and stopping Ray, and sizing the tokenizer pool from the nodes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+
+log = logging.getLogger("raysft")
+
+OBJECT_STORE_BYTES = 1 << 30
+_ray_started: str | None = None  # "local" or "joined" when init_ray started Ray here (stop_ray stops it)
+
+
+class ClusterError(RuntimeError):
+    """Ray could not be started or joined, or the cluster cannot run the job."""
+
+
+def init_ray(cfg) -> None:
+    """Join ``--ray-address`` / ``$RAY_ADDRESS``, else start a Ray instance in this process
+    (``address="local"``: a cluster that happens to run on the host, or a stale
+    ``/tmp/ray/ray_current_cluster`` pointer left by a dead one, is never joined)."""
+    global _ray_started
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise ClusterError(f"cannot join the Ray cluster at {address}: {str(e).splitlines()[0][:300]}") from None
+        _ray_started = "joined"
+        return
+    system: dict = {}
+    if cfg.spill_dir:
+        os.makedirs(cfg.spill_dir, exist_ok=True)
+        system["object_spilling_config"] = json.dumps(
+            {"type": "filesystem", "params": {"directory_path": os.path.abspath(cfg.spill_dir)}})
+    try:
+        ray.init(address="local", num_cpus=cfg.num_cpus, object_store_memory=object_store_bytes(cfg),
+                 include_dashboard=False, log_to_driver=True, _system_config=system or None)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise ClusterError(f"cannot start Ray on this machine: {str(e).splitlines()[0][:300]}") from None
+    _ray_started = "local"
+
+
+def stop_ray() -> None:
+    """Stop the local Ray instance ``init_ray`` started, or disconnect from the cluster it
+    joined (which stays up); nothing when Ray was up before (a test session's, a caller's).
+
+    The commands call this when their work is done rather than leave it to Ray's exit hook,
+    which first sleeps 0.5 s for late log lines. ``ray.shutdown()`` also stops the GCS before
+    the autoscaler monitor, whose SIGTERM handler then blocks on the dead GCS until Ray kills it
+    a second later (1.0 s of a 1.4 s shutdown, measured). The monitor holds nothing of this
+    job, so it is killed first, through a private handle of Ray's (skipped where a Ray version
+    lacks it)."""
+    global _ray_started
+    import ray
+
+    started, _ray_started = _ray_started, None
+    if started is None or not ray.is_initialized():
+        return
+    if started == "local":
+        from ray._private import worker
+
+        kill = getattr(getattr(worker, "_global_node", None), "_kill_process_type", None)
+        if kill is not None:
+            try:
+                kill("monitor", allow_graceful=False, check_alive=False)
+            except Exception as e:  # never fail a finished job over its clean-up
+                log.debug("could not stop Ray's autoscaler monitor first: %s", e)
+    ray.shutdown()
+
+
+def object_store_bytes(cfg) -> int:
+    """Object store of an in-process Ray instance: --object-store-memory, else 1 GiB (at most
+    30% of RAM). The job's blocks stream through it; the tokenized dataset, held until the
+    plan is made, spills to local disk beyond it, so memory does not grow with the input."""
+    if cfg.object_store_memory:
+        return cfg.object_store_memory
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(min(OBJECT_STORE_BYTES, 0.3 * ram))
+
+
+@dataclass(frozen=True)
+class TokenizePool:
+    """How the tokenizer actors are sized."""
+
+    workers: int  # actors
+    threads: int  # encoder threads per actor
+    actor_cpus: float  # logical CPUs each actor (and the read fused into it) asks Ray for
+    stats_cpus: float  # what a statistics task asks for: the CPU the actors leave, at most one
+
+
+def _floor4(x: float) -> float:
+    return math.floor(x * 1e4) / 1e4  # Ray takes resource amounts to 4 decimals
+
+
+def size_pool(nodes: int | list[int], workers: int | None = None, chunks: int | None = None) -> TokenizePool:
+    """Actors for the CPUs of ``nodes`` (CPUs per node; an int is one node).
+
+    One single-threaded tokenizer actor per CPU by default, and no more actors than chunks
+    (an actor takes a whole chunk at a time: extra ones would only start up and sit idle).
+    Each alternates between Python (JSON, normalize, template, masks) and the encoder, and
+    the actors are not in step, so every core stays busy; with fewer actors than CPUs each
+    encodes with its share of the cores, never more than one node has.
+
+    The actors ask for at most ``cpus - 1`` CPUs in all (half a CPU on a one-CPU cluster): an
+    actor pool holding every logical CPU would starve any task scheduled beside it. An actor
+    never asks for more CPUs than a single node has, and the request shrinks until all of the
+    actors fit on the nodes, so the pool can always start."""
+    nodes = [int(nodes)] if isinstance(nodes, (int, float)) else [int(c) for c in nodes if c >= 1]
+    nodes = nodes or [1]
+    cpus = sum(nodes)
+    workers = workers or cpus
+    workers = max(1, min(workers, chunks or workers))
+    threads = max(1, min(max(nodes), round(cpus / workers)))
+    spare = max(cpus - 1, cpus / 2) / workers
+    actor_cpus = _floor4(min(float(threads), spare, float(max(nodes))))
+
+    def fits(a: float) -> bool:  # the actors must fit node by node, not just in the cluster's sum
+        return sum(int((c + 1e-9) // a) for c in nodes) >= workers
+
+    if not fits(actor_cpus):
+        candidates = sorted({_floor4(c / k) for c in nodes for k in range(1, workers + 1)}, reverse=True)
+        actor_cpus = next(a for a in candidates if a <= actor_cpus and a > 0 and fits(a))
+    stats_cpus = _floor4(min(1.0, cpus - workers * actor_cpus)) or 0.0001
+    return TokenizePool(workers, threads, actor_cpus, stats_cpus)
+
+
+def node_cpus() -> list[int]:
+    """CPUs of each alive node of the cluster Ray is connected to."""
+    import ray
+
+    return [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU")]
+
+
+def setup_data_context() -> None:
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = True
+    ctx.execution_options.verbose_progress = False  # progress bars, not per-operator metric dumps
+    # Ray Data reads every map task's memory map (/proc smaps, ~5 ms for a 1 GB tokenizer actor)
+    # once a second for its own metrics; nothing here uses them
+    ctx.memory_usage_poll_interval_s = None

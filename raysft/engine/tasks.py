@@ -1,0 +1,95 @@
+"""Ray tasks around the pure stages: per-block statistics, per-block slot assignment cut by
+shard (the map side of the shuffle) and per-shard writing (its reduce side)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+
+from ..fs import get_fs, join
+from ..layouts import get_layout
+from ..pack import assign_slots, block_ranks
+from ..samples import kept_mask
+from ..stats import block_rejects, block_stats
+from ..write import write_shard
+
+
+def measure_block(table: pa.Table, seq_length: int, rejects_dir: str | None, so: dict) -> tuple[dict, dict]:
+    """Stats stage (one task per tokenized block): the block's summary and runs. Its rejected
+    and dropped rows are written to ``rejects_dir`` (one JSON Lines file per block, named by
+    the block's input position) so they never gather in the driver."""
+    summary, runs = block_stats(table, seq_length)
+    if rejects_dir and sum(summary["reasons"].values()):
+        fs, root = get_fs(rejects_dir, so)
+        c, r = summary["key"]
+        with fs.open(join(root, f"{c:08d}-{r:016d}.jsonl"), "wb") as f:
+            for e in block_rejects(table):
+                f.write(json.dumps(e, ensure_ascii=False).encode("utf-8", "replace") + b"\n")
+        summary["rejects_file"] = f"{c:08d}-{r:016d}.jsonl"
+    return summary, runs
+
+
+def assign_block(table: pa.Table, plan: dict, run_offsets: dict) -> pa.Table:
+    """Sort+pack stage, per block: each kept sample gets its output pack, its position in the
+    pack and the shard that writes it."""
+    kept = kept_mask(table)
+    if not kept.to_numpy(zero_copy_only=False).all():  # filtering copies every column, the tokens included
+        table = table.filter(kept)
+    n = table.column("n").to_numpy().astype(np.int64)
+    ranks = block_ranks(n, table.column("chunk").to_numpy().astype(np.int64), table.column("run_first").to_numpy(),
+                        table.column("run_rank").to_numpy(), run_offsets)
+    out_pack, pos = assign_slots(plan["table"], n, ranks, plan["seed"])
+    shard = out_pack * plan["num_shards"] // plan["num_packs"]
+    return pa.table({
+        "shard": pa.array(shard), "out_pack": pa.array(out_pack), "pos": pa.array(pos),
+        "ids": table.column("ids"), "src": table.column("src"), "piece": table.column("piece"),
+        "row": table.column("row"), "offset": table.column("offset"), "chunk": table.column("chunk"),
+        "chunk_hash": table.column("chunk_hash"),
+    })
+
+
+def partition_block(table: pa.Table, plan: dict, run_offsets: dict, num_shards: int) -> list[pa.Table] | pa.Table:
+    """Shuffle, map side (one task per tokenized block): the block's kept samples with their
+    pack slots, cut into one table per output shard (empty where it has none); the table
+    itself for one shard (a Ray task with one return value returns it as is)."""
+    t = assign_block(table, plan, run_offsets)
+    if num_shards == 1:
+        return t
+    shard = t.column("shard").to_numpy()
+    order = np.argsort(shard, kind="stable")
+    bounds = np.searchsorted(shard[order], np.arange(num_shards + 1))
+    # take, not slice: a slice would carry (and serialize) the whole block's buffers
+    return [t.take(pa.array(order[bounds[s] : bounds[s + 1]])) for s in range(num_shards)]
+
+
+def feed_digest(table: pa.Table) -> str:
+    """Which input chunks (by content) fed a shard: a digest of its sorted (chunk, hash) pairs."""
+    import hashlib
+
+    pairs = np.unique(np.stack([table.column("chunk").to_numpy().astype(np.int64),
+                                table.column("chunk_hash").to_numpy()], axis=1), axis=0) if table.num_rows else \
+        np.zeros((0, 2), np.int64)
+    return hashlib.blake2b(pairs.astype("<i8").tobytes(), digest_size=16).hexdigest()
+
+
+def write_parts(shard: int, *parts: pa.Table, tmp_dir: str, so: dict, layout: str, seq_length: int, pad_id: int,
+                reuse: dict | None = None) -> dict:
+    """Shuffle, reduce side (one task per shard): its parts from every block -> the shard.
+    ``reuse``: the meta of this shard from an interrupted run, kept when the chunks feeding it
+    are the same content (``--resume``)."""
+    from .. import output
+
+    table = pa.concat_tables(parts)
+    digest = feed_digest(table)
+    fs, root = get_fs(tmp_dir, so)
+    prefix = join(root, f"part-{shard:05d}")
+    lay = get_layout(layout)
+    if reuse is not None and reuse.get("feed") == digest and output.shard_complete(fs, prefix, lay, reuse):
+        return reuse | {"shard": shard, "resumed": True}
+    meta = write_shard(fs, prefix, lay, seq_length, pad_id, table)
+    meta = meta | {"shard": shard, "feed": digest}
+    with fs.open(prefix + ".meta.json", "w") as f:  # written last: the shard is complete
+        json.dump(meta, f)
+    return meta

@@ -1,0 +1,69 @@
+"""A watchdog for the driver: a stage that makes no progress for ``stall_s`` seconds fails with
+one line naming the stage and what it waits for, instead of hanging (a request no node can
+satisfy, a lost node whose work Ray cannot place)."""
+
+from __future__ import annotations
+
+import _thread
+import threading
+import time
+
+
+class Stalled(RuntimeError):
+    pass
+
+
+def waiting_for() -> str:
+    """What the cluster is short of: pending resource demands against what the nodes have."""
+    try:
+        import ray
+
+        total, free = ray.cluster_resources(), ray.available_resources()
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        have = ", ".join(f"{int(n['Resources'].get('CPU', 0))} CPU" for n in nodes)
+        return (f"cluster: {len(nodes)} node(s) ({have}); CPUs free {free.get('CPU', 0):g} of "
+                f"{total.get('CPU', 0):g}")
+    except Exception as e:  # noqa: BLE001 - a diagnosis must not fail
+        return f"cluster state unavailable ({e})"
+
+
+class Watchdog:
+    """``progress(stage)`` on every sign of life; after ``stall_s`` without one, the main
+    thread is interrupted and ``check()`` raises :class:`Stalled` with the diagnosis."""
+
+    def __init__(self, stall_s: float | None):
+        self.stall_s = stall_s
+        self.stage = "start"
+        self.detail = ""
+        self.last = time.monotonic()
+        self.fired: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self):
+        if self.stall_s:
+            self._thread = threading.Thread(target=self._run, name="raysft-watchdog", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        return False
+
+    def progress(self, stage: str, detail: str = "") -> None:
+        self.stage, self.detail, self.last = stage, detail, time.monotonic()
+
+    def _run(self) -> None:
+        while not self._stop.wait(min(5.0, self.stall_s / 4)):
+            idle = time.monotonic() - self.last
+            if idle > self.stall_s:
+                self.fired = (f"the {self.stage} stage made no progress for {idle:.0f} s"
+                              + (f" (waiting for {self.detail})" if self.detail else "")
+                              + f"; {waiting_for()}")
+                _thread.interrupt_main()
+                return
+
+    def check(self) -> None:
+        """Raise the stall, if the watchdog fired (call where KeyboardInterrupt is caught)."""
+        if self.fired:
+            raise Stalled(self.fired)
