@@ -107,6 +107,7 @@ def _direct_chunk(chunk) -> tuple[int, int]:
     from dataclasses import asdict
 
     import pyarrow.compute as pc
+
     from raysft.samples import kept_mask
 
     tokens = rows = 0

@@ -361,14 +361,15 @@ def canary_texts(specials: tuple[str, ...], rows: list[str]) -> list[str]:
     return out
 
 
-def choose(mode: str, info, sample_texts: list[str] | None = None, parity: bool = True):
-    """The encoder for ``--encoder mode`` and, when auto fell back to hf, why."""
+def choose(mode: str, info, sample_texts: list[str] | None = None, parity: bool = True, canary: bool = True):
+    """The encoder for ``--encoder mode`` and, when auto fell back to hf, why. ``canary``:
+    check fastokens against hf first (the driver does; the actors take its verdict)."""
     from .tokenize import TokenizerInfo
 
     assert isinstance(info, TokenizerInfo)
     if mode not in ENCODERS:
         raise EncoderError(f"unknown encoder {mode!r}; choose one of {', '.join(ENCODERS)}")
-    reference = HFEncoder(info.load())
+    reference = HFEncoder(info.shared())  # encoding changes nothing in the tokenizer: one per process
     if mode == "hf":
         return reference, ""
     why = ""
@@ -376,7 +377,7 @@ def choose(mode: str, info, sample_texts: list[str] | None = None, parity: bool 
         import fastokens  # noqa: F401
     except ImportError:
         why = "the fastokens package is not installed"
-    tb = TokenBytes.from_json(info.tokenizer_json) if not why else None
+    tb = info.token_bytes() if not why else None
     if tb is not None and tb.lengths is None:
         why = f"its loss flags need offsets: the tokenizer has {tb.unsupported}"
     enc = None
@@ -385,7 +386,7 @@ def choose(mode: str, info, sample_texts: list[str] | None = None, parity: bool 
             enc = FastEncoder(info.tokenizer_json, tb, reference, parity=parity)
         except Exception as e:  # noqa: BLE001 - any loader failure means: not this encoder
             why = f"fastokens cannot load this tokenizer ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})"
-    if enc is not None:
+    if enc is not None and canary:
         texts = canary_texts(info.special_strings, sample_texts or [])
         if enc.ids(texts) != reference.ids(texts):
             bad = next(t for t, a, b in zip(texts, enc.ids(texts), reference.ids(texts)) if a != b)

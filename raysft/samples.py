@@ -74,10 +74,23 @@ def kept_mask(table: pa.Table):
     return pc.equal(table.column("reason"), "")
 
 
+def cut_unsafe(builder: SampleBuilder, raw: bytes, signed: np.ndarray, avoid_end: tuple[int, ...]) -> np.ndarray | None:
+    """Cut positions a piece must not end at: inside a template marker the tokenizer splits
+    into several tokens, or right after a token id the layout cannot end a sample with."""
+    unsafe = builder.unsafe_cuts(raw) if builder.markers else None
+    if avoid_end:
+        ids = np.where(signed >= 0, signed, ~signed)
+        after = np.zeros(len(signed) + 1, dtype=bool)
+        after[1:] = np.isin(ids, avoid_end)
+        unsafe = after if unsafe is None else (unsafe | after)
+    return unsafe
+
+
 def tokenize_batch(builder: SampleBuilder, raws: list[bytes], errors: list[str], pos: dict, seq_length: int,
-                   overlong: str = "drop", chunk_hash: int = 0) -> pa.Table:
+                   overlong: str = "drop", chunk_hash: int = 0, avoid_end: tuple[int, ...] = ()) -> pa.Table:
     """Records -> the stage's rows (see module doc). ``pos`` holds per record ``chunk``, ``src``,
-    ``idx``, ``row`` and ``offset`` arrays."""
+    ``idx``, ``row`` and ``offset`` arrays. ``avoid_end``: token ids the output layout cannot end
+    a sample with; ``--overlong truncate/split`` never cut right after them."""
     e = builder.encode(raws, errors)
     S = seq_length
     ends = np.cumsum(e.lengths)  # record i's tokens are e.values[ends[i] - lengths[i]:ends[i]]
@@ -85,7 +98,7 @@ def tokenize_batch(builder: SampleBuilder, raws: list[bytes], errors: list[str],
     fitted: dict[int, tuple[list[np.ndarray], str]] = {}  # overlong records: (pieces, reason)
     for i in np.flatnonzero(e.ok & (e.lengths > S)).tolist():
         arr = e.values[ends[i] - e.lengths[i] : ends[i]]
-        unsafe = builder.unsafe_cuts(raws[i]) if overlong != "drop" and builder.markers else None
+        unsafe = cut_unsafe(builder, raws[i], arr, avoid_end) if overlong != "drop" else None
         fitted[i] = fit_overlong(arr, S, overlong, unsafe)
         rows_of[i] = max(1, len(fitted[i][0]))
     take = np.repeat(np.arange(len(raws)), rows_of)

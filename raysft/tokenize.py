@@ -57,6 +57,16 @@ class TokenizerInfo:
             tok = self.__dict__["_shared"] = self.load()
         return tok
 
+    def token_bytes(self):
+        """How many input bytes each token id stands for (``raysft.encode.TokenBytes``),
+        computed once and sent along with the info."""
+        tb = self.__dict__.get("_token_bytes")
+        if tb is None:
+            from .encode import TokenBytes
+
+            tb = self.__dict__["_token_bytes"] = TokenBytes.from_json(self.tokenizer_json)
+        return tb
+
     def __getstate__(self):
         return {k: v for k, v in self.__dict__.items() if k != "_shared"}
 

@@ -48,3 +48,37 @@ def file_bytes(out: Path) -> dict:
 
 
 __all__ = ["build", "reader", "expected_samples", "written_samples", "file_bytes", "io"]
+
+
+def expected_fitted(info, paths, template="llama3", capacity=None, overlong="drop", avoid_end=(), **kw) -> list[np.ndarray]:
+    """Every input record built in-process one at a time, then fitted to ``capacity`` by
+    ``--overlong`` (the reference of what a build writes), as signed token arrays."""
+    from raysft.tokenize import fit_overlong
+
+    b = SampleBuilder(info, template, **kw)
+    out = []
+    for p in paths:
+        text = Path(p).read_text(encoding="utf-8")
+        recs = json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines() if x.strip()]
+        for r in recs:
+            raw = json.dumps(r, ensure_ascii=False).encode()
+            [ids], [reason], _ = b([raw], [""])
+            if reason:
+                continue
+            if capacity is not None and len(ids) > capacity:
+                from raysft.samples import cut_unsafe
+
+                unsafe = cut_unsafe(b, raw, ids, avoid_end) if overlong != "drop" else None
+                out += fit_overlong(ids, capacity, overlong, unsafe)[0]
+            else:
+                out.append(ids)
+    return out
+
+
+def as_pairs(samples) -> list[tuple[bytes, bytes]]:
+    """(ids, loss) of signed samples, as sortable bytes."""
+    out = []
+    for s in samples:
+        s = np.asarray(s, np.int64)
+        out.append((np.where(s >= 0, s, ~s).astype(np.int64).tobytes(), (s >= 0).tobytes()))
+    return sorted(out)

@@ -21,19 +21,21 @@ class TokenizeAndMask:
 
     def __init__(self, info, template: str, fmt: str, map_keys: dict, loss: str, seq_length: int,
                  overlong: str = "drop", threads: int = 1, so: dict | None = None, batch_size: int = 16384,
-                 encoder: str = "auto", template_kwargs: dict | None = None, max_chars: int | None = None):
+                 encoder: str = "auto", template_kwargs: dict | None = None, max_chars: int | None = None,
+                 avoid_end: tuple[int, ...] = ()):
         # the encoders' thread pools start on first use: size them to this actor's cores
         os.environ["RAYON_NUM_THREADS"] = str(max(1, threads))
         os.environ["FASTOKENS_BPE_THREADS"] = str(max(1, threads))
         from ..encode import choose
         from ..tokenize import SampleBuilder
 
-        enc, _ = choose(encoder, info, parity=True)  # the driver already ran the canary and logged
+        enc, _ = choose(encoder, info, parity=True, canary=False)  # the driver ran the canary and logged
         self.builder = SampleBuilder(info, template, fmt, map_keys, loss, enc, template_kwargs, max_chars)
         self.seq_length = seq_length
         self.overlong = overlong
         self.so = so or {}
         self.batch_size = batch_size
+        self.avoid_end = tuple(avoid_end)
         # what exists now (Ray, Ray Data, the tokenizer) lives as long as the actor: keep it out
         # of the collector's full passes, which the records' many small objects trigger
         gc.freeze()
@@ -53,5 +55,5 @@ class TokenizeAndMask:
             pos = {"chunk": [c.chunk] * (hi - lo), "src": [c.src] * (hi - lo), "idx": rows.idx[lo:hi],
                    "row": rows.row[lo:hi], "offset": rows.offset[lo:hi]}
             table: pa.Table = tokenize_batch(self.builder, rows.raw[lo:hi], rows.error[lo:hi], pos, self.seq_length,
-                                             self.overlong, rows.digest)
+                                             self.overlong, rows.digest, self.avoid_end)
             yield table

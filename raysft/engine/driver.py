@@ -83,6 +83,18 @@ def pick_encoder(cfg: BuildConfig, info, files, so) -> tuple[str, EncoderStats]:
     return enc.name, EncoderStats(enc.name, enc.version, why=why)
 
 
+def start_with_encoder(cfg: BuildConfig, info, files, so, chunks: int):
+    """Ray's start (mostly waiting for its processes) and the encoder's choice (~2 s to load
+    fastokens and run the canary) at the same time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="encoder") as ex:
+        chosen = ex.submit(pick_encoder, cfg, info, files, so)
+        pool = start(cfg, chunks)
+        encoder, enc_stats = chosen.result()
+    return encoder, enc_stats, pool
+
+
 def _sample_texts(files, so, limit: int = 64) -> list[str]:
     """The start of the first input, as text lines, for the encoder canary."""
     if not files:
@@ -110,7 +122,7 @@ def tokenize_dataset(cfg: BuildConfig, chunks, info, so: dict, pool: TokenizePoo
             "info": info, "template": cfg.template, "fmt": cfg.format, "map_keys": cfg.map_keys, "loss": cfg.loss,
             "seq_length": get_layout(cfg.layout).capacity(cfg.seq_length), "overlong": cfg.overlong, "threads": pool.threads, "so": so,
             "batch_size": cfg.batch_size, "encoder": encoder, "template_kwargs": cfg.template_kwargs,
-            "max_chars": max_chars(cfg),
+            "max_chars": max_chars(cfg), "avoid_end": get_layout(cfg.layout).avoid_end_ids,
         },
         batch_size=1,
         batch_format="numpy",
@@ -351,8 +363,7 @@ def _build(cfg, t0, so, info, files, chunks, layout, added, pad_id, out: Output,
            old: dict | None) -> dict:
     out_fs, tmp = out.fs, out.tmp
     tmp_url = join(cfg.output, TMP)
-    encoder, enc_stats = pick_encoder(cfg, info, files, so)
-    pool = start(cfg, len(chunks))
+    encoder, enc_stats, pool = start_with_encoder(cfg, info, files, so, len(chunks))
     import ray
 
     from .storage import check_shared_storage
@@ -544,8 +555,7 @@ def _reusable(fs, tmp: str, old: dict, digest: str, num_shards: int) -> dict:
 def measure_inputs(cfg: BuildConfig) -> stats_mod.Totals:
     """Read and tokenize the inputs and return their statistics (no output written)."""
     so, info, files, chunks = prepare(cfg)
-    encoder, _ = pick_encoder(cfg, info, files, so)
-    pool = start(cfg, len(chunks))
+    encoder, _, pool = start_with_encoder(cfg, info, files, so, len(chunks))
     blocks = Blocks(cfg.seq_length, False, files, so)
     with Watchdog(cfg.stall_timeout) as watch:
         try:

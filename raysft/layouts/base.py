@@ -86,6 +86,8 @@ class Layout:
     summary: ClassVar[str]  # one line for --help
     # the merged dataset's files under the output folder (a prefix may stand for several)
     parts: ClassVar[tuple[str, ...]] = ("",)
+    # token ids a sample must not end with (``--overlong truncate/split`` cut elsewhere)
+    avoid_end_ids: ClassVar[tuple[int, ...]] = ()
 
     def capacity(self, seq_length: int) -> int:
         """Most tokens one pack may hold."""

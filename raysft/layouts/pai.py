@@ -15,7 +15,8 @@ the last position always padding, every pack ends in a pad segment after its las
 
 Megatron's ``GPTDataset``, through which Pai reads the file, maps the value -1 (its pad
 fallback when the tokenizer names no pad id) to 0: a sample that ends in token id 0 would be
-stored as -1 and lose its end mark. Such samples are counted and warned about
+stored as -1 and lose its end mark: ``--overlong truncate/split`` never cut a sample right after
+token id 0, and a sample that ends in it by itself is counted and warned about
 (``unrepresentable``)."""
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ class Pai(IndexedLayout):
     name = "pai"
     trainer = "Pai-Megatron-Patch SFT with sequence packing"
     summary = "Pai-Megatron-Patch: [input ids | shifted labels] per pack, sample ends as -1-id"
+
+    avoid_end_ids = (0,)
 
     def capacity(self, seq_length):
         return seq_length - 1

@@ -1,0 +1,114 @@
+"""The reference consumer of ``--layout native``: per pack, what a packed-sequence trainer needs.
+
+Stock Megatron's ``GPTDataset`` cuts fixed windows across documents and cannot read a packed
+SFT dataset; this reader can, in a few lines of numpy (and a ``torch`` Dataset on top)::
+
+    from raysft.reader import PackedReader
+    packs = PackedReader("out/")               # a local or s3:// output folder (native layout)
+    p = packs[17]
+    p["tokens"]        # int64 [n]: the pack's samples back to back (n <= seq_length)
+    p["labels"]        # int64 [n]: labels[t] = tokens[t + 1] where that token carries loss and is
+                       #            in the same sample, else -100 (so no target crosses samples)
+    p["loss_mask"]     # float32 [n]: labels != -100
+    p["position_ids"]  # int64 [n]: 0, 1, 2... restarting at each sample
+    p["cu_seqlens"]    # int32 [samples + 1]: sample boundaries, for THD / varlen attention
+    p["max_seqlen"]    # int: the longest sample
+
+``PackedReader(out, pad_to=seq_length, pad_id=...)`` pads each pack to a fixed length: padding
+tokens are ``pad_id``, labels -100, position ids 0.., and ``cu_seqlens`` ends with one padding
+segment so its last entry is the padded length (as Megatron's ``PackedSeqParams`` expects).
+``torch_dataset(out, ...)`` wraps it in a ``torch.utils.data.Dataset`` of tensors.
+
+Pure numpy + fsspec; torch only for ``torch_dataset``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from .fs import get_fs, join, storage_options
+from .indexed import IndexedReader
+
+IGNORE = -100
+
+
+def pack_tensors(samples: list[np.ndarray], pad_to: int | None = None, pad_id: int = 0) -> dict:
+    """The trainer's view of one pack from its samples' signed tokens (``~id``: no loss)."""
+    lengths = np.array([len(s) for s in samples], dtype=np.int64)
+    flat = np.concatenate(samples).astype(np.int64) if samples else np.zeros(0, np.int64)
+    loss = flat >= 0
+    tokens = np.where(loss, flat, ~flat)
+    n = len(tokens)
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    labels = np.full(n, IGNORE, dtype=np.int64)
+    if n > 1:
+        ok = loss[1:].copy()
+        ok[ends[:-1] - 1] = False  # the last position of a sample has no target in the sample
+        labels[:-1] = np.where(ok, tokens[1:], IGNORE)
+    position_ids = np.arange(n, dtype=np.int64) - np.repeat(starts, lengths)
+    cu = np.concatenate([[0], ends]).astype(np.int32)
+    if pad_to is not None and pad_to > n:
+        pad = pad_to - n
+        tokens = np.concatenate([tokens, np.full(pad, pad_id, np.int64)])
+        labels = np.concatenate([labels, np.full(pad, IGNORE, np.int64)])
+        position_ids = np.concatenate([position_ids, np.arange(pad, dtype=np.int64)])
+        cu = np.concatenate([cu, [pad_to]]).astype(np.int32)
+    elif pad_to is not None and pad_to < n:
+        raise ValueError(f"a pack of {n} tokens does not fit pad_to={pad_to}")
+    return {"tokens": tokens, "labels": labels, "loss_mask": (labels != IGNORE).astype(np.float32),
+            "position_ids": position_ids, "cu_seqlens": cu, "max_seqlen": int(lengths.max()) if n else 0}
+
+
+class PackedReader:
+    """Packs of a native-layout output folder (see module doc)."""
+
+    def __init__(self, out: str, pad_to: int | None = None, pad_id: int | None = None, so: dict | None = None,
+                 s3_endpoint_url: str | None = None):
+        so = so if so is not None else storage_options(s3_endpoint_url)
+        self.fs, self.root = get_fs(out, so)
+        with self.fs.open(join(self.root, "stats.json"), "r") as f:
+            self.stats = json.load(f)
+        if self.stats.get("layout", "native") != "native":
+            raise ValueError(f"{out} is a {self.stats['layout']} dataset; PackedReader reads the native layout")
+        with self.fs.open(join(self.root, "data.idx"), "rb") as f:
+            idx = f.read()
+        self.dataset = IndexedReader(idx, self.fs.open(join(self.root, "data.bin"), "rb"), "data")
+        self.docs = self.dataset.index.document_indices
+        self.pad_to = pad_to
+        self.pad_id = self.stats.get("pad_id", 0) if pad_id is None else pad_id
+
+    def __len__(self) -> int:
+        return len(self.docs) - 1
+
+    def samples(self, i: int) -> list[np.ndarray]:
+        """The signed tokens of each sample of pack ``i``."""
+        if not 0 <= i < len(self):
+            raise IndexError(f"pack {i} out of range (0..{len(self) - 1})")
+        return [self.dataset[k] for k in range(int(self.docs[i]), int(self.docs[i + 1]))]
+
+    def __getitem__(self, i: int) -> dict:
+        return pack_tensors(self.samples(i), self.pad_to, self.pad_id)
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+
+def torch_dataset(out: str, pad_to: int | None = None, pad_id: int | None = None, **kw):
+    """A ``torch.utils.data.Dataset`` of packs (tensors), e.g. for a Megatron
+    ``train_valid_test_datasets_provider`` with ``--micro-batch-size 1``."""
+    import torch
+
+    reader = PackedReader(out, pad_to, pad_id, **kw)
+
+    class Packs(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(reader)
+
+        def __getitem__(self, i):
+            return {k: (torch.from_numpy(v) if isinstance(v, np.ndarray) else v) for k, v in reader[i].items()}
+
+    return Packs()
