@@ -104,14 +104,12 @@ def _direct_init(tokenizer: str, seq_length: int) -> None:
 
 
 def _direct_chunk(chunk) -> tuple[int, int]:
-    from dataclasses import asdict
-
     import pyarrow.compute as pc
 
     from raysft.samples import kept_mask
 
     tokens = rows = 0
-    for t in _DIRECT({k: np.array([v]) for k, v in asdict(chunk).items()}):
+    for t in _DIRECT({k: np.array([v]) for k, v in chunk.to_item().items()}):
         tokens += pc.sum(pc.filter(t.column("n"), kept_mask(t))).as_py() or 0
         rows += t.num_rows
     return tokens, rows

@@ -1,15 +1,27 @@
 """Normalize stage: one raw record (a dict) -> one validated :class:`Conversation`.
 
-Pure functions, no engine. Three input layouts are understood:
+Pure functions, no engine. Input layouts understood:
 
 * ``alpaca``   ``instruction`` / ``input`` / ``output``, optional ``system`` and ``history``
   (a list of ``[prompt, response]`` pairs), optional ``tools``.
 * ``sharegpt`` ``conversations``: a list of ``{"from", "value"}`` with ``from`` in human/user,
-  gpt/assistant, system, function_call, observation/tool; optional ``system`` and ``tools``
-  (a list, or a JSON string as in glaive-style data).
-* ``openai``   ``messages``: a list of ``{"role", "content"}`` with role in system, user,
-  assistant, tool; assistant messages may carry ``tool_calls``; content may be a string or a
-  list of ``{"type": "text", "text": ...}`` parts; optional ``tools``.
+  gpt/assistant, system, function_call, observation/tool/function; optional ``system`` and
+  ``tools`` (a list, or a JSON string as in glaive-style data). ``conversations`` whose turns use
+  ``role``/``content`` keys are read as ``openai`` messages.
+* ``openai``   ``messages``: a list of ``{"role", "content"}`` with role in system/developer,
+  user, assistant, tool/function/ipython. Assistant messages may carry ``tool_calls``
+  (``{"id", "type": "function", "function": {"name", "arguments"}}`` or bare ``{"name",
+  "arguments"}``), the legacy ``function_call``, ``reasoning_content``/``reasoning``; tool
+  messages ``tool_call_id`` and ``name``. Content may be a string, ``null`` (kept as null),
+  or a list of parts: OpenAI's ``{"type": "text", "text"}`` and LLaMA-Factory's
+  ``{"type": "text" | "reasoning" | "tool_call", "value"}``.
+
+Consecutive assistant messages (a text answer and then its tool calls, as some datasets split
+them) become one assistant message. Tool definitions are normalized to the OpenAI form chat
+templates are written for (``{"type": "function", "function": {name, description,
+parameters}}``), whatever form the dataset gives (glaive's bare ``{name, description,
+parameters}``). Tool-call arguments given as a JSON string are parsed to the object
+``apply_chat_template`` expects (kept as the string when it is not a JSON object).
 
 ``--map-keys`` renames input fields to these canonical names first (as MindSpeed-LLM and
 LLaMA-Factory allow), e.g. ``{"prompt": "question", "response": "answer"}``.
@@ -52,7 +64,8 @@ SHAREGPT_ROLES = {
     "tool": TOOL,
     "function": TOOL,
 }
-OPENAI_ROLES = {SYSTEM: SYSTEM, USER: USER, ASSISTANT: ASSISTANT, TOOL: TOOL, "ipython": TOOL}
+OPENAI_ROLES = {SYSTEM: SYSTEM, "developer": SYSTEM, USER: USER, ASSISTANT: ASSISTANT, TOOL: TOOL, "ipython": TOOL,
+                "function": TOOL}
 
 
 class RecordError(ValueError):
@@ -67,17 +80,32 @@ class RecordError(ValueError):
 @dataclass
 class Message:
     role: str
-    content: str
-    tool_calls: list[dict] | None = None  # [{"name": str, "arguments": dict|str}]
+    content: str | None  # None: the dataset gave null (an assistant turn of only tool calls or reasoning)
+    tool_calls: list[dict] | None = None  # [{"name": str, "arguments": dict|str, "id"?: str}]
     loss: bool | None = None  # None: decided by the loss policy; False: never; True: always
     reasoning: str | None = None  # assistant reasoning ("reasoning_content"), trained as output
+    tool_call_id: str | None = None  # a tool result: the call it answers
+    name: str | None = None  # a tool result: the function's name
+
+    @property
+    def text(self) -> str:
+        """The content as text ("" for null)."""
+        return self.content or ""
 
 
 @dataclass
 class Conversation:
     messages: list[Message]
-    tools: list[dict] | None = None
+    tools: list[dict] | None = None  # OpenAI form: {"type": "function", "function": {...}}
     meta: dict = field(default_factory=dict)
+
+    @property
+    def functions(self) -> list[dict] | None:
+        """The tool definitions' function objects ({name, description, parameters})."""
+        if not self.tools:
+            return None
+        return [t["function"] if t.get("type") == "function" and isinstance(t.get("function"), dict) else t
+                for t in self.tools]
 
 
 def parse_map_keys(spec: str | dict | None) -> dict[str, str]:
@@ -101,17 +129,22 @@ def parse_map_keys(spec: str | dict | None) -> dict[str, str]:
     return out
 
 
+def _turns_look_like_openai(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and isinstance(value[0], dict) and "role" in value[0] \
+        and "from" not in value[0]
+
+
 def detect_format(record: dict, keys: dict[str, str]) -> str:
     if keys.get("messages", "messages") in record and "messages" in record:
         return "openai"
     msgs_key = keys.get("messages")
     if msgs_key and msgs_key in record:
-        value = record[msgs_key]
+        value = _maybe_json(record[msgs_key])
         if isinstance(value, list) and value and isinstance(value[0], dict) and "from" in value[0]:
             return "sharegpt"
         return "openai"
     if "conversations" in record:
-        return "sharegpt"
+        return "openai" if _turns_look_like_openai(_maybe_json(record["conversations"])) else "sharegpt"
     if keys.get("prompt", "instruction") in record or "instruction" in record:
         return "alpaca"
     raise RecordError(
@@ -131,11 +164,18 @@ def normalize(record: Any, fmt: str = "auto", keys: dict[str, str] | None = None
     if fmt == "alpaca":
         conv = _from_alpaca(record, keys)
     elif fmt == "sharegpt":
-        conv = _from_sharegpt(record, keys)
+        name, turns = _get(record, keys, "messages", "conversations")
+        if _turns_look_like_openai(_maybe_json(turns)):
+            conv = _from_openai(record, dict(keys, messages=name))
+        else:
+            conv = _from_sharegpt(record, keys)
     elif fmt == "openai":
+        if keys.get("messages", "messages") not in record and "conversations" in record:
+            keys = dict(keys, messages="conversations")  # role/content turns under ShareGPT's key
         conv = _from_openai(record, keys)
     else:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    conv.messages = _merge_assistant_turns(conv.messages)
     validate(conv)
     return conv
 
@@ -145,17 +185,29 @@ def _get(record: dict, keys: dict[str, str], canon: str, default_name: str | Non
     return name, record.get(name)
 
 
-def _text(value: Any, what: str, allow_none: bool = False) -> str:
+def _maybe_json(value: Any) -> Any:
+    """A list given as a JSON string (CSV cells, string columns) is that list."""
+    if isinstance(value, str) and value[:1] == "[":
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def _text(value: Any, what: str, allow_none: bool = False) -> str | None:
     if value is None and allow_none:
-        return ""
+        return None
     if isinstance(value, str):
         return value
     if isinstance(value, list) and all(isinstance(p, dict) for p in value):
         parts = []
         for p in value:
-            if p.get("type", "text") != "text" or not isinstance(p.get("text"), str):
-                raise RecordError("bad_content", f"{what}: only text content parts are supported")
-            parts.append(p["text"])
+            kind = p.get("type", "text")
+            text = p.get("text", p.get("value"))
+            if kind != "text" or not isinstance(text, str):
+                raise RecordError("bad_content", f"{what}: only text content parts are supported here (got {kind!r})")
+            parts.append(text)
         return "".join(parts)
     raise RecordError("bad_type", f"{what} must be a string, got {type(value).__name__}")
 
@@ -173,32 +225,54 @@ def _tools(record: dict, keys: dict[str, str]) -> list[dict] | None:
         value = [value]
     if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
         raise RecordError("bad_tools", f"'{name}' must be a list of tool definitions (objects)")
-    return value or None
+    out = []
+    for i, t in enumerate(value):
+        if t.get("type") == "function" and isinstance(t.get("function"), dict):
+            fn = t["function"]
+        elif isinstance(t.get("name"), str):
+            fn = t  # dataset form: the function object itself
+        else:
+            raise RecordError("bad_tools", f"'{name}'[{i}]: a tool definition needs a 'name' (or a 'function')")
+        if not isinstance(fn.get("name"), str):
+            raise RecordError("bad_tools", f"'{name}'[{i}]: the function needs a string 'name'")
+        out.append({"type": "function", "function": fn})
+    return out or None
+
+
+def _arguments(args: Any) -> Any:
+    if isinstance(args, str):
+        try:
+            parsed = json.loads(args)
+        except json.JSONDecodeError:
+            return args  # kept as given: templates render a string verbatim
+        return parsed if isinstance(parsed, dict) else args
+    return args
 
 
 def _tool_call(value: Any, what: str) -> dict:
-    """A tool call from a ShareGPT ``function_call`` value or an OpenAI ``tool_calls`` entry."""
+    """A tool call from a ShareGPT ``function_call`` value, an OpenAI ``tool_calls`` entry, a
+    legacy ``function_call`` or a LLaMA-Factory ``tool_call`` part."""
     if isinstance(value, str):
         try:
             value = json.loads(value)
         except json.JSONDecodeError:
             raise RecordError("bad_tool_call", f"{what}: function call is not valid JSON") from None
+    call_id = value.get("id") if isinstance(value, dict) else None
     if isinstance(value, dict) and isinstance(value.get("function"), dict):
-        value = value["function"]  # OpenAI {"type": "function", "function": {...}}
+        value = value["function"]  # OpenAI {"id", "type": "function", "function": {...}}
     if not isinstance(value, dict) or not isinstance(value.get("name"), str):
         raise RecordError("bad_tool_call", f"{what}: a function call needs a string 'name'")
-    args = value.get("arguments", value.get("parameters", {}))
-    if isinstance(args, str):
-        try:
-            args = json.loads(args)
-        except json.JSONDecodeError:
-            pass  # keep the string as given: templates render it verbatim
-    return {"name": value["name"], "arguments": args}
+    call = {"name": value["name"], "arguments": _arguments(value.get("arguments", value.get("parameters", {})))}
+    if call_id is not None:
+        if not isinstance(call_id, str):
+            raise RecordError("bad_tool_call", f"{what}: a tool call 'id' must be a string")
+        call["id"] = call_id
+    return call
 
 
 def _loss_flag(m: dict, where: str) -> bool | None:
     for k in ("loss", "loss_weight"):
-        if k in m:
+        if k in m and m[k] is not None:
             v = m[k]
             if isinstance(v, bool) or isinstance(v, (int, float)):
                 return bool(v)
@@ -217,11 +291,12 @@ def _from_alpaca(record: dict, keys: dict[str, str]) -> Conversation:
     if response is None:
         raise RecordError("missing_field", f"alpaca record has no '{rname}' field")
     prompt = _text(prompt, f"'{pname}'")
-    query = _text(query, f"'{qname}'", allow_none=True)
+    query = _text(query, f"'{qname}'", allow_none=True) or ""
     response = _text(response, f"'{rname}'")
     msgs: list[Message] = []
     if system not in (None, ""):
         msgs.append(Message(SYSTEM, _text(system, f"'{sname}'")))
+    history = _maybe_json(history)
     if history not in (None, []):
         if not isinstance(history, list):
             raise RecordError("bad_type", f"'{hname}' must be a list of [prompt, response] pairs")
@@ -240,6 +315,7 @@ def _from_sharegpt(record: dict, keys: dict[str, str]) -> Conversation:
     name, turns = _get(record, keys, "messages", "conversations")
     role_tag = keys.get("role_tag", "from")
     content_tag = keys.get("content_tag", "value")
+    turns = _maybe_json(turns)
     if turns is None:
         raise RecordError("missing_field", f"sharegpt record has no '{name}' field")
     if not isinstance(turns, list):
@@ -259,26 +335,54 @@ def _from_sharegpt(record: dict, keys: dict[str, str]) -> Conversation:
             raise RecordError("unknown_role", f"{where}: unknown role {tag!r}")
         role = SHAREGPT_ROLES[tag]
         if tag == "function_call":
-            msgs.append(Message(ASSISTANT, "", [_tool_call(t[content_tag], where)], _loss_flag(t, where)))
+            msgs.append(Message(ASSISTANT, None, [_tool_call(t[content_tag], where)], _loss_flag(t, where)))
         else:
             msgs.append(Message(role, _text(t[content_tag], f"{where}.{content_tag}"), None, _loss_flag(t, where)))
-    return Conversation(_merge_tool_call_turns(msgs), _tools(record, keys))
+    return Conversation(msgs, _tools(record, keys))
 
 
-def _merge_tool_call_turns(msgs: list[Message]) -> list[Message]:
-    """An assistant text turn directly followed by its function call is one assistant message."""
+def _merge_assistant_turns(msgs: list[Message]) -> list[Message]:
+    """An assistant message directly followed by another assistant message that only carries
+    tool calls (or that adds them to reasoning) is one assistant turn: datasets store "text,
+    then the call" as two messages, templates render one turn."""
     out: list[Message] = []
     for m in msgs:
         prev = out[-1] if out else None
-        if prev is not None and m.role == ASSISTANT and m.tool_calls and prev.role == ASSISTANT and not prev.tool_calls:
+        if (prev is not None and prev.role == ASSISTANT and m.role == ASSISTANT and m.tool_calls
+                and not prev.tool_calls and not m.text and not (m.reasoning and prev.reasoning)
+                and m.loss == prev.loss):
             prev.tool_calls = m.tool_calls
+            prev.reasoning = prev.reasoning or m.reasoning
         else:
             out.append(m)
     return out
 
 
+def _parts(value: list, where: str) -> tuple[str | None, str | None, list[dict]]:
+    """LLaMA-Factory / OpenAI content parts -> (text, reasoning, tool calls)."""
+    text: list[str] = []
+    reasoning: list[str] = []
+    calls: list[dict] = []
+    for j, p in enumerate(value):
+        if not isinstance(p, dict):
+            raise RecordError("bad_content", f"{where}[{j}]: a content part must be an object")
+        kind = p.get("type", "text")
+        v = p.get("value", p.get("text"))
+        if kind == "text" and isinstance(v, str):
+            text.append(v)
+        elif kind in ("reasoning", "thinking") and isinstance(v, str):
+            reasoning.append(v)
+        elif kind == "tool_call":
+            calls.append(_tool_call(v, f"{where}[{j}]"))
+        else:
+            raise RecordError("bad_content", f"{where}[{j}]: content part of type {kind!r} is not supported "
+                              "(text, reasoning and tool_call are)")
+    return ("".join(text) if text else None), ("".join(reasoning) if reasoning else None), calls
+
+
 def _from_openai(record: dict, keys: dict[str, str]) -> Conversation:
     name, turns = _get(record, keys, "messages")
+    turns = _maybe_json(turns)
     if turns is None:
         raise RecordError("missing_field", f"openai record has no '{name}' field")
     if not isinstance(turns, list):
@@ -294,19 +398,42 @@ def _from_openai(record: dict, keys: dict[str, str]) -> Conversation:
         if not isinstance(role, str) or role not in OPENAI_ROLES:
             raise RecordError("unknown_role", f"{where}: unknown role {role!r}")
         role = OPENAI_ROLES[role]
-        calls = None
-        if role == ASSISTANT and t.get("tool_calls"):
-            if not isinstance(t["tool_calls"], list):
-                raise RecordError("bad_type", f"{where}.tool_calls must be a list")
-            calls = [_tool_call(c, f"{where}.tool_calls[{j}]") for j, c in enumerate(t["tool_calls"])]
-        if content_tag not in t and calls is None:
-            raise RecordError("missing_field", f"{where} has no '{content_tag}'")
-        content = _text(t.get(content_tag), f"{where}.{content_tag}", allow_none=calls is not None)
+        raw = t.get(content_tag)
         reasoning = None
-        for key in ("reasoning_content", "reasoning"):
-            if role == ASSISTANT and t.get(key) not in (None, ""):
-                reasoning = _text(t[key], f"{where}.{key}")
-        msgs.append(Message(role, content, calls, _loss_flag(t, where), reasoning))
+        calls: list[dict] = []
+        if isinstance(raw, list):
+            content, reasoning, calls = _parts(raw, f"{where}.{content_tag}")
+            if content is None and not reasoning and not calls:
+                content = ""
+        elif content_tag not in t and not (role == ASSISTANT and (t.get("tool_calls") or t.get("function_call"))):
+            raise RecordError("missing_field", f"{where} has no '{content_tag}'")
+        else:
+            content = _text(raw, f"{where}.{content_tag}", allow_none=True)
+        if role == ASSISTANT:
+            if t.get("tool_calls"):
+                if not isinstance(t["tool_calls"], list):
+                    raise RecordError("bad_type", f"{where}.tool_calls must be a list")
+                calls += [_tool_call(c, f"{where}.tool_calls[{j}]") for j, c in enumerate(t["tool_calls"])]
+            if t.get("function_call"):  # the legacy single call
+                calls.append(_tool_call(t["function_call"], f"{where}.function_call"))
+            for key in ("reasoning_content", "reasoning"):
+                if t.get(key) not in (None, ""):
+                    reasoning = _text(t[key], f"{where}.{key}")
+        elif calls or reasoning:
+            raise RecordError("bad_content", f"{where}: only assistant messages carry tool calls or reasoning")
+        m = Message(role, content, calls or None, _loss_flag(t, where), reasoning)
+        if role == TOOL:
+            for key, attr in (("tool_call_id", "tool_call_id"), ("name", "name")):
+                v = t.get(key)
+                if v is not None:
+                    if not isinstance(v, str):
+                        raise RecordError("bad_type", f"{where}.{key} must be a string")
+                    setattr(m, attr, v)
+            if m.content is None:
+                raise RecordError("bad_type", f"{where}: a tool result needs content")
+        elif role in (USER, SYSTEM) and m.content is None:
+            raise RecordError("bad_type", f"{where}.{content_tag} must be a string, got null")
+        msgs.append(m)
     return Conversation(msgs, _tools(record, keys))
 
 

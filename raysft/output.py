@@ -344,7 +344,7 @@ class Output:
         st = self.state()
         if st == "dataset" and not overwrite:
             raise OutputError(f"{self.url} already holds a dataset; pass --overwrite to replace it")
-        if st == "unmarked" and not overwrite:
+        if st == "unmarked" and not overwrite and not (self.manifest() or {}).get("failed"):
             raise OutputError(f"{self.url} holds an unfinished raysft dataset (no _SUCCESS); pass --overwrite to "
                               "replace it")
         if st == "foreign" and not overwrite:
@@ -362,14 +362,17 @@ class Output:
         self._apply(journal)
         return True
 
-    def commit(self, new_files: list[str], manifest: dict, lock: OutputLock | None = None) -> None:
+    def commit(self, new_files: list[str], manifest: dict, lock: OutputLock | None = None,
+               success: bool = True) -> None:
         """Move ``new_files`` (relative, all under ``_tmp/``) into place, replacing the old
-        dataset's files, with ``manifest.json`` and ``_SUCCESS`` last (see module doc)."""
+        dataset's files, with ``manifest.json`` and ``_SUCCESS`` last (see module doc).
+        ``success=False``: a build that wrote no dataset leaves its report (rejects, stats)
+        without ``_SUCCESS``; the next build replaces it without ``--overwrite``."""
         new = expand_files(self.fs, self.tmp, new_files)
-        manifest = dict(manifest, files=sorted(new))
+        manifest = dict(manifest, files=sorted(new), **({} if success else {"failed": True}))
         _write_json(self.fs, join(self.tmp, MANIFEST), manifest)
         old = set(self.owned_files()) - set(new) - {MANIFEST}
-        journal = {"new": sorted(new) + [MANIFEST], "remove": sorted(old)}
+        journal = {"new": sorted(new) + [MANIFEST], "remove": sorted(old), "success": success}
         if lock is not None:
             lock.verify()
         _write_json(self.fs, join(self.tmp, JOURNAL), journal)
@@ -399,8 +402,9 @@ class Output:
                     os.rmdir(self.path(rel))
                 except OSError:
                     pass
-        with fs.open(self.path(SUCCESS), "w") as f:
-            f.write("")
+        if journal.get("success", True):
+            with fs.open(self.path(SUCCESS), "w") as f:
+                f.write("")
         fs.rm(self.tmp, recursive=True)
         fs.invalidate_cache(self.root)
 

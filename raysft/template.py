@@ -83,11 +83,11 @@ def _llama3(conv: Conversation, sp: Specials) -> list[Piece]:
     tool result is an ``ipython`` turn.
     """
     out: list[Piece] = [("<|begin_of_text|>", -1, False)]
-    tools_pending = conv.tools
+    tools_pending = conv.functions
     for i, m in enumerate(conv.messages):
         role = "ipython" if m.role == TOOL else m.role
         head = f"<|start_header_id|>{role}<|end_header_id|>\n\n"
-        content = m.content.strip()
+        content = m.text.strip()
         if m.role == USER and tools_pending:
             intro = (
                 "Given the following functions, please respond with a JSON for a function call "
@@ -119,11 +119,11 @@ def _chatml(default_system: str | None, think: bool = False) -> Callable[[Conver
 
     def render(conv: Conversation, sp: Specials) -> list[Piece]:
         msgs = conv.messages
-        system = msgs[0].content if msgs and msgs[0].role == SYSTEM else default_system
+        system = msgs[0].text if msgs and msgs[0].role == SYSTEM else default_system
         start = 1 if msgs and msgs[0].role == SYSTEM else 0
         out: list[Piece] = []
         if conv.tools:
-            defs = "".join("\n" + _dumps(t) for t in conv.tools)
+            defs = "".join("\n" + _dumps(t) for t in conv.functions)
             system = (system + "\n\n" if system else "") + QWEN_TOOLS.format(defs=defs)
         if system is not None:
             out.append((f"<|im_start|>system\n{system}<|im_end|>\n", 0 if start else -1, False))
@@ -132,21 +132,21 @@ def _chatml(default_system: str | None, think: bool = False) -> Callable[[Conver
             m = msgs[i]
             if m.role == ASSISTANT:
                 if not think:
-                    body = _with_reasoning(m, m.content)
+                    body = _with_reasoning(m, m.text)
                 elif i > last_query and (i == len(msgs) - 1 or m.reasoning):
-                    body = f"<think>\n{(m.reasoning or '').strip()}\n</think>\n\n{m.content.lstrip()}"
+                    body = f"<think>\n{(m.reasoning or '').strip()}\n</think>\n\n{m.text.lstrip()}"
                 else:
-                    body = m.content
+                    body = m.text
                 for c in m.tool_calls or ():
                     body += ("\n" if body else "") + "<tool_call>\n" + _call_json(c) + "\n</tool_call>"
                 out += [("<|im_start|>assistant\n", i, False), (body + "<|im_end|>", i, True), ("\n", i, False)]
             elif m.role == TOOL:
                 first = i == 0 or msgs[i - 1].role != TOOL
                 last = i == len(msgs) - 1 or msgs[i + 1].role != TOOL
-                text = ("<|im_start|>user" if first else "") + f"\n<tool_response>\n{m.content}\n</tool_response>"
+                text = ("<|im_start|>user" if first else "") + f"\n<tool_response>\n{m.text}\n</tool_response>"
                 out.append((text + ("<|im_end|>\n" if last else ""), i, False))
             else:
-                out.append((f"<|im_start|>{m.role}\n{m.content}<|im_end|>\n", i, False))
+                out.append((f"<|im_start|>{m.role}\n{m.text}<|im_end|>\n", i, False))
         return out
 
     return render
@@ -158,13 +158,13 @@ def _llama2(conv: Conversation, sp: Specials) -> list[Piece]:
     msgs = conv.messages
     if conv.tools or any(m.role == TOOL or m.tool_calls for m in msgs):
         raise RecordError("template_unsupported", "the llama2 template has no tool-call format")
-    system = msgs[0].content if msgs[0].role == SYSTEM else None
+    system = msgs[0].text if msgs[0].role == SYSTEM else None
     out: list[Piece] = []
     body = msgs[1:] if system is not None else msgs
     offset = len(msgs) - len(body)
     for j, m in enumerate(body):
         i = j + offset
-        content = m.content
+        content = m.text
         if j == 0 and system is not None:
             content = f"<<SYS>>\n{system}\n<</SYS>>\n\n{content}"
         if m.role == USER:
@@ -196,7 +196,7 @@ def _mistral(conv: Conversation, sp: Specials) -> list[Piece]:
     bos, eos = sp.bos or "<s>", sp.eos or "</s>"
     msgs = conv.messages
     start = 1 if msgs[0].role == SYSTEM else 0
-    system = msgs[0].content if start else None
+    system = msgs[0].text if start else None
     last_user = max(i for i, m in enumerate(msgs) if m.role == USER)
     out: list[Piece] = [(bos, -1, False)]
     for i in range(start, len(msgs)):
@@ -204,19 +204,19 @@ def _mistral(conv: Conversation, sp: Specials) -> list[Piece]:
         if m.role == USER:
             text = ""
             if conv.tools and i == last_user:
-                tools = [{"type": "function", "function": t} for t in conv.tools]
+                tools = conv.tools
                 text += "[AVAILABLE_TOOLS] " + _dumps(tools) + "[/AVAILABLE_TOOLS]"
-            content = f"{system}\n\n{m.content}" if system is not None and i == last_user else m.content
+            content = f"{system}\n\n{m.text}" if system is not None and i == last_user else m.text
             out.append((text + f"[INST] {content}[/INST]", i, False))
         elif m.role == ASSISTANT:
             if m.tool_calls:
                 calls = [{"name": c["name"], "arguments": c["arguments"]} for c in m.tool_calls]
-                out += [(" " if m.content else "", i, False),
-                        ((m.content + " " if m.content else "") + "[TOOL_CALLS] " + _dumps(calls) + eos, i, True)]
+                out += [(" " if m.text else "", i, False),
+                        ((m.text + " " if m.text else "") + "[TOOL_CALLS] " + _dumps(calls) + eos, i, True)]
             else:
-                out += [(" ", i, False), (_with_reasoning(m, m.content) + eos, i, True)]
+                out += [(" ", i, False), (_with_reasoning(m, m.text) + eos, i, True)]
         else:
-            out.append(("[TOOL_RESULTS] " + _dumps({"content": m.content}) + "[/TOOL_RESULTS]", i, False))
+            out.append(("[TOOL_RESULTS] " + _dumps({"content": m.text}) + "[/TOOL_RESULTS]", i, False))
     return out
 
 
@@ -229,20 +229,20 @@ def _internlm2(conv: Conversation, sp: Specials) -> list[Piece]:
     out: list[Piece] = [(bos, -1, False)]
     start = 1 if msgs[0].role == SYSTEM else 0
     if start:
-        out.append((f"<|im_start|>system\n{msgs[0].content}<|im_end|>\n", 0, False))
+        out.append((f"<|im_start|>system\n{msgs[0].text}<|im_end|>\n", 0, False))
     if conv.tools:
-        out.append(("<|im_start|>system name=<|plugin|>\n" + _dumps(conv.tools) + "<|im_end|>\n", -1, False))
+        out.append(("<|im_start|>system name=<|plugin|>\n" + _dumps(conv.functions) + "<|im_end|>\n", -1, False))
     for i in range(start, len(msgs)):
         m = msgs[i]
         if m.role == ASSISTANT:
-            body = _with_reasoning(m, m.content)
+            body = _with_reasoning(m, m.text)
             for c in m.tool_calls or ():
                 body += "<|action_start|><|plugin|>\n" + _call_json(c, "parameters") + "<|action_end|>"
             out += [("<|im_start|>assistant\n", i, False), (body + "<|im_end|>", i, True), ("\n", i, False)]
         elif m.role == TOOL:
-            out.append((f"<|im_start|>environment name=<|plugin|>\n{m.content}<|im_end|>\n", i, False))
+            out.append((f"<|im_start|>environment name=<|plugin|>\n{m.text}<|im_end|>\n", i, False))
         else:
-            out.append((f"<|im_start|>{m.role}\n{m.content}<|im_end|>\n", i, False))
+            out.append((f"<|im_start|>{m.role}\n{m.text}<|im_end|>\n", i, False))
     return out
 
 
@@ -255,24 +255,24 @@ def _deepseek_v3(conv: Conversation, sp: Specials) -> list[Piece]:
     bos, eos = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
     msgs = conv.messages
     start = 1 if msgs[0].role == SYSTEM else 0
-    system = msgs[0].content if start else ""
+    system = msgs[0].text if start else ""
     if conv.tools:  # DeepSeek-V3.1's documented tool description, appended to the system prompt
         system += "## Tools\nYou have access to the following tools:\n" + "".join(
             f"\n### {t.get('name', 'tool')}\nDescription: {t.get('description', '')}\n\n"
-            f"Parameters: {_dumps(t.get('parameters', {}))}\n" for t in conv.tools)
+            f"Parameters: {_dumps(t.get('parameters', {}))}\n" for t in conv.functions)
     out: list[Piece] = [(bos + system, 0 if start else -1, False)]
     for i in range(start, len(msgs)):
         m = msgs[i]
         if m.role == USER:
-            out.append(("<｜User｜>" + m.content, i, False))
+            out.append(("<｜User｜>" + m.text, i, False))
         elif m.role == TOOL:
             first = msgs[i - 1].role != TOOL
             last = i == len(msgs) - 1 or msgs[i + 1].role != TOOL
-            text = ("<｜tool▁outputs▁begin｜>" if first else "") + f"<｜tool▁output▁begin｜>{m.content}<｜tool▁output▁end｜>"
+            text = ("<｜tool▁outputs▁begin｜>" if first else "") + f"<｜tool▁output▁begin｜>{m.text}<｜tool▁output▁end｜>"
             out.append((text + ("<｜tool▁outputs▁end｜>" if last else ""), i, False))
         else:
             after_tool = msgs[i - 1].role == TOOL
-            body = _with_reasoning(m, m.content)
+            body = _with_reasoning(m, m.text)
             if m.tool_calls:
                 body += "<｜tool▁calls▁begin｜>" + "".join(
                     "<｜tool▁call▁begin｜>function<｜tool▁sep｜>" + c["name"] + "\n```json\n"
@@ -292,10 +292,10 @@ def _glm4(conv: Conversation, sp: Specials) -> list[Piece]:
     msgs = conv.messages
     out: list[Piece] = [("[gMASK]<sop>", -1, False)]
     start = 1 if msgs[0].role == SYSTEM else 0
-    system = msgs[0].content if start else None
+    system = msgs[0].text if start else None
     if conv.tools:
         defs = "".join(f"\n\n## {t.get('name', 'tool')}\n\n{_pretty(t)}\n"
-                       "在调用上述函数时，请使用 Json 格式表示调用的参数。" for t in conv.tools)
+                       "在调用上述函数时，请使用 Json 格式表示调用的参数。" for t in conv.functions)
         system = (system + "\n\n" if system else "") + "# 可用工具" + defs
     if system is not None:
         out.append((f"<|system|>\n{system}", 0 if start else -1, False))
@@ -303,9 +303,9 @@ def _glm4(conv: Conversation, sp: Specials) -> list[Piece]:
         m = msgs[i]
         prev_answer = i > start and msgs[i - 1].role == ASSISTANT  # its answer already wrote our marker
         if m.role == USER:
-            out.append((("" if prev_answer else "<|user|>") + f"\n{m.content}", i, False))
+            out.append((("" if prev_answer else "<|user|>") + f"\n{m.text}", i, False))
         elif m.role == TOOL:
-            out.append((("" if prev_answer else "<|observation|>") + f"\n{m.content}", i, False))
+            out.append((("" if prev_answer else "<|observation|>") + f"\n{m.text}", i, False))
         else:
             nxt = msgs[i + 1] if i + 1 < len(msgs) else None
             if m.tool_calls:
@@ -313,7 +313,7 @@ def _glm4(conv: Conversation, sp: Specials) -> list[Piece]:
                 args = c["arguments"] if isinstance(c["arguments"], str) else _dumps(c["arguments"])
                 body = f"{c['name']}\n{args}"
             else:
-                body = "\n" + _with_reasoning(m, m.content)
+                body = "\n" + _with_reasoning(m, m.text)
             end = "<|endoftext|>" if nxt is None else ("<|observation|>" if nxt.role == TOOL else "<|user|>")
             out += [("<|assistant|>", i, False), (body + end, i, True)]
     return out
@@ -353,7 +353,9 @@ TEMPLATE_NAMES = (*BUILTIN, "auto")
 
 
 def to_hf_messages(conv: Conversation) -> list[dict]:
-    """Messages in the shape Hugging Face chat templates expect."""
+    """Messages in the shape Hugging Face chat templates expect (``apply_chat_template``):
+    content as given (null stays null), ``reasoning_content``, ``tool_calls`` in OpenAI form
+    with their ids, and a tool result's ``tool_call_id`` and ``name``."""
     out = []
     for m in conv.messages:
         d: dict = {"role": m.role, "content": m.content}
@@ -361,8 +363,13 @@ def to_hf_messages(conv: Conversation) -> list[dict]:
             d["reasoning_content"] = m.reasoning
         if m.tool_calls:
             d["tool_calls"] = [
-                {"type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}} for c in m.tool_calls
+                {**({"id": c["id"]} if "id" in c else {}), "type": "function",
+                 "function": {"name": c["name"], "arguments": c["arguments"]}} for c in m.tool_calls
             ]
+        if m.tool_call_id is not None:
+            d["tool_call_id"] = m.tool_call_id
+        if m.name is not None:
+            d["name"] = m.name
         out.append(d)
     return out
 
@@ -419,13 +426,13 @@ class JinjaTemplate:
             if not (full.startswith(prefix) and full.startswith(through) and cursor <= start <= end):
                 # Templates that rewrite history (e.g. drop reasoning of earlier turns) have no
                 # stable prefix: find the turn's content in the full text instead.
-                start = full.find(m.content.strip(), cursor) if m.content.strip() else -1
+                start = full.find(m.text.strip(), cursor) if m.text.strip() else -1
                 if start < 0:
                     raise RecordError(
                         "template_error",
                         f"cannot locate assistant turn {i} in the text the chat template rendered",
                     )
-                end = start + len(m.content.strip())
+                end = start + len(m.text.strip())
                 end = _extend_to_marker(full, end, special_strings)
             else:
                 end = _trim_to_marker(full, start, end, special_strings)

@@ -27,7 +27,9 @@ def test_sharegpt_tool_calls_from_glaive_layout(shared_data):
     rows = json.load(open(shared_data / "glaive_toolcall_en_demo.json"))
     with_call = next(r for r in rows if any(t["from"] == "function_call" for t in r["conversations"]))
     c = normalize(with_call)
-    assert c.tools and isinstance(c.tools, list) and "name" in c.tools[0]
+    # glaive's bare {name, description, parameters} reach templates in the OpenAI form
+    assert c.tools and c.tools[0]["type"] == "function" and "name" in c.tools[0]["function"]
+    assert c.functions[0] is c.tools[0]["function"]
     call = next(m for m in c.messages if m.tool_calls)
     assert call.role == "assistant" and isinstance(call.tool_calls[0]["arguments"], dict)
     assert "tool" in roles(c)

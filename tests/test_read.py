@@ -22,9 +22,9 @@ def lines_by_chunks(path, chunk_bytes: int, tail: int = 0) -> list[tuple[int, by
     assert [c.chunk for c in chunks] == list(range(len(chunks)))
     got = []
     for c in chunks:
-        rows = read_chunk(c)
-        assert rows.idx == list(range(len(rows.idx)))
-        got += list(zip(rows.offset, rows.raw))
+        for rows in read_chunk(c):
+            assert rows.idx == list(range(len(rows.idx)))
+            got += list(zip(rows.offset, rows.raw))
     return got
 
 
@@ -57,9 +57,10 @@ def test_split_tail_cuts_only_the_last_chunks(tmp_path):
     chunks = plan_chunks(expand_inputs([str(path)]), None, 1000)  # 9 chunks
     split = split_tail(chunks, 2)
     assert len(split) == 7 + 2 * 4
-    assert [(c.start, c.end) for c in split[:7]] == [(c.start, c.end) for c in chunks[:7]]
-    assert [c.end - c.start for c in split[7:]] == [250] * 8
-    assert split[-1].end == 9000 and all(a.end == b.start for a, b in zip(split, split[1:]))
+    ranges = [(c.pieces[0].start, c.pieces[0].end) for c in split]
+    assert ranges[:7] == [(c.pieces[0].start, c.pieces[0].end) for c in chunks[:7]]
+    assert [b - a for a, b in ranges[7:]] == [250] * 8
+    assert ranges[-1][1] == 9000 and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
 
 
 def test_chunk_cut_exactly_after_a_newline(tmp_path):

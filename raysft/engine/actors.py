@@ -42,18 +42,13 @@ class TokenizeAndMask:
 
     def __call__(self, chunks: dict):
         for i in range(len(chunks["chunk"])):
-            c = Chunk(**{k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in chunks.items()})
+            c = Chunk.from_item({k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in chunks.items()})
             yield from self.tokenize_chunk(c)
 
     def tokenize_chunk(self, c: Chunk):
-        rows = read_chunk(c, self.so)
-        n = len(rows.idx)
-        for lo in range(0, max(n, 1), self.batch_size):
-            hi = min(n, lo + self.batch_size)
-            if hi <= lo:
-                return
-            pos = {"chunk": [c.chunk] * (hi - lo), "src": [c.src] * (hi - lo), "idx": rows.idx[lo:hi],
-                   "row": rows.row[lo:hi], "offset": rows.offset[lo:hi]}
-            table: pa.Table = tokenize_batch(self.builder, rows.raw[lo:hi], rows.error[lo:hi], pos, self.seq_length,
-                                             self.overlong, rows.digest, self.avoid_end)
+        for rows in read_chunk(c, self.so, self.batch_size):
+            n = len(rows.idx)
+            pos = {"chunk": [c.chunk] * n, "src": rows.src, "idx": rows.idx, "row": rows.row, "offset": rows.offset}
+            table: pa.Table = tokenize_batch(self.builder, rows.raw, rows.error, pos, self.seq_length, self.overlong,
+                                             rows.digest, self.avoid_end)
             yield table

@@ -17,7 +17,6 @@ import json
 import logging
 import sys
 import time
-from dataclasses import asdict
 
 import numpy as np
 
@@ -115,7 +114,7 @@ def tokenize_dataset(cfg: BuildConfig, chunks, info, so: dict, pool: TokenizePoo
     from .actors import TokenizeAndMask
 
     chunks = split_tail(chunks, 2 * pool.workers)
-    ds = ray.data.from_items([asdict(c) for c in chunks], override_num_blocks=max(1, len(chunks)))
+    ds = ray.data.from_items([c.to_item() for c in chunks], override_num_blocks=max(1, len(chunks)))
     return ds.map_batches(
         TokenizeAndMask,
         fn_constructor_kwargs={
@@ -324,7 +323,7 @@ def run(cfg: BuildConfig) -> dict:
     pad_id = info.pad_id()
     out_fs, out_root = get_fs(cfg.output, so)
     check_bucket(out_fs, out_root, cfg.output, "--output")
-    check_output_outside_inputs(cfg.output, files)
+    check_output_outside_inputs(cfg.output, cfg.inputs, files)
     out = Output(out_fs, out_root, cfg.output)
     out.state()  # a regular file at --output: one line, before anything is created
     lock = OutputLock(out_fs, out_root, cfg.output)
@@ -345,18 +344,28 @@ def run(cfg: BuildConfig) -> dict:
         lock.release()
 
 
-def check_output_outside_inputs(output: str, files) -> None:
-    """An output inside an input folder would be read back as input by the next run."""
+def check_output_outside_inputs(output: str, inputs: list[str], files) -> None:
+    """An output inside an input folder would be read back as input by the next run (and one
+    that holds an input file would be replaced under it)."""
+    import os
+
     from ..fs import is_remote
+    from ..read import _static_prefix, check_url
 
-    o = output.rstrip("/") + "/"
-    if not is_remote(output):
-        import os
+    check_url(output, "--output")
 
-        o = os.path.abspath(output).rstrip("/") + "/"
+    def norm(p: str) -> str:
+        return (p if is_remote(p) else os.path.abspath(p)).rstrip("/") + "/"
+
+    o = norm(output)
     for f in files:
-        if f.url.startswith(o):
+        if f.url.startswith(o) or norm(f.url) == o:
             raise BuildError(f"--output {output} holds input {f.url}: write the output outside the input folders")
+    for pat in inputs:
+        root = _static_prefix(pat) if any(ch in pat for ch in "*?[") else pat
+        if root and (is_remote(pat) or os.path.isdir(root)) and o.startswith(norm(root)):
+            raise BuildError(f"--output {output} is inside input folder {root}: the next run would read its files "
+                             "as input; write the output elsewhere")
 
 
 def _build(cfg, t0, so, info, files, chunks, layout, added, pad_id, out: Output, lock: OutputLock, manifest: dict,
@@ -383,12 +392,12 @@ def _build(cfg, t0, so, info, files, chunks, layout, added, pad_id, out: Output,
             tot = blocks.totals
             if tot.rejected and cfg.on_bad_record == "fail":
                 raise bad_record_error(tot, files, so)
-            hist_kept = stats_mod.add_hist(np.zeros(S + 1, dtype=np.int64), tot.hist_kept)  # kept lengths are <= S
+            hist_kept = stats_mod.add_hist(np.zeros(S + 1, dtype=np.int64),  # kept lengths are <= S
+                                           tot.hist_kept if tot.hist_kept is not None else np.zeros(1, np.int64))
             samples = int(hist_kept.sum())
             enc_stats.rows_checked, enc_stats.mismatches, enc_stats.fallbacks = tot.encoder
             if samples == 0:
-                raise BuildError("no sample left to write: every record was rejected or dropped"
-                                 + (f" ({_reasons(tot.reasons)}); see rejects.jsonl" if tot.reasons else ""))
+                raise nothing_to_write(out, blocks, files, so, cfg, tot, manifest, lock)
             timings["stats"] = round(time.time() - t_stage, 2)
             t_stage = time.time()
 
@@ -514,6 +523,25 @@ def _build(cfg, t0, so, info, files, chunks, layout, added, pad_id, out: Output,
     print(stats_mod.format_summary(result), file=sys.stderr)
     print(f"output           {cfg.output}  ({time.time() - t0:.1f} s)", file=sys.stderr)
     return result
+
+
+def nothing_to_write(out: Output, blocks: Blocks, files, so, cfg, tot, manifest: dict, lock) -> BuildError:
+    """Every record was rejected or dropped (or there were none): the output gets the reasons
+    (rejects.jsonl, stats.json) without a dataset or _SUCCESS, and the build fails."""
+    if not tot.rows:
+        return BuildError(f"the inputs hold no records ({len(files)} file(s), {', '.join(f.url for f in files[:3])}"
+                          + (" ..." if len(files) > 3 else "") + ")")
+    present = ["stats.json"]
+    if blocks.rejects:
+        write_rejects(out.fs, out.tmp, blocks, files, so)
+        present.append("rejects.jsonl")
+    with out.fs.open(join(out.tmp, "stats.json"), "w") as f:
+        json.dump({"rows_read": tot.rows, "samples_written": 0, "rejected": tot.rejected, "dropped": tot.dropped,
+                   "failed": "every record was rejected or dropped", "tokenizer": cfg.tokenizer,
+                   "template": cfg.template, "layout": cfg.layout, "seq_length": cfg.seq_length}, f, indent=2)
+    out.commit(present, manifest, lock, success=False)
+    return BuildError(f"no sample left to write: every record was rejected or dropped ({_reasons(tot.reasons)}); "
+                      f"see {join(cfg.output, 'rejects.jsonl')}")
 
 
 def _reasons(d: dict) -> str:

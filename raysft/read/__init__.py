@@ -1,0 +1,668 @@
+"""Read stage: find the input files and cut them into chunks that workers read on their own.
+
+Pure (fsspec + pyarrow + numpy, no engine). Inputs are files, folders or globs on local disk
+or object storage. Files are ordered by full path, so the same file set always gives the same
+order, whatever order the user listed them in.
+
+What is read: ``.jsonl``/``.ndjson``, ``.json`` (one array, or JSON Lines), ``.parquet``,
+``.arrow``/``.feather``/``.ipc`` and ``.csv``/``.tsv``, the text formats also compressed
+(``.gz``, ``.zst``, ``.bz2``, ``.xz``). When a folder or a glob is expanded, names starting
+with ``.`` or ``_`` are not data (the convention of Spark, Hive and pyarrow: ``_SUCCESS``,
+``.part-0.crc``, ``_temporary/``, ``.ipynb_checkpoints/``) and are skipped, with a log line;
+any other file in an input folder that is no known format is an error naming it. A symbolic
+link is read once (by what it points to); a broken one is an error.
+
+A chunk is a unit of reading:
+
+* an uncompressed JSON Lines file: byte ranges of about ``chunk_bytes``, a line belonging to
+  the chunk in which it starts;
+* a JSON array, a compressed file, a CSV file: the whole file, read as a stream (a JSON array
+  element by element, ``jsonarray``), in bounded memory;
+* Parquet: a row group; Arrow IPC: a record batch;
+* small files of any format are gathered into one chunk (up to ``chunk_bytes``), so two
+  thousand one-row files are a few chunks, not two thousand tasks.
+
+``read_chunk`` yields every record of a chunk as raw JSON bytes with its position, good or
+bad, in batches: decoding and validation happen in the tokenize stage, which records each
+failure with the file and row. Nothing is skipped silently, except blank lines in JSON Lines
+files, which hold no record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from dataclasses import asdict, dataclass
+
+from ..fs import full_url, get_fs, is_remote
+from .columnar import csv_reader, table_records
+from .jsonarray import ArrayError, iter_elements
+
+log = logging.getLogger("raysft")
+
+TEXT_KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv"}
+BINARY_KINDS = {".parquet": "parquet", ".pq": "parquet", ".arrow": "arrow", ".feather": "arrow", ".ipc": "arrow"}
+COMPRESSIONS = {".gz": "gzip", ".gzip": "gzip", ".zst": "zstd", ".zstd": "zstd", ".bz2": "bz2", ".xz": "xz"}
+KNOWN = "(.jsonl, .ndjson, .json, .parquet, .arrow, .feather, .csv, .tsv; text ones also .gz, .zst, .bz2, .xz)"
+DEFAULT_CHUNK_BYTES = 16 << 20
+STREAM_HASH_BLOCK = 8 << 20
+REMOTE_SCHEMES = ("s3", "s3a", "gs", "gcs", "oss", "hdfs", "abfs", "az", "http", "https")
+
+
+class InputError(ValueError):
+    """Inputs that cannot be found or read."""
+
+
+@dataclass(frozen=True)
+class InputFile:
+    url: str
+    size: int
+    kind: str  # jsonl | json | csv | tsv | parquet | arrow
+    compression: str | None = None
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A part of one input file that a chunk reads."""
+
+    src: int  # index of the file in the sorted file list
+    url: str
+    kind: str  # jsonl (a byte range) | stream (whole text file) | array | csv | tsv | parquet | arrow
+    start: int  # bytes for jsonl ranges, row group / record batch for parquet / arrow
+    end: int
+    compression: str | None = None
+
+
+@dataclass(frozen=True)
+class Chunk:
+    chunk: int  # global chunk number: the order of chunks is the order of records
+    pieces: tuple[Piece, ...]
+
+    def to_item(self) -> dict:
+        return {"chunk": self.chunk, "spec": json.dumps([asdict(p) for p in self.pieces])}
+
+    @classmethod
+    def from_item(cls, item: dict) -> Chunk:
+        return cls(int(item["chunk"]), tuple(Piece(**p) for p in json.loads(str(item["spec"]))))
+
+    @property
+    def bytes(self) -> int:
+        return sum(p.end - p.start if p.kind == "jsonl" else 0 for p in self.pieces)
+
+
+def file_kind(name: str) -> tuple[str | None, str | None]:
+    """(kind, compression) of a file name, or (None, None) when it is no input format."""
+    low = name.lower()
+    compression = None
+    for ext, comp in COMPRESSIONS.items():
+        if low.endswith(ext):
+            compression, low = comp, low[: -len(ext)]
+            break
+    for ext, kind in TEXT_KINDS.items():
+        if low.endswith(ext):
+            return kind, compression
+    if compression is None:
+        for ext, kind in BINARY_KINDS.items():
+            if low.endswith(ext):
+                return kind, None
+    return None, None
+
+
+def check_url(text: str, what: str) -> None:
+    """A URL whose scheme lost a slash (``s3:/bucket/x``) would read as a local path."""
+    m = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*):(/?)(?!/)", text)
+    if m and m.group(1).lower() in REMOTE_SCHEMES:
+        fixed = f"{m.group(1)}://{text[m.end():].lstrip('/')}"
+        raise InputError(f"{what} {text} is not a valid URL: did you mean {fixed}?")
+
+
+def _hidden(rel: str) -> bool:
+    return any(part[:1] in (".", "_") for part in rel.replace("\\", "/").split("/") if part)
+
+
+def _static_prefix(path: str) -> str:
+    """The folder part of a glob before its first wildcard."""
+    cut = min([i for i in (path.find("*"), path.find("?"), path.find("[")) if i >= 0], default=len(path))
+    return path[:cut].rsplit("/", 1)[0] if "/" in path[:cut] else ""
+
+
+def _local_walk(root: str, skipped: list[str]) -> list[str]:
+    """Files below a local folder, following symbolic links (each folder once), without the
+    hidden and underscore-prefixed names."""
+    out, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        keep = []
+        for d in sorted(dirnames):
+            rel = os.path.relpath(os.path.join(dirpath, d), root)
+            (skipped.append(rel + "/") if _hidden(d) else keep.append(d))
+        dirnames[:] = keep
+        for f in sorted(filenames):
+            rel = os.path.relpath(os.path.join(dirpath, f), root)
+            (skipped.append(rel) if _hidden(f) else out.append(os.path.join(dirpath, f)))
+    return out
+
+
+def _expand(fs, path: str, pat: str, skipped: list[str]) -> list[str]:
+    """Files a pattern names: a literal file first (even with glob characters in its name),
+    then a glob, then a folder."""
+    remote = is_remote(pat)
+    if fs.exists(path) and not fs.isdir(path):
+        return [path]
+    if not remote and os.path.islink(path) and not os.path.exists(path):
+        raise InputError(f"--input {pat}: broken symbolic link (points to {os.readlink(path)})")
+    if any(ch in path for ch in "*?["):
+        base = _static_prefix(path)
+        out = []
+        for p in sorted(fs.glob(path)):
+            rel = p[len(base) :].lstrip("/") if base and p.startswith(base) else p.rsplit("/", 1)[-1]
+            if _hidden(rel):
+                skipped.append(rel)
+            elif fs.isdir(p):
+                out += _expand_dir(fs, p, remote, skipped)
+            else:
+                out.append(p)
+        return out
+    if fs.isdir(path):
+        return _expand_dir(fs, path, remote, skipped)
+    raise InputError(f"--input {pat}: no such file or folder")
+
+
+def _expand_dir(fs, path: str, remote: bool, skipped: list[str]) -> list[str]:
+    if not remote:
+        return _local_walk(path, skipped)
+    out = []
+    for p in sorted(fs.find(path)):
+        rel = p[len(path.rstrip("/")) :].lstrip("/")
+        (skipped.append(rel) if _hidden(rel) else out.append(p))
+    return out
+
+
+def expand_inputs(patterns: list[str], so: dict | None = None) -> list[InputFile]:
+    """Resolve files, folders and globs to a sorted, de-duplicated list of input files."""
+    if not patterns:
+        raise InputError("no --input given")
+    found: dict[str, InputFile] = {}
+    real_seen: dict[str, str] = {}
+    for pat in patterns:
+        check_url(pat, "--input")
+        fs, path = get_fs(pat, so)
+        check_bucket(fs, path, pat, "--input")
+        skipped: list[str] = []
+        try:
+            paths = _expand(fs, path, pat, skipped)
+        except InputError:
+            raise
+        except FileNotFoundError:
+            raise InputError(f"--input {pat}: no such bucket, file or folder") from None
+        except PermissionError as e:
+            raise InputError(f"--input {pat}: access denied ({_short(e)})") from None
+        except OSError as e:
+            raise InputError(f"--input {pat}: cannot list ({_short(e)})") from None
+        if skipped:
+            log.info("--input %s: skipped %d hidden or underscore-prefixed name(s), not data: %s", pat, len(skipped),
+                     ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
+        explicit = len(paths) == 1 and paths[0] == path
+        unknown = [p for p in paths if file_kind(p)[0] is None]
+        if unknown and not explicit:
+            raise InputError(f"--input {pat}: {unknown[0]} is no known input format {KNOWN}"
+                             + (f" (and {len(unknown) - 1} more such files)" if len(unknown) > 1 else "")
+                             + "; move it out of the input folder or name the files to read")
+        if unknown:
+            raise InputError(f"--input {pat}: not a known input format {KNOWN}")
+        if not paths:
+            raise InputError(f"--input {pat}: matches no input file {KNOWN}")
+        for p in paths:
+            if not is_remote(pat):
+                if os.path.islink(p) and not os.path.exists(p):
+                    raise InputError(f"--input {pat}: {p} is a broken symbolic link (points to {os.readlink(p)})")
+                real = os.path.realpath(p)
+                if real in real_seen:
+                    if real_seen[real] != p:
+                        log.info("--input: %s is the same file as %s: read once", p, real_seen[real])
+                    continue
+                real_seen[real] = p
+            url = full_url(fs, p, pat)
+            kind, compression = file_kind(p)
+            found[url] = InputFile(url, int(fs.size(p) or 0), kind, compression)
+    return [found[u] for u in sorted(found)]
+
+
+def check_bucket(fs, path: str, url: str, what: str) -> None:
+    """One clear line for a bucket that does not exist or cannot be reached."""
+    if not is_remote(url):
+        return
+    bucket = path.split("/", 1)[0]
+    try:
+        ok = fs.exists(bucket)
+    except PermissionError as e:
+        raise InputError(f"{what} {url}: access to bucket '{bucket}' denied ({_short(e)})") from None
+    except OSError as e:
+        raise InputError(f"{what} {url}: cannot reach bucket '{bucket}' ({_short(e)})") from None
+    if not ok:
+        raise InputError(f"{what} {url}: bucket '{bucket}' does not exist (or these credentials cannot see it)")
+
+
+def _short(e: Exception) -> str:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return msg[:200]
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def split_tail(chunks: list[Chunk], count: int, parts: int = 4) -> list[Chunk]:
+    """Cut each of the last ``count`` chunks into ``parts`` byte ranges (single JSON Lines
+    ranges only), renumbered in order. Workers take chunks in order, so the last ones decide
+    when the stage ends: smaller final chunks let every worker finish at about the same time."""
+    out: list[Chunk] = []
+    first = len(chunks) - count
+    for i, c in enumerate(chunks):
+        p = c.pieces[0]
+        if i >= first and len(c.pieces) == 1 and p.kind == "jsonl" and p.end - p.start >= parts:
+            step = -(-(p.end - p.start) // parts)
+            for lo in range(p.start, p.end, step):
+                out.append(Chunk(len(out), (Piece(p.src, p.url, "jsonl", lo, min(p.end, lo + step)),)))
+        else:
+            out.append(Chunk(len(out), c.pieces))
+    return out
+
+
+def _open(fs, path: str, compression: str | None):
+    if compression is None:
+        return fs.open(path, "rb")
+    import fsspec
+
+    return fsspec.core.OpenFile(fs, path, mode="rb", compression=compression).open()
+
+
+def _pieces(src: int, f: InputFile, so: dict | None, chunk_bytes: int) -> list[Piece]:
+    fs, path = get_fs(f.url, so)
+    kind = f.kind
+    if kind in ("json", "jsonl") and f.compression is None and kind == "json":
+        kind = "array" if _starts_with_bracket(fs, path) else "jsonl"
+    if kind == "jsonl" and f.compression is None:
+        n = max(1, -(-f.size // chunk_bytes))
+        return [Piece(src, f.url, "jsonl", i * chunk_bytes, min(f.size, (i + 1) * chunk_bytes)) for i in range(n)]
+    if kind in ("json", "jsonl"):  # compressed: one stream, an array or lines (looked at when read)
+        return [Piece(src, f.url, "stream", 0, f.size, f.compression)]
+    if kind in ("array", "csv", "tsv"):
+        return [Piece(src, f.url, kind, 0, f.size, f.compression)]
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            with fs.open(path, "rb") as fh:
+                groups = pq.ParquetFile(fh).metadata.num_row_groups
+        except Exception as e:  # noqa: BLE001
+            raise InputError(f"{f.url}: not a readable Parquet file ({_short(e)})") from None
+        return [Piece(src, f.url, "parquet", g, g + 1) for g in range(max(groups, 1))]
+    if kind == "arrow":
+        import pyarrow.ipc as ipc
+
+        try:
+            with fs.open(path, "rb") as fh:
+                batches = ipc.open_file(fh).num_record_batches
+            return [Piece(src, f.url, "arrow", b, b + 1) for b in range(max(batches, 1))]
+        except Exception:  # noqa: BLE001 - the streaming IPC format: one chunk
+            return [Piece(src, f.url, "arrow", -1, 0)]
+    raise InputError(f"{f.url}: unknown input kind {kind}")
+
+
+def plan_chunks(files: list[InputFile], so: dict | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[Chunk]:
+    """Read chunks in input order; runs of small whole files share a chunk."""
+    chunks: list[Chunk] = []
+    group: list[Piece] = []
+    group_bytes = 0
+    small = max(1, chunk_bytes // 16)  # a file this small is gathered with its neighbours
+
+    def flush():
+        nonlocal group, group_bytes
+        if group:
+            chunks.append(Chunk(len(chunks), tuple(group)))
+        group, group_bytes = [], 0
+
+    for src, f in enumerate(files):
+        pieces = _pieces(src, f, so, chunk_bytes)
+        if len(pieces) == 1 and f.size <= small:
+            if group_bytes + f.size > chunk_bytes:
+                flush()
+            group.append(pieces[0])
+            group_bytes += f.size
+            continue
+        flush()
+        for p in pieces:
+            chunks.append(Chunk(len(chunks), (p,)))
+    flush()
+    return chunks
+
+
+def _starts_with_bracket(fs, path: str) -> bool:
+    with fs.open(path, "rb") as fh:
+        head = fh.read(4096)
+    return head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass
+class RawRows:
+    """Records of (part of) one chunk: raw JSON bytes with their position in their file."""
+
+    src: list[int]  # index of each record's file
+    idx: list[int]  # ordinal of the record within the chunk
+    row: list[int]  # record index in the file (0-based); -1 when only the byte offset is known
+    offset: list[int]  # byte offset of the line (JSON Lines; in the decompressed text), else -1
+    raw: list[bytes]
+    error: list[str]  # "" or "reason: message" for records that cannot even be cut out
+    digest: int = 0  # 64-bit hash of the bytes the whole chunk was read from
+
+
+def content_hash(*parts: bytes) -> int:
+    """A chunk's content fingerprint (64-bit BLAKE2b of its bytes, as a signed int64)."""
+    h = hashlib.blake2b(digest_size=8)
+    for p in parts:
+        h.update(p)
+    return int.from_bytes(h.digest(), "little", signed=True)
+
+
+class _Batcher:
+    """Collects a chunk's records and hands them out ``batch`` at a time."""
+
+    def __init__(self, batch: int, digest: int):
+        self.batch, self.digest, self.idx = batch, digest, 0
+        self._new()
+
+    def _new(self):
+        self.rows = RawRows([], [], [], [], [], [], self.digest)
+
+    def add(self, src: int, row: int, offset: int, raw: bytes, error: str = "") -> RawRows | None:
+        r = self.rows
+        r.src.append(src)
+        r.idx.append(self.idx)
+        r.row.append(row)
+        r.offset.append(offset)
+        r.raw.append(raw)
+        r.error.append(error)
+        self.idx += 1
+        if len(r.idx) >= self.batch:
+            out = self.rows
+            self._new()
+            return out
+        return None
+
+    def rest(self) -> RawRows | None:
+        if self.rows.idx:
+            out = self.rows
+            self._new()
+            return out
+        return None
+
+
+def _range_bytes(fs, path: str, start: int, end: int) -> tuple[bytes, int]:
+    """The lines that start in [start, end) of a JSON Lines file: read in one request (plus
+    the byte before it, and the rest of its last line); returns them and their offset."""
+    base = max(start - 1, 0)
+    with fs.open(path, "rb", block_size=min(end - base + 1, 64 << 20) or None) as fh:
+        fh.seek(base)
+        data = fh.read(end - base)
+        if data and not data.endswith(b"\n"):
+            tail = [data]
+            while True:
+                more = fh.read(1 << 16)
+                if not more:
+                    break
+                cut = more.find(b"\n")
+                if cut >= 0:
+                    tail.append(more[: cut + 1])
+                    break
+                tail.append(more)
+            data = b"".join(tail)
+    pos = base
+    if start > 0:  # skip the line that started in the previous chunk
+        first = data.find(b"\n")
+        pos = base + first + 1 if first >= 0 else base + len(data)
+        data = data[pos - base :]
+    return data, pos
+
+
+def _lines(data: bytes, pos: int):
+    """(offset, line) of the non-blank lines of ``data`` (which starts at byte ``pos``)."""
+    start = pos
+    for line in data.split(b"\n"):
+        if line.strip():
+            yield start, line.rstrip(b"\r")
+        start += len(line) + 1
+
+
+def _stream_hash(fs, path: str) -> int:
+    h = hashlib.blake2b(digest_size=8)
+    with fs.open(path, "rb") as fh:
+        while block := fh.read(STREAM_HASH_BLOCK):
+            h.update(block)
+    return int.from_bytes(h.digest(), "little", signed=True)
+
+
+def chunk_digest(c: Chunk, so: dict | None = None) -> tuple[int, dict]:
+    """The chunk's content hash (the bytes as stored: a line range, a row group's column
+    chunks, the whole file otherwise) and what was read to get it, kept for the parse so a
+    range is read once."""
+    h = hashlib.blake2b(digest_size=8)
+    kept: dict = {}
+    for p in c.pieces:
+        fs, path = get_fs(p.url, so)
+        if p.kind == "jsonl":
+            data, pos = _range_bytes(fs, path, p.start, p.end)
+            kept[(p.url, p.start)] = (data, pos)
+            h.update(data)
+        elif p.kind == "parquet":
+            import pyarrow.parquet as pq
+
+            with fs.open(path, "rb") as fh:
+                md = pq.ParquetFile(fh).metadata
+                if md.num_row_groups:
+                    rg = md.row_group(p.start)
+                    starts, ends = [], []
+                    for j in range(rg.num_columns):
+                        col = rg.column(j)
+                        s = col.dictionary_page_offset if col.has_dictionary_page else col.data_page_offset
+                        starts.append(s)
+                        ends.append(s + col.total_compressed_size)
+                    fh.seek(min(starts))
+                    h.update(fh.read(max(ends) - min(starts)))
+                h.update(str(p.start).encode())
+        else:
+            size = p.end - p.start
+            if size <= STREAM_HASH_BLOCK:  # small: read once, parse from memory
+                with fs.open(path, "rb") as fh:
+                    data = fh.read()
+                kept[(p.url, p.start)] = data
+                h.update(data)
+            else:
+                h.update(_stream_hash(fs, path).to_bytes(8, "little", signed=True))
+        h.update(b"\x00")
+    return int.from_bytes(h.digest(), "little", signed=True), kept
+
+
+def read_chunk(c: Chunk, so: dict | None = None, batch: int = 1 << 30):
+    """Yield the chunk's records, ``batch`` at a time (see module doc)."""
+    digest, kept = chunk_digest(c, so)
+    out = _Batcher(batch, digest)
+    for p in c.pieces:
+        yield from _read_piece(p, so, kept.get((p.url, p.start)), out)
+    if (r := out.rest()) is not None:
+        yield r
+
+
+def _piece_stream(fs, path: str, p: Piece, got):
+    """The piece's file as a (decompressed) byte stream: from the bytes already read for its
+    hash when it was small, else opened again."""
+    import io
+
+    if isinstance(got, bytes):
+        if p.compression is None:
+            return io.BytesIO(got)
+        import fsspec.compression
+
+        return fsspec.compression.compr[p.compression](io.BytesIO(got), mode="rb")
+    return _open(fs, path, p.compression)
+
+
+def _iter_lines(fh, block: int = 1 << 20):
+    """Lines (with their newline) of a byte stream that may not support ``readline`` (the
+    zstandard reader does not)."""
+    rest = b""
+    while buf := fh.read(block):
+        parts = (rest + buf).split(b"\n")
+        rest = parts.pop()
+        for line in parts:
+            yield line + b"\n"
+    if rest:
+        yield rest
+
+
+def _read_piece(p: Piece, so, got, out: _Batcher):
+    fs, path = get_fs(p.url, so)
+    if p.kind == "jsonl":
+        data, pos = got
+        for offset, line in _lines(data, pos):
+            if (r := out.add(p.src, -1, offset, line)) is not None:
+                yield r
+        return
+    kind = p.kind
+    if kind == "stream":  # a compressed text file: JSON Lines or one array
+        with _piece_stream(fs, path, p, got) as fh:
+            head = fh.read(4096)
+        if not head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+            with _piece_stream(fs, path, p, got) as fh:
+                offset = 0
+                for line in _iter_lines(fh):
+                    if line.strip():
+                        if (r := out.add(p.src, -1, offset, line.rstrip(b"\r\n"))) is not None:
+                            yield r
+                    offset += len(line)
+            return
+        kind = "array"
+    if kind == "array":
+        with _piece_stream(fs, path, p, got) as fh:
+            try:
+                for i, element in iter_elements(fh):
+                    if (r := out.add(p.src, i, -1, element)) is not None:
+                        yield r
+            except ArrayError as e:
+                if (r := out.add(p.src, e.index, -1, b"", f"invalid_json: {e}")) is not None:
+                    yield r
+        return
+    yield from _read_columnar(p, fs, path, got, out)
+
+
+def _read_columnar(p: Piece, fs, path: str, got, out: _Batcher):
+    import pyarrow as pa
+
+    row = 0
+    if p.kind == "parquet":
+        import pyarrow.parquet as pq
+
+        with fs.open(path, "rb") as fh:
+            pf = pq.ParquetFile(fh)
+            if pf.metadata.num_row_groups == 0:
+                return
+            row = sum(pf.metadata.row_group(g).num_rows for g in range(p.start))
+            batches = (pa.Table.from_batches([b]) for b in pf.iter_batches(batch_size=4096, row_groups=[p.start]))
+            yield from _emit(batches, p, row, out)
+        return
+    if p.kind == "arrow":
+        import pyarrow.ipc as ipc
+
+        with fs.open(path, "rb") as fh:
+            if p.start >= 0:
+                r = ipc.open_file(fh)
+                row = sum(r.get_batch(b).num_rows for b in range(p.start))
+                batches = [pa.Table.from_batches([r.get_batch(p.start)])]
+            else:
+                batches = (pa.Table.from_batches([b]) for b in ipc.open_stream(fh))
+            yield from _emit(batches, p, row, out)
+        return
+    with _piece_stream(fs, path, p, got) as fh:
+        try:
+            reader = csv_reader(fh, "\t" if p.kind == "tsv" else ",")
+            yield from _emit((pa.Table.from_batches([b]) for b in reader), p, 0, out)
+        except pa.ArrowInvalid as e:
+            if (r := out.add(p.src, row, -1, b"", f"invalid_json: not a readable CSV file ({_short(e)})")) is not None:
+                yield r
+
+
+def _emit(tables, p: Piece, row: int, out: _Batcher):
+    for t in tables:
+        raws, errors = table_records(t)
+        for raw, err in zip(raws, errors):
+            if (r := out.add(p.src, row, -1, raw, err)) is not None:
+                yield r
+            row += 1
+
+
+def _compression_of(url: str) -> str | None:
+    return file_kind(url)[1]
+
+
+class LineCounter:
+    """1-based line numbers of increasing byte offsets in one file, counted in a single forward
+    pass (rejects come in input order, so each file is read at most once, only as far as its
+    last bad line). Compressed files are counted in their decompressed text."""
+
+    def __init__(self, url: str, so: dict | None = None):
+        self.url, self.so = url, so
+        self.fh = None
+        self.pos = 0
+        self.lines = 0
+
+    def line(self, offset: int) -> int:
+        if offset < self.pos:  # out of order (not expected): count from the start again
+            self.close()
+            self.pos = self.lines = 0
+        if self.fh is None:
+            fs, path = get_fs(self.url, self.so)
+            self.fh = _open(fs, path, _compression_of(self.url))
+            if self.pos:
+                self.fh.seek(self.pos)
+        while self.pos < offset:
+            buf = self.fh.read(min(offset - self.pos, 8 << 20))
+            if not buf:
+                break
+            self.lines += buf.count(b"\n")
+            self.pos += len(buf)
+        return self.lines + 1
+
+    def close(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+            self.fh = None
+
+
+def line_number(url: str, offset: int, so: dict | None = None) -> int:
+    """1-based line number of the byte ``offset`` in a JSON Lines file (for error messages)."""
+    c = LineCounter(url, so)
+    try:
+        return c.line(offset)
+    finally:
+        c.close()
+
+
+def describe_position(url: str, row: int, offset: int, so: dict | None = None) -> str:
+    """Human position of a record: ``file line N`` for JSON Lines, ``file record N`` otherwise."""
+    if offset >= 0:
+        return f"{url} line {line_number(url, offset, so)}"
+    return f"{url} record {row} (0-based)"
+
+
+__all__ = ["InputError", "InputFile", "Piece", "Chunk", "RawRows", "expand_inputs", "plan_chunks", "split_tail",
+           "read_chunk", "check_bucket", "check_url", "describe_position", "line_number", "LineCounter",
+           "content_hash", "file_kind", "DEFAULT_CHUNK_BYTES"]
