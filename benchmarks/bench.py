@@ -61,7 +61,7 @@ def make_input(shared: Path, rows: int, shards: int, out: Path, seed: int = 0) -
 
 def rendered_texts(paths: list[Path], tokenizer: str, template: str) -> list[str]:
     from raysft.normalize import normalize
-    from raysft.template import Template
+    from raysft.templates import Template
     from raysft.tokenize import load_tokenizer_info
 
     info = load_tokenizer_info(tokenizer)

@@ -14,7 +14,7 @@ from .config import BuildConfig
 from .encode import ENCODERS
 from .layouts import LAYOUTS, REGISTRY
 from .normalize import FORMATS, parse_map_keys
-from .template import LOSS_POLICIES, TEMPLATE_NAMES
+from .templates import LOSS_POLICIES, TEMPLATE_NAMES
 from .tokenize import OVERLONG_POLICIES
 
 EXAMPLE = """\
@@ -87,7 +87,10 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--template-kwargs", metavar="JSON", type=_json_object,
                    help='extra variables for the chat template, e.g. \'{"enable_thinking": false, "date_string": '
                         '"26 Jul 2024"}\' (recorded in stats.json); templates that read the date get a fixed one '
-                        "(2024-01-01) unless given")
+                        "(--template-date)")
+    g.add_argument("--template-date", metavar="YYYY-MM-DD",
+                   help="the date a chat template reads from strftime_now (auto templates; default 2024-07-26, "
+                        "the date Llama's templates fall back to): output bytes never depend on the day the job runs")
     g.add_argument("--encoder", choices=ENCODERS,
                    help="auto (default): fastokens when it matches the reference on a start-up canary, else hf; "
                         "fastokens: require it; hf: Hugging Face tokenizers. Output bytes are the same")

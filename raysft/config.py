@@ -26,6 +26,7 @@ class BuildConfig:
     add_special_tokens: bool = False
     encoder: str = "auto"  # auto | fastokens | hf (same output; see raysft.encode)
     template_kwargs: dict = field(default_factory=dict)  # extra variables for the chat template
+    template_date: str = "2024-07-26"  # what strftime_now returns to a chat template (auto)
     drop_shards: bool = False  # keep only the merged dataset
     # object storage
     s3_endpoint_url: str | None = None

@@ -61,7 +61,7 @@ def classify(e: BaseException) -> tuple[int, str]:
     from .merge import MergeError
     from .output import OutputError
     from .read import InputError
-    from .template import TemplateError
+    from .templates import TemplateError
     from .tokenize import TokenizerError
 
     if isinstance(e, KeyboardInterrupt):

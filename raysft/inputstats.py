@@ -15,7 +15,7 @@ import numpy as np
 from .config import BuildConfig
 from .normalize import FORMATS, parse_map_keys
 from .stats import length_summary, percentile_from_hist
-from .template import TEMPLATE_NAMES
+from .templates import TEMPLATE_NAMES
 
 EXAMPLE = """\
 example:

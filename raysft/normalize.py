@@ -334,8 +334,8 @@ def _from_sharegpt(record: dict, keys: dict[str, str]) -> Conversation:
         if not isinstance(tag, str) or tag not in SHAREGPT_ROLES:
             raise RecordError("unknown_role", f"{where}: unknown role {tag!r}")
         role = SHAREGPT_ROLES[tag]
-        if tag == "function_call":
-            msgs.append(Message(ASSISTANT, None, [_tool_call(t[content_tag], where)], _loss_flag(t, where)))
+        if tag == "function_call":  # a call turn holds no text: "" (null is for data that says null)
+            msgs.append(Message(ASSISTANT, "", [_tool_call(t[content_tag], where)], _loss_flag(t, where)))
         else:
             msgs.append(Message(role, _text(t[content_tag], f"{where}.{content_tag}"), None, _loss_flag(t, where)))
     return Conversation(msgs, _tools(record, keys))

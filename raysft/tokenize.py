@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .template import Rendered, Specials
+from .templates import Rendered, Specials
 
 
 class TokenizerError(ValueError):
@@ -42,6 +42,7 @@ class TokenizerInfo:
     chat_template: str | None
     special_strings: tuple[str, ...]
     vocab_size: int
+    special_map: dict | None = None  # the named special tokens a chat template sees (bos_token, ...)
 
     def load(self):
         """A new tokenizer of its own (safe to change)."""
@@ -154,6 +155,12 @@ def load_tokenizer_info(path: str, trust_remote_code: bool = False) -> Tokenizer
     if not config:  # a bare tokenizer.json: recognise the usual special-token names
         bos = bos or next((t for t in KNOWN_BOS if t in specials), None)
         eos = eos or next((t for t in KNOWN_EOS if t in specials), None)
+    # what apply_chat_template passes a template: the named special tokens the config sets
+    special_map = {k: _token_text(config.get(k)) for k in ("bos_token", "eos_token", "unk_token", "sep_token",
+                                                            "pad_token", "cls_token", "mask_token")}
+    special_map = {k: v for k, v in special_map.items() if v is not None}
+    if not config:
+        special_map.update({k: v for k, v in (("bos_token", bos), ("eos_token", eos)) if v is not None})
     info = TokenizerInfo(
         path=path,
         tokenizer_json=tokenizer_json,
@@ -163,6 +170,7 @@ def load_tokenizer_info(path: str, trust_remote_code: bool = False) -> Tokenizer
         chat_template=chat_template,
         special_strings=specials,
         vocab_size=tok.get_vocab_size(with_added_tokens=True),
+        special_map=special_map,
     )
     info.__dict__["_shared"] = _whole(tok)
     return info
@@ -285,19 +293,20 @@ class SampleBuilder:
         encoder="hf",
         template_kwargs: dict | None = None,
         max_chars: int | None = None,
+        template_date: str | None = None,
     ):
         from .encode import choose
-        from .template import Template
+        from .templates import Template
 
         self.info = info
         self.encoder = choose(encoder, info)[0] if isinstance(encoder, str) else encoder
         self.tokenizer = info.shared()
         self.template = Template(template, info.specials, info.chat_template, info.special_strings, loss,
-                                 template_kwargs)
+                                 template_kwargs, info.special_map, template_date)
         self.fmt = fmt
         self.keys = map_keys or {}
         self.max_chars = max_chars
-        from .template import MARKERS
+        from .templates import MARKERS
 
         # markers this tokenizer has no single token for: a cut could fall inside them
         markers = MARKERS.get(template, ()) + tuple(info.special_strings) + tuple(s for s in (info.bos, info.eos) if s)

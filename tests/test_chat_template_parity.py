@@ -11,7 +11,7 @@ import os
 import pytest
 
 from raysft.normalize import normalize
-from raysft.template import Template, to_hf_messages
+from raysft.templates import Template, to_hf_messages
 from raysft.tokenize import SampleBuilder, decode_signed, load_tokenizer_info
 
 

@@ -19,7 +19,7 @@ from helpers import build, file_bytes
 from raysft.engine.driver import BuildError
 from raysft.normalize import RecordError, normalize
 from raysft.read import InputError, expand_inputs, plan_chunks, read_chunk
-from raysft.template import to_hf_messages
+from raysft.templates import to_hf_messages
 
 GOOD = {"instruction": "Say hello.", "output": "Hello!"}
 FLAGS = dict(template="llama3", seq_length=1024, on_bad_record="skip")

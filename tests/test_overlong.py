@@ -63,7 +63,7 @@ def test_cuts_never_fall_inside_a_marker():
 
 def test_marker_cuts_on_a_real_tokenizer(llama3_info):
     from raysft.normalize import normalize
-    from raysft.template import Template
+    from raysft.templates import Template
     from raysft.tokenize import SampleBuilder, marker_cuts
 
     tok = llama3_info.load()  # no <|im_start|>/<|im_end|> tokens: ChatML markers are split

@@ -1,7 +1,7 @@
 import pytest
 
 from raysft.normalize import normalize
-from raysft.template import Specials, Template, TemplateError
+from raysft.templates import Specials, Template, TemplateError
 
 CONV = {
     "messages": [

@@ -4,7 +4,7 @@ written by hand from each family's documented format, not produced by the code).
 import pytest
 
 from raysft.normalize import normalize
-from raysft.template import MARKERS, Specials, Template
+from raysft.templates import MARKERS, Specials, Template
 
 CONV = {"messages": [
     {"role": "system", "content": "SYS"},
@@ -134,7 +134,7 @@ def test_reasoning_in_families_without_a_format_is_a_think_block():
 
 
 def test_every_builtin_declares_its_markers():
-    from raysft.template import BUILTIN
+    from raysft.templates import BUILTINS as BUILTIN
 
     assert set(MARKERS) == set(BUILTIN)
     for name, markers in MARKERS.items():

@@ -2,7 +2,7 @@ import numpy as np
 
 from raysft.encode import HFEncoder
 from raysft.normalize import normalize
-from raysft.template import Template
+from raysft.templates import Template
 from raysft.tokenize import SampleBuilder, decode_signed, split_flat
 
 

@@ -22,7 +22,7 @@ class TokenizeAndMask:
     def __init__(self, info, template: str, fmt: str, map_keys: dict, loss: str, seq_length: int,
                  overlong: str = "drop", threads: int = 1, so: dict | None = None, batch_size: int = 16384,
                  encoder: str = "auto", template_kwargs: dict | None = None, max_chars: int | None = None,
-                 avoid_end: tuple[int, ...] = ()):
+                 avoid_end: tuple[int, ...] = (), template_date: str | None = None):
         # the encoders' thread pools start on first use: size them to this actor's cores
         os.environ["RAYON_NUM_THREADS"] = str(max(1, threads))
         os.environ["FASTOKENS_BPE_THREADS"] = str(max(1, threads))
@@ -30,7 +30,7 @@ class TokenizeAndMask:
         from ..tokenize import SampleBuilder
 
         enc, _ = choose(encoder, info, parity=True, canary=False)  # the driver ran the canary and logged
-        self.builder = SampleBuilder(info, template, fmt, map_keys, loss, enc, template_kwargs, max_chars)
+        self.builder = SampleBuilder(info, template, fmt, map_keys, loss, enc, template_kwargs, max_chars, template_date)
         self.seq_length = seq_length
         self.overlong = overlong
         self.so = so or {}

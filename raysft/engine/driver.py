@@ -29,7 +29,7 @@ from ..merge import copy_into
 from ..output import TMP, Output, OutputError, OutputLock
 from ..pack import PackPlan, RunOffsets, plan_bfd, slot_table
 from ..read import LineCounter, check_bucket, describe_position, expand_inputs, plan_chunks, split_tail
-from ..template import MARKERS
+from ..templates import MARKERS
 from ..tokenize import add_special_tokens, load_tokenizer_info, missing_markers, save_tokenizer
 from .session import TokenizePool, init_ray, node_cpus, setup_data_context, size_pool
 from .watch import Watchdog
@@ -52,10 +52,10 @@ def prepare(cfg: BuildConfig):
     starts."""
     so = storage_options(cfg.s3_endpoint_url, cfg.s3_addressing_style)
     info = load_tokenizer_info(cfg.tokenizer, cfg.trust_remote_code)
-    from ..template import Template
+    from ..templates import Template
 
     Template(cfg.template, info.specials, info.chat_template, info.special_strings, cfg.loss,
-             cfg.template_kwargs)  # fail early
+             cfg.template_kwargs, info.special_map, cfg.template_date)  # fail early
     files = expand_inputs(cfg.inputs, so)
     chunks = plan_chunks(files, so, cfg.chunk_bytes)
     return so, info, files, chunks
@@ -122,6 +122,7 @@ def tokenize_dataset(cfg: BuildConfig, chunks, info, so: dict, pool: TokenizePoo
             "seq_length": get_layout(cfg.layout).capacity(cfg.seq_length), "overlong": cfg.overlong, "threads": pool.threads, "so": so,
             "batch_size": cfg.batch_size, "encoder": encoder, "template_kwargs": cfg.template_kwargs,
             "max_chars": max_chars(cfg), "avoid_end": get_layout(cfg.layout).avoid_end_ids,
+            "template_date": cfg.template_date,
         },
         batch_size=1,
         batch_format="numpy",
@@ -256,7 +257,7 @@ def plan_single(hist: np.ndarray, seq_length: int) -> PackPlan:
 # Settings that change output bytes; execution knobs (workers, batch size, shards...) do not.
 FINGERPRINT_FLAGS = ("template", "format", "map_keys", "loss", "seq_length", "pack", "layout", "seed",
                      "on_bad_record", "overlong", "num_shards", "shard_tokens", "add_special_tokens", "template_kwargs",
-                     "chunk_bytes")
+                     "template_date", "chunk_bytes")
 
 
 def fingerprint(cfg: BuildConfig, files, info) -> dict:
@@ -493,6 +494,7 @@ def _build(cfg, t0, so, info, files, chunks, layout, added, pad_id, out: Output,
         "tokenizer": cfg.tokenizer,
         "template": cfg.template,
         "template_kwargs": cfg.template_kwargs,
+        "template_date": cfg.template_date,
         "encoder": {"name": enc_stats.name, "version": enc_stats.version, "rows_checked": enc_stats.rows_checked,
                     "mismatches": enc_stats.mismatches, "fallbacks": enc_stats.fallbacks,
                     **({"why": enc_stats.why} if enc_stats.why else {})},

@@ -1,0 +1,426 @@
+"""``--template auto``: the tokenizer's own Jinja chat template, rendered as ``transformers``'
+``apply_chat_template`` renders it, and each assistant message's own text found by design.
+
+Rendering matches ``apply_chat_template`` (transformers 4.45+/5.x): the same sandboxed Jinja
+environment (``trim_blocks``, ``lstrip_blocks``, ``loopcontrols``, the ``generation`` tag,
+``tojson``, ``raise_exception``, ``strftime_now``, ``namespace``), the messages as it passes them
+(keys whose value is null dropped, reasoning under ``reasoning_content`` and ``thinking``), the
+tokenizer's named special tokens (``bos_token``, ``eos_token``, ...) and ``--template-kwargs``
+as template variables. Two differences, both for reproducible, bounded jobs: ``strftime_now``
+returns a fixed date (``--template-date``, default 26 Jul 2024, the date Llama's templates fall
+back to), and a template that raises, or builds a string of more than ``MAX_CHARS``
+characters, rejects the record as ``template_error`` instead of crashing or exhausting memory.
+
+Which characters are assistant output (they carry loss), per assistant message ``i``:
+
+1. ``{% generation %}`` blocks, where the template marks them (as ``apply_chat_template(...,
+   return_assistant_tokens_mask=True)`` does);
+2. else, when the template renders history the same whatever follows (checked: the renders of
+   ``messages[:i]`` with a generation prompt and of ``messages[:i+1]`` are both prefixes of
+   the full render), the text between the two;
+3. else, for templates that re-render history (Qwen3 drops earlier reasoning, Mistral moves
+   the system prompt): differential rendering. The full conversation is rendered again twice
+   with message ``i``'s own payload (content, reasoning, tool-call names and argument values)
+   replaced by sentinel strings that differ in their first and last characters; where the
+   renders part is where message ``i``'s output starts, where they meet again where it ends
+   (exact whatever the payload holds: no text is searched for). The output is then extended
+   back to the end of the template's generation prompt (the assistant header: found as the
+   text ``add_generation_prompt`` adds, or its first line) and forward through the first
+   special token after it (the end-of-turn marker).
+
+A message whose output cannot be placed this way (the renders disagree in ways the rules do
+not cover) rejects the record with ``template_error``: text is never guessed at, so loss never
+lands on a prompt that happens to contain the answer's words.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+
+from ..normalize import ASSISTANT, Conversation, RecordError
+from .base import Piece, Specials
+
+MAX_CHARS = 64 << 20  # a template building a longer string rejects the record
+MAX_OWNED_PREFIX = 512  # template text between the assistant header and its first payload byte
+DEFAULT_DATE = datetime.date(2024, 7, 26)
+_GEN_BEGIN, _GEN_END = "\ue0f0", "\ue0f1"  # private-use characters marking {% generation %} blocks
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+def hf_messages(messages: list[dict]) -> list[dict]:
+    """Messages as ``apply_chat_template`` hands them to the template: null-valued keys
+    dropped, reasoning also under ``thinking`` and ``reasoning_content``."""
+    out = []
+    for m in messages:
+        m = {k: v for k, v in m.items() if v is not None}
+        reasoning = next((m[k] for k in ("reasoning_content", "thinking", "reasoning") if m.get(k) is not None), None)
+        if reasoning is not None:
+            m = {"thinking": reasoning, **m, "reasoning_content": reasoning}
+        out.append(m)
+    return out
+
+
+def string_arguments(messages: list[dict]) -> list[dict] | None:
+    """The messages with every tool call's object arguments as compact JSON text (None when
+    there are none to convert)."""
+    out, changed = [], False
+    for m in messages:
+        if m.get("tool_calls"):
+            calls = []
+            for c in m["tool_calls"]:
+                fn = c.get("function") or {}
+                if isinstance(fn.get("arguments"), (dict, list)):
+                    fn = dict(fn, arguments=json.dumps(fn["arguments"], ensure_ascii=False))
+                    changed = True
+                calls.append(dict(c, function=fn))
+            m = dict(m, tool_calls=calls)
+        out.append(m)
+    return out if changed else None
+
+
+def _environment(date: datetime.date, mark_generation: bool):
+    import jinja2
+    import jinja2.ext
+    from jinja2.exceptions import SecurityError, TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class BoundedEnvironment(ImmutableSandboxedEnvironment):
+        """The sandbox, refusing operators that would build huge strings or lists."""
+
+        intercepted_binops = frozenset(["*", "+", "**"])
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_CHARS:
+                        raise TemplateError(f"the template builds a sequence of {len(seq) * n:,} items")
+            elif operator == "+" and isinstance(left, (str, list)) and isinstance(right, (str, list)):
+                if len(left) + len(right) > MAX_CHARS:
+                    raise TemplateError("the template builds a string of more than {MAX_CHARS:,} characters")
+            elif operator == "**" and isinstance(right, int) and right > 4096:
+                raise TemplateError(f"the template raises to the power {right}")
+            return super().call_binop(context, operator, left, right)
+
+    class Generation(jinja2.ext.Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_block"), [], [], body).set_lineno(lineno)
+
+        def _block(self, caller):
+            rv = caller()
+            return f"{_GEN_BEGIN}{rv}{_GEN_END}" if mark_generation else rv
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(fmt):
+        return datetime.datetime(date.year, date.month, date.day).strftime(fmt)
+
+    class Namespace(jinja2.utils.Namespace):
+        def __init__(*args, **kwargs):
+            self, args = args[0], args[1:]
+            attrs = dict(*args, **kwargs)
+            for name in attrs:
+                Namespace._check(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name, value):
+            Namespace._check(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def _check(name):
+            if isinstance(name, str) and name.startswith("_"):
+                raise SecurityError(f"a template may not store {name!r} on a namespace")
+
+    class TemplateDict:
+        def __call__(self, *args, **kwargs):
+            return dict(*args, **kwargs)
+
+        def fromkeys(self, *args, **kwargs):
+            return dict.fromkeys(*args, **kwargs)
+
+    env = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now, dict=TemplateDict(),
+                       namespace=Namespace)
+    return env
+
+
+def _sentinel(k: int, variant: int) -> str:
+    """Slot ``k``'s stand-in; the two variants differ in their first and last characters."""
+    return ("Q", "J")[variant] + f"rsft{k:05d}x" + ("Z", "K")[variant]
+
+
+def _replace_payload(m: dict, variant: int) -> dict:
+    """A copy of an HF message with its own payload (content, reasoning, tool-call names and
+    string argument values) replaced by sentinels."""
+    m = dict(m)
+    counter = [0]
+
+    def s() -> str:
+        counter[0] += 1
+        return _sentinel(counter[0], variant)
+
+    if isinstance(m.get("content"), str) and m["content"]:
+        m["content"] = s()
+    if isinstance(m.get("reasoning_content"), str) and m["reasoning_content"]:
+        m["reasoning_content"] = s()
+    if m.get("tool_calls"):
+        calls = []
+        for c in m["tool_calls"]:
+            c = dict(c)
+            fn = dict(c.get("function") or {})
+            if isinstance(fn.get("name"), str):
+                fn["name"] = s()
+            args = fn.get("arguments")
+            if isinstance(args, str) and args:
+                fn["arguments"] = s()
+            elif isinstance(args, dict):
+                fn["arguments"] = {k: (s() if isinstance(v, str) and v else v) for k, v in args.items()}
+            c["function"] = fn
+            calls.append(c)
+        m["tool_calls"] = calls
+    return m
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    lo, hi = 0, n  # binary search on the first difference (string comparisons run in C)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _common_suffix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    lo, hi = 0, n
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[len(a) - mid :] == b[len(b) - mid :]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+class JinjaTemplate:
+    """Renders a tokenizer's ``chat_template`` and finds each assistant message's output."""
+
+    def __init__(self, source: str, specials: Specials, extra: dict | None = None,
+                 special_map: dict | None = None, date: datetime.date | None = None):
+        from jinja2.exceptions import TemplateError as JinjaError
+
+        self._jinja_error = JinjaError
+        self.date = date or DEFAULT_DATE
+        self.generation = bool(_GENERATION_TAG.search(source))
+        try:
+            self.template = _environment(self.date, self.generation).from_string(source)
+        except JinjaError as e:
+            from .base import TemplateError
+
+            raise TemplateError(f"the chat template does not compile: {e}") from None
+        names = special_map if special_map is not None else {"bos_token": specials.bos, "eos_token": specials.eos}
+        self.vars = {**{k: v for k, v in names.items() if v is not None}, **(extra or {})}
+
+    def __call__(self, messages: list[dict], tools, add_generation_prompt: bool) -> str:
+        """The text ``apply_chat_template(messages, tools, tokenize=False)`` gives. Tool-call
+        arguments go in as objects (the ``apply_chat_template`` convention); a template that
+        fails on them and takes them as JSON text instead (it concatenates them into a string,
+        as DeepSeek-R1's does) is given the text."""
+        try:
+            return self._render(messages, tools, add_generation_prompt)
+        except RecordError:
+            as_text = string_arguments(messages)
+            if as_text is None:
+                raise
+            return self._render(as_text, tools, add_generation_prompt)
+
+    def _render(self, messages: list[dict], tools, add_generation_prompt: bool) -> str:
+        try:
+            text = self.template.render(messages=hf_messages(messages), tools=tools, documents=None,
+                                        add_generation_prompt=add_generation_prompt, **self.vars)
+        except RecordError:
+            raise
+        except MemoryError:
+            raise RecordError("template_error", "the chat template ran out of memory on this record") from None
+        except RecursionError:
+            raise RecordError("template_error", "the chat template recursed too deeply on this record") from None
+        except Exception as e:  # noqa: BLE001 - whatever a template raises rejects the record
+            what = "refused the conversation" if isinstance(e, self._jinja_error) else f"failed ({type(e).__name__})"
+            raise RecordError("template_error", f"chat template {what}: {str(e).splitlines()[0][:300] if str(e) else ''}") \
+                from None
+        if len(text) > MAX_CHARS:
+            raise RecordError("template_error", f"the chat template rendered {len(text):,} characters")
+        return text
+
+    # ---- where the assistant output is
+
+    def pieces(self, conv: Conversation, special_strings: tuple[str, ...]) -> list[Piece]:
+        from ..templates import to_hf_messages
+
+        msgs = to_hf_messages(conv)
+        tools = conv.tools
+        if self.generation:
+            return self._generation_pieces(msgs, tools)
+        full = self(msgs, tools, False)
+        spans: list[tuple[int, int, int]] = []
+        cursor = 0
+        stable = True
+        for i, m in enumerate(conv.messages):
+            if m.role != ASSISTANT:
+                continue
+            span = self._prefix_span(msgs, tools, full, i, special_strings) if stable else None
+            if span is None:
+                stable = False
+                span = self._differential_span(msgs, tools, full, i, special_strings, cursor)
+                if span is None:
+                    continue  # the template renders nothing of this message
+            start, end = span
+            if start < cursor or end < start:
+                raise RecordError("template_error", f"cannot place assistant turn {i}: the chat template renders it "
+                                  "before the turn preceding it")
+            spans.append((start, end, i))
+            cursor = end
+        out: list[Piece] = []
+        pos = 0
+        for start, end, i in spans:
+            out.append((full[pos:start], -1, False))
+            out.append((full[start:end], i, True))
+            pos = end
+        out.append((full[pos:], -1, False))
+        return out
+
+    def _prefix_span(self, msgs, tools, full: str, i: int, specials) -> tuple[int, int] | None:
+        prefix = self(msgs[:i], tools, True)
+        through = self(msgs[: i + 1], tools, False)
+        if not (full.startswith(prefix) and full.startswith(through) and len(prefix) <= len(through)):
+            return None
+        start, end = len(prefix), len(through)
+        return start, _trim_to_marker(full, start, end, specials)
+
+    def _differential_span(self, msgs, tools, full: str, i: int, specials, lo: int) -> tuple[int, int] | None:
+        renders = []
+        for variant in (0, 1):
+            alt = list(msgs)
+            alt[i] = _replace_payload(msgs[i], variant)
+            renders.append(self(alt, tools, False))
+        start = min(_common_prefix(full, r) for r in renders)
+        end = len(full) - min(_common_suffix(full, r) for r in renders)
+        if start >= len(full) or end <= start:
+            if all(r == full for r in renders):
+                return None
+            end = max(end, start)
+        body = self._body_start(msgs, tools, full, i, lo, start, specials)
+        if body is None or start - body > MAX_OWNED_PREFIX:
+            raise RecordError("template_error", f"cannot place assistant turn {i}: no assistant header before its "
+                              "text in what the chat template rendered")
+        return body, end + self._closing(msgs, tools, full, i, end, specials)
+
+    def _closing(self, msgs, tools, full: str, i: int, end: int, specials) -> int:
+        """How much of what follows message i's last payload byte in ``full`` is its own
+        closing (its end-of-turn marker): the text the template writes after that payload when
+        the message ends the conversation, as far as ``full`` has it, cut after its last
+        special token (a newline after the marker is not the model's to produce)."""
+        alone = self(msgs[: i + 1], tools, False)
+        alts = []
+        for variant in (0, 1):
+            alt = list(msgs[: i + 1])
+            alt[i] = _replace_payload(msgs[i], variant)
+            alts.append(self(alt, tools, False))
+        tail = alone[len(alone) - min(_common_suffix(alone, a) for a in alts):]
+        shared = _common_prefix(full[end : end + len(tail)], tail)
+        closing = tail[:shared]
+        return max((closing.rfind(s) + len(s) for s in specials if s and s in closing), default=0)
+
+    def _body_start(self, msgs, tools, full: str, i: int, lo: int, start: int, specials) -> int | None:
+        """Where message i's output begins: after the generation prompt (the assistant
+        header), searched back from the first byte of its payload, not before ``lo``."""
+        with_gen = self(msgs[:i], tools, True)
+        without = self(msgs[:i], tools, False)
+        gen = with_gen[len(without) :] if with_gen.startswith(without) else ""
+        if gen:
+            for cand in _header_candidates(gen, specials):
+                k = full.rfind(cand, lo, start)
+                if k >= 0:
+                    return k + len(cand)
+        last = _last_special(with_gen, specials)
+        if last:
+            k = full.rfind(last, lo, start)
+            if k >= 0:
+                return k + len(last)
+        # markers the tokenizer has no special token for: the longest start of the generation
+        # prompt (at least half of it) that is in the render
+        for n in range(len(gen), max(2, (len(gen) + 1) // 2) - 1, -1):
+            k = full.rfind(gen[:n], lo, start)
+            if k >= 0:
+                return k + n
+        return None
+
+    def _generation_pieces(self, msgs, tools) -> list[Piece]:
+        marked = self(msgs, tools, False)
+        out: list[Piece] = []
+        pos, inside = 0, False
+        for m in re.finditer(f"[{_GEN_BEGIN}{_GEN_END}]", marked):
+            out.append((marked[pos : m.start()], -1, inside))
+            inside = m.group() == _GEN_BEGIN
+            pos = m.end()
+        out.append((marked[pos:], -1, inside))
+        # every piece inside a generation block is assistant output; which message it is does
+        # not matter for the loss policy but for --mask-history: number them in order
+        numbered, k = [], 0
+        assistants = [j for j, m in enumerate(msgs) if m.get("role") == ASSISTANT]
+        for text, _, answer in out:
+            if answer:
+                numbered.append((text, assistants[min(k, len(assistants) - 1)] if assistants else -1, True))
+                k += 1
+            else:
+                numbered.append((text, -1, False))
+        return numbered
+
+
+def _header_candidates(gen: str, specials) -> list[str]:
+    """The generation prompt, then its first line (the role header) when the whole of it is
+    not in the render (a prompt that also opens an empty reasoning block)."""
+    out = [gen]
+    found = [gen.find(s) + len(s) for s in specials if s and s in gen]
+    nl = gen.find("\n", min(found) if found else 0)
+    if 0 <= nl < len(gen) - 1:
+        out.append(gen[: nl + 1])
+    return out
+
+
+def _last_special(text: str, specials) -> str | None:
+    """The special token that ends last in ``text``."""
+    best, at = None, -1
+    for s in specials:
+        k = text.rfind(s) if s else -1
+        if k >= 0 and k + len(s) > at:
+            best, at = s, k + len(s)
+    return best
+
+
+def _trim_to_marker(text: str, start: int, end: int, specials: tuple[str, ...]) -> int:
+    """End the answer at the end of the last special token inside it (drop trailing newlines
+    that the template adds after the end-of-turn marker)."""
+    best = -1
+    for s in specials:
+        k = text.rfind(s, start, end)
+        if k >= 0:
+            best = max(best, k + len(s))
+    return best if best > start else end
+
+
+
