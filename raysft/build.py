@@ -91,6 +91,13 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--template-date", metavar="YYYY-MM-DD",
                    help="the date a chat template reads from strftime_now (auto templates; default 2024-07-26, "
                         "the date Llama's templates fall back to): output bytes never depend on the day the job runs")
+    g.add_argument("--parity", choices=("off", "report", "strict"),
+                   help="when the tokenizer has a chat template, render and tokenize a deterministic sample of about "
+                        "--parity-rows records with transformers' apply_chat_template too and compare the token ids: "
+                        "report (default) counts them in stats.json and the summary, strict fails the build on any "
+                        "difference, off skips it")
+    g.add_argument("--parity-rows", type=int, metavar="N", help="about how many records the parity check takes "
+                   "(default 1000)")
     g.add_argument("--encoder", choices=ENCODERS,
                    help="auto (default): fastokens when it matches the reference on a start-up canary, else hf; "
                         "fastokens: require it; hf: Hugging Face tokenizers. Output bytes are the same")
@@ -209,6 +216,10 @@ def config_from_args(argv: list[str] | None = None) -> BuildConfig:
         parser().error(f"loss policy must be one of {', '.join(LOSS_POLICIES)}")
     if cfg.layout not in LAYOUTS:
         parser().error(f"--layout must be one of {', '.join(LAYOUTS)}")
+    if cfg.parity not in ("off", "report", "strict"):
+        parser().error("parity must be one of off, report, strict")
+    if cfg.parity_rows < 1:
+        parser().error("--parity-rows must be at least 1")
     if cfg.stall_timeout == 0:
         cfg.stall_timeout = None
     if isinstance(cfg.template_kwargs, str):

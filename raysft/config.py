@@ -28,6 +28,8 @@ class BuildConfig:
     template_kwargs: dict = field(default_factory=dict)  # extra variables for the chat template
     template_date: str = "2024-07-26"  # what strftime_now returns to a chat template (auto)
     drop_shards: bool = False  # keep only the merged dataset
+    parity: str = "report"  # off | report | strict: check a sample against apply_chat_template (raysft.parity)
+    parity_rows: int = 1000  # about how many records the parity gate checks
     # object storage
     s3_endpoint_url: str | None = None
     s3_addressing_style: str | None = None

@@ -32,6 +32,8 @@ SCHEMA = pa.schema([
     # the encoder's parity and fallback counts of the batch, on its first row (0 elsewhere), so
     # they add up whatever the engine does to the rows
     ("enc_checked", pa.int32()), ("enc_mismatch", pa.int32()), ("enc_fallback", pa.int32()),
+    # the chat-template parity outcome of the record (raysft.parity), on its first piece
+    ("tpl_parity", pa.int8()),
 ])
 
 
@@ -152,4 +154,6 @@ def tokenize_batch(builder: SampleBuilder, raws: list[bytes], errors: list[str],
         "enc_checked": pa.array(_on_first(n, getattr(e.batch, "parity_rows", 0))),
         "enc_mismatch": pa.array(_on_first(n, getattr(e.batch, "parity_mismatches", 0))),
         "enc_fallback": pa.array(_on_first(n, getattr(e.batch, "fallback_rows", 0))),
+        "tpl_parity": pa.array(np.where(piece == 0, e.parity[take], 0).astype(np.int8) if e.parity is not None
+                               else np.zeros(n, np.int8)),
     }, schema=SCHEMA)

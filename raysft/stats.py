@@ -93,6 +93,12 @@ def format_summary(stats: dict) -> str:
         f"sample length    mean {L['mean']:.1f}  std {L['std']:.1f}  min {L['min']}  p50 {L['p50']:g}  "
         f"p99 {L['p99']:g}  max {L['max']}"
     )
+    par = stats.get("parity") or {}
+    if par.get("checked"):
+        lines.append(f"template parity  {par['matched']:>12,} of {par['checked']:,} sampled records token-identical "
+                     f"to apply_chat_template" + (f"  ({par['mismatched']:,} differ, {par['refused_by_template']:,} "
+                                                  "refused by the template)"
+                                                  if par['matched'] != par['checked'] else ""))
     return "\n".join(lines)
 
 
@@ -157,10 +163,25 @@ def block_stats(table, seq_length: int) -> tuple[dict, dict]:
         "reasons": reasons,
         "first_bad": first_bad,
         "encoder": [int(table.column(k).to_numpy().sum()) for k in ("enc_checked", "enc_mismatch", "enc_fallback")],
+        **_parity_stats(table),
         "chunks": {int(c): int(h) for c, h in zip(*np.unique(np.stack([chunk, table.column("chunk_hash").to_numpy()]),
                                                             axis=1))} if len(chunk) else {},
     }
     return summary, runs
+
+
+def _parity_stats(table) -> dict:
+    """Chat-template parity outcomes of a block (raysft.parity) and its first failures."""
+    from .parity import MISMATCH, REFUSED, UNCHECKED
+
+    if "tpl_parity" not in table.column_names:
+        return {}
+    p = table.column("tpl_parity").to_numpy()
+    bad = np.flatnonzero((p == MISMATCH) | (p == REFUSED))[:5]
+    src, row = table.column("src").to_numpy(), table.column("row").to_numpy()
+    return {"parity": [int((p != UNCHECKED).sum()), int((p == MISMATCH).sum()), int((p == REFUSED).sum())],
+            "parity_bad": [(int(table.column("chunk")[j].as_py()), int(table.column("idx")[j].as_py()), int(src[j]),
+                            int(row[j]), "mismatch" if p[j] == MISMATCH else "refused") for j in bad.tolist()]}
 
 
 def block_rejects(table) -> list[dict]:
@@ -199,6 +220,8 @@ class Totals:
         self.first_bad: dict | None = None
         self.chunks: dict[int, int] = {}
         self.encoder = [0, 0, 0]  # rows checked against hf, batches that disagreed, rows hf encoded
+        self.parity = [0, 0, 0]  # chat-template parity: records checked, mismatched, refused by the template
+        self.parity_bad: list[tuple] = []  # (chunk, idx, src, row, outcome), the first in input order
 
     def add(self, s: dict) -> None:
         for k in ("rows", "rows_written", "samples", "overlong_kept", "loss_tokens"):
@@ -213,6 +236,9 @@ class Totals:
             self.first_bad = fb
         self.chunks.update(s.get("chunks", {}))
         self.encoder = [a + b for a, b in zip(self.encoder, s.get("encoder", [0, 0, 0]))]
+        self.parity = [a + b for a, b in zip(self.parity, s.get("parity", [0, 0, 0]))]
+        if s.get("parity_bad"):
+            self.parity_bad = sorted(self.parity_bad + s["parity_bad"])[:5]
 
     @property
     def rejected(self) -> dict:

@@ -43,6 +43,7 @@ class TokenizerInfo:
     special_strings: tuple[str, ...]
     vocab_size: int
     special_map: dict | None = None  # the named special tokens a chat template sees (bos_token, ...)
+    prefix_space: bool = False  # SentencePiece-style: each encoded text gets a leading "▁"
 
     def load(self):
         """A new tokenizer of its own (safe to change)."""
@@ -73,7 +74,7 @@ class TokenizerInfo:
 
     @property
     def specials(self) -> Specials:
-        return Specials(self.bos, self.eos)
+        return Specials(self.bos, self.eos, self.prefix_space)
 
     def pad_id(self) -> int:
         """Pad id: the tokenizer's pad token, else its EOS token."""
@@ -82,6 +83,14 @@ class TokenizerInfo:
             if t is not None and tok.token_to_id(t) is not None:
                 return tok.token_to_id(t)
         raise TokenizerError(f"{self.path}: the tokenizer has neither a pad nor an eos token")
+
+
+def sentencepiece_style(tokenizer_json: str) -> bool:
+    """A SentencePiece-style tokenizer: it writes spaces as "▁" (a Metaspace pre-tokenizer, or a
+    Replace(" ", "▁") normalizer)."""
+    j = json.loads(tokenizer_json)
+    text = json.dumps([j.get("pre_tokenizer"), j.get("normalizer")])
+    return '"Metaspace"' in text or "\\u2581" in text
 
 
 def _whole(tok):
@@ -171,6 +180,7 @@ def load_tokenizer_info(path: str, trust_remote_code: bool = False) -> Tokenizer
         special_strings=specials,
         vocab_size=tok.get_vocab_size(with_added_tokens=True),
         special_map=special_map,
+        prefix_space=sentencepiece_style(tokenizer_json),
     )
     info.__dict__["_shared"] = _whole(tok)
     return info
@@ -260,6 +270,7 @@ class Encoded:
     reasons: list[str]  # per record: "" or why it was rejected
     messages: list[str]
     batch: object = None  # the encoder's Batch (parity and fallback counts)
+    parity: np.ndarray | None = None  # int8 per record: the chat-template parity outcome (raysft.parity)
 
 
 def _reject_reason(e: BaseException) -> tuple[str, str]:
@@ -294,6 +305,7 @@ class SampleBuilder:
         template_kwargs: dict | None = None,
         max_chars: int | None = None,
         template_date: str | None = None,
+        parity=None,
     ):
         from .encode import choose
         from .templates import Template
@@ -306,6 +318,7 @@ class SampleBuilder:
         self.fmt = fmt
         self.keys = map_keys or {}
         self.max_chars = max_chars
+        self.parity = parity  # a raysft.parity.TemplateParity, or None
         from .templates import MARKERS
 
         # markers this tokenizer has no single token for: a cut could fall inside them
@@ -372,7 +385,24 @@ class SampleBuilder:
             lengths[at[good]] = counts[good]
             loss_n[at[good]] = loss[good]
             ok[at[good]] = True
-        return Encoded(values, lengths, loss_n, ok, reasons, messages, b)
+        return Encoded(values, lengths, loss_n, ok, reasons, messages, b, self._parity(raws, values, lengths, ok))
+
+    def _parity(self, raws, values, lengths, ok) -> np.ndarray | None:
+        """The chat-template parity outcome of each picked record that was written."""
+        from .parity import picked
+
+        p = self.parity
+        if p is None:
+            return None
+        out = np.zeros(len(raws), dtype=np.int8)
+        ends = np.cumsum(lengths)
+        for i in np.flatnonzero(ok).tolist():
+            if picked(raws[i], p.every):
+                from .normalize import normalize
+
+                conv = normalize(json_loads(raws[i]), self.fmt, self.keys)
+                out[i] = p.check(raws[i], conv, values[ends[i] - lengths[i] : ends[i]])
+        return out
 
     def __call__(self, raws: list[bytes], errors: list[str] | None = None):
         """Per record: its signed token array (None when rejected), reasons, messages."""

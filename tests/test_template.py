@@ -42,7 +42,8 @@ def test_chatml_exact():
 
 def test_qwen2_default_system():
     r = Template("qwen2").render(normalize({"instruction": "a", "output": "b"}))
-    assert r.text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")
+    assert r.text.startswith("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
+                             "assistant.<|im_end|>\n")  # Qwen2.5's
 
 
 def test_llama2_exact():
@@ -73,7 +74,7 @@ def test_chatml_tools_and_tool_calls():
         "tools": '[{"name": "w"}]',
     }
     r = Template("chatml").render(normalize(rec))
-    assert "<tools>\n{\"name\": \"w\"}\n</tools>" in r.text
+    assert '<tools>\n{"type": "function", "function": {"name": "w"}}\n</tools>' in r.text  # as Qwen's templates
     assert answers(r) == ['<tool_call>\n{"name": "w", "arguments": {"c": "P"}}\n</tool_call><|im_end|>', "Sunny.<|im_end|>"]
     assert "<|im_start|>user\n<tool_response>\nsunny\n</tool_response><|im_end|>\n" in r.text
 

@@ -22,15 +22,18 @@ class TokenizeAndMask:
     def __init__(self, info, template: str, fmt: str, map_keys: dict, loss: str, seq_length: int,
                  overlong: str = "drop", threads: int = 1, so: dict | None = None, batch_size: int = 16384,
                  encoder: str = "auto", template_kwargs: dict | None = None, max_chars: int | None = None,
-                 avoid_end: tuple[int, ...] = (), template_date: str | None = None):
+                 avoid_end: tuple[int, ...] = (), template_date: str | None = None, parity_every: int = 0):
         # the encoders' thread pools start on first use: size them to this actor's cores
         os.environ["RAYON_NUM_THREADS"] = str(max(1, threads))
         os.environ["FASTOKENS_BPE_THREADS"] = str(max(1, threads))
         from ..encode import choose
+        from ..parity import TemplateParity
         from ..tokenize import SampleBuilder
 
         enc, _ = choose(encoder, info, parity=True, canary=False)  # the driver ran the canary and logged
-        self.builder = SampleBuilder(info, template, fmt, map_keys, loss, enc, template_kwargs, max_chars, template_date)
+        parity = TemplateParity(info, parity_every, template_kwargs, template_date) if parity_every else None
+        self.builder = SampleBuilder(info, template, fmt, map_keys, loss, enc, template_kwargs, max_chars, template_date,
+                                     parity)
         self.seq_length = seq_length
         self.overlong = overlong
         self.so = so or {}

@@ -107,7 +107,51 @@ def _sample_texts(files, so, limit: int = 64) -> list[str]:
         return []
 
 
-def tokenize_dataset(cfg: BuildConfig, chunks, info, so: dict, pool: TokenizePool, encoder: str):
+def parity_rate(cfg: BuildConfig, info, files, chunks, so) -> int:
+    """``every`` of the chat-template parity sample (raysft.parity): about --parity-rows records
+    of the input, judged by the size of the first records; 0 when there is nothing to compare
+    with (no chat template in the tokenizer) or --parity off."""
+    if cfg.parity == "off" or not info.chat_template or not chunks:
+        return 0
+    from ..parity import sample_rate
+    from ..read import read_chunk
+
+    try:
+        rows = next(iter(read_chunk(chunks[0], so, 256)))
+        row_bytes = sum(len(r) for r in rows.raw) / max(1, len(rows.raw))
+    except Exception:  # noqa: BLE001 - a bad first chunk fails the build in its own stage
+        row_bytes = 1024.0
+    return sample_rate(sum(f.size for f in files), row_bytes, cfg.parity_rows)
+
+
+def parity_result(cfg: BuildConfig, tot, every: int, files) -> dict | None:
+    """stats.json's ``parity``; with --parity strict, a difference fails the build here, before
+    anything is written."""
+    from ..parity import summary
+
+    if not every:
+        return {"mode": cfg.parity, "checked": 0, "why": "off" if cfg.parity == "off" else
+                "the tokenizer has no chat template to compare with"}
+    checked, mismatched, refused = tot.parity
+    examples = [{"file": files[src].url, "row": row, "outcome": what} for _, _, src, row, what in tot.parity_bad]
+    res = summary(checked, mismatched, refused, examples, cfg.parity, cfg.template)
+    res["sample_every"] = every
+    bad = mismatched + (refused if cfg.template == "auto" else 0)
+    if bad:
+        first = examples[0] if examples else {"file": "?", "row": "?", "outcome": "mismatch"}
+        where = f"{first['file']} row {first['row']}"
+        msg = (f"chat-template parity: {bad} of {checked} checked record(s) differ from apply_chat_template "
+               f"(first: {where}, {first['outcome']})")
+        if cfg.parity == "strict":
+            raise BuildError(msg + "; --parity strict")
+        log.warning("%s; see stats.json parity", msg)
+    elif checked:
+        log.info("chat-template parity: %d record(s) checked, all token-identical to apply_chat_template", checked)
+    return res
+
+
+def tokenize_dataset(cfg: BuildConfig, chunks, info, so: dict, pool: TokenizePool, encoder: str,
+                     parity_every: int = 0):
     """read -> normalize+template+tokenize+mask, as a lazy Ray dataset: one actor task per chunk."""
     import ray.data
 
@@ -122,7 +166,7 @@ def tokenize_dataset(cfg: BuildConfig, chunks, info, so: dict, pool: TokenizePoo
             "seq_length": get_layout(cfg.layout).capacity(cfg.seq_length), "overlong": cfg.overlong, "threads": pool.threads, "so": so,
             "batch_size": cfg.batch_size, "encoder": encoder, "template_kwargs": cfg.template_kwargs,
             "max_chars": max_chars(cfg), "avoid_end": get_layout(cfg.layout).avoid_end_ids,
-            "template_date": cfg.template_date,
+            "template_date": cfg.template_date, "parity_every": parity_every,
         },
         batch_size=1,
         batch_format="numpy",
@@ -384,7 +428,8 @@ def _build(cfg, t0, so, info, files, chunks, layout, added, pad_id, out: Output,
     S = cfg.seq_length
     with Watchdog(cfg.stall_timeout) as watch:
         try:
-            ds = tokenize_dataset(cfg, chunks, info, so, pool, encoder)
+            parity_every = parity_rate(cfg, info, files, chunks, so)
+            ds = tokenize_dataset(cfg, chunks, info, so, pool, encoder, parity_every)
             blocks = Blocks(S, cfg.on_bad_record == "fail", files, so)
             t_stage = time.time()
             tokenize_and_measure(ds, blocks, join(tmp_url, "rejects"), pool.stats_cpus, watch)
@@ -397,6 +442,7 @@ def _build(cfg, t0, so, info, files, chunks, layout, added, pad_id, out: Output,
                                            tot.hist_kept if tot.hist_kept is not None else np.zeros(1, np.int64))
             samples = int(hist_kept.sum())
             enc_stats.rows_checked, enc_stats.mismatches, enc_stats.fallbacks = tot.encoder
+            parity = parity_result(cfg, tot, parity_every, files)
             if samples == 0:
                 raise nothing_to_write(out, blocks, files, so, cfg, tot, manifest, lock)
             timings["stats"] = round(time.time() - t_stage, 2)
@@ -498,6 +544,7 @@ def _build(cfg, t0, so, info, files, chunks, layout, added, pad_id, out: Output,
         "encoder": {"name": enc_stats.name, "version": enc_stats.version, "rows_checked": enc_stats.rows_checked,
                     "mismatches": enc_stats.mismatches, "fallbacks": enc_stats.fallbacks,
                     **({"why": enc_stats.why} if enc_stats.why else {})},
+        "parity": parity,
         "loss_policy": cfg.loss,
         "packed": cfg.pack,
         "seed": cfg.seed,

@@ -74,7 +74,6 @@ class Template:
             raise TemplateError(f"unknown loss policy {loss!r}; choose one of {', '.join(LOSS_POLICIES)}")
         self.name = name
         self.loss = loss
-        self.specials = specials or Specials()
         self.kwargs = dict(template_kwargs or {})
         self._jinja = None
         if isinstance(date, str):
@@ -82,6 +81,8 @@ class Template:
                 date = datetime.date.fromisoformat(date)
             except ValueError:
                 raise TemplateError(f"--template-date {date!r} is not a date (YYYY-MM-DD)") from None
+        sp = specials or Specials()
+        self.specials = Specials(sp.bos, sp.eos, sp.prefix_space, self.kwargs, date or DEFAULT_DATE)
         if name == "auto":
             if not chat_template:
                 raise TemplateError(

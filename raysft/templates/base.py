@@ -8,8 +8,9 @@ then picks from (``raysft.templates.Template``).
 
 from __future__ import annotations
 
+import datetime
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..normalize import Message, RecordError  # noqa: F401 - RecordError is the templates' failure
 
@@ -36,10 +37,15 @@ class Rendered:
 
 @dataclass
 class Specials:
-    """Special-token strings of the tokenizer, for templates that use BOS/EOS literally."""
+    """What templates need to know of the tokenizer: BOS/EOS strings, and whether it is a
+    SentencePiece tokenizer that encodes each text with a leading "▁" (Mistral's v3
+    tokenizer; Tekken and other byte-level tokenizers do not)."""
 
     bos: str | None = None
     eos: str | None = None
+    prefix_space: bool = False
+    kwargs: dict = field(default_factory=dict)  # --template-kwargs
+    date: datetime.date | None = None  # --template-date
 
 
 def dumps(obj) -> str:

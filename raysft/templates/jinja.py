@@ -309,7 +309,11 @@ class JinjaTemplate:
         if not (full.startswith(prefix) and full.startswith(through) and len(prefix) <= len(through)):
             return None
         start, end = len(prefix), len(through)
-        return start, _trim_to_marker(full, start, end, specials)
+        cut = _trim_to_marker(full, start, end, specials)
+        if cut == end:  # no special token closes it: the closing is the template's text after the payload
+            tail = self._tail(msgs, tools, i)
+            cut = end - len(tail) + _closing_length(tail, specials)
+        return start, cut
 
     def _differential_span(self, msgs, tools, full: str, i: int, specials, lo: int) -> tuple[int, int] | None:
         renders = []
@@ -333,17 +337,21 @@ class JinjaTemplate:
         """How much of what follows message i's last payload byte in ``full`` is its own
         closing (its end-of-turn marker): the text the template writes after that payload when
         the message ends the conversation, as far as ``full`` has it, cut after its last
-        special token (a newline after the marker is not the model's to produce)."""
+        special token (a newline after the marker is not the model's to produce), or, where
+        the tokenizer has no special token for the marker, after its last visible character."""
+        tail = self._tail(msgs, tools, i)
+        shared = _common_prefix(full[end : end + len(tail)], tail)
+        return _closing_length(tail[:shared], specials)
+
+    def _tail(self, msgs, tools, i: int) -> str:
+        """What the template writes after message i's payload when it ends the conversation."""
         alone = self(msgs[: i + 1], tools, False)
         alts = []
         for variant in (0, 1):
             alt = list(msgs[: i + 1])
             alt[i] = _replace_payload(msgs[i], variant)
             alts.append(self(alt, tools, False))
-        tail = alone[len(alone) - min(_common_suffix(alone, a) for a in alts):]
-        shared = _common_prefix(full[end : end + len(tail)], tail)
-        closing = tail[:shared]
-        return max((closing.rfind(s) + len(s) for s in specials if s and s in closing), default=0)
+        return alone[len(alone) - min(_common_suffix(alone, a) for a in alts):]
 
     def _body_start(self, msgs, tools, full: str, i: int, lo: int, start: int, specials) -> int | None:
         """Where message i's output begins: after the generation prompt (the assistant
@@ -410,6 +418,14 @@ def _last_special(text: str, specials) -> str | None:
         if k >= 0 and k + len(s) > at:
             best, at = s, k + len(s)
     return best
+
+
+def _closing_length(closing: str, specials) -> int:
+    """The end-of-turn marker's share of ``closing``: through its last special token, else
+    through its last character that is not whitespace (``<|im_end|>`` on a tokenizer that has
+    no such token; the newline after it is the next turn's)."""
+    at = max((closing.rfind(s) + len(s) for s in specials if s and s in closing), default=0)
+    return at or len(closing.rstrip())
 
 
 def _trim_to_marker(text: str, start: int, end: int, specials: tuple[str, ...]) -> int:
