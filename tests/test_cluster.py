@@ -138,3 +138,121 @@ def test_stop_ray_leaves_a_ray_it_did_not_start_running(ray_session):
     stop_ray()
     assert ray_session.is_initialized()
     assert ray_session.get(ray_session.put(7)) == 7
+
+
+@pytest.fixture()
+def two_nodes(tmp_path_factory):
+    """A head and a second node (`ray start --address`), 2 CPUs each, on this machine: the
+    head with its own temp dir and ports, both stopped by PID."""
+    temp = Path("/tmp") / f"raysft-2n-{os.getpid()}-{free_port()}"
+    ports = [free_port() for _ in range(9)]
+    gcs, dash, client, agent, mgr, om, mgr2, om2, agent2 = ports
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    env.pop("RAY_ADDRESS", None)
+    head = [RAY, "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
+            f"--dashboard-agent-listen-port={agent}", f"--node-manager-port={mgr}", f"--object-manager-port={om}",
+            "--num-cpus=2", f"--temp-dir={temp}", "--disable-usage-stats", "--include-dashboard=false",
+            "--object-store-memory=300000000"]
+    worker = [RAY, "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=2", f"--node-manager-port={mgr2}",
+              f"--object-manager-port={om2}", f"--dashboard-agent-listen-port={agent2}", "--disable-usage-stats",
+              "--object-store-memory=300000000"]
+    try:
+        subprocess.run(head, env=env, check=True, capture_output=True, timeout=120)
+        subprocess.run(worker, env=env, check=True, capture_output=True, timeout=120)
+        yield f"127.0.0.1:{gcs}", env
+    finally:
+        stop_cluster(str(temp), ports)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _nodes_alive(address: str, env: dict) -> int:
+    code = (f"import ray; ray.init(address={address!r}, log_to_driver=False); "
+            "print(sum(1 for n in ray.nodes() if n['Alive']))")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    return int(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_two_node_cluster_one_chunk_input_and_s3_output(two_nodes, tmp_path, s3_endpoint, shared_data, llama3_dir):
+    address, env = two_nodes
+    deadline = time.time() + 60
+    while _nodes_alive(address, env) < 2 and time.time() < deadline:
+        time.sleep(1)
+    assert _nodes_alive(address, env) == 2
+    base = [sys.executable, "-m", "raysft.build", "--tokenizer", llama3_dir, "--template", "llama3",
+            "--seq-length", "1024", "--ray-address", address, "--stall-timeout", "120"]
+    # one small file, one chunk: one actor, sized for one node (it once asked for 3 CPUs no node had)
+    one = tmp_path / "one.jsonl"
+    one.write_text("".join(json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) + "\n" for i in range(50)))
+    r = subprocess.run([*base, "--input", str(one), "--output", str(tmp_path / "local")], env=env,
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "local" / "stats.json").read_text())["samples_written"] == 50
+    assert "2 node(s), 4 CPUs" in r.stderr
+
+    # S3 output on moto, the shared data as input: the writers on both nodes reach the endpoint
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket="twonode")
+    inputs = [str(shared_data / "alpaca_en_demo.json"), str(shared_data / "glaive_toolcall_en_demo.json")]
+    s3 = [*base, *sum((["--input", i] for i in inputs), []), "--output", "s3://twonode/out",
+          "--s3-endpoint-url", s3_endpoint, "--tokenize-workers", "4"]
+    r = subprocess.run(s3, env=env, capture_output=True, text=True, timeout=400, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import s3fs
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
+    stats = json.loads(fs.cat("twonode/out/stats.json"))
+    assert stats["rows_read"] == 999 + 300 and fs.exists("twonode/out/_SUCCESS")
+    # the same dataset as a one-process build of the same inputs
+    local = tmp_path / "ref"
+    r = subprocess.run([sys.executable, "-m", "raysft.build", "--tokenizer", llama3_dir, "--template", "llama3",
+                        "--seq-length", "1024", *sum((["--input", i] for i in inputs), []), "--output", str(local)],
+                       env=env, capture_output=True, text=True, timeout=400, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert fs.cat("twonode/out/data.bin") == (local / "data.bin").read_bytes()
+    assert fs.cat("twonode/out/data.idx") == (local / "data.idx").read_bytes()
+
+
+def test_a_stale_cluster_pointer_is_never_joined(tmp_path, llama3_dir):
+    """No --ray-address and no RAY_ADDRESS: an in-process Ray, even with /tmp/ray/ray_current_cluster
+    naming a head that is gone."""
+    pointer = Path("/tmp/ray/ray_current_cluster")
+    saved = pointer.read_bytes() if pointer.exists() else None
+    pointer.parent.mkdir(parents=True, exist_ok=True)
+    pointer.write_text(f"127.0.0.1:{free_port()}")  # nothing listens there
+    try:
+        ex = write_example(str(tmp_path / "ex"), rows=20)
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        r = subprocess.run([sys.executable, "-m", "raysft.build", "--input", os.path.join(ex["data"], "*.jsonl"),
+                            "--tokenizer", ex["tokenizer"], "--template", "llama3", "--seq-length", "512",
+                            "--output", str(tmp_path / "out"), "--num-cpus", "1"], env=env, capture_output=True,
+                           text=True, timeout=300, cwd=ROOT)
+    finally:
+        if saved is None:
+            pointer.unlink(missing_ok=True)
+        else:
+            pointer.write_bytes(saved)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "out" / "_SUCCESS").exists()
+
+
+def test_watchdog_fails_a_stalled_stage_with_one_line():
+    from raysft.engine.watch import Stalled, Watchdog
+
+    t0 = time.time()
+    with pytest.raises(Stalled, match=r"the tokenize stage made no progress for \d+ s \(waiting for chunk 3\)"):
+        with Watchdog(1.0) as w:
+            w.progress("tokenize", "chunk 3")
+            try:
+                while time.time() - t0 < 30:
+                    time.sleep(0.1)
+            except KeyboardInterrupt:
+                w.check()
+                raise
+    assert time.time() - t0 < 10
+    with Watchdog(1.0) as w:  # progress keeps it quiet
+        for _ in range(30):
+            w.progress("write")
+            time.sleep(0.1)
+    assert w.fired is None

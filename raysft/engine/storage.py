@@ -71,7 +71,7 @@ def check_shared_storage(cfg, files, so: dict, tmp_url: str) -> None:
             f.write(token)
     if probe is None and not local_inputs:
         return
-    look = ray.remote(_look).options(num_cpus=0)
+    look = ray.remote(num_cpus=0)(_look)
     mine = _look(probe, token, local_inputs)
     refs = [look.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
         probe, token, local_inputs) for n in nodes]
