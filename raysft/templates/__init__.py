@@ -105,9 +105,19 @@ class Template:
         if self.loss == "all":
             return Rendered(text, [(0, len(text))] if text else [])
         msgs = conv.messages
-        last = max((i for i, m in enumerate(msgs) if m.role == ASSISTANT), default=-1)
         spans: list[tuple[int, int]] = []
         pos = 0
+        if self.loss == "assistant" and all(m.loss is None for m in msgs):  # the common case: every answer
+            for piece, _, answer in pieces:
+                end = pos + len(piece)
+                if answer and piece:
+                    if spans and spans[-1][1] == pos:
+                        spans[-1] = (spans[-1][0], end)
+                    else:
+                        spans.append((pos, end))
+                pos = end
+            return Rendered(text, spans)
+        last = max((i for i, m in enumerate(msgs) if m.role == ASSISTANT), default=-1)
         for piece, i, answer in pieces:
             end = pos + len(piece)
             if answer and piece and _carries_loss(msgs[i], i, last, self.loss):

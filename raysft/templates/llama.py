@@ -38,8 +38,9 @@ def _llama3(conv: Conversation, sp: Specials) -> list[Piece]:
             pending = False
         if m.role == ASSISTANT:
             calls = "".join(json.dumps({"type": "function", "name": c["name"], "parameters": c["arguments"]})
-                            for c in m.tool_calls or ())
-            out += [(head, i, False), (with_reasoning(m, content) + calls + "<|eot_id|>", i, True)]
+                            for c in m.tool_calls) if m.tool_calls else ""
+            body = with_reasoning(m, content) if m.reasoning else content
+            out += [(head, i, False), (body + calls + "<|eot_id|>", i, True)]
         else:
             out.append((head + content + "<|eot_id|>", i, False))
     return out
