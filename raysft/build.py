@@ -53,6 +53,14 @@ def parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="file, folder or glob of .jsonl/.json/.parquet, local or s3://; repeatable",
     )
+    g.add_argument(
+        "--source", dest="sources", action="append", metavar="JSON", type=_json_object,
+        help='a source with its own inputs, format, keys, loss policy and amount (instead of --input), e.g. '
+             '\'{"name": "math", "input": "gsm8k.jsonl", "map_keys": {"prompt": "question", "response": "answer"}, '
+             '"share": 0.3}\'; amounts: share (a fraction of the output), budget (an absolute amount) or repeat '
+             '(times its own size), counted in --mix-unit; repeatable (a job file takes a sources: list)')
+    g.add_argument("--mix-unit", choices=("loss_tokens", "samples", "tokens"),
+                   help="what source shares and budgets count (default loss_tokens: supervised tokens)")
     g.add_argument("--format", choices=FORMATS, help="record layout (default: auto, detected per record)")
     g.add_argument(
         "--map-keys", metavar="JSON", help='rename input fields, e.g. \'{"prompt": "question", "response": "answer"}\''
@@ -117,6 +125,14 @@ def parser() -> argparse.ArgumentParser:
                         "answer) or split (cut at answer-turn ends)")
     g.add_argument("--layout", choices=LAYOUTS, help="output layout for the trainer that reads it (default native). "
                    + _layout_help())
+    g.add_argument("--epochs", type=int, metavar="N",
+                   help="write N independently shuffled packings of the samples, one after the other (default 1)")
+    g.add_argument("--validation", metavar="FRACTION|COUNT",
+                   help="hold out records (0.01: a fraction; 500: a count), chosen by a hash of their content, as their "
+                        "own dataset in OUTPUT/valid/; never in the training set")
+    g.add_argument("--cache", metavar="DIR",
+                   help="tokenized cache, local or s3://: each read chunk's tokens are kept there by content, and a "
+                        "rebuild with other --seq-length, layout, mixture, seed, epochs or split tokenizes nothing")
     g.add_argument("--drop-shards", action="store_true", default=None,
                    help="keep only the merged dataset (shards/ is removed after the merge; data_order.txt then names "
                         "the merged file)")
@@ -207,7 +223,8 @@ def config_from_args(argv: list[str] | None = None) -> BuildConfig:
         setattr(cfg, k, v)
     if isinstance(cfg.map_keys, (str, dict)):
         cfg.map_keys = parse_map_keys(cfg.map_keys)
-    missing = [f"--{n}" for n, v in (("input", cfg.inputs), ("tokenizer", cfg.tokenizer), ("output", cfg.output)) if not v]
+    missing = [f"--{n}" for n, v in (("input", cfg.inputs or cfg.sources), ("tokenizer", cfg.tokenizer),
+                                      ("output", cfg.output)) if not v]
     if missing:
         parser().error(f"missing {', '.join(missing)}")
     if cfg.seq_length < 2:
@@ -216,6 +233,20 @@ def config_from_args(argv: list[str] | None = None) -> BuildConfig:
         parser().error(f"loss policy must be one of {', '.join(LOSS_POLICIES)}")
     if cfg.layout not in LAYOUTS:
         parser().error(f"--layout must be one of {', '.join(LAYOUTS)}")
+    if cfg.mix_unit not in ("loss_tokens", "samples", "tokens"):
+        parser().error("mix_unit must be one of loss_tokens, samples, tokens")
+    if not isinstance(cfg.epochs, int) or cfg.epochs < 1:
+        parser().error("--epochs must be a whole number >= 1")
+    if not isinstance(cfg.sources, list):
+        parser().error("sources must be a list of mappings (each with at least 'input')")
+    if cfg.validation is not None:
+        cfg.validation = str(cfg.validation)
+        from .sources import SourceError, Validation
+
+        try:
+            Validation.parse(cfg.validation)
+        except SourceError as e:
+            parser().error(str(e))
     if cfg.parity not in ("off", "report", "strict"):
         parser().error("parity must be one of off, report, strict")
     if cfg.parity_rows < 1:

@@ -28,6 +28,11 @@ class BuildConfig:
     template_kwargs: dict = field(default_factory=dict)  # extra variables for the chat template
     template_date: str = "2024-07-26"  # what strftime_now returns to a chat template (auto)
     drop_shards: bool = False  # keep only the merged dataset
+    sources: list = field(default_factory=list)  # raysft.sources: each its inputs, format, keys, loss and amount
+    mix_unit: str = "loss_tokens"  # what shares and budgets count: loss_tokens | samples | tokens
+    cache: str | None = None  # tokenized cache folder (raysft.cache), local or s3://
+    epochs: int = 1  # independently shuffled packings of the samples, one after the other
+    validation: str | None = None  # a fraction (0.01) or a count (500) of records held out into OUTPUT/valid/
     parity: str = "report"  # off | report | strict: check a sample against apply_chat_template (raysft.parity)
     parity_rows: int = 1000  # about how many records the parity gate checks
     # object storage

@@ -61,6 +61,7 @@ def classify(e: BaseException) -> tuple[int, str]:
     from .merge import MergeError
     from .output import OutputError
     from .read import InputError
+    from .sources import SourceError
     from .templates import TemplateError
     from .tokenize import TokenizerError
 
@@ -69,7 +70,7 @@ def classify(e: BaseException) -> tuple[int, str]:
     inner = _unwrap(e)
     name = type(inner).__name__
     msg = _first_line(inner)
-    if isinstance(inner, (BuildError, InputError, TemplateError, TokenizerError, EncoderError)):
+    if isinstance(inner, (BuildError, InputError, TemplateError, TokenizerError, EncoderError, SourceError)):
         return BAD_INPUT, msg
     if isinstance(inner, (OutputError, MergeError, StorageRuleError)):
         return STORAGE, msg

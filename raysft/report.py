@@ -144,6 +144,16 @@ def render_report(stats: dict) -> str:
         ("packing efficiency", f"{stats['packing_efficiency']:.3%}"),
         ("layout / template / tokenizer", f"{stats['layout']} / {stats['template']} / {stats['tokenizer']}"),
     ]
+    if stats.get("epochs", 1) > 1:
+        summary.append(("epochs (packs and tokens above are per epoch)", f"{stats['epochs']}"))
+    v = stats.get("validation")
+    if v:
+        summary.append(("validation set (valid/)", f"{v['rows']:,} records, {v['samples']:,} samples, "
+                                                   f"{v['tokens']:,} tokens, {v['packs']:,} packs"))
+    unit = stats.get("mix_unit", "loss_tokens")
+    source_rows = [(s["name"], f"{s['rows']:,}", f"{s['samples']:,}", f"{s['tokens']:,}", f"{s['loss_tokens']:,}",
+                    ", ".join(f"{k} {x:g}" for k, x in s["asked"].items()), f"{s['factor']:g}",
+                    f"{s['written'][unit]:,}", f"{s['share']:.2%}") for s in stats.get("sources", [])]
     length_row = [tuple(L.values())]
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>raysft build report</title>",
@@ -158,6 +168,9 @@ def render_report(stats: dict) -> str:
         _figure(_hist_plot(stats.get("sample_lengths", {}), "Sample length (tokens)", "tokens", S), "sample length histogram"),
         "<h2>Pack fill after packing</h2>",
         _figure(_hist_plot(stats.get("pack_fill", {}), "Tokens per pack", "tokens in pack", S), "pack fill histogram"),
+        *(["<h2>Sources</h2>", _table(source_rows, ("source", "rows", "samples", "tokens", "loss tokens", "asked",
+                                                     "factor", f"written ({unit}, per epoch)", "share"))]
+          if len(source_rows) > 1 or (source_rows and stats["sources"][0]["factor"] != 1) else []),
         "<h2>Rows per input file</h2>",
         _table(sorted(stats.get("rows_per_file", {}).items()), ("file", "rows")),
         _figure(_bar_plot(stats.get("rows_per_file", {}), "Rows per input file"), "rows per input file"),

@@ -34,6 +34,21 @@ SCHEMA = pa.schema([
     ("enc_checked", pa.int32()), ("enc_mismatch", pa.int32()), ("enc_fallback", pa.int32()),
     # the chat-template parity outcome of the record (raysft.parity), on its first piece
     ("tpl_parity", pa.int8()),
+    ("source", pa.int16()),  # the record's source (raysft.sources), by position in the build's list
+    ("rec_hash", pa.int64()),  # 64 bits of the record's content (mixture and validation picks)
+    ("cached", pa.bool_()),  # read from the tokenized cache (raysft.cache), not tokenized
+])
+
+# The tokenize stage's cacheable half (one row per record, before --overlong and --seq-length
+# apply): what ``encode_records`` gives and ``fit_records`` cuts into the stage's rows.
+# ``cut_raw`` is the record itself, kept for the records longer than ``keep_over`` tokens (the
+# schema metadata says which): an overlong record that is dropped is listed with its record in
+# rejects.jsonl, and cutting one may need its text again.
+ENCODED = pa.schema([
+    ("src", pa.int32()), ("idx", pa.int64()), ("row", pa.int64()), ("offset", pa.int64()), ("n", pa.int32()),
+    ("loss_n", pa.int32()), ("ids", pa.list_(pa.int32())), ("reason", pa.string()), ("message", pa.string()),
+    ("bad_raw", pa.binary()), ("cut_raw", pa.binary()), ("rec_hash", pa.int64()), ("tpl_parity", pa.int8()),
+    ("enc_checked", pa.int32()), ("enc_mismatch", pa.int32()), ("enc_fallback", pa.int32()),
 ])
 
 
@@ -79,7 +94,11 @@ def kept_mask(table: pa.Table):
 def cut_unsafe(builder: SampleBuilder, raw: bytes, signed: np.ndarray, avoid_end: tuple[int, ...]) -> np.ndarray | None:
     """Cut positions a piece must not end at: inside a template marker the tokenizer splits
     into several tokens, or right after a token id the layout cannot end a sample with."""
-    unsafe = builder.unsafe_cuts(raw) if builder.markers else None
+    unsafe = None
+    if builder is not None and builder.markers:
+        if not raw:
+            raise ValueError("cutting this record needs its text, which was not kept")
+        unsafe = builder.unsafe_cuts(raw)
     if avoid_end:
         ids = np.where(signed >= 0, signed, ~signed)
         after = np.zeros(len(signed) + 1, dtype=bool)
@@ -88,35 +107,77 @@ def cut_unsafe(builder: SampleBuilder, raw: bytes, signed: np.ndarray, avoid_end
     return unsafe
 
 
-def tokenize_batch(builder: SampleBuilder, raws: list[bytes], errors: list[str], pos: dict, seq_length: int,
-                   overlong: str = "drop", chunk_hash: int = 0, avoid_end: tuple[int, ...] = ()) -> pa.Table:
-    """Records -> the stage's rows (see module doc). ``pos`` holds per record ``chunk``, ``src``,
-    ``idx``, ``row`` and ``offset`` arrays. ``avoid_end``: token ids the output layout cannot end
-    a sample with; ``--overlong truncate/split`` never cut right after them."""
+def encode_records(builder: SampleBuilder, raws: list[bytes], errors: list[str], pos: dict,
+                   keep_over: int = 0) -> pa.Table:
+    """Records -> one ``ENCODED`` row each: its signed tokens (whole, as the template and the
+    tokenizer give them) or why it was rejected. Depends on the record, the tokenizer, the
+    template and the source's format, keys and loss policy only (and ``keep_over``: records
+    longer keep their bytes): what the cache keeps."""
+    from .sources import record_hash
+
     e = builder.encode(raws, errors)
+    n = len(raws)
+    lengths = np.where(e.ok, e.lengths, 0)
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    long_ = (e.ok & (e.lengths > keep_over)).tolist()
+    return pa.table({
+        "src": pa.array(np.asarray(pos["src"], np.int32)),
+        "idx": pa.array(np.asarray(pos["idx"], np.int64)),
+        "row": pa.array(np.asarray(pos["row"], np.int64)),
+        "offset": pa.array(np.asarray(pos["offset"], np.int64)),
+        "n": pa.array(np.where(e.ok, e.lengths, -1).astype(np.int32)),
+        "loss_n": pa.array(np.where(e.ok, e.loss, 0).astype(np.int32)),
+        "ids": pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(e.values, pa.int32())),
+        "reason": pa.array(e.reasons, pa.string()),
+        "message": pa.array(e.messages, pa.string()),
+        "bad_raw": pa.array([b"" if k else r for r, k in zip(raws, e.ok.tolist())], pa.binary()),
+        "cut_raw": pa.array([r if k else b"" for r, k in zip(raws, long_)], pa.binary()),
+        "rec_hash": pa.array(np.fromiter(map(record_hash, raws), np.int64, n)),
+        "tpl_parity": pa.array(e.parity if e.parity is not None else np.zeros(n, np.int8)),
+        "enc_checked": pa.array(_on_first(n, getattr(e.batch, "parity_rows", 0))),
+        "enc_mismatch": pa.array(_on_first(n, getattr(e.batch, "parity_mismatches", 0))),
+        "enc_fallback": pa.array(_on_first(n, getattr(e.batch, "fallback_rows", 0))),
+    }, schema=ENCODED.with_metadata({"keep_over": str(int(keep_over))}))
+
+
+def fit_records(enc: pa.Table, chunk: int, seq_length: int, overlong: str = "drop", chunk_hash: int = 0,
+                avoid_end: tuple[int, ...] = (), source: int = 0, builder: SampleBuilder | None = None,
+                cached: bool = False) -> pa.Table:
+    """``ENCODED`` rows -> the stage's rows (see module doc): ``--overlong`` applied at
+    ``seq_length``, run keys and ranks. ``builder``: for the marker cuts of overlong records
+    (needed only when ``cut_raw`` was kept)."""
     S = seq_length
-    ends = np.cumsum(e.lengths)  # record i's tokens are e.values[ends[i] - lengths[i]:ends[i]]
-    rows_of = np.ones(len(raws), dtype=np.int64)  # output rows per record
-    fitted: dict[int, tuple[list[np.ndarray], str]] = {}  # overlong records: (pieces, reason)
-    for i in np.flatnonzero(e.ok & (e.lengths > S)).tolist():
-        arr = e.values[ends[i] - e.lengths[i] : ends[i]]
-        unsafe = cut_unsafe(builder, raws[i], arr, avoid_end) if overlong != "drop" else None
+    n_rec = enc.num_rows
+    orig = enc.column("n").to_numpy()
+    ok = orig >= 0
+    lengths_rec = np.where(ok, orig, 0).astype(np.int64)
+    ids_col = enc.column("ids").combine_chunks() if n_rec else pa.array([], pa.list_(pa.int32()))
+    values = ids_col.values.to_numpy() if n_rec else np.zeros(0, np.int32)
+    ends = np.cumsum(lengths_rec)
+    rows_of = np.ones(n_rec, dtype=np.int64)
+    fitted: dict[int, tuple[list[np.ndarray], str]] = {}
+    reasons = enc.column("reason").to_pylist()
+    messages = enc.column("message").to_pylist()
+    cut_raw = enc.column("cut_raw")
+    for i in np.flatnonzero(ok & (lengths_rec > S)).tolist():
+        arr = values[ends[i] - lengths_rec[i] : ends[i]]
+        unsafe = cut_unsafe(builder, cut_raw[i].as_py(), arr, avoid_end) if overlong != "drop" else None
         fitted[i] = fit_overlong(arr, S, overlong, unsafe)
         rows_of[i] = max(1, len(fitted[i][0]))
-    take = np.repeat(np.arange(len(raws)), rows_of)
+    take = np.repeat(np.arange(n_rec), rows_of)
     n = len(take)
     piece = np.arange(n) - np.repeat(np.cumsum(rows_of) - rows_of, rows_of)
-    orig_n = np.where(e.ok, e.lengths, -1)[take].astype(np.int32)
-    kept = e.ok[take]
-    lengths = orig_n.copy()
+    orig_n = orig[take].astype(np.int32)
+    kept = ok[take]
+    lengths = np.where(ok, orig, -1)[take].astype(np.int32)
     records = take.tolist()
-    reason = [e.reasons[i] for i in records]
-    message = [e.messages[i] for i in records]
-    values = e.values
+    reason = [reasons[i] for i in records]
+    message = [messages[i] for i in records]
     if fitted:
-        segments, done, first_row = [], 0, np.cumsum(rows_of) - rows_of  # first output row per record
+        segments, done, first_row = [], 0, np.cumsum(rows_of) - rows_of
         for i, (pieces, why) in fitted.items():
-            segments.append(e.values[done : ends[i] - e.lengths[i]])
+            segments.append(values[done : ends[i] - lengths_rec[i]])
             segments += pieces
             done = ends[i]
             if pieces:
@@ -124,36 +185,60 @@ def tokenize_batch(builder: SampleBuilder, raws: list[bytes], errors: list[str],
             else:
                 kept[first_row[i]] = False
                 reason[first_row[i]] = why
-                message[first_row[i]] = f"{e.lengths[i]} tokens > seq-length {S}"
-        segments.append(e.values[done:])
-        values = np.concatenate(segments)
-    bad_raw = [b"" if k else raws[i] for i, k in zip(records, kept.tolist())]
+                message[first_row[i]] = f"{lengths_rec[i]} tokens > seq-length {S}"
+        segments.append(values[done:])
+        values = np.concatenate(segments).astype(np.int32)
+    bad_raw = enc.column("bad_raw").to_pylist()
+    if fitted:  # a dropped overlong record is listed in rejects.jsonl with its record
+        for i, (pieces, _) in fitted.items():
+            if not pieces:
+                bad_raw[i] = cut_raw[i].as_py() or b""
     offsets = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(np.where(kept, lengths, 0), out=offsets[1:])
-    loss_n = (loss_counts(values, offsets) if fitted else e.loss[take] * kept).astype(np.int32)
-    chunk = np.asarray(pos["chunk"], np.int32)[take]
-    idx = np.asarray(pos["idx"], np.int64)[take]
-    first = run_first(chunk, idx, piece)
+    loss_rec = enc.column("loss_n").to_numpy()
+    loss_n = (loss_counts(values, offsets) if fitted else loss_rec[take] * kept).astype(np.int32)
+    chunk_a = np.full(n, chunk, np.int32)
+    idx = enc.column("idx").to_numpy()[take]
+    first = run_first(chunk_a, idx, piece)
+    first_piece = piece == 0
+
+    def per_record(name, dtype):
+        return pa.array(np.where(first_piece, enc.column(name).to_numpy()[take], 0).astype(dtype))
+
     return pa.table({
-        "chunk": pa.array(chunk),
-        "src": pa.array(np.asarray(pos["src"], np.int32)[take]),
+        "chunk": pa.array(chunk_a),
+        "src": pa.array(enc.column("src").to_numpy()[take]),
         "idx": pa.array(idx),
         "piece": pa.array(piece.astype(np.int32)),
-        "row": pa.array(np.asarray(pos["row"], np.int64)[take]),
-        "offset": pa.array(np.asarray(pos["offset"], np.int64)[take]),
+        "row": pa.array(enc.column("row").to_numpy()[take]),
+        "offset": pa.array(enc.column("offset").to_numpy()[take]),
         "n": pa.array(lengths),
         "orig_n": pa.array(orig_n),
         "loss_n": pa.array(loss_n),
         "run_first": pa.array(first),
-        "run_rank": pa.array(run_ranks(chunk, first, lengths, kept)),
+        "run_rank": pa.array(run_ranks(chunk_a, first, lengths, kept)),
         "ids": pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values, pa.int32())),
         "reason": pa.array(reason, pa.string()),
         "message": pa.array(message, pa.string()),
-        "bad_raw": pa.array(bad_raw, pa.binary()),
+        "bad_raw": pa.array([bad_raw[i] if not k else b"" for i, k in zip(records, kept.tolist())], pa.binary()),
         "chunk_hash": pa.array(np.full(n, chunk_hash, np.int64)),
-        "enc_checked": pa.array(_on_first(n, getattr(e.batch, "parity_rows", 0))),
-        "enc_mismatch": pa.array(_on_first(n, getattr(e.batch, "parity_mismatches", 0))),
-        "enc_fallback": pa.array(_on_first(n, getattr(e.batch, "fallback_rows", 0))),
-        "tpl_parity": pa.array(np.where(piece == 0, e.parity[take], 0).astype(np.int8) if e.parity is not None
-                               else np.zeros(n, np.int8)),
+        "enc_checked": per_record("enc_checked", np.int32),
+        "enc_mismatch": per_record("enc_mismatch", np.int32),
+        "enc_fallback": per_record("enc_fallback", np.int32),
+        "tpl_parity": per_record("tpl_parity", np.int8),
+        "source": pa.array(np.full(n, source, np.int16)),
+        "rec_hash": pa.array(enc.column("rec_hash").to_numpy()[take]),
+        "cached": pa.array(np.full(n, cached, bool)),
     }, schema=SCHEMA)
+
+
+def tokenize_batch(builder: SampleBuilder, raws: list[bytes], errors: list[str], pos: dict, seq_length: int,
+                   overlong: str = "drop", chunk_hash: int = 0, avoid_end: tuple[int, ...] = (),
+                   source: int = 0) -> pa.Table:
+    """Records -> the stage's rows (see module doc): ``encode_records`` then ``fit_records``.
+    ``pos`` holds per record ``chunk``, ``src``, ``idx``, ``row`` and ``offset`` arrays (one
+    chunk). ``avoid_end``: token ids the output layout cannot end a sample with; ``--overlong
+    truncate/split`` never cut right after them."""
+    chunk = int(pos["chunk"][0]) if len(pos["chunk"]) else 0
+    enc = encode_records(builder, raws, errors, pos, seq_length)
+    return fit_records(enc, chunk, seq_length, overlong, chunk_hash, avoid_end, source, builder)

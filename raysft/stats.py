@@ -75,7 +75,7 @@ def format_summary(stats: dict) -> str:
     lines = [
         f"rows read        {stats['rows_read']:>12,}",
         f"samples written  {stats['samples_written']:>12,}"
-        + (f"  (from {stats['rows_written']:,} rows; --overlong {stats['overlong']['policy']})"
+        + (f"  (from {stats['rows_written']:,} rows; {_why_more(stats)})"
            if stats.get("rows_written", stats["samples_written"]) != stats["samples_written"] else ""),
         f"rows rejected    {rej:>12,}" + (f"  {_reasons(stats['rejected'])}" if rej else ""),
         f"samples dropped  {drop:>12,}" + (f"  {_reasons(stats['dropped'])}" if drop else ""),
@@ -93,6 +93,20 @@ def format_summary(stats: dict) -> str:
         f"sample length    mean {L['mean']:.1f}  std {L['std']:.1f}  min {L['min']}  p50 {L['p50']:g}  "
         f"p99 {L['p99']:g}  max {L['max']}"
     )
+    if stats.get("epochs", 1) > 1:
+        lines.append(f"epochs           {stats['epochs']:>12,}  (independently shuffled packings; packs above are per "
+                     "epoch)")
+    unit = stats.get("mix_unit", "loss_tokens")
+    srcs = stats.get("sources") or []
+    if len(srcs) > 1 or (srcs and srcs[0].get("factor", 1) != 1):
+        for s in srcs:
+            asked = ", ".join(f"{k} {v:g}" for k, v in s["asked"].items())
+            lines.append(f"source {s['name'][:10]:<10}{s['written'][unit]:>12,} {unit} written ({s['share']:.1%}; "
+                         f"asked {asked}; x{s['factor']:.3g} of {s[unit]:,})")
+    v = stats.get("validation")
+    if v:
+        lines.append(f"validation       {v['rows']:>12,} records held out: {v['samples']:,} samples, {v['packs']:,} "
+                     "packs in valid/")
     par = stats.get("parity") or {}
     if par.get("checked"):
         lines.append(f"template parity  {par['matched']:>12,} of {par['checked']:,} sampled records token-identical "
@@ -100,6 +114,21 @@ def format_summary(stats: dict) -> str:
                                                   "refused by the template)"
                                                   if par['matched'] != par['checked'] else ""))
     return "\n".join(lines)
+
+
+def _why_more(stats: dict) -> str:
+    """Why samples and rows written differ: split records, copies of the mixture, epochs, the
+    validation set (its records are written, to valid/)."""
+    why = []
+    if stats["overlong"]["policy"] == "split" and stats["overlong"].get("rows_kept"):
+        why.append("--overlong split")
+    if any(s.get("factor", 1) != 1 for s in stats.get("sources") or []):
+        why.append("the mixture's copies and samples")
+    if stats.get("epochs", 1) > 1:
+        why.append(f"{stats['epochs']} epochs")
+    if stats.get("validation"):
+        why.append(f"{stats['validation']['rows']:,} of them in valid/")
+    return ", ".join(why) or f"--overlong {stats['overlong']['policy']}"
 
 
 def _reasons(d: dict) -> str:
@@ -164,10 +193,30 @@ def block_stats(table, seq_length: int) -> tuple[dict, dict]:
         "first_bad": first_bad,
         "encoder": [int(table.column(k).to_numpy().sum()) for k in ("enc_checked", "enc_mismatch", "enc_fallback")],
         **_parity_stats(table),
+        "per_source": _per_source(table, first, kept),
+        "cached_rows": int((first & table.column("cached").to_numpy(zero_copy_only=False)).sum())
+        if "cached" in table.column_names else 0,
         "chunks": {int(c): int(h) for c, h in zip(*np.unique(np.stack([chunk, table.column("chunk_hash").to_numpy()]),
                                                             axis=1))} if len(chunk) else {},
     }
     return summary, runs
+
+
+SOURCE_FIGURES = ("rows", "samples", "tokens", "loss_tokens")
+
+
+def _per_source(table, first: np.ndarray, kept: np.ndarray) -> dict:
+    """Per source: records read, and the samples, tokens and loss tokens kept."""
+    if "source" not in table.column_names or not table.num_rows:
+        return {}
+    src = table.column("source").to_numpy()
+    n = np.where(kept, table.column("n").to_numpy(), 0).astype(np.int64)
+    loss = np.where(kept, table.column("loss_n").to_numpy(), 0).astype(np.int64)
+    out = {}
+    for s in np.unique(src).tolist():
+        m = src == s
+        out[int(s)] = [int((first & m).sum()), int((kept & m).sum()), int(n[m].sum()), int(loss[m].sum())]
+    return out
 
 
 def _parity_stats(table) -> dict:
@@ -222,6 +271,8 @@ class Totals:
         self.encoder = [0, 0, 0]  # rows checked against hf, batches that disagreed, rows hf encoded
         self.parity = [0, 0, 0]  # chat-template parity: records checked, mismatched, refused by the template
         self.parity_bad: list[tuple] = []  # (chunk, idx, src, row, outcome), the first in input order
+        self.per_source: dict[int, list[int]] = {}  # source -> rows, samples, tokens, loss tokens
+        self.cached_rows = 0
 
     def add(self, s: dict) -> None:
         for k in ("rows", "rows_written", "samples", "overlong_kept", "loss_tokens"):
@@ -239,6 +290,9 @@ class Totals:
         self.parity = [a + b for a, b in zip(self.parity, s.get("parity", [0, 0, 0]))]
         if s.get("parity_bad"):
             self.parity_bad = sorted(self.parity_bad + s["parity_bad"])[:5]
+        for k, v in (s.get("per_source") or {}).items():
+            self.per_source[k] = [a + b for a, b in zip(self.per_source.get(k, [0, 0, 0, 0]), v)]
+        self.cached_rows += s.get("cached_rows", 0)
 
     @property
     def rejected(self) -> dict:

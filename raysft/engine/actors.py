@@ -5,43 +5,62 @@ from __future__ import annotations
 import gc
 import os
 
+import numpy as np
 import pyarrow as pa
 
-from ..read import Chunk, read_chunk
-from ..samples import tokenize_batch
+from ..read import Chunk, chunk_digest, read_chunk
+from ..samples import encode_records, fit_records
 
 
 class TokenizeAndMask:
-    """Read + tokenize stage (Ray actor): holds one tokenizer (and encoder) for its lifetime.
+    """Read + tokenize stage (Ray actor): holds one tokenizer (and encoder) for its lifetime,
+    and one sample builder per source (its format, keys and loss policy).
 
     Called with chunk descriptions, one at a time: reads the chunk and yields one table per
     ``batch_size`` records (``raysft.samples``). Reading inside the actor keeps raw records out
-    of the object store, and one task per chunk spreads the chunks over all actors.
+    of the object store, and one task per chunk spreads the chunks over all actors. With a
+    tokenized cache (``raysft.cache``), a chunk whose entry exists is not parsed or tokenized:
+    its encoded rows are read and cut at this build's ``--seq-length``; a chunk without one is
+    tokenized and its entry written.
     """
 
-    def __init__(self, info, template: str, fmt: str, map_keys: dict, loss: str, seq_length: int,
+    def __init__(self, info, template: str, sources: list[dict], file_source: list[int], seq_length: int,
                  overlong: str = "drop", threads: int = 1, so: dict | None = None, batch_size: int = 16384,
                  encoder: str = "auto", template_kwargs: dict | None = None, max_chars: int | None = None,
-                 avoid_end: tuple[int, ...] = (), template_date: str | None = None, parity_every: int = 0):
+                 avoid_end: tuple[int, ...] = (), template_date: str | None = None, parity_every: int = 0,
+                 cache: str | None = None):
         # the encoders' thread pools start on first use: size them to this actor's cores
         os.environ["RAYON_NUM_THREADS"] = str(max(1, threads))
         os.environ["FASTOKENS_BPE_THREADS"] = str(max(1, threads))
+        from ..cache import Cache
         from ..encode import Loading
         from ..parity import TemplateParity
-        from ..tokenize import SampleBuilder
 
-        enc = Loading(encoder, info, parity=True)  # the driver ran the canary and logged its verdict
-        parity = TemplateParity(info, parity_every, template_kwargs, template_date) if parity_every else None
-        self.builder = SampleBuilder(info, template, fmt, map_keys, loss, enc, template_kwargs, max_chars, template_date,
-                                     parity)
+        self.info, self.template, self.sources, self.file_source = info, template, sources, file_source
+        self.encoder = Loading(encoder, info, parity=True)  # the driver ran the canary and logged its verdict
+        self.parity = TemplateParity(info, parity_every, template_kwargs, template_date) if parity_every else None
+        self.template_kwargs, self.max_chars, self.template_date = template_kwargs, max_chars, template_date
+        self.builders: dict = {}
         self.seq_length = seq_length
         self.overlong = overlong
         self.so = so or {}
         self.batch_size = batch_size
         self.avoid_end = tuple(avoid_end)
+        self.cache = Cache(cache, self.so) if cache else None
+        self.builder_for(0)
         # what exists now (Ray, Ray Data, the tokenizer) lives as long as the actor: keep it out
         # of the collector's full passes, which the records' many small objects trigger
         gc.freeze()
+
+    def builder_for(self, source: int):
+        from ..tokenize import SampleBuilder
+
+        if source not in self.builders:
+            s = self.sources[source]
+            self.builders[source] = SampleBuilder(self.info, self.template, s["format"], s["map_keys"], s["loss"],
+                                                  self.encoder, self.template_kwargs, self.max_chars,
+                                                  self.template_date, self.parity)
+        return self.builders[source]
 
     def __call__(self, chunks: dict):
         for i in range(len(chunks["chunk"])):
@@ -49,9 +68,33 @@ class TokenizeAndMask:
             yield from self.tokenize_chunk(c)
 
     def tokenize_chunk(self, c: Chunk):
-        for rows in read_chunk(c, self.so, self.batch_size):
-            n = len(rows.idx)
-            pos = {"chunk": [c.chunk] * n, "src": rows.src, "idx": rows.idx, "row": rows.row, "offset": rows.offset}
-            table: pa.Table = tokenize_batch(self.builder, rows.raw, rows.error, pos, self.seq_length, self.overlong,
-                                             rows.digest, self.avoid_end)
-            yield table
+        source = self.file_source[c.pieces[0].src]
+        builder = self.builder_for(source)
+        S = self.seq_length
+        key = digested = None
+        if self.cache is not None:
+            from ..cache import chunk_key
+
+            digested = chunk_digest(c, self.so)
+            key = chunk_key(digested[0], [(p.kind, p.start, p.end, p.compression) for p in c.pieces],
+                            self.sources[source]["context"])
+            enc = self.cache.load(key)
+            if enc is not None and int((enc.schema.metadata or {}).get(b"keep_over", b"0")) <= S:
+                srcs = np.array(sorted({p.src for p in c.pieces}), np.int32)  # the entry numbers files 0, 1, ...
+                enc = enc.set_column(0, "src", pa.array(srcs[enc.column("src").to_numpy()]))
+                for start in range(0, max(enc.num_rows, 1), self.batch_size):
+                    yield fit_records(enc.slice(start, self.batch_size), c.chunk, S, self.overlong, digested[0],
+                                      self.avoid_end, source, builder, cached=True)
+                return
+        parts = []
+        for rows in read_chunk(c, self.so, self.batch_size, digested):
+            pos = {"src": rows.src, "idx": rows.idx, "row": rows.row, "offset": rows.offset}
+            enc = encode_records(builder, rows.raw, rows.error, pos, S)
+            if key is not None:
+                parts.append(enc)
+            yield fit_records(enc, c.chunk, S, self.overlong, rows.digest, self.avoid_end, source, builder)
+        if key is not None and parts:
+            enc = pa.concat_tables(parts)
+            srcs = sorted({p.src for p in c.pieces})
+            local = np.searchsorted(np.array(srcs, np.int32), enc.column("src").to_numpy()).astype(np.int32)
+            self.cache.save(key, enc.set_column(0, "src", pa.array(local)))

@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 
+from .. import __version__ as RAYSFT_VERSION
 from .. import stats as stats_mod
 from ..config import BuildConfig
 from ..encode import EncoderStats, choose
@@ -56,9 +57,37 @@ def prepare(cfg: BuildConfig):
 
     Template(cfg.template, info.specials, info.chat_template, info.special_strings, cfg.loss,
              cfg.template_kwargs, info.special_map, cfg.template_date)  # fail early
-    files = expand_inputs(cfg.inputs, so)
-    chunks = plan_chunks(files, so, cfg.chunk_bytes)
-    return so, info, files, chunks
+    files, file_source = expand_sources(cfg, so)
+    chunks = plan_chunks(files, so, cfg.chunk_bytes, file_source)
+    return so, info, files, chunks, file_source
+
+
+def build_sources(cfg: BuildConfig) -> list:
+    """The build's sources: ``cfg.sources`` (a job file's ``sources:``, ``--source``), or one
+    made of ``--input``, ``--format``, ``--map-keys`` and the loss policy."""
+    from ..sources import Source, SourceError, parse_sources
+
+    if cfg.sources:
+        if cfg.inputs:
+            raise SourceError("give the inputs as --input or as sources, not both")
+        return parse_sources(cfg.sources, {"format": cfg.format, "map_keys": cfg.map_keys, "loss": cfg.loss})
+    return [Source("input", list(cfg.inputs), cfg.format, dict(cfg.map_keys or {}), cfg.loss)]
+
+
+def expand_sources(cfg: BuildConfig, so: dict):
+    """All input files, source by source (each source's files in path order), and the source of
+    each file; a file may belong to one source only."""
+    from ..read import InputError
+
+    files, file_source, owner = [], [], {}
+    for k, src in enumerate(build_sources(cfg)):
+        for f in expand_inputs(src.inputs, so):
+            if f.url in owner:
+                raise InputError(f"{f.url} is an input of two sources ({owner[f.url]!r} and {src.name!r})")
+            owner[f.url] = src.name
+            files.append(f)
+            file_source.append(k)
+    return files, file_source
 
 
 def start(cfg: BuildConfig, chunks: int) -> TokenizePool:
@@ -150,19 +179,33 @@ def parity_result(cfg: BuildConfig, tot, every: int, files) -> dict | None:
     return res
 
 
+def source_settings(cfg: BuildConfig, info, sources: list) -> list[dict]:
+    """What the tokenizer actors need of each source: its format, keys and loss policy, and
+    the cache context (raysft.cache) its encoded rows are filed under."""
+    from ..cache import context_digest
+
+    return [{"format": s.format, "map_keys": s.map_keys, "loss": s.loss,
+             "context": context_digest(info, cfg.template, cfg.template_kwargs, cfg.template_date, s.format,
+                                       s.map_keys, s.loss, f"raysft-{VERSION}-{RAYSFT_VERSION}")} for s in sources]
+
+
 def tokenize_dataset(cfg: BuildConfig, chunks, info, so: dict, pool: TokenizePool, encoder: str,
-                     parity_every: int = 0):
+                     parity_every: int = 0, sources: list | None = None, file_source: list[int] | None = None):
     """read -> normalize+template+tokenize+mask, as a lazy Ray dataset: one actor task per chunk."""
     import ray.data
 
     from .actors import TokenizeAndMask
+
+    sources = sources if sources is not None else build_sources(cfg)
+    file_source = file_source if file_source is not None else [0] * (1 + max(p.src for c in chunks for p in c.pieces))
 
     chunks = split_tail(chunks, 2 * pool.workers)
     ds = ray.data.from_items([c.to_item() for c in chunks], override_num_blocks=max(1, len(chunks)))
     return ds.map_batches(
         TokenizeAndMask,
         fn_constructor_kwargs={
-            "info": info, "template": cfg.template, "fmt": cfg.format, "map_keys": cfg.map_keys, "loss": cfg.loss,
+            "info": info, "template": cfg.template, "sources": source_settings(cfg, info, sources),
+            "file_source": file_source, "cache": cfg.cache,
             "seq_length": get_layout(cfg.layout).capacity(cfg.seq_length), "overlong": cfg.overlong, "threads": pool.threads, "so": so,
             "batch_size": cfg.batch_size, "encoder": encoder, "template_kwargs": cfg.template_kwargs,
             "max_chars": max_chars(cfg), "avoid_end": get_layout(cfg.layout).avoid_end_ids,
@@ -258,10 +301,12 @@ def tokenize_and_measure(ds, blocks: Blocks, rejects_dir: str | None, stats_cpus
     blocks.collect(wait=True)
 
 
-def shuffle_and_write(blocks: Blocks, plan_ref, num_shards: int, write_kw: dict, reuse: dict,
-                      watch: Watchdog) -> list[dict]:
-    """Assign pack slots and write the shards: one partition task per block (its samples cut
-    by output shard, with the rank offsets of its own runs), one writer task per shard. Blocks
+def shuffle_and_write(blocks: Blocks, parts: list, plan_ref, num_shards: int, write_kw: dict, reuse: dict,
+                      watch: Watchdog, shard_base: int = 0, what: str = "shards") -> list[dict]:
+    """Assign pack slots and write one packing's shards: one partition task per block and
+    packing part (its samples cut by output shard, with the rank offsets of its own runs),
+    one writer task per shard. ``parts``: (pick, runs of block k) in the packing's order (the
+    copies of the training set one after the other; one part when nothing is copied). Blocks
     go in input order, so the offsets come from one running count of ``seq_length``."""
     import ray
 
@@ -270,26 +315,33 @@ def shuffle_and_write(blocks: Blocks, plan_ref, num_shards: int, write_kw: dict,
     split = ray.remote(partition_block).options(num_returns=num_shards)
     offsets = RunOffsets(write_kw["seq_length"])
     order = sorted(range(len(blocks.refs)), key=lambda k: blocks.keys[k])
-    parts = []
-    for k in order:
-        runs = ray.get(blocks.runs[k])
-        blocks.runs[k] = None
-        if not runs:
-            continue  # nothing kept in this block
-        p = split.remote(blocks.refs[k], plan_ref, offsets.offsets(runs), num_shards)
-        parts.append([p] if num_shards == 1 else p)
-    blocks.refs.clear()
+    cut = []
+    for pick, runs_of in parts:
+        for k in order:
+            runs = runs_of(k)
+            if not runs:
+                continue  # nothing of this part in this block
+            p = split.remote(blocks.refs[k], plan_ref, offsets.offsets(runs), num_shards, pick)
+            cut.append([p] if num_shards == 1 else p)
     write = ray.remote(write_parts)
-    pending = [write.remote(s, *(p[s] for p in parts), **write_kw, reuse=reuse.get(s)) for s in range(num_shards)]
-    del parts
+    pending = [write.remote(shard_base + s, *(p[s] for p in cut), **write_kw, reuse=reuse.get(shard_base + s))
+               for s in range(num_shards)]
+    del cut
     metas, step, t0 = [], max(1, num_shards // 10), time.time()
     while pending:
         watch.progress("write", f"{len(pending)} shard writer(s)")
         done, pending = ray.wait(pending, num_returns=1)
         metas += ray.get(done)
         if len(metas) % step == 0 or not pending:
-            log.info("shards written: %d/%d (%.0f s)", len(metas), num_shards, time.time() - t0)
+            log.info("%s written: %d/%d (%.0f s)", what, len(metas), num_shards, time.time() - t0)
     return sorted(metas, key=lambda m: m["shard"])
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The slot and pack-order seed of epoch ``epoch`` (the first epoch's is --seed itself)."""
+    if epoch == 0:
+        return seed
+    return int.from_bytes(hashlib.blake2b(f"{seed}/{epoch}".encode(), digest_size=4).digest(), "little")
 
 
 def plan_single(hist: np.ndarray, seq_length: int) -> PackPlan:
@@ -301,7 +353,7 @@ def plan_single(hist: np.ndarray, seq_length: int) -> PackPlan:
 # Settings that change output bytes; execution knobs (workers, batch size, shards...) do not.
 FINGERPRINT_FLAGS = ("template", "format", "map_keys", "loss", "seq_length", "pack", "layout", "seed",
                      "on_bad_record", "overlong", "num_shards", "shard_tokens", "add_special_tokens", "template_kwargs",
-                     "template_date", "chunk_bytes")
+                     "template_date", "chunk_bytes", "sources", "mix_unit", "epochs", "validation")
 
 
 def fingerprint(cfg: BuildConfig, files, info) -> dict:
@@ -314,10 +366,10 @@ def fingerprint(cfg: BuildConfig, files, info) -> dict:
     return {"inputs": [f.url for f in files], "tokenizer": tok.hexdigest(), "flags": flags, "version": VERSION}
 
 
-def plan_digest(hist: np.ndarray, cfg: BuildConfig, num_shards: int) -> str:
+def plan_digest(hist: np.ndarray, cfg: BuildConfig, num_shards: int, extra: list | None = None) -> str:
     h = hashlib.blake2b(digest_size=16)
     h.update(np.asarray(hist, "<i8").tobytes())
-    h.update(json.dumps([cfg.seq_length, cfg.seed, cfg.layout, cfg.pack, num_shards]).encode())
+    h.update(json.dumps([cfg.seq_length, cfg.seed, cfg.layout, cfg.pack, num_shards, extra], default=str).encode())
     return h.hexdigest()
 
 
@@ -353,7 +405,8 @@ def write_rejects(fs, tmp: str, blocks: Blocks, files, so) -> int:
 
 def run(cfg: BuildConfig) -> dict:
     t0 = time.time()
-    so, info, files, chunks = prepare(cfg)
+    so, info, files, chunks, file_source = prepare(cfg)
+    sources = build_sources(cfg)
     layout = get_layout(cfg.layout)
     added: list[str] = []
     markers = MARKERS.get(cfg.template, ())
@@ -368,7 +421,7 @@ def run(cfg: BuildConfig) -> dict:
     pad_id = info.pad_id()
     out_fs, out_root = get_fs(cfg.output, so)
     check_bucket(out_fs, out_root, cfg.output, "--output")
-    check_output_outside_inputs(cfg.output, cfg.inputs, files)
+    check_output_outside_inputs(cfg.output, [i for src in sources for i in src.inputs], files)
     out = Output(out_fs, out_root, cfg.output)
     out.state()  # a regular file at --output: one line, before anything is created
     lock = OutputLock(out_fs, out_root, cfg.output)
@@ -384,7 +437,8 @@ def run(cfg: BuildConfig) -> dict:
         out.check_writable(cfg.overwrite)
         log.info("inputs: %d files, %d chunks", len(files), len(chunks))
         old = out.prepare_tmp(manifest, cfg.resume)
-        return _build(cfg, t0, so, info, files, chunks, layout, added, pad_id, out, lock, manifest, old)
+        return _build(cfg, t0, so, info, files, chunks, layout, added, pad_id, out, lock, manifest, old, sources,
+                      file_source)
     finally:
         lock.release()
 
@@ -413,8 +467,85 @@ def check_output_outside_inputs(output: str, inputs: list[str], files) -> None:
                              "as input; write the output elsewhere")
 
 
+class Packing:
+    """One packed dataset this build writes (the training set, or the validation set): its
+    plan and the parts its samples come from."""
+
+    def __init__(self, cfg: BuildConfig, layout, hist: np.ndarray, parts: list, pick_valid: bool = False):
+        S = cfg.seq_length
+        self.hist = hist
+        cap = layout.capacity(S)
+        hist_plan = hist if cap == S else _capacity_check(hist, cap, layout)
+        self.plan = plan_bfd(hist_plan, cap) if cfg.pack else plan_single(hist_plan, cap)
+        self.plan.seq_length = cap
+        self.cap = cap
+        self.packs = self.plan.num_packs
+        per_pack = layout.stored_per_pack(S)
+        stored = per_pack * self.packs if per_pack else int(np.dot(np.arange(len(hist)), hist))
+        self.num_shards = max(1, min(cfg.num_shards or -(-stored // cfg.shard_tokens), self.packs)) if self.packs else 0
+        self.parts = parts
+        self.samples = int(hist.sum())
+        self.tokens = int(np.dot(np.arange(len(hist)), hist))
+
+    def plan_ref(self, seed: int, pack_base: int = 0):
+        import ray
+
+        return ray.put({"table": slot_table(self.plan), "seed": seed, "num_shards": self.num_shards,
+                        "num_packs": self.packs, "pack_base": pack_base})
+
+
+def mixture(cfg: BuildConfig, tot, blocks: Blocks, sources: list, watch: Watchdog):
+    """What the sources' amounts and ``--validation`` make of the tokenized samples: the
+    selection (None when every sample is taken once and nothing is held out), each source's
+    own amount in the mix unit (its training records), the per-block summaries of the
+    selection added up, and the refs of each block's per-part runs."""
+    import ray
+
+    from ..sources import Selection, Validation, count_threshold, cut_for, mix_factors
+    from ..stats import SOURCE_FIGURES
+    from .tasks import amounts_task, select_block, smallest_keys
+
+    col = SOURCE_FIGURES.index(cfg.mix_unit)
+    natural = [float(tot.per_source.get(k, [0, 0, 0, 0])[col]) for k in range(len(sources))]
+    val = Validation.parse(cfg.validation)
+    if val is None and all(s.share is None and s.budget is None and s.repeat in (None, 1.0) for s in sources):
+        return None, natural, None, None
+    below = None
+    if val is not None and val.fraction is not None:
+        below = val.fraction
+    elif val is not None:
+        task = ray.remote(smallest_keys).options(num_cpus=0.5)
+        watch.progress("validation", "the smallest record keys of each block")
+        below = count_threshold(ray.get([task.remote(r, val.count, cfg.seed) for r in blocks.refs]), val.count)
+    task = ray.remote(amounts_task).options(num_cpus=0.5)
+    amounts: dict[int, np.ndarray] = {}
+    pending = [task.remote(r, cfg.seed, below, cfg.mix_unit) for r in blocks.refs]
+    while pending:
+        watch.progress("mixture", f"the amounts of {len(pending)} block(s)")
+        done, pending = ray.wait(pending, num_returns=min(len(pending), 16))
+        for part in ray.get(done):
+            for k, a in part.items():
+                amounts[k] = amounts[k] + a if k in amounts else a
+    natural = [float(amounts[k].sum()) if k in amounts else 0.0 for k in range(len(sources))]
+    factors = mix_factors(sources, natural)
+    whole = tuple(int(np.floor(f)) for f in factors)
+    cut = tuple(cut_for(amounts[k], (f - w) * natural[k]) if k in amounts else 0.0
+                for k, (f, w) in enumerate(zip(factors, whole)))
+    sel = Selection(whole, cut, cfg.seed, below)
+    if sel.trivial:
+        return None, natural, None, None
+    task = ray.remote(select_block).options(num_cpus=0.5, num_returns=2)
+    refs = [task.remote(r, sel) for r in blocks.refs]
+    summaries, runs = [], []
+    for i, (sref, rref) in enumerate(refs):
+        watch.progress("mixture", f"block {i + 1} of {len(refs)}")
+        summaries.append(ray.get(sref))
+        runs.append(rref)
+    return sel, natural, summaries, runs
+
+
 def _build(cfg, t0, so, info, files, chunks, layout, added, pad_id, out: Output, lock: OutputLock, manifest: dict,
-           old: dict | None) -> dict:
+           old: dict | None, sources: list, file_source: list[int]) -> dict:
     out_fs, tmp = out.fs, out.tmp
     tmp_url = join(cfg.output, TMP)
     encoder, enc_stats, pool = start_with_encoder(cfg, info, files, so, len(chunks))
@@ -429,7 +560,7 @@ def _build(cfg, t0, so, info, files, chunks, layout, added, pad_id, out: Output,
     with Watchdog(cfg.stall_timeout) as watch:
         try:
             parity_every = parity_rate(cfg, info, files, chunks, so)
-            ds = tokenize_dataset(cfg, chunks, info, so, pool, encoder, parity_every)
+            ds = tokenize_dataset(cfg, chunks, info, so, pool, encoder, parity_every, sources, file_source)
             blocks = Blocks(S, cfg.on_bad_record == "fail", files, so)
             t_stage = time.time()
             tokenize_and_measure(ds, blocks, join(tmp_url, "rejects"), pool.stats_cpus, watch)
@@ -440,64 +571,86 @@ def _build(cfg, t0, so, info, files, chunks, layout, added, pad_id, out: Output,
                 raise bad_record_error(tot, files, so)
             hist_kept = stats_mod.add_hist(np.zeros(S + 1, dtype=np.int64),  # kept lengths are <= S
                                            tot.hist_kept if tot.hist_kept is not None else np.zeros(1, np.int64))
-            samples = int(hist_kept.sum())
             enc_stats.rows_checked, enc_stats.mismatches, enc_stats.fallbacks = tot.encoder
             parity = parity_result(cfg, tot, parity_every, files)
-            if samples == 0:
+            if int(hist_kept.sum()) == 0:
                 raise nothing_to_write(out, blocks, files, so, cfg, tot, manifest, lock)
             timings["stats"] = round(time.time() - t_stage, 2)
             t_stage = time.time()
 
+            # ---- mixture and split (a pass over the blocks when anything is copied, sampled or held out)
+            sel, natural, sel_summaries, sel_runs = mixture(cfg, tot, blocks, sources, watch)
+            zeros = np.zeros(S + 1, dtype=np.int64)
+            if sel is None:
+                hist_train, hist_valid = hist_kept, zeros
+                train_parts = [(None, lambda k: ray.get(blocks.runs[k]))]
+                valid_parts: list = []
+                copies = 1
+            else:
+                hist_train = hist_valid = zeros
+                for sm in sel_summaries:
+                    hist_train = stats_mod.add_hist(hist_train, sm["hist_train"])
+                    hist_valid = stats_mod.add_hist(hist_valid, sm["hist_valid"])
+                copies = max([len([c for c in r if c != "valid"]) for r in ray.get(sel_runs)] or [0])
+                train_parts = [({"selection": sel, "copy": c}, lambda k, c=c: ray.get(sel_runs[k]).get(c))
+                               for c in range(copies)]
+                valid_parts = [({"selection": sel, "valid": True}, lambda k: ray.get(sel_runs[k]).get("valid"))]
+            if int(hist_train.sum()) == 0:
+                raise BuildError("the mixture leaves no training sample (every source's amount is 0, or "
+                                 "--validation holds out every record)")
+            timings["mixture"] = round(time.time() - t_stage, 2)
+            t_stage = time.time()
+
             # ---- plan (on what a pack of this layout may hold: pai keeps its last position free)
-            cap = layout.capacity(S)
-            hist_plan = hist_kept if cap == S else _capacity_check(hist_kept, cap, layout)
-            plan = plan_bfd(hist_plan, cap) if cfg.pack else plan_single(hist_plan, cap)
-            plan.seq_length = cap
-            P = plan.num_packs
-            per_pack = layout.stored_per_pack(S)
-            stored = per_pack * P if per_pack else int(np.dot(np.arange(S + 1), hist_kept))
-            num_shards = max(1, min(cfg.num_shards or -(-stored // cfg.shard_tokens), P))
-            plan_ref = ray.put({"table": slot_table(plan), "seed": cfg.seed, "num_shards": num_shards,
-                                "num_packs": P})
-            digest = plan_digest(hist_kept, cfg, num_shards)
-            reuse = _reusable(out_fs, tmp, old, digest, num_shards) if old is not None else {}
+            train = Packing(cfg, layout, hist_train, train_parts)
+            valid = Packing(cfg, layout, hist_valid, valid_parts) if int(hist_valid.sum()) else None
+            epochs = max(1, int(cfg.epochs))
+            digest = plan_digest(hist_train, cfg, train.num_shards, [sel, epochs, int(hist_valid.sum())])
+            reuse = _reusable(out_fs, tmp, old, digest, train.num_shards * epochs) if old is not None else {}
             _write_json(out_fs, join(tmp, "manifest.json"), manifest | {"plan": digest})
             timings["plan"] = round(time.time() - t_stage, 2)
             t_stage = time.time()
 
-            # ---- assign + write shards (into _tmp/shards)
+            # ---- assign + write shards (into _tmp/shards; the validation set into _tmp/valid/shards)
             write_kw = {"tmp_dir": join(tmp_url, "shards"), "so": so, "layout": cfg.layout, "seq_length": S,
                         "pad_id": pad_id}
-            metas = shuffle_and_write(blocks, plan_ref, num_shards, write_kw, reuse, watch)
+            metas = []
+            for e in range(epochs):
+                metas += shuffle_and_write(blocks, train.parts, train.plan_ref(epoch_seed(cfg.seed, e), e * train.packs),
+                                           train.num_shards, write_kw, reuse, watch, e * train.num_shards,
+                                           f"epoch {e + 1} shards" if epochs > 1 else "shards")
+            valid_metas = []
+            if valid is not None:
+                out_fs.makedirs(join(tmp, "valid", "shards"), exist_ok=True)
+                valid_metas = shuffle_and_write(blocks, valid.parts, valid.plan_ref(cfg.seed), valid.num_shards,
+                                                write_kw | {"tmp_dir": join(tmp_url, "valid", "shards")}, {}, watch,
+                                                0, "validation shards")
+            blocks.refs.clear()
         except KeyboardInterrupt:
             watch.check()
             raise
     if old is not None:
         log.info("resume: reused %d of %d shards", sum(bool(m.get("resumed")) for m in metas), len(metas))
-    if [m["shard"] for m in metas] != list(range(num_shards)):
-        raise BuildError(f"expected {num_shards} shards, got {[m['shard'] for m in metas]}")
+    if [m["shard"] for m in metas] != list(range(train.num_shards * epochs)):
+        raise BuildError(f"expected {train.num_shards * epochs} shards, got {[m['shard'] for m in metas]}")
     timings["assign+write"] = round(time.time() - t_stage, 2)
     t_stage = time.time()
 
     # ---- merge (into _tmp), check, commit
-    names = [f"shards/part-{m['shard']:05d}" for m in metas]
-    merged = layout.merge(out_fs, [join(tmp, n) for n in names], join(tmp, "data"), metas)
-    copy_into(out_fs, [join(tmp, n + ".prov") for n in names], join(tmp, "provenance.bin"))
-    for n in names:
-        for extra in (".prov", ".meta.json"):
-            if out_fs.exists(join(tmp, n + extra)):
-                out_fs.rm(join(tmp, n + extra))
-    if not getattr(layout, "keeps_shards", True) or cfg.drop_shards:
-        out_fs.rm(join(tmp, "shards"), recursive=True)
+    keeps_shards = getattr(layout, "keeps_shards", True) and not cfg.drop_shards
+    present = layout.final_files() + ["data_order.txt", "stats.json", "provenance.bin", "inputs.json", "report.html"]
+    merged = _merge(out_fs, tmp, "", layout, metas, keeps_shards)
+    if keeps_shards:
+        present.append("shards")
+    valid_stats = None
+    if valid is not None:
+        vmerged = _merge(out_fs, tmp, "valid", layout, valid_metas, keeps_shards)
+        if vmerged["packs"] != valid.packs:
+            raise BuildError(f"internal check failed: {vmerged['packs']} validation packs written, plan has "
+                             f"{valid.packs}")
+        present.append("valid")
     with out_fs.open(join(tmp, "inputs.json"), "w") as f:
         json.dump([fi.url for fi in files], f, indent=1)
-    with out_fs.open(join(tmp, "data_order.txt"), "w") as f:
-        f.write("".join(line + "\n" for line in (layout.data_order(names)
-                                                   if getattr(layout, "keeps_shards", True) and not cfg.drop_shards
-                                                   else layout.final_files()[:1])))
-    present = layout.final_files() + ["data_order.txt", "stats.json", "provenance.bin", "inputs.json", "report.html"]
-    if getattr(layout, "keeps_shards", True) and not cfg.drop_shards:
-        present.append("shards")
     if added:
         out_fs.makedirs(join(tmp, "tokenizer"), exist_ok=True)
         save_tokenizer(out_fs, join(tmp, "tokenizer"), info)
@@ -508,35 +661,53 @@ def _build(cfg, t0, so, info, files, chunks, layout, added, pad_id, out: Output,
     timings["merge"] = round(time.time() - t_stage, 2)
     log.info("stage seconds: %s", ", ".join(f"{k} {v}" for k, v in timings.items()))
 
-    tokens = int(np.dot(np.arange(S + 1), hist_kept))
-    if merged["packs"] != P:
-        raise BuildError(f"internal check failed: {merged['packs']} packs written, plan has {P}")
+    P = train.packs
+    tokens = train.tokens * epochs
+    samples = train.samples * epochs
+    if merged["packs"] != P * epochs:
+        raise BuildError(f"internal check failed: {merged['packs']} packs written, plan has {P * epochs}")
     if merged.get("samples") is not None and merged["samples"] != samples and layout.name in ("native", "xtuner",
                                                                                                "bridge", "bridge-npy"):
         raise BuildError(f"internal check failed: {merged['samples']} samples written for {samples}")
-    rej_n, drop_n = sum(tot.rejected.values()), sum(tot.dropped.values())
-    if tot.rows != tot.rows_written + rej_n + drop_n:
-        raise BuildError(f"internal check failed: rows read {tot.rows} != written {tot.rows_written} + rejected "
+    rejected, dropped = tot.rejected, dict(tot.dropped)
+    rows_written = tot.rows_written
+    if sel is not None:
+        rows_written = sum(sm["rows_written"] for sm in sel_summaries)
+        left_out = sum(sm["not_sampled"] for sm in sel_summaries)
+        if left_out:
+            dropped["not_sampled"] = left_out
+    rej_n, drop_n = sum(rejected.values()), sum(dropped.values())
+    if tot.rows != rows_written + rej_n + drop_n:
+        raise BuildError(f"internal check failed: rows read {tot.rows} != written {rows_written} + rejected "
                          f"{rej_n} + dropped {drop_n}")
     lossy: dict = {}
-    for m in metas:
+    for m in metas + valid_metas:
         for k, v in (m.get("unrepresentable") or {}).items():
             lossy[k] = lossy.get(k, 0) + v
     for k, v in lossy.items():
         log.warning("layout %s cannot represent %s: %d time(s)", layout.name, k, v)
+    if valid is not None:
+        vs = [sum(x) for x in zip(*(sm["valid"] for sm in sel_summaries))]
+        valid_stats = {"spec": cfg.validation, "rows": vs[0], "samples": vs[1], "tokens": vs[2], "loss_tokens": vs[3],
+                       "packs": valid.packs, **stats_mod.packing_figures(valid.tokens, valid.packs, S),
+                       "path": "valid/"}
+    loss_tokens = (sum(v[2] for sm in sel_summaries for v in sm["per_source"].values()) * epochs
+                   if sel is not None else tot.loss_tokens * epochs)
     result = {
         "rows_read": tot.rows,
-        "rows_written": tot.rows_written,
+        "rows_written": rows_written,
         "samples_written": samples,
-        "rejected": tot.rejected,
-        "dropped": tot.dropped,
+        "rejected": rejected,
+        "dropped": dropped,
         "overlong": {"policy": cfg.overlong, "rows_kept": tot.overlong_kept},
         "tokens": tokens,
-        "loss_tokens": tot.loss_tokens,
-        **stats_mod.packing_figures(tokens, P, S),
+        "loss_tokens": loss_tokens,
+        **stats_mod.packing_figures(train.tokens, P, S),
+        "epochs": epochs,
+        "tokens_per_epoch": train.tokens,
         "length": stats_mod.length_summary(tot.hist_all if tot.hist_all is not None else np.zeros(1)),
         "layout": cfg.layout,
-        "pack_capacity": cap,
+        "pack_capacity": train.cap,
         "tokenizer": cfg.tokenizer,
         "template": cfg.template,
         "template_kwargs": cfg.template_kwargs,
@@ -552,12 +723,17 @@ def _build(cfg, t0, so, info, files, chunks, layout, added, pad_id, out: Output,
         "vocab_size": info.vocab_size,
         "added_special_tokens": added,
         "pad_id": pad_id,
-        "max_sample_length": int(np.nonzero(hist_kept)[0].max()),
-        "max_samples_per_pack": max(len(p) for p in plan.patterns),
+        "max_sample_length": int(np.nonzero(hist_train)[0].max()),
+        "max_samples_per_pack": max(len(p) for p in train.plan.patterns),
         "unrepresentable": lossy,
         "rows_per_file": {files[s].url: int(c) for s, c in sorted(tot.rows_per_src.items())},
-        "pack_fill": {str(t): int(c) for t, c in enumerate(plan.pack_fill()) if c},
+        "pack_fill": {str(t): int(c) for t, c in enumerate(train.plan.pack_fill()) if c},
         "sample_lengths": {str(L): int(c) for L, c in enumerate(tot.hist_all) if c},
+        "mix_unit": cfg.mix_unit,
+        "sources": source_stats(sources, tot, natural, sel, sel_summaries, cfg.mix_unit),
+        **({"validation": valid_stats} if valid_stats else {}),
+        **({"cache": {"dir": cfg.cache, "rows_from_cache": tot.cached_rows,
+                      "rows_tokenized": tot.rows - tot.cached_rows}} if cfg.cache else {}),
     }
     result.update(layout.extra_stats(result))
     present += layout.write_extra(out_fs, tmp, result)
@@ -572,6 +748,53 @@ def _build(cfg, t0, so, info, files, chunks, layout, added, pad_id, out: Output,
     print(stats_mod.format_summary(result), file=sys.stderr)
     print(f"output           {cfg.output}  ({time.time() - t0:.1f} s)", file=sys.stderr)
     return result
+
+
+def _merge(fs, tmp: str, sub: str, layout, metas: list[dict], keeps_shards: bool) -> dict:
+    """Merge one packed dataset's shards (in ``tmp/sub``) into ``tmp/sub/data``, with its
+    provenance and its data_order.txt; the shards stay (their listing is data_order.txt) or go."""
+    base = join(tmp, sub) if sub else tmp
+    names = [f"shards/part-{m['shard']:05d}" for m in metas]
+    merged = layout.merge(fs, [join(base, n) for n in names], join(base, "data"), metas)
+    copy_into(fs, [join(base, n + ".prov") for n in names], join(base, "provenance.bin"))
+    for n in names:
+        for extra in (".prov", ".meta.json"):
+            if fs.exists(join(base, n + extra)):
+                fs.rm(join(base, n + extra))
+    if not keeps_shards:
+        fs.rm(join(base, "shards"), recursive=True)
+    with fs.open(join(base, "data_order.txt"), "w") as f:
+        f.write("".join(line + "\n" for line in (layout.data_order(names) if keeps_shards
+                                                   else layout.final_files()[:1])))
+    return merged
+
+
+def source_stats(sources: list, tot, natural: list[float], sel, summaries, unit: str) -> list[dict]:
+    """stats.json's ``sources``: per source, what was read and tokenized, what it was asked to
+    give and what it gave (per epoch), in samples, tokens and loss tokens, and its share of
+    the output in the mix unit, asked and realized."""
+    k_unit = {"samples": 0, "tokens": 1, "loss_tokens": 2}[unit]
+    written = {}
+    for k in range(len(sources)):
+        fig = tot.per_source.get(k, [0, 0, 0, 0])
+        if sel is None:
+            written[k] = fig[1:]
+        else:
+            written[k] = [sum(sm["per_source"].get(k, [0, 0, 0])[j] for sm in summaries) for j in range(3)]
+    total = sum(w[k_unit] for w in written.values()) or 1
+    out = []
+    for k, s in enumerate(sources):
+        fig = tot.per_source.get(k, [0, 0, 0, 0])
+        asked = {x: getattr(s, x) for x in ("share", "budget", "repeat") if getattr(s, x) is not None}
+        out.append({
+            "name": s.name, "inputs": s.inputs, "format": s.format, "map_keys": s.map_keys, "loss": s.loss,
+            "asked": asked or {"repeat": 1.0},
+            "rows": fig[0], "samples": fig[1], "tokens": fig[2], "loss_tokens": fig[3],
+            "factor": round(written[k][k_unit] / natural[k], 6) if natural[k] else 0.0,
+            "written": {"samples": written[k][0], "tokens": written[k][1], "loss_tokens": written[k][2]},
+            "share": round(written[k][k_unit] / total, 6),
+        })
+    return out
 
 
 def nothing_to_write(out: Output, blocks: Blocks, files, so, cfg, tot, manifest: dict, lock) -> BuildError:
@@ -631,12 +854,13 @@ def _reusable(fs, tmp: str, old: dict, digest: str, num_shards: int) -> dict:
 
 def measure_inputs(cfg: BuildConfig) -> stats_mod.Totals:
     """Read and tokenize the inputs and return their statistics (no output written)."""
-    so, info, files, chunks = prepare(cfg)
+    so, info, files, chunks, file_source = prepare(cfg)
     encoder, _, pool = start_with_encoder(cfg, info, files, so, len(chunks))
     blocks = Blocks(cfg.seq_length, False, files, so)
     with Watchdog(cfg.stall_timeout) as watch:
         try:
-            tokenize_and_measure(tokenize_dataset(cfg, chunks, info, so, pool, encoder), blocks, None,
+            tokenize_and_measure(tokenize_dataset(cfg, chunks, info, so, pool, encoder, 0, None, file_source),
+                                 blocks, None,
                                  pool.stats_cpus, watch)
         except KeyboardInterrupt:
             watch.check()

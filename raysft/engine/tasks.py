@@ -31,17 +31,40 @@ def measure_block(table: pa.Table, seq_length: int, rejects_dir: str | None, so:
     return summary, runs
 
 
-def assign_block(table: pa.Table, plan: dict, run_offsets: dict) -> pa.Table:
-    """Sort+pack stage, per block: each kept sample gets its output pack, its position in the
-    pack and the shard that writes it."""
-    kept = kept_mask(table)
-    if not kept.to_numpy(zero_copy_only=False).all():  # filtering copies every column, the tokens included
-        table = table.filter(kept)
+def _chosen(table: pa.Table, pick: dict | None):
+    """The rows a packing takes (``pick``: the selection and which part: copy ``c`` of the
+    training set, or the validation set) and their ranks within their runs; None: every kept
+    row, with the ranks the tokenize stage gave."""
+    if pick is None:
+        return None, None
+    from ..samples import run_ranks
+    from ..sources import select
+
+    m, valid = select(table, pick["selection"])
+    rows = valid if pick.get("valid") else (m > pick["copy"])
+    ranks = run_ranks(table.column("chunk").to_numpy(), table.column("run_first").to_numpy(),
+                      table.column("n").to_numpy(), rows)
+    return rows, ranks
+
+
+def assign_block(table: pa.Table, plan: dict, run_offsets: dict, pick: dict | None = None) -> pa.Table:
+    """Sort+pack stage, per block: each sample the packing takes gets its output pack, its
+    position in the pack and the shard that writes it."""
+    rows, ranks = _chosen(table, pick)
+    if rows is None:
+        kept = kept_mask(table)
+        if not kept.to_numpy(zero_copy_only=False).all():  # filtering copies every column, the tokens included
+            table = table.filter(kept)
+        run_rank = table.column("run_rank").to_numpy()
+    else:
+        table = table.filter(pa.array(rows))
+        run_rank = ranks[rows]
     n = table.column("n").to_numpy().astype(np.int64)
     ranks = block_ranks(n, table.column("chunk").to_numpy().astype(np.int64), table.column("run_first").to_numpy(),
-                        table.column("run_rank").to_numpy(), run_offsets)
+                        run_rank, run_offsets)
     out_pack, pos = assign_slots(plan["table"], n, ranks, plan["seed"])
     shard = out_pack * plan["num_shards"] // plan["num_packs"]
+    out_pack = out_pack + plan.get("pack_base", 0)  # epoch e's packs follow the earlier epochs' in the output
     return pa.table({
         "shard": pa.array(shard), "out_pack": pa.array(out_pack), "pos": pa.array(pos),
         "ids": table.column("ids"), "src": table.column("src"), "piece": table.column("piece"),
@@ -50,11 +73,12 @@ def assign_block(table: pa.Table, plan: dict, run_offsets: dict) -> pa.Table:
     })
 
 
-def partition_block(table: pa.Table, plan: dict, run_offsets: dict, num_shards: int) -> list[pa.Table] | pa.Table:
-    """Shuffle, map side (one task per tokenized block): the block's kept samples with their
-    pack slots, cut into one table per output shard (empty where it has none); the table
-    itself for one shard (a Ray task with one return value returns it as is)."""
-    t = assign_block(table, plan, run_offsets)
+def partition_block(table: pa.Table, plan: dict, run_offsets: dict, num_shards: int,
+                    pick: dict | None = None) -> list[pa.Table] | pa.Table:
+    """Shuffle, map side (one task per tokenized block and packing part): the samples it takes
+    with their pack slots, cut into one table per output shard (empty where it has none); the
+    table itself for one shard (a Ray task with one return value returns it as is)."""
+    t = assign_block(table, plan, run_offsets, pick)
     if num_shards == 1:
         return t
     shard = t.column("shard").to_numpy()
@@ -62,6 +86,64 @@ def partition_block(table: pa.Table, plan: dict, run_offsets: dict, num_shards: 
     bounds = np.searchsorted(shard[order], np.arange(num_shards + 1))
     # take, not slice: a slice would carry (and serialize) the whole block's buffers
     return [t.take(pa.array(order[bounds[s] : bounds[s + 1]])) for s in range(num_shards)]
+
+
+def _runs(chunk: np.ndarray, first: np.ndarray, n: np.ndarray, rows: np.ndarray) -> dict:
+    out: dict = {}
+    if rows.any():
+        keys = np.stack([chunk[rows].astype(np.int64), first[rows], n[rows].astype(np.int64)], axis=1)
+        uniq, counts = np.unique(keys, axis=0, return_counts=True)
+        for (c, r, L), k in zip(uniq.tolist(), counts.tolist()):
+            out.setdefault((c, r), {})[L] = k
+    return out
+
+
+def select_block(table: pa.Table, selection) -> tuple[dict, dict]:
+    """Mixture and split, per tokenized block: the histograms the plans need (training samples
+    with their copies, validation samples), per-source figures as realized, the records the
+    mixture left out, and the runs of each packing part (copy ``c`` of the training set,
+    ``"valid"``) for the rank offsets."""
+    from ..sources import select
+
+    m, valid = select(table, selection)
+    n = table.column("n").to_numpy().astype(np.int64)
+    loss = table.column("loss_n").to_numpy().astype(np.int64)
+    first = table.column("piece").to_numpy() == 0
+    src = table.column("source").to_numpy()
+    kept = kept_mask(table).to_numpy(zero_copy_only=False)
+    chunk, run_first = table.column("chunk").to_numpy(), table.column("run_first").to_numpy()
+    per_source = {}
+    for s in np.unique(src[kept]).tolist():
+        r = kept & (src == s)
+        per_source[int(s)] = [int(m[r].sum()), int((m * n)[r].sum()), int((m * loss)[r].sum())]
+    train = m > 0
+    summary = {
+        "hist_train": np.bincount(n[train], weights=m[train], minlength=1).astype(np.int64),
+        "hist_valid": np.bincount(n[valid], minlength=1).astype(np.int64),
+        "per_source": per_source,
+        "valid": [int((first & valid).sum()), int(valid.sum()), int(n[valid].sum()), int(loss[valid].sum())],
+        "not_sampled": int((first & kept & ~valid & ~train).sum()),
+        "rows_written": int((first & kept & (valid | train)).sum()),
+    }
+    runs = {c: _runs(chunk, run_first, n, m > c) for c in range(int(m.max()) if len(m) else 0)}
+    runs["valid"] = _runs(chunk, run_first, n, valid)
+    return summary, runs
+
+
+def amounts_task(table: pa.Table, seed: int, valid_below: float | None, unit: str) -> dict:
+    """The mixture's first pass, per block: each source's training amounts by copy-key bucket."""
+    from ..sources import amounts_by_key
+
+    return amounts_by_key(table, seed, valid_below, unit)
+
+
+def smallest_keys(table: pa.Table, count: int, seed: int) -> np.ndarray:
+    """``--validation COUNT``: the block's ``count`` smallest distinct record keys (kept records)."""
+    from ..sources import valid_key
+
+    kept = kept_mask(table).to_numpy(zero_copy_only=False) & (table.column("piece").to_numpy() == 0)
+    keys = np.unique(valid_key(table.column("rec_hash").to_numpy()[kept], seed))
+    return keys[:count]
 
 
 def feed_digest(table: pa.Table) -> str:

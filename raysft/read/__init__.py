@@ -316,8 +316,10 @@ def _pieces(src: int, f: InputFile, so: dict | None, chunk_bytes: int) -> list[P
     raise InputError(f"{f.url}: unknown input kind {kind}")
 
 
-def plan_chunks(files: list[InputFile], so: dict | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[Chunk]:
-    """Read chunks in input order; runs of small whole files share a chunk."""
+def plan_chunks(files: list[InputFile], so: dict | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                groups: list[int] | None = None) -> list[Chunk]:
+    """Read chunks in input order; runs of small whole files share a chunk (never across
+    ``groups``: the files of different sources are never in one chunk)."""
     chunks: list[Chunk] = []
     group: list[Piece] = []
     group_bytes = 0
@@ -331,6 +333,8 @@ def plan_chunks(files: list[InputFile], so: dict | None = None, chunk_bytes: int
 
     for src, f in enumerate(files):
         pieces = _pieces(src, f, so, chunk_bytes)
+        if groups is not None and src and groups[src] != groups[src - 1]:
+            flush()
         if len(pieces) == 1 and f.size <= small:
             if group_bytes + f.size > chunk_bytes:
                 flush()
@@ -492,9 +496,10 @@ def chunk_digest(c: Chunk, so: dict | None = None) -> tuple[int, dict]:
     return int.from_bytes(h.digest(), "little", signed=True), kept
 
 
-def read_chunk(c: Chunk, so: dict | None = None, batch: int = 1 << 30):
-    """Yield the chunk's records, ``batch`` at a time (see module doc)."""
-    digest, kept = chunk_digest(c, so)
+def read_chunk(c: Chunk, so: dict | None = None, batch: int = 1 << 30, digested: tuple | None = None):
+    """Yield the chunk's records, ``batch`` at a time (see module doc). ``digested``: what
+    ``chunk_digest`` already gave for this chunk (its bytes are not read twice)."""
+    digest, kept = digested if digested is not None else chunk_digest(c, so)
     out = _Batcher(batch, digest)
     for p in c.pieces:
         yield from _read_piece(p, so, kept.get((p.url, p.start)), out)

@@ -1,0 +1,108 @@
+"""The tokenized cache (``--cache DIR``, local or ``s3://``): the tokenize stage's cacheable
+half (``raysft.samples.ENCODED``) of each read chunk, content-addressed.
+
+The key of a chunk is a hash of everything its encoded rows depend on: the chunk's content
+(the hash of the bytes it is read from) and layout (its pieces' kinds and ranges), the
+tokenizer (its files, added special tokens included), the template (name, Jinja text,
+``--template-kwargs``, ``--template-date``), the source's format, ``--map-keys`` and loss
+policy, and raysft's version. Not in it: ``--seq-length``, ``--overlong``, the layout, the
+mixture, the seed, the split, the epochs: a rebuild that changes only those reads every chunk
+from the cache and tokenizes nothing, and a source whose files changed re-tokenizes only its
+own chunks.
+
+An entry is one Arrow IPC file, ``DIR/ab/abcdef....arrow``, whose last 32 bytes are the
+BLAKE2b-256 of the rest: an entry that does not check out (cut short, corrupted, written by
+something else) is not used; the chunk is tokenized again and the entry rewritten. Entries
+are written whole under a temporary name and renamed (local) or put in one request (S3).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import secrets
+
+import pyarrow as pa
+
+from .fs import get_fs, join
+
+log = logging.getLogger("raysft")
+DIGEST = 32
+
+
+def chunk_key(digest: int, pieces: list[tuple], context: str) -> str:
+    """The entry name of a chunk: its content hash, its pieces' layout (kind, start, end,
+    compression) and the build context (``context_digest``)."""
+    h = hashlib.blake2b(digest_size=20)
+    h.update(json.dumps([int(digest), [list(p) for p in pieces], context]).encode())
+    return h.hexdigest()
+
+
+def context_digest(info, template: str, template_kwargs: dict, template_date: str | None, fmt: str, map_keys: dict,
+                   loss: str, version: str) -> str:
+    """What a source's encoded rows depend on besides the chunk's bytes."""
+    h = hashlib.blake2b(digest_size=20)
+    h.update(info.tokenizer_json.encode())
+    h.update(json.dumps([info.bos, info.eos, info.chat_template, info.special_strings, info.special_map,
+                         template, template_kwargs, template_date, fmt, map_keys, loss, version],
+                        sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+class Cache:
+    def __init__(self, url: str, so: dict | None = None):
+        self.url = url.rstrip("/")
+        self.fs, self.root = get_fs(self.url, so)
+        self.hits = self.misses = self.bad = 0
+
+    def path(self, key: str) -> str:
+        return join(self.root, key[:2], key + ".arrow")
+
+    def load(self, key: str) -> pa.Table | None:
+        """The entry, or None when there is none or it does not check out."""
+        p = self.path(key)
+        try:
+            with self.fs.open(p, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            self.misses += 1
+            return None
+        except OSError as e:
+            log.warning("tokenized cache: cannot read %s (%s): tokenizing the chunk again", p, e)
+            self.bad += 1
+            return None
+        body, tail = data[:-DIGEST], data[-DIGEST:]
+        if len(data) <= DIGEST or hashlib.blake2b(body, digest_size=DIGEST).digest() != tail:
+            log.warning("tokenized cache: %s fails its checksum: tokenizing the chunk again", p)
+            self.bad += 1
+            return None
+        try:
+            table = pa.ipc.open_file(pa.BufferReader(body)).read_all()
+        except pa.ArrowInvalid as e:
+            log.warning("tokenized cache: %s is not readable (%s): tokenizing the chunk again", p, e)
+            self.bad += 1
+            return None
+        self.hits += 1
+        return table
+
+    def save(self, key: str, table: pa.Table) -> None:
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_file(sink, table.schema) as w:
+            w.write_table(table)
+        body = sink.getvalue().to_pybytes()
+        data = body + hashlib.blake2b(body, digest_size=DIGEST).digest()
+        p = self.path(key)
+        try:
+            self.fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
+            if self.fs.protocol in ("file", ("file", "local")):
+                tmp = f"{p}.{secrets.token_hex(4)}.tmp"
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, p)
+            else:
+                with self.fs.open(p, "wb") as f:
+                    f.write(data)
+        except OSError as e:  # a cache that cannot be written never fails the build
+            log.warning("tokenized cache: cannot write %s (%s)", p, e)
