@@ -22,6 +22,8 @@
    by process, the build's own stage seconds, and the hypervisor's steal share while each ran
    (on a shared virtual machine wall time drifts by tens of percent within minutes).
 
+``--cache-runs`` also times a cold build into an empty ``--cache`` and, from that cache, a
+re-pack at half the seq-length and a re-mix of two sources (against the cold build).
 ``--plan-samples 1e9`` also times the packing planner alone on that many synthetic lengths.
 ``--direct`` also times the tokenize step without Ray (the actor's code in one process per CPU).
 """
@@ -188,13 +190,14 @@ def megatron(texts: list[str], tokenizer: str, checkout: Path, work: Path) -> di
 _DIRECT = None  # the tokenize step of one --direct worker process
 
 
-def _direct_init(tokenizer: str, seq_length: int) -> None:
+def _direct_init(tokenizer: str, seq_length: int, n_files: int) -> None:
     global _DIRECT
     from raysft.engine.actors import TokenizeAndMask
     from raysft.tokenize import load_tokenizer_info
 
     info = load_tokenizer_info(tokenizer)
-    _DIRECT = TokenizeAndMask(info, "llama3", "auto", {}, "assistant", seq_length, threads=1)
+    source = {"format": "auto", "map_keys": {}, "loss": "assistant", "context": ""}
+    _DIRECT = TokenizeAndMask(info, "llama3", [source], [0] * n_files, seq_length, threads=1)
 
 
 def _direct_chunk(chunk) -> tuple[int, int]:
@@ -221,12 +224,12 @@ def direct(paths: list[Path], tokenizer: str, seq_length: int, workers: int) -> 
     from raysft.config import BuildConfig
     from raysft.read import expand_inputs, plan_chunks, split_tail
 
-    chunks = split_tail(plan_chunks(expand_inputs([str(p) for p in paths], {}), {}, BuildConfig.chunk_bytes),
-                        2 * workers)
+    files = expand_inputs([str(p) for p in paths], {})
+    chunks = split_tail(plan_chunks(files, {}, BuildConfig.chunk_bytes), 2 * workers)
     steal = Steal()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    with mp.get_context("spawn").Pool(workers, _direct_init, (tokenizer, seq_length)) as pool:
+    with mp.get_context("spawn").Pool(workers, _direct_init, (tokenizer, seq_length, len(files))) as pool:
         done = list(pool.imap_unordered(_direct_chunk, chunks))
         pool.close()
         pool.join()
@@ -354,8 +357,11 @@ class TreeMemory:
         return self.peak
 
 
-def run_build(inputs: str, tokenizer: str, out: Path, seq_length: int, extra: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "raysft.build", "--input", inputs, "--tokenizer", tokenizer, "--template", "llama3",
+def run_build(inputs: str | list[dict], tokenizer: str, out: Path, seq_length: int, extra: list[str]) -> dict:
+    """One ``python -m raysft.build`` (``inputs``: a glob, or ``--source`` specs)."""
+    where = (["--input", inputs] if isinstance(inputs, str)
+             else [a for spec in inputs for a in ("--source", json.dumps(spec))])
+    cmd = [sys.executable, "-m", "raysft.build", *where, "--tokenizer", tokenizer, "--template", "llama3",
            "--seq-length", str(seq_length), "--output", str(out), "--overwrite", *extra]
     env = dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1")
     steal = Steal()
@@ -397,6 +403,30 @@ def run_build(inputs: str, tokenizer: str, out: Path, seq_length: int, extra: li
     }
 
 
+def cache_runs(paths: list[Path], tokenizer: str, out: Path, seq_length: int, extra: list[str]) -> dict:
+    """The tokenized cache (#25): the input as two sources (the first half of the shards and
+    the second), built cold into an empty ``--cache`` (tokenizes and writes the cache), then
+    from it a re-pack at half the seq-length, and a re-mix that gives the first source a share
+    of 0.7 (it is its natural ~0.5 otherwise); each against the cold build."""
+    import shutil
+
+    half = len(paths) // 2
+    a = {"name": "a", "input": [str(p) for p in paths[:half]]}
+    b = {"name": "b", "input": [str(p) for p in paths[half:]]}
+    cache = out / "cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    flags = [*extra, "--cache", str(cache)]
+    runs = {"cold": run_build([a, b], tokenizer, out / "build", seq_length, flags)}
+    print(f"cache    cold {runs['cold']['seconds']} s", flush=True)
+    runs["repack"] = run_build([a, b], tokenizer, out / "build", seq_length // 2, flags)
+    print(f"cache    repack at {seq_length // 2}: {runs['repack']['seconds']} s", flush=True)
+    runs["remix"] = run_build([{**a, "share": 0.7}, {**b, "share": 0.3}], tokenizer, out / "build", seq_length, flags)
+    print(f"cache    remix a 0.7 / b 0.3: {runs['remix']['seconds']} s", flush=True)
+    for k in ("repack", "remix"):
+        runs[f"{k}_speedup"] = round(runs["cold"]["seconds"] / runs[k]["seconds"], 2)
+    return runs
+
+
 def plan_benchmark(samples: float, seq_length: int, shared: Path) -> dict:
     from raysft.pack import lower_bound, plan_bfd
 
@@ -433,6 +463,8 @@ def main() -> None:
     p.add_argument("--plan-samples", type=float, default=0, help="also time the planner on this many lengths")
     p.add_argument("--direct", action="store_true",
                    help="also time the tokenize step without Ray (one process per CPU, the actor's code)")
+    p.add_argument("--cache-runs", action="store_true",
+                   help="also time a cold build into --cache, a re-pack and a re-mix from it")
     p.add_argument("build_flags", nargs="*", help="extra raysft.build flags (after --)")
     args = p.parse_args()
     out = Path(args.out)
@@ -480,6 +512,10 @@ def main() -> None:
     if medians:
         print("medians of {} run(s): {}".format(len(builds), ", ".join(f"{k} {v:.3f}" for k, v in medians.items())))
     texts = None  # noqa: F841 - free the rendered texts before the planner runs
+    if args.cache_runs:
+        result["cache"] = cache_runs(paths, tokenizer, out, args.seq_length, args.build_flags)
+        print("cache    re-pack {repack_speedup}x, re-mix {remix_speedup}x faster than the cold build".format(
+            **result["cache"]), flush=True)
     if args.plan_samples:
         result["plan"] = plan_benchmark(args.plan_samples, args.seq_length, Path(args.shared))
         print(f"plan     {result['plan']}")

@@ -71,6 +71,14 @@ def test_job_config_file_and_cli_override(tmp_path):
         load_config_file(str(bad))
 
 
+def test_mixture_job_file_parses_into_sources():
+    cfg = config_from_args(["--config", str(ROOT / "jobs" / "mixture.yaml")])
+    assert [s["name"] for s in cfg.sources] == ["chat", "math", "code"]
+    assert sum(s["share"] for s in cfg.sources) == pytest.approx(1.0)
+    assert cfg.sources[1]["map_keys"] == {"prompt": "question", "response": "answer"}
+    assert cfg.epochs == 2 and cfg.validation == "0.01" and cfg.cache
+
+
 @pytest.mark.parametrize("script", ["jobs/cron_submit.sh", "deploy/dlc_launch.sh", "scripts/setup.sh"])
 def test_shell_scripts_parse(script):
     subprocess.run(["bash", "-n", str(ROOT / script)], check=True)

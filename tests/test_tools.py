@@ -72,6 +72,22 @@ def test_stats_cli(shared_data, llama3_dir, ray_session, capsys):
     assert "max 4043" in text
 
 
+def test_stats_cli_predicts_the_packs_builds_make(shared_data, llama3_dir, ray_session, capsys, tmp_path):
+    """The pack column of ``python -m raysft.stats`` is what a build at that seq-length makes."""
+    from raysft.inputstats import main
+
+    inputs = [shared_data / "glaive_toolcall_en_demo.json", shared_data / "alpaca_zh_demo.json"]
+    assert main([*map(str, inputs), "--tokenizer", llama3_dir, "--template", "llama3",
+                 "--seq-lengths", "512,1024"]) == 0
+    rows = {int(m[0]): (int(m[1].replace(",", "")), int(m[2].replace(",", "")))
+            for m in re.findall(r"^\s+(\d+)\s+[\d.]+%\s+[\d.]+%\s+([\d,]+)\s+([\d,]+)", capsys.readouterr().out,
+                                re.M)}
+    assert set(rows) == {512, 1024}
+    for S in (512, 1024):
+        stats = build(tmp_path / str(S), inputs, llama3_dir, template="llama3", seq_length=S)
+        assert rows[S] == (stats["packs"], stats["lower_bound_packs"]), S
+
+
 @pytest.mark.parametrize("module", ["raysft.build", "raysft.inspect", "raysft.stats", "raysft.example"])
 def test_help_groups_flags_and_gives_an_example(module):
     r = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=60)
