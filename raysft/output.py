@@ -168,6 +168,8 @@ class OutputLock:
                 self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
                 self.fs.invalidate_cache(self.path)
                 return True
+            except FileExistsError:  # s3fs's name for 412 PreconditionFailed: someone holds it
+                return False
             except Exception as e:  # noqa: BLE001 - s3fs maps the precondition failure to OSError-like errors
                 text = f"{type(e).__name__} {e}"
                 if "PreconditionFailed" in text or "412" in text or "ConditionalRequestConflict" in text:

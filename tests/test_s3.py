@@ -63,3 +63,89 @@ def test_s3_missing_output_bucket(tmp_path, bucket, s3_endpoint, llama3_dir):
     with pytest.raises((InputError, BuildError), match="bucket 'no-out-bucket' does not exist"):
         build("s3://no-out-bucket/x", [f"s3://{BUCKET}/raw/*.json"], llama3_dir, template="llama3",
               s3_endpoint_url=s3_endpoint)
+
+
+# --------------------------------------------------------------------------- lock and commit on S3
+
+
+def _s3fs(endpoint):
+    import s3fs
+
+    return s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, use_listings_cache=False)
+
+
+def test_s3_lock_is_a_conditional_put_and_a_dead_remote_owner_is_taken_over(bucket, s3_endpoint):
+    import json
+
+    from raysft.output import LOCK, OutputError, OutputLock
+
+    fs, root = _s3fs(s3_endpoint), f"{BUCKET}/locked"
+    a, b = OutputLock(fs, root, f"s3://{root}"), OutputLock(fs, root, f"s3://{root}")
+    a.acquire()
+    with pytest.raises(OutputError, match="is being written by another build"):
+        b.acquire()  # the store refused b's put (If-None-Match), and a's owner is alive
+    assert json.loads(fs.cat(f"{root}/{LOCK}"))["token"] == a.token
+    a.release()
+    b.acquire()
+    b.verify()
+    b._stop.set()  # b "dies" on another host: its heartbeat stops
+    stale = json.loads(fs.cat(f"{root}/{LOCK}"))
+    stale.update(host="elsewhere", heartbeat=0, since=0)
+    fs.pipe(f"{root}/{LOCK}", json.dumps(stale).encode())
+    c = OutputLock(fs, root, f"s3://{root}")
+    c.acquire()  # not refreshed for LEASE_S: taken over
+    with pytest.raises(OutputError, match="took over the output lock"):
+        b.verify()  # b's commit would refuse
+    c.release()
+    assert not fs.exists(f"{root}/{LOCK}")
+
+
+def test_s3_commit_cut_at_any_step_is_finished_by_the_next_run(bucket, s3_endpoint):
+    """A lost connection at each server-side copy or delete of an S3 commit: the old dataset
+    stays marked until the journal exists, and the next run finishes the new one from it."""
+    from raysft.output import SUCCESS, TMP, Output
+
+    fs = _s3fs(s3_endpoint)
+    old, new = ["data.bin", "data.idx", "stats.json", "old_only.txt"], ["data.bin", "data.idx", "stats.json"]
+
+    def commit(root, tag, names, fail_after=None):
+        o = Output(fs, root, f"s3://{root}")
+        o.prepare_tmp({"tokenizer": "t", "flags": {}}, resume=False)
+        for n in names:
+            fs.pipe(f"{root}/{TMP}/{n}", f"{tag}:{n}".encode())
+        calls = [0]
+        real_copy, real_rm = fs.copy, fs.rm
+
+        def cut(real):
+            def f(*a, **k):
+                calls[0] += 1
+                if fail_after is not None and calls[0] > fail_after:
+                    raise ConnectionError("endpoint went away")
+                return real(*a, **k)
+            return f
+
+        fs.copy, fs.rm = cut(real_copy), cut(real_rm)
+        try:
+            o.commit(names, {"tokenizer": "t", "flags": {}})
+        finally:
+            fs.copy, fs.rm = real_copy, real_rm
+        return calls[0]
+
+    def state(root):
+        return {p[len(root) + 1:]: fs.cat(p).decode() for p in fs.find(root) if f"/{TMP}/" not in p}
+
+    commit(f"{BUCKET}/ref", "old", old)
+    steps = commit(f"{BUCKET}/ref", "new", new)
+    want = state(f"{BUCKET}/ref")
+    assert SUCCESS in want and "old_only.txt" not in want and want["data.bin"] == "new:data.bin"
+    for k in range(steps):
+        root = f"{BUCKET}/cut{k}"
+        commit(root, "old", old)
+        before = state(root)
+        with pytest.raises(ConnectionError):
+            commit(root, "new", new, fail_after=k)
+        now = state(root)
+        if SUCCESS in now:
+            assert now in (before, want), f"step {k}: a marked mix"
+        assert Output(fs, root, f"s3://{root}").recover()
+        assert state(root) == want, f"step {k}"
