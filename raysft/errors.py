@@ -60,7 +60,7 @@ def classify(e: BaseException) -> tuple[int, str]:
     from .engine.watch import Stalled
     from .merge import MergeError
     from .output import OutputError
-    from .read import InputError
+    from .read import InputError, StorageUnavailable
     from .sources import SourceError
     from .templates import TemplateError
     from .tokenize import TokenizerError
@@ -70,6 +70,8 @@ def classify(e: BaseException) -> tuple[int, str]:
     inner = _unwrap(e)
     name = type(inner).__name__
     msg = _first_line(inner)
+    if isinstance(inner, StorageUnavailable):
+        return STORAGE, msg
     if isinstance(inner, (BuildError, InputError, TemplateError, TokenizerError, EncoderError, SourceError)):
         return BAD_INPUT, msg
     if isinstance(inner, (OutputError, MergeError, StorageRuleError)):

@@ -235,19 +235,41 @@ def expand_inputs(patterns: list[str], so: dict | None = None) -> list[InputFile
     return [found[u] for u in sorted(found)]
 
 
+class StorageUnavailable(InputError):
+    """An object store that cannot be reached, or a bucket that is missing or closed to these
+    credentials: a storage fault (exit 3), not bad records."""
+
+
 def check_bucket(fs, path: str, url: str, what: str) -> None:
-    """One clear line for a bucket that does not exist or cannot be reached."""
+    """One clear line for a bucket that does not exist or cannot be reached (s3fs's
+    ``exists`` answers False for an endpoint that does not answer: ask the store itself)."""
     if not is_remote(url):
         return
     bucket = path.split("/", 1)[0]
     try:
         ok = fs.exists(bucket)
     except PermissionError as e:
-        raise InputError(f"{what} {url}: access to bucket '{bucket}' denied ({_short(e)})") from None
+        raise StorageUnavailable(f"{what} {url}: access to bucket '{bucket}' denied ({_short(e)})") from None
     except OSError as e:
-        raise InputError(f"{what} {url}: cannot reach bucket '{bucket}' ({_short(e)})") from None
-    if not ok:
-        raise InputError(f"{what} {url}: bucket '{bucket}' does not exist (or these credentials cannot see it)")
+        raise StorageUnavailable(f"{what} {url}: cannot reach bucket '{bucket}' ({_short(e)})") from None
+    if ok:
+        return
+    why = ""
+    if hasattr(fs, "call_s3"):
+        try:
+            fs.call_s3("head_bucket", Bucket=bucket)
+        except FileNotFoundError:
+            why = ""
+        except PermissionError as e:
+            why = f"access to bucket '{bucket}' denied ({_short(e)})"
+        except Exception as e:  # noqa: BLE001 - botocore's connection errors are not OSErrors
+            name = type(e).__name__
+            if "Endpoint" in name or "Connect" in name or "Timeout" in name or isinstance(e, OSError):
+                endpoint = getattr(getattr(getattr(fs, "s3", None), "meta", None), "endpoint_url", None) or \
+                    (getattr(fs, "client_kwargs", None) or {}).get("endpoint_url", "the object store")
+                why = f"cannot reach {endpoint} ({_short(e)})"
+    raise StorageUnavailable(f"{what} {url}: " + (why or f"bucket '{bucket}' does not exist (or these credentials "
+                                                         "cannot see it)"))
 
 
 def _short(e: Exception) -> str:
@@ -669,5 +691,5 @@ def describe_position(url: str, row: int, offset: int, so: dict | None = None) -
 
 
 __all__ = ["InputError", "InputFile", "Piece", "Chunk", "RawRows", "expand_inputs", "plan_chunks", "split_tail",
-           "read_chunk", "check_bucket", "check_url", "describe_position", "line_number", "LineCounter",
+           "read_chunk", "check_bucket", "StorageUnavailable", "check_url", "describe_position", "line_number", "LineCounter",
            "content_hash", "file_kind", "DEFAULT_CHUNK_BYTES"]

@@ -1,0 +1,65 @@
+"""Infrastructure faults are one line with a documented exit code (raysft.errors.classify),
+also when they arrive wrapped in Ray's exceptions from a worker."""
+
+import errno
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from raysft import errors
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _ray_wrapped(e: BaseException) -> BaseException:
+    from ray.exceptions import RayTaskError
+
+    tb = "Traceback (most recent call last):\n  File \"x.py\", line 1, in f\n" + f"{type(e).__name__}: {e}"
+    return RayTaskError("write_parts", tb, e)
+
+
+def _cases():
+    import botocore.exceptions as bx
+
+    return [
+        (OSError(errno.ENOSPC, "No space left on device", "/data/out/_tmp/shards/part-00003.bin"), errors.STORAGE,
+         "no space left on the device writing /data/out/_tmp/shards/part-00003.bin"),
+        (PermissionError(errno.EACCES, "Permission denied", "/data/out"), errors.STORAGE, "permission denied"),
+        (bx.NoCredentialsError(), errors.STORAGE, "no storage credentials on a worker or the driver"),
+        (bx.EndpointConnectionError(endpoint_url="http://minio:9000/b"), errors.STORAGE, "object storage error"),
+        (MemoryError(), errors.CLUSTER, "out of memory"),
+        (KeyboardInterrupt(), errors.INTERRUPTED, "interrupted"),
+        (ZeroDivisionError("division by zero"), errors.INTERNAL, "internal error (ZeroDivisionError)"),
+    ]
+
+
+@pytest.mark.parametrize("k", range(7))
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_faults_are_one_line_with_their_exit_code(k, wrapped):
+    e, code, text = _cases()[k]
+    if wrapped and not isinstance(e, KeyboardInterrupt):
+        e = _ray_wrapped(e)
+    got, line = errors.classify(e)
+    assert got == code and text in line, line
+    assert "\n" not in line and "Traceback" not in line
+
+
+def test_an_unreachable_s3_endpoint_is_one_line_and_exit_3(tmp_path, shared_data, llama3_dir):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = subprocess.run(
+        [sys.executable, "-m", "raysft.build", "--input", str(shared_data / "alpaca_en_demo.json"), "--tokenizer",
+         llama3_dir, "--template", "llama3", "--output", "s3://nowhere-bucket/out", "--s3-endpoint-url",
+         f"http://127.0.0.1:{port}"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+        env={**os.environ, "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_MAX_ATTEMPTS": "1",
+             "AWS_RETRY_MODE": "standard"})
+    lines = [x for x in r.stderr.splitlines() if x.startswith("raysft.build: error")]
+    assert r.returncode == errors.STORAGE and len(lines) == 1, r.stderr[-2000:]
+    assert f"cannot reach http://127.0.0.1:{port}" in lines[0] and "does not exist" not in lines[0]
+    assert "Traceback" not in r.stderr
