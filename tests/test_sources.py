@@ -169,6 +169,13 @@ def test_mixture_epochs_validation_and_the_cache(tmp_path, ray_session, mixed_in
     assert 0 < third["cache"]["rows_tokenized"] < 2499
     assert file_bytes(tmp_path / "third") == file_bytes(tmp_path / "fresh")
 
+    # a shorter seq-length than the entries were made at (they keep no text, which dropping
+    # overlong records does not need) also reads everything from the cache
+    short = build(tmp_path / "short", [], llama3_dir, cache=str(cache), **(flags | {"seq_length": 1024}))
+    assert short["cache"]["rows_tokenized"] == 0
+    build(tmp_path / "short-fresh", [], llama3_dir, **(flags | {"seq_length": 1024}))
+    assert file_bytes(tmp_path / "short") == file_bytes(tmp_path / "short-fresh")
+
 
 def test_budget_repeat_and_a_validation_count(tmp_path, ray_session, mixed_inputs, llama3_dir):
     flags = dict(template="llama3", seq_length=2048, validation="100",

@@ -79,7 +79,10 @@ class TokenizeAndMask:
             key = chunk_key(digested[0], [(p.kind, p.start, p.end, p.compression) for p in c.pieces],
                             self.sources[source]["context"])
             enc = self.cache.load(key)
-            if enc is not None and int((enc.schema.metadata or {}).get(b"keep_over", b"0")) <= S:
+            # an entry keeps the text of records longer than its keep_over, for cuts inside
+            # markers; a shorter seq-length needs it only when it cuts records at such markers
+            if enc is not None and (int((enc.schema.metadata or {}).get(b"keep_over", b"0")) <= S
+                                    or self.overlong == "drop" or not builder.markers):
                 srcs = np.array(sorted({p.src for p in c.pieces}), np.int32)  # the entry numbers files 0, 1, ...
                 enc = enc.set_column(0, "src", pa.array(srcs[enc.column("src").to_numpy()]))
                 for start in range(0, max(enc.num_rows, 1), self.batch_size):
