@@ -26,7 +26,7 @@ import numpy as np
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
-def _mix64(x: np.ndarray) -> np.ndarray:
+def mix64(x: np.ndarray) -> np.ndarray:
     """splitmix64 finalizer, vectorized (uint64 arithmetic wraps)."""
     x = x.astype(np.uint64, copy=True)
     with np.errstate(over="ignore"):
@@ -41,7 +41,7 @@ def _mix64(x: np.ndarray) -> np.ndarray:
 def derive_key(seed: int, *parts: int) -> np.uint64:
     k = np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64)
     for p in parts:
-        k = _mix64(k ^ _mix64(np.array([p & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64)))
+        k = mix64(k ^ mix64(np.array([p & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64)))
     return k[0]
 
 
@@ -71,7 +71,7 @@ def permute(x: np.ndarray, n: np.ndarray | int, key: np.ndarray | int, rounds: i
         v, h, m, k = y[idx], half[idx], mask[idx], key[idx]
         left, right = v >> h, v & m
         for r in range(rounds):
-            f = _mix64(right ^ _mix64(k + np.uint64(r + 1))) & m
+            f = mix64(right ^ mix64(k + np.uint64(r + 1))) & m
             left, right = right, left ^ f
         v = (left << h) | right
         y[idx] = v
@@ -272,7 +272,7 @@ def class_keys(seed: int, seq_length: int) -> np.ndarray:
     k = (seed, seq_length)
     if k not in _CLASS_KEYS:
         base = np.uint64(derive_key(seed, 1))
-        _CLASS_KEYS[k] = _mix64(np.arange(seq_length + 1, dtype=np.uint64) ^ base)
+        _CLASS_KEYS[k] = mix64(np.arange(seq_length + 1, dtype=np.uint64) ^ base)
     return _CLASS_KEYS[k]
 
 

@@ -34,8 +34,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .pack import mix64  # the one splitmix64 finalizer (slot shuffles use it too)
+
 MIX_UNITS = ("loss_tokens", "samples", "tokens")
-_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
 class SourceError(ValueError):
@@ -152,30 +153,18 @@ def record_hash(raw: bytes) -> int:
     return h - (1 << 64) if h >= 1 << 63 else h
 
 
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finalizer, vectorized: uint64 -> well-spread uint64."""
-    with np.errstate(over="ignore"):
-        x = x.astype(np.uint64, copy=True)
-        x ^= x >> np.uint64(30)
-        x *= np.uint64(0xBF58476D1CE4E5B9)
-        x ^= x >> np.uint64(27)
-        x *= np.uint64(0x94D049BB133111EB)
-        x ^= x >> np.uint64(31)
-    return x
-
-
 def unit(values: np.ndarray, salt: int) -> np.ndarray:
     """A deterministic number in [0, 1) per value (a hash of it and ``salt``)."""
     with np.errstate(over="ignore"):
         x = np.asarray(values).astype(np.int64).view(np.uint64) ^ np.uint64(salt & 0xFFFFFFFFFFFFFFFF)
-    return (_mix64(x) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+    return (mix64(x) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
 def copy_key(rec_hash: np.ndarray, position: np.ndarray, seed: int) -> np.ndarray:
     """The number in [0, 1) that orders a source's records for its seeded sample: a hash of
     the record's content, its position in its file, and the seed."""
     with np.errstate(over="ignore"):
-        key = np.asarray(rec_hash, np.int64).view(np.uint64) ^ _mix64(np.asarray(position, np.int64).view(np.uint64))
+        key = np.asarray(rec_hash, np.int64).view(np.uint64) ^ mix64(np.asarray(position, np.int64).view(np.uint64))
     return unit(key.view(np.int64), seed * 0x9E3779B97F4A7C15 + 1)
 
 
