@@ -428,11 +428,12 @@ class Loading:
     the GIL released): the actor reads and renders its first records meanwhile, and the first
     ``encode`` waits for it."""
 
-    def __init__(self, mode: str, info, parity: bool = True):
+    def __init__(self, mode: str, info, parity: bool = True, start: bool = True):
         import threading
 
         self._result: tuple | None = None
         self._error: BaseException | None = None
+        self._started = False
 
         def load():
             try:
@@ -441,9 +442,18 @@ class Loading:
                 self._error = e
 
         self._thread = threading.Thread(target=load, name="raysft-encoder-load", daemon=True)
-        self._thread.start()
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        """Begin loading (``start=False``: not before something needs encoding, e.g. an actor
+        whose chunks may all come from the cache)."""
+        if not self._started:
+            self._started = True
+            self._thread.start()
 
     def get(self):
+        self.start()
         self._thread.join()
         if self._error is not None:
             raise self._error

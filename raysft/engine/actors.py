@@ -37,7 +37,9 @@ class TokenizeAndMask:
         from ..parity import TemplateParity
 
         self.info, self.template, self.sources, self.file_source = info, template, sources, file_source
-        self.encoder = Loading(encoder, info, parity=True)  # the driver ran the canary and logged its verdict
+        # the driver ran the canary and logged its verdict; with a cache, the encoder loads
+        # (~2 CPU-s) only once a chunk misses it
+        self.encoder = Loading(encoder, info, parity=True, start=not cache)
         self.parity = TemplateParity(info, parity_every, template_kwargs, template_date) if parity_every else None
         self.template_kwargs, self.max_chars, self.template_date = template_kwargs, max_chars, template_date
         self.builders: dict = {}
@@ -89,6 +91,7 @@ class TokenizeAndMask:
                     yield fit_records(enc.slice(start, self.batch_size), c.chunk, S, self.overlong, digested[0],
                                       self.avoid_end, source, builder, cached=True)
                 return
+        self.encoder.start()  # loads while the chunk is read, parsed and rendered
         parts = []
         for rows in read_chunk(c, self.so, self.batch_size, digested):
             pos = {"src": rows.src, "idx": rows.idx, "row": rows.row, "offset": rows.offset}
