@@ -110,6 +110,14 @@ def parser() -> argparse.ArgumentParser:
                    help="auto (default): fastokens when it matches the reference on a start-up canary, else hf; "
                         "fastokens: require it; hf: Hugging Face tokenizers. Output bytes are the same")
     g.add_argument(
+        "--add-special-tokens",
+        action="store_true",
+        default=None,
+        help="add the built-in template's markers the tokenizer has no single token for as special tokens; "
+             "the extended tokenizer is saved in OUTPUT/tokenizer/ (without it they are tokenized as text, "
+             "with a warning)",
+    )
+    g.add_argument(
         "--trust-remote-code",
         action="store_true",
         default=None,

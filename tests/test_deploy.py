@@ -101,3 +101,15 @@ def test_dockerfile_copies_existing_paths():
             for src in line.split()[1:-1]:
                 if not src.startswith("--"):
                     assert (ROOT / src).exists(), src
+
+
+def test_every_output_affecting_setting_has_a_flag():
+    """Each setting that changes output bytes can be given on the command line (one was lost
+    once: --add-special-tokens existed in the config and the driver but not in the CLI)."""
+    from raysft.engine.driver import FINGERPRINT_FLAGS
+
+    flags = {a.dest for a in parser()._actions}
+    internal = {"shard_tokens", "chunk_bytes"}  # sizes the tests and benchmarks set, not users
+    assert set(FINGERPRINT_FLAGS) - internal <= flags, set(FINGERPRINT_FLAGS) - internal - flags
+    cfg = config_from_args(["--input", "a", "--tokenizer", "t", "--output", "o", "--add-special-tokens"])
+    assert cfg.add_special_tokens is True
