@@ -27,6 +27,7 @@ import secrets
 import pyarrow as pa
 
 from .fs import get_fs, join
+from .output import is_local
 
 log = logging.getLogger("raysft")
 DIGEST = 32
@@ -96,7 +97,7 @@ class Cache:
         p = self.path(key)
         try:
             self.fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
-            if self.fs.protocol in ("file", ("file", "local")):
+            if is_local(self.fs):
                 tmp = f"{p}.{secrets.token_hex(4)}.tmp"
                 with open(tmp, "wb") as f:
                     f.write(data)

@@ -145,6 +145,18 @@ if __name__ == "__main__":  # python -m raysft.stats: the input-statistics comma
 # --------------------------------------------------------------------------- per block
 
 
+def run_counts(chunk: np.ndarray, run_first: np.ndarray, n: np.ndarray, rows: np.ndarray) -> dict:
+    """The runs of ``rows`` (a mask): run key (chunk, run_first) -> {length: samples}, what
+    slot assignment's rank offsets are counted from."""
+    runs: dict[tuple[int, int], dict[int, int]] = {}
+    if rows.any():
+        keys = np.stack([chunk[rows].astype(np.int64), run_first[rows], n[rows].astype(np.int64)], axis=1)
+        uniq, counts = np.unique(keys, axis=0, return_counts=True)
+        for (c, r, L), k in zip(uniq.tolist(), counts.tolist()):
+            runs.setdefault((c, r), {})[L] = k
+    return runs
+
+
 def block_stats(table, seq_length: int) -> tuple[dict, dict]:
     """Statistics of one tokenized block (``raysft.samples`` rows): a small summary the driver
     adds up, and the block's runs (run key -> {length: kept samples}) that slot assignment
@@ -162,12 +174,7 @@ def block_stats(table, seq_length: int) -> tuple[dict, dict]:
     chunk = table.column("chunk").to_numpy()
     run_first = table.column("run_first").to_numpy()
     lk = n[kept].astype(np.int64)
-    runs: dict[tuple[int, int], dict[int, int]] = {}
-    if len(lk):
-        keys = np.stack([chunk[kept].astype(np.int64), run_first[kept], lk], axis=1)
-        uniq, counts = np.unique(keys, axis=0, return_counts=True)
-        for (c, r, L), k in zip(uniq.tolist(), counts.tolist()):
-            runs.setdefault((c, r), {})[L] = k
+    runs = run_counts(chunk, run_first, n, kept)
     reasons = Counter()
     first_bad = None
     bad = np.flatnonzero(~kept)

@@ -80,12 +80,12 @@ class TokenizeAndMask:
             digested = chunk_digest(c, self.so)
             key = chunk_key(digested[0], [(p.kind, p.start, p.end, p.compression) for p in c.pieces],
                             self.sources[source]["context"])
+            srcs = np.array(sorted({p.src for p in c.pieces}), np.int32)  # an entry numbers its files 0, 1, ...
             enc = self.cache.load(key)
             # an entry keeps the text of records longer than its keep_over, for cuts inside
             # markers; a shorter seq-length needs it only when it cuts records at such markers
             if enc is not None and (int((enc.schema.metadata or {}).get(b"keep_over", b"0")) <= S
                                     or self.overlong == "drop" or not builder.markers):
-                srcs = np.array(sorted({p.src for p in c.pieces}), np.int32)  # the entry numbers files 0, 1, ...
                 enc = enc.set_column(0, "src", pa.array(srcs[enc.column("src").to_numpy()]))
                 for start in range(0, max(enc.num_rows, 1), self.batch_size):
                     yield fit_records(enc.slice(start, self.batch_size), c.chunk, S, self.overlong, digested[0],
@@ -101,6 +101,5 @@ class TokenizeAndMask:
             yield fit_records(enc, c.chunk, S, self.overlong, rows.digest, self.avoid_end, source, builder)
         if key is not None and parts:
             enc = pa.concat_tables(parts)
-            srcs = sorted({p.src for p in c.pieces})
-            local = np.searchsorted(np.array(srcs, np.int32), enc.column("src").to_numpy()).astype(np.int32)
+            local = np.searchsorted(srcs, enc.column("src").to_numpy()).astype(np.int32)
             self.cache.save(key, enc.set_column(0, "src", pa.array(local)))

@@ -57,9 +57,10 @@ def prepare(cfg: BuildConfig):
 
     Template(cfg.template, info.specials, info.chat_template, info.special_strings, cfg.loss,
              cfg.template_kwargs, info.special_map, cfg.template_date)  # fail early
-    files, file_source = expand_sources(cfg, so)
+    sources = build_sources(cfg)
+    files, file_source = expand_sources(sources, so)
     chunks = plan_chunks(files, so, cfg.chunk_bytes, file_source)
-    return so, info, files, chunks, file_source
+    return so, info, files, chunks, sources, file_source
 
 
 def build_sources(cfg: BuildConfig) -> list:
@@ -74,13 +75,13 @@ def build_sources(cfg: BuildConfig) -> list:
     return [Source("input", list(cfg.inputs), cfg.format, dict(cfg.map_keys or {}), cfg.loss)]
 
 
-def expand_sources(cfg: BuildConfig, so: dict):
+def expand_sources(sources: list, so: dict):
     """All input files, source by source (each source's files in path order), and the source of
     each file; a file may belong to one source only."""
     from ..read import InputError
 
     files, file_source, owner = [], [], {}
-    for k, src in enumerate(build_sources(cfg)):
+    for k, src in enumerate(sources):
         for f in expand_inputs(src.inputs, so):
             if f.url in owner:
                 raise InputError(f"{f.url} is an input of two sources ({owner[f.url]!r} and {src.name!r})")
@@ -190,14 +191,11 @@ def source_settings(cfg: BuildConfig, info, sources: list) -> list[dict]:
 
 
 def tokenize_dataset(cfg: BuildConfig, chunks, info, so: dict, pool: TokenizePool, encoder: str,
-                     parity_every: int = 0, sources: list | None = None, file_source: list[int] | None = None):
+                     parity_every: int, sources: list, file_source: list[int]):
     """read -> normalize+template+tokenize+mask, as a lazy Ray dataset: one actor task per chunk."""
     import ray.data
 
     from .actors import TokenizeAndMask
-
-    sources = sources if sources is not None else build_sources(cfg)
-    file_source = file_source if file_source is not None else [0] * (1 + max(p.src for c in chunks for p in c.pieces))
 
     chunks = split_tail(chunks, 2 * pool.workers)
     ds = ray.data.from_items([c.to_item() for c in chunks], override_num_blocks=max(1, len(chunks)))
@@ -405,8 +403,7 @@ def write_rejects(fs, tmp: str, blocks: Blocks, files, so) -> int:
 
 def run(cfg: BuildConfig) -> dict:
     t0 = time.time()
-    so, info, files, chunks, file_source = prepare(cfg)
-    sources = build_sources(cfg)
+    so, info, files, chunks, sources, file_source = prepare(cfg)
     layout = get_layout(cfg.layout)
     added: list[str] = []
     markers = MARKERS.get(cfg.template, ())
@@ -480,12 +477,12 @@ class Packing:
         self.plan.seq_length = cap
         self.cap = cap
         self.packs = self.plan.num_packs
-        per_pack = layout.stored_per_pack(S)
-        stored = per_pack * self.packs if per_pack else int(np.dot(np.arange(len(hist)), hist))
-        self.num_shards = max(1, min(cfg.num_shards or -(-stored // cfg.shard_tokens), self.packs)) if self.packs else 0
         self.parts = parts
         self.samples = int(hist.sum())
         self.tokens = int(np.dot(np.arange(len(hist)), hist))
+        per_pack = layout.stored_per_pack(S)
+        stored = per_pack * self.packs if per_pack else self.tokens
+        self.num_shards = max(1, min(cfg.num_shards or -(-stored // cfg.shard_tokens), self.packs)) if self.packs else 0
 
     def plan_ref(self, seed: int, pack_base: int = 0):
         import ray
@@ -591,7 +588,7 @@ def _build(cfg, t0, so, info, files, chunks, layout, added, pad_id, out: Output,
                 for sm in sel_summaries:
                     hist_train = stats_mod.add_hist(hist_train, sm["hist_train"])
                     hist_valid = stats_mod.add_hist(hist_valid, sm["hist_valid"])
-                copies = max([len([c for c in r if c != "valid"]) for r in ray.get(sel_runs)] or [0])
+                copies = max(sm["copies"] for sm in sel_summaries)  # not every block's runs at once
                 train_parts = [({"selection": sel, "copy": c}, lambda k, c=c: ray.get(sel_runs[k]).get(c))
                                for c in range(copies)]
                 valid_parts = [({"selection": sel, "valid": True}, lambda k: ray.get(sel_runs[k]).get("valid"))]
@@ -773,7 +770,7 @@ def source_stats(sources: list, tot, natural: list[float], sel, summaries, unit:
     """stats.json's ``sources``: per source, what was read and tokenized, what it was asked to
     give and what it gave (per epoch), in samples, tokens and loss tokens, and its share of
     the output in the mix unit, asked and realized."""
-    k_unit = {"samples": 0, "tokens": 1, "loss_tokens": 2}[unit]
+    k_unit = stats_mod.SOURCE_FIGURES.index(unit) - 1  # written[k] holds the figures after "rows"
     written = {}
     for k in range(len(sources)):
         fig = tot.per_source.get(k, [0, 0, 0, 0])
@@ -854,12 +851,12 @@ def _reusable(fs, tmp: str, old: dict, digest: str, num_shards: int) -> dict:
 
 def measure_inputs(cfg: BuildConfig) -> stats_mod.Totals:
     """Read and tokenize the inputs and return their statistics (no output written)."""
-    so, info, files, chunks, file_source = prepare(cfg)
+    so, info, files, chunks, sources, file_source = prepare(cfg)
     encoder, _, pool = start_with_encoder(cfg, info, files, so, len(chunks))
     blocks = Blocks(cfg.seq_length, False, files, so)
     with Watchdog(cfg.stall_timeout) as watch:
         try:
-            tokenize_and_measure(tokenize_dataset(cfg, chunks, info, so, pool, encoder, 0, None, file_source),
+            tokenize_and_measure(tokenize_dataset(cfg, chunks, info, so, pool, encoder, 0, sources, file_source),
                                  blocks, None,
                                  pool.stats_cpus, watch)
         except KeyboardInterrupt:

@@ -12,7 +12,7 @@ from ..fs import get_fs, join
 from ..layouts import get_layout
 from ..pack import assign_slots, block_ranks
 from ..samples import kept_mask
-from ..stats import block_rejects, block_stats
+from ..stats import block_rejects, block_stats, run_counts
 from ..write import write_shard
 
 
@@ -88,16 +88,6 @@ def partition_block(table: pa.Table, plan: dict, run_offsets: dict, num_shards: 
     return [t.take(pa.array(order[bounds[s] : bounds[s + 1]])) for s in range(num_shards)]
 
 
-def _runs(chunk: np.ndarray, first: np.ndarray, n: np.ndarray, rows: np.ndarray) -> dict:
-    out: dict = {}
-    if rows.any():
-        keys = np.stack([chunk[rows].astype(np.int64), first[rows], n[rows].astype(np.int64)], axis=1)
-        uniq, counts = np.unique(keys, axis=0, return_counts=True)
-        for (c, r, L), k in zip(uniq.tolist(), counts.tolist()):
-            out.setdefault((c, r), {})[L] = k
-    return out
-
-
 def select_block(table: pa.Table, selection) -> tuple[dict, dict]:
     """Mixture and split, per tokenized block: the histograms the plans need (training samples
     with their copies, validation samples), per-source figures as realized, the records the
@@ -124,9 +114,10 @@ def select_block(table: pa.Table, selection) -> tuple[dict, dict]:
         "valid": [int((first & valid).sum()), int(valid.sum()), int(n[valid].sum()), int(loss[valid].sum())],
         "not_sampled": int((first & kept & ~valid & ~train).sum()),
         "rows_written": int((first & kept & (valid | train)).sum()),
+        "copies": int(m.max()) if len(m) else 0,  # the training copies this block has runs for
     }
-    runs = {c: _runs(chunk, run_first, n, m > c) for c in range(int(m.max()) if len(m) else 0)}
-    runs["valid"] = _runs(chunk, run_first, n, valid)
+    runs = {c: run_counts(chunk, run_first, n, m > c) for c in range(summary["copies"])}
+    runs["valid"] = run_counts(chunk, run_first, n, valid)
     return summary, runs
 
 

@@ -258,8 +258,8 @@ def check_bucket(fs, path: str, url: str, what: str) -> None:
     if hasattr(fs, "call_s3"):
         try:
             fs.call_s3("head_bucket", Bucket=bucket)
-        except FileNotFoundError:
-            why = ""
+        except FileNotFoundError:  # the bucket is missing: the default line below
+            pass
         except PermissionError as e:
             why = f"access to bucket '{bucket}' denied ({_short(e)})"
         except Exception as e:  # noqa: BLE001 - botocore's connection errors are not OSErrors
