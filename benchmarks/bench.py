@@ -465,6 +465,8 @@ def main() -> None:
                    help="also time the tokenize step without Ray (one process per CPU, the actor's code)")
     p.add_argument("--cache-runs", action="store_true",
                    help="also time a cold build into --cache, a re-pack and a re-mix from it")
+    p.add_argument("--engines", default="ray,local",
+                   help="raysft.build --engine values to time, each repeat, one after the other (default ray,local)")
     p.add_argument("build_flags", nargs="*", help="extra raysft.build flags (after --)")
     args = p.parse_args()
     out = Path(args.out)
@@ -486,36 +488,53 @@ def main() -> None:
     if args.direct:
         result["direct"] = direct(paths, tokenizer, args.seq_length, os.cpu_count() or 1)
         print(f"direct   {result['direct']}", flush=True)
-    builds, anchors, ratios = [], [], {"hf": [], "fastokens": [], "megatron": []}
+    engines = [e for e in args.engines.split(",") if e]
+    builds: dict[str, list] = {e: [] for e in engines}
+    ratios: dict[str, list] = {f"{e}_over_{k}": [] for e in engines for k in ("hf", "fastokens", "megatron")}
+    anchors = []
     for _ in range(args.repeat):
-        builds.append(run_build(str(out / "input" / "*.jsonl"), tokenizer, out / "build", args.seq_length,
-                                args.build_flags))
-        print(f"build    {builds[-1]}", flush=True)
+        for e in engines:
+            builds[e].append(run_build(str(out / "input" / "*.jsonl"), tokenizer, out / "build", args.seq_length,
+                                       [*args.build_flags, "--engine", e]))
+            print(f"build    --engine {e} {builds[e][-1]}", flush=True)
         if args.megatron:
             anchors.append(megatron(texts, tokenizer, args.megatron, out / "megatron"))
             print(f"megatron {anchors[-1]}", flush=True)
-            ratios["megatron"].append(round(anchors[-1]["seconds"] / builds[-1]["seconds"], 3))
+            for e in engines:
+                ratios[f"{e}_over_megatron"].append(round(anchors[-1]["seconds"] / builds[e][-1]["seconds"], 3))
         if args.skip_ceiling:
             continue
         timed.append(ceilings())  # the machine drifts: compare with the ceilings just before and after
-        for k in ("hf", "fastokens"):
-            ratios[k].append(_ratio(builds[-1], timed[-2][k], timed[-1][k]))
-        print("build/ceiling tokens/s: hf {:.2f}x, fastokens {:.1%}".format(ratios["hf"][-1], ratios["fastokens"][-1])
-              + (f"; build/megatron speed {ratios['megatron'][-1]:.2f}x" if args.megatron else ""), flush=True)
+        for e in engines:
+            for k in ("hf", "fastokens"):
+                ratios[f"{e}_over_{k}"].append(_ratio(builds[e][-1], timed[-2][k], timed[-1][k]))
+            print(f"--engine {e} build/ceiling tokens/s: hf {ratios[f'{e}_over_hf'][-1]:.2f}x, "
+                  f"fastokens {ratios[f'{e}_over_fastokens'][-1]:.1%}"
+                  + (f"; build/megatron speed {ratios[f'{e}_over_megatron'][-1]:.2f}x" if args.megatron else ""),
+                  flush=True)
     result["builds"] = builds
     if timed:
         result["ceilings"] = timed
     if anchors:
         result["megatron"] = anchors
-    medians = {f"build_over_{k}": float(np.median(v)) for k, v in ratios.items() if v}
+    medians = {k: float(np.median(v)) for k, v in ratios.items() if v}
     result.update(medians, ratios_each=ratios)
     if medians:
-        print("medians of {} run(s): {}".format(len(builds), ", ".join(f"{k} {v:.3f}" for k, v in medians.items())))
+        print("medians of {} repeat(s): {}".format(args.repeat, ", ".join(f"{k} {v:.3f}" for k, v in medians.items())))
     texts = None  # noqa: F841 - free the rendered texts before the planner runs
     if args.cache_runs:
-        result["cache"] = cache_runs(paths, tokenizer, out, args.seq_length, args.build_flags)
-        print("cache    re-pack {repack_speedup}x, re-mix {remix_speedup}x faster than the cold build".format(
-            **result["cache"]), flush=True)
+        result["cache"] = {}
+        for e in engines:
+            c = result["cache"][e] = cache_runs(paths, tokenizer, out, args.seq_length,
+                                                [*args.build_flags, "--engine", e])
+            print(f"cache    --engine {e}: re-pack {c['repack_speedup']}x, re-mix {c['remix_speedup']}x faster than "
+                  "its cold build", flush=True)
+        if "ray" in engines and "local" in engines:
+            cold = result["cache"]["ray"]["cold"]["seconds"]
+            loc = result["cache"]["local"]
+            result["cache"]["local_over_ray_cold"] = {k: round(cold / loc[k]["seconds"], 2) for k in ("repack", "remix")}
+            print("cache    --engine local re-pack {repack}x, re-mix {remix}x faster than the Ray engine's cold "
+                  "build".format(**result["cache"]["local_over_ray_cold"]), flush=True)
     if args.plan_samples:
         result["plan"] = plan_benchmark(args.plan_samples, args.seq_length, Path(args.shared))
         print(f"plan     {result['plan']}")

@@ -107,3 +107,42 @@ class Cache:
                     f.write(data)
         except OSError as e:  # a cache that cannot be written never fails the build
             log.warning("tokenized cache: cannot write %s (%s)", p, e)
+
+    # The encoder's start-up verdict (raysft.encode.choose: fastokens checked against hf on the
+    # canary) depends only on the tokenizer, the two encoders' versions and the canary's texts:
+    # a rebuild from the cache takes it from here instead of loading fastokens to repeat it.
+
+    def verdict(self, key: str) -> dict | None:
+        try:
+            with self.fs.open(join(self.root, "verdicts", key + ".json"), "rb") as f:
+                v = json.loads(f.read())
+            return v if isinstance(v, dict) and {"name", "version", "why"} <= set(v) else None
+        except (OSError, ValueError):
+            return None
+
+    def save_verdict(self, key: str, verdict: dict) -> None:
+        p = join(self.root, "verdicts", key + ".json")
+        try:
+            self.fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
+            with self.fs.open(p, "wb") as f:
+                f.write(json.dumps(verdict).encode())
+        except OSError as e:
+            log.warning("tokenized cache: cannot write %s (%s)", p, e)
+
+
+def verdict_key(info, mode: str, texts: list[str], version: str) -> str:
+    """The key of an encoder verdict: tokenizer, --encoder mode, encoder versions, canary texts."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as pkg_version
+
+    versions = []
+    for pkg in ("fastokens", "tokenizers"):
+        try:
+            versions.append(pkg_version(pkg))
+        except PackageNotFoundError:
+            versions.append(None)
+    h = hashlib.blake2b(digest_size=20)
+    h.update(info.tokenizer_json.encode())
+    h.update(json.dumps([mode, versions, version, info.special_strings, texts]).encode())
+    return h.hexdigest()
+

@@ -39,6 +39,7 @@ class BuildConfig:
     s3_endpoint_url: str | None = None
     s3_addressing_style: str | None = None
     # execution
+    engine: str = "ray"  # ray | local (this machine, no Ray: raysft.engine.executor)
     ray_address: str | None = None
     num_cpus: int | None = None
     object_store_memory: int | None = None  # in-process Ray only; default pipeline.OBJECT_STORE_BYTES

@@ -150,8 +150,9 @@ def run_counts(chunk: np.ndarray, run_first: np.ndarray, n: np.ndarray, rows: np
     slot assignment's rank offsets are counted from."""
     runs: dict[tuple[int, int], dict[int, int]] = {}
     if rows.any():
-        keys = np.stack([chunk[rows].astype(np.int64), run_first[rows], n[rows].astype(np.int64)], axis=1)
-        uniq, counts = np.unique(keys, axis=0, return_counts=True)
+        from .pack import unique_rows
+
+        uniq, counts = unique_rows(chunk[rows], run_first[rows], n[rows], return_counts=True)
         for (c, r, L), k in zip(uniq.tolist(), counts.tolist()):
             runs.setdefault((c, r), {})[L] = k
     return runs
@@ -203,10 +204,15 @@ def block_stats(table, seq_length: int) -> tuple[dict, dict]:
         "per_source": _per_source(table, first, kept),
         "cached_rows": int((first & table.column("cached").to_numpy(zero_copy_only=False)).sum())
         if "cached" in table.column_names else 0,
-        "chunks": {int(c): int(h) for c, h in zip(*np.unique(np.stack([chunk, table.column("chunk_hash").to_numpy()]),
-                                                            axis=1))} if len(chunk) else {},
+        "chunks": {c: h for c, h in _unique_rows(chunk, table.column("chunk_hash").to_numpy()).tolist()},
     }
     return summary, runs
+
+
+def _unique_rows(*cols):
+    from .pack import unique_rows
+
+    return unique_rows(*cols)
 
 
 SOURCE_FIGURES = ("rows", "samples", "tokens", "loss_tokens")

@@ -75,20 +75,19 @@ def write_ordered(fs, prefix: str, layout: Layout, seq_length: int, pad_id: int,
 def write_shard(fs, prefix: str, layout: Layout, seq_length: int, pad_id: int, table) -> dict:
     """Assigned samples (columns ``ids``, ``out_pack``, ``pos`` and the provenance columns) of
     one shard -> its files and ``prefix.prov``; its meta."""
-    ids_col = table.column("ids").combine_chunks()
-    offsets = ids_col.offsets.to_numpy().astype(np.int64)
-    values = ids_col.values.to_numpy(zero_copy_only=False)
+    import pyarrow as pa
+
     out_pack, pos = table.column("out_pack").to_numpy(), table.column("pos").to_numpy()
     order = order_samples(out_pack, pos)
     prov = provenance_records(*(table.column(k).to_numpy()[order] for k in ("src", "piece", "row", "offset", "out_pack")))
     with fs.open(prefix + ".prov", "wb") as f:
         f.write(prov.tobytes())
-    lengths = (offsets[1:] - offsets[:-1])[order]
-    starts = offsets[:-1][order]
-    # gather the samples' tokens in output order in one vectorized take
-    take = np.repeat(starts - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths) + np.arange(int(lengths.sum()))
-    meta = write_ordered(fs, prefix, layout, seq_length, pad_id, values[take], lengths, out_pack[order])
-    return meta
+    # the samples' tokens in output order: one take of the list column (a copy per sample)
+    ids = table.column("ids").take(pa.array(order)).combine_chunks()
+    offsets = ids.offsets.to_numpy().astype(np.int64) if len(ids) else np.zeros(1, np.int64)
+    lengths = offsets[1:] - offsets[:-1]
+    values = ids.values.to_numpy(zero_copy_only=False)[offsets[0] : offsets[-1]]
+    return write_ordered(fs, prefix, layout, seq_length, pad_id, values, lengths, out_pack[order])
 
 
 def shard_meta(prefix: str, index: Index) -> dict:

@@ -49,7 +49,8 @@ class TokenizeAndMask:
         self.batch_size = batch_size
         self.avoid_end = tuple(avoid_end)
         self.cache = Cache(cache, self.so) if cache else None
-        self.builder_for(0)
+        if not cache:
+            self.builder_for(0)  # with a cache, made (loading the tokenizer) only when needed
         # what exists now (Ray, Ray Data, the tokenizer) lives as long as the actor: keep it out
         # of the collector's full passes, which the records' many small objects trigger
         gc.freeze()
@@ -71,7 +72,6 @@ class TokenizeAndMask:
 
     def tokenize_chunk(self, c: Chunk):
         source = self.file_source[c.pieces[0].src]
-        builder = self.builder_for(source)
         S = self.seq_length
         key = digested = None
         if self.cache is not None:
@@ -85,12 +85,15 @@ class TokenizeAndMask:
             # an entry keeps the text of records longer than its keep_over, for cuts inside
             # markers; a shorter seq-length needs it only when it cuts records at such markers
             if enc is not None and (int((enc.schema.metadata or {}).get(b"keep_over", b"0")) <= S
-                                    or self.overlong == "drop" or not builder.markers):
+                                    or self.overlong == "drop" or not self.builder_for(source).markers):
+                # a cut of an overlong record needs the builder (its markers); a drop does not
+                builder = self.builder_for(source) if self.overlong != "drop" else None
                 enc = enc.set_column(0, "src", pa.array(srcs[enc.column("src").to_numpy()]))
                 for start in range(0, max(enc.num_rows, 1), self.batch_size):
                     yield fit_records(enc.slice(start, self.batch_size), c.chunk, S, self.overlong, digested[0],
                                       self.avoid_end, source, builder, cached=True)
                 return
+        builder = self.builder_for(source)
         self.encoder.start()  # loads while the chunk is read, parsed and rendered
         parts = []
         for rows in read_chunk(c, self.so, self.batch_size, digested):

@@ -32,7 +32,8 @@ from ..pack import PackPlan, RunOffsets, plan_bfd, slot_table
 from ..read import LineCounter, check_bucket, describe_position, expand_inputs, plan_chunks, split_tail
 from ..templates import MARKERS
 from ..tokenize import add_special_tokens, load_tokenizer_info, missing_markers, save_tokenizer
-from .session import TokenizePool, init_ray, node_cpus, setup_data_context, size_pool
+from .executor import make_executor
+from .session import TokenizePool
 from .watch import Watchdog
 
 log = logging.getLogger("raysft")
@@ -91,35 +92,38 @@ def expand_sources(sources: list, so: dict):
     return files, file_source
 
 
-def start(cfg: BuildConfig, chunks: int) -> TokenizePool:
-    """Start or join Ray, set up Ray Data, and size the tokenizer pool from the nodes' CPUs."""
-    init_ray(cfg)
-    setup_data_context()
-    nodes = node_cpus()
-    pool = size_pool(nodes, cfg.tokenize_workers, chunks)
-    log.info("tokenizer actors: %d, %d encoder thread(s) each (%d node(s), %d CPUs)", pool.workers, pool.threads,
-             len(nodes), sum(nodes))
-    return pool
-
-
 def pick_encoder(cfg: BuildConfig, info, files, so) -> tuple[str, EncoderStats]:
-    """Run the encoder choice (and its canary) once, on the driver; the actors get the result."""
-    enc, why = choose(cfg.encoder, info, _sample_texts(files, so), parity=False)
+    """Run the encoder choice (and its canary) once, on the driver; the actors get the result.
+    With --cache, a verdict reached before on the same tokenizer, encoders and canary texts is
+    taken from the cache (raysft.cache), as the chunks are."""
+    texts = _sample_texts(files, so)
+    cache = key = None
+    if cfg.cache:
+        from ..cache import Cache, verdict_key
+
+        cache, key = Cache(cfg.cache, so), verdict_key(info, cfg.encoder, texts, f"{VERSION}-{RAYSFT_VERSION}")
+        v = cache.verdict(key)
+        if v is not None:
+            log.info("encoder: %s %s (the verdict of an earlier build, from the cache)", v["name"], v["version"])
+            return v["name"], EncoderStats(v["name"], v["version"], why=v["why"])
+    enc, why = choose(cfg.encoder, info, texts, parity=False)
     if why:
         log.info("encoder: hf (%s)", why)
     else:
         log.info("encoder: %s %s", enc.name, enc.version)
+    if cache is not None:
+        cache.save_verdict(key, {"name": enc.name, "version": enc.version, "why": why})
     return enc.name, EncoderStats(enc.name, enc.version, why=why)
 
 
-def start_with_encoder(cfg: BuildConfig, info, files, so, chunks: int):
-    """Ray's start (mostly waiting for its processes) and the encoder's choice (~2 s to load
-    fastokens and run the canary) at the same time."""
+def start_with_encoder(cfg: BuildConfig, ex, info, files, so, chunks: int):
+    """The engine's start (Ray's: mostly waiting for its processes) and the encoder's choice
+    (~2 s to load fastokens and run the canary) at the same time."""
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(1, thread_name_prefix="encoder") as ex:
-        chosen = ex.submit(pick_encoder, cfg, info, files, so)
-        pool = start(cfg, chunks)
+    with ThreadPoolExecutor(1, thread_name_prefix="encoder") as th:
+        chosen = th.submit(pick_encoder, cfg, info, files, so)
+        pool = ex.start(chunks)
         encoder, enc_stats = chosen.result()
     return encoder, enc_stats, pool
 
@@ -190,32 +194,17 @@ def source_settings(cfg: BuildConfig, info, sources: list) -> list[dict]:
                                        s.map_keys, s.loss, f"raysft-{VERSION}-{RAYSFT_VERSION}")} for s in sources]
 
 
-def tokenize_dataset(cfg: BuildConfig, chunks, info, so: dict, pool: TokenizePool, encoder: str,
-                     parity_every: int, sources: list, file_source: list[int]):
-    """read -> normalize+template+tokenize+mask, as a lazy Ray dataset: one actor task per chunk."""
-    import ray.data
-
-    from .actors import TokenizeAndMask
-
-    chunks = split_tail(chunks, 2 * pool.workers)
-    ds = ray.data.from_items([c.to_item() for c in chunks], override_num_blocks=max(1, len(chunks)))
-    return ds.map_batches(
-        TokenizeAndMask,
-        fn_constructor_kwargs={
-            "info": info, "template": cfg.template, "sources": source_settings(cfg, info, sources),
-            "file_source": file_source, "cache": cfg.cache,
-            "seq_length": get_layout(cfg.layout).capacity(cfg.seq_length), "overlong": cfg.overlong, "threads": pool.threads, "so": so,
-            "batch_size": cfg.batch_size, "encoder": encoder, "template_kwargs": cfg.template_kwargs,
-            "max_chars": max_chars(cfg), "avoid_end": get_layout(cfg.layout).avoid_end_ids,
-            "template_date": cfg.template_date, "parity_every": parity_every,
-        },
-        batch_size=1,
-        batch_format="numpy",
-        # a second chunk queued per actor, so it starts the moment the first ends; the last
-        # chunks are cut small (split_tail), so a queued chunk delays the end by little
-        compute=ray.data.ActorPoolStrategy(size=pool.workers, max_tasks_in_flight_per_actor=2),
-        num_cpus=pool.actor_cpus,
-    )
+def actor_kwargs(cfg: BuildConfig, info, so: dict, encoder: str, parity_every: int, sources: list,
+                 file_source: list[int]) -> dict:
+    """What each tokenizer actor (``raysft.engine.actors.TokenizeAndMask``) is made with."""
+    layout = get_layout(cfg.layout)
+    return {
+        "info": info, "template": cfg.template, "sources": source_settings(cfg, info, sources),
+        "file_source": file_source, "cache": cfg.cache, "seq_length": layout.capacity(cfg.seq_length),
+        "overlong": cfg.overlong, "so": so, "batch_size": cfg.batch_size, "encoder": encoder,
+        "template_kwargs": cfg.template_kwargs, "max_chars": max_chars(cfg), "avoid_end": layout.avoid_end_ids,
+        "template_date": cfg.template_date, "parity_every": parity_every,
+    }
 
 
 def max_chars(cfg: BuildConfig) -> int | None:
@@ -231,7 +220,7 @@ MAX_TOKEN_CHARS = 1024
 class Blocks:
     """The tokenized blocks, their statistics as they arrive, and the build's totals."""
 
-    def __init__(self, seq_length: int, fail_fast: bool, files, so):
+    def __init__(self, ex, seq_length: int, fail_fast: bool, files, so):
         self.refs: list = []  # block refs
         self.summaries: list = []  # refs of each block's summary
         self.runs: list = []  # refs of each block's runs
@@ -239,10 +228,10 @@ class Blocks:
         self.rejects: list = []  # (key, file) of each block that had rejects
         self.totals = stats_mod.Totals()
         self.pending: dict = {}  # summary ref -> block number
-        self.fail_fast, self.files, self.so, self.S = fail_fast, files, so, seq_length
+        self.fail_fast, self.files, self.so, self.S, self.ex = fail_fast, files, so, seq_length, ex
 
     def add(self, ref, measure, rejects_dir) -> None:
-        summary, runs = measure.remote(ref, self.S, rejects_dir, self.so)
+        summary, runs = measure(ref, self.S, rejects_dir, self.so)
         self.pending[summary] = len(self.refs)
         self.refs.append(ref)
         self.summaries.append(summary)
@@ -250,14 +239,12 @@ class Blocks:
         self.keys.append(None)
 
     def collect(self, wait: bool) -> None:
-        import ray
-
         while self.pending:
-            ready, _ = ray.wait(list(self.pending), num_returns=len(self.pending) if wait else 1,
-                                timeout=None if wait else 0)
+            ready, _ = self.ex.wait(list(self.pending), num_returns=len(self.pending) if wait else 1,
+                                    timeout=None if wait else 0)
             if not ready:
                 return
-            for ref, s in zip(ready, ray.get(ready)):
+            for ref, s in zip(ready, self.ex.get(ready)):
                 k = self.pending.pop(ref)
                 self.keys[k] = tuple(s["key"])
                 self.totals.add(s)
@@ -276,22 +263,19 @@ def bad_record_error(t: stats_mod.Totals, files, so) -> BuildError:
                       "list them in rejects.jsonl")
 
 
-def tokenize_and_measure(ds, blocks: Blocks, rejects_dir: str | None, stats_cpus: float, watch: Watchdog) -> None:
-    """Run the read+tokenize dataset to its end, keeping its blocks in the object store, and
-    start the statistics of each block as soon as it exists (a small task, on the CPU the
-    actors leave): they are ready when tokenization ends, with no second pass over the data."""
-    import ray
-
+def tokenize_and_measure(blocks: Blocks, chunks: list, kwargs: dict, pool: TokenizePool, rejects_dir: str | None,
+                         watch: Watchdog) -> None:
+    """Run the tokenizer actors over the chunks to their end, keeping the blocks (in Ray's
+    object store, or the local engine's memory), and start the statistics of each block as
+    soon as it exists (a small task, on the CPU the actors leave): they are ready when
+    tokenization ends, with no second pass over the data."""
     from .tasks import measure_block
 
-    measure = ray.remote(measure_block).options(num_cpus=stats_cpus, num_returns=2)
+    ex = blocks.ex
+    measure = ex.task(measure_block, num_cpus=pool.stats_cpus, num_returns=2)
     watch.progress("tokenize", "the tokenizer actors' first block")
-    for bundle in ds.iter_internal_ref_bundles():
-        if any(sl is not None for sl in getattr(bundle, "slices", None) or ()):
-            raise BuildError("internal error: Ray Data returned a partial block")  # never for map outputs
-        for ref, meta in zip(bundle.block_refs, bundle.metadata):
-            if meta.num_rows == 0:
-                continue  # an empty block (it may lack the schema): nothing to count or write
+    for refs in ex.tokenized(split_tail(chunks, 2 * pool.workers), kwargs, pool):
+        for ref in refs:
             blocks.add(ref, measure, rejects_dir)
         watch.progress("tokenize", f"tokenized blocks after {len(blocks.refs)}")
         blocks.collect(wait=False)
@@ -306,11 +290,10 @@ def shuffle_and_write(blocks: Blocks, parts: list, plan_ref, num_shards: int, wr
     one writer task per shard. ``parts``: (pick, runs of block k) in the packing's order (the
     copies of the training set one after the other; one part when nothing is copied). Blocks
     go in input order, so the offsets come from one running count of ``seq_length``."""
-    import ray
-
     from .tasks import partition_block, write_parts
 
-    split = ray.remote(partition_block).options(num_returns=num_shards)
+    ex = blocks.ex
+    split = ex.task(partition_block, num_returns=num_shards)
     offsets = RunOffsets(write_kw["seq_length"])
     order = sorted(range(len(blocks.refs)), key=lambda k: blocks.keys[k])
     cut = []
@@ -319,17 +302,17 @@ def shuffle_and_write(blocks: Blocks, parts: list, plan_ref, num_shards: int, wr
             runs = runs_of(k)
             if not runs:
                 continue  # nothing of this part in this block
-            p = split.remote(blocks.refs[k], plan_ref, offsets.offsets(runs), num_shards, pick)
+            p = split(blocks.refs[k], plan_ref, offsets.offsets(runs), num_shards, pick)
             cut.append([p] if num_shards == 1 else p)
-    write = ray.remote(write_parts)
-    pending = [write.remote(shard_base + s, *(p[s] for p in cut), **write_kw, reuse=reuse.get(shard_base + s))
+    write = ex.task(write_parts)
+    pending = [write(shard_base + s, *(p[s] for p in cut), **write_kw, reuse=reuse.get(shard_base + s))
                for s in range(num_shards)]
     del cut
     metas, step, t0 = [], max(1, num_shards // 10), time.time()
     while pending:
         watch.progress("write", f"{len(pending)} shard writer(s)")
-        done, pending = ray.wait(pending, num_returns=1)
-        metas += ray.get(done)
+        done, pending = ex.wait(pending, num_returns=1)
+        metas += ex.get(done)
         if len(metas) % step == 0 or not pending:
             log.info("%s written: %d/%d (%.0f s)", what, len(metas), num_shards, time.time() - t0)
     return sorted(metas, key=lambda m: m["shard"])
@@ -484,10 +467,8 @@ class Packing:
         stored = per_pack * self.packs if per_pack else self.tokens
         self.num_shards = max(1, min(cfg.num_shards or -(-stored // cfg.shard_tokens), self.packs)) if self.packs else 0
 
-    def plan_ref(self, seed: int, pack_base: int = 0):
-        import ray
-
-        return ray.put({"table": slot_table(self.plan), "seed": seed, "num_shards": self.num_shards,
+    def plan_ref(self, ex, seed: int, pack_base: int = 0):
+        return ex.put({"table": slot_table(self.plan), "seed": seed, "num_shards": self.num_shards,
                         "num_packs": self.packs, "pack_base": pack_base})
 
 
@@ -496,8 +477,6 @@ def mixture(cfg: BuildConfig, tot, blocks: Blocks, sources: list, watch: Watchdo
     selection (None when every sample is taken once and nothing is held out), each source's
     own amount in the mix unit (its training records), the per-block summaries of the
     selection added up, and the refs of each block's per-part runs."""
-    import ray
-
     from ..sources import Selection, Validation, count_threshold, cut_for, mix_factors
     from ..stats import SOURCE_FIGURES
     from .tasks import amounts_task, select_block, smallest_keys
@@ -511,16 +490,16 @@ def mixture(cfg: BuildConfig, tot, blocks: Blocks, sources: list, watch: Watchdo
     if val is not None and val.fraction is not None:
         below = val.fraction
     elif val is not None:
-        task = ray.remote(smallest_keys).options(num_cpus=0.5)
+        task = blocks.ex.task(smallest_keys, num_cpus=0.5)
         watch.progress("validation", "the smallest record keys of each block")
-        below = count_threshold(ray.get([task.remote(r, val.count, cfg.seed) for r in blocks.refs]), val.count)
-    task = ray.remote(amounts_task).options(num_cpus=0.5)
+        below = count_threshold(blocks.ex.get([task(r, val.count, cfg.seed) for r in blocks.refs]), val.count)
+    task = blocks.ex.task(amounts_task, num_cpus=0.5)
     amounts: dict[int, np.ndarray] = {}
-    pending = [task.remote(r, cfg.seed, below, cfg.mix_unit) for r in blocks.refs]
+    pending = [task(r, cfg.seed, below, cfg.mix_unit) for r in blocks.refs]
     while pending:
         watch.progress("mixture", f"the amounts of {len(pending)} block(s)")
-        done, pending = ray.wait(pending, num_returns=min(len(pending), 16))
-        for part in ray.get(done):
+        done, pending = blocks.ex.wait(pending, num_returns=min(len(pending), 16))
+        for part in blocks.ex.get(done):
             for k, a in part.items():
                 amounts[k] = amounts[k] + a if k in amounts else a
     natural = [float(amounts[k].sum()) if k in amounts else 0.0 for k in range(len(sources))]
@@ -531,36 +510,42 @@ def mixture(cfg: BuildConfig, tot, blocks: Blocks, sources: list, watch: Watchdo
     sel = Selection(whole, cut, cfg.seed, below)
     if sel.trivial:
         return None, natural, None, None
-    task = ray.remote(select_block).options(num_cpus=0.5, num_returns=2)
-    refs = [task.remote(r, sel) for r in blocks.refs]
+    task = blocks.ex.task(select_block, num_cpus=0.5, num_returns=2)
+    refs = [task(r, sel) for r in blocks.refs]
     summaries, runs = [], []
     for i, (sref, rref) in enumerate(refs):
         watch.progress("mixture", f"block {i + 1} of {len(refs)}")
-        summaries.append(ray.get(sref))
+        summaries.append(blocks.ex.get(sref))
         runs.append(rref)
     return sel, natural, summaries, runs
 
 
 def _build(cfg, t0, so, info, files, chunks, layout, added, pad_id, out: Output, lock: OutputLock, manifest: dict,
            old: dict | None, sources: list, file_source: list[int]) -> dict:
+    ex = make_executor(cfg)
+    try:
+        return _build_with(ex, cfg, t0, so, info, files, chunks, layout, added, pad_id, out, lock, manifest, old,
+                           sources, file_source)
+    finally:
+        ex.close()
+
+
+def _build_with(ex, cfg, t0, so, info, files, chunks, layout, added, pad_id, out: Output, lock: OutputLock,
+                manifest: dict, old: dict | None, sources: list, file_source: list[int]) -> dict:
     out_fs, tmp = out.fs, out.tmp
     tmp_url = join(cfg.output, TMP)
-    encoder, enc_stats, pool = start_with_encoder(cfg, info, files, so, len(chunks))
-    import ray
-
-    from .storage import check_shared_storage
-
+    encoder, enc_stats, pool = start_with_encoder(cfg, ex, info, files, so, len(chunks))
     out_fs.makedirs(join(tmp, "shards"), exist_ok=True)
     out_fs.makedirs(join(tmp, "rejects"), exist_ok=True)
-    check_shared_storage(cfg, files, so, tmp_url)
+    ex.check_storage(cfg, files, so, tmp_url)
     S = cfg.seq_length
     with Watchdog(cfg.stall_timeout) as watch:
         try:
             parity_every = parity_rate(cfg, info, files, chunks, so)
-            ds = tokenize_dataset(cfg, chunks, info, so, pool, encoder, parity_every, sources, file_source)
-            blocks = Blocks(S, cfg.on_bad_record == "fail", files, so)
+            kwargs = actor_kwargs(cfg, info, so, encoder, parity_every, sources, file_source)
+            blocks = Blocks(ex, S, cfg.on_bad_record == "fail", files, so)
             t_stage = time.time()
-            tokenize_and_measure(ds, blocks, join(tmp_url, "rejects"), pool.stats_cpus, watch)
+            tokenize_and_measure(blocks, chunks, kwargs, pool, join(tmp_url, "rejects"), watch)
             timings = {"start": round(t_stage - t0, 2), "read+tokenize": round(time.time() - t_stage, 2)}
             t_stage = time.time()
             tot = blocks.totals
@@ -580,7 +565,7 @@ def _build(cfg, t0, so, info, files, chunks, layout, added, pad_id, out: Output,
             zeros = np.zeros(S + 1, dtype=np.int64)
             if sel is None:
                 hist_train, hist_valid = hist_kept, zeros
-                train_parts = [(None, lambda k: ray.get(blocks.runs[k]))]
+                train_parts = [(None, lambda k: ex.get(blocks.runs[k]))]
                 valid_parts: list = []
                 copies = 1
             else:
@@ -589,9 +574,9 @@ def _build(cfg, t0, so, info, files, chunks, layout, added, pad_id, out: Output,
                     hist_train = stats_mod.add_hist(hist_train, sm["hist_train"])
                     hist_valid = stats_mod.add_hist(hist_valid, sm["hist_valid"])
                 copies = max(sm["copies"] for sm in sel_summaries)  # not every block's runs at once
-                train_parts = [({"selection": sel, "copy": c}, lambda k, c=c: ray.get(sel_runs[k]).get(c))
+                train_parts = [({"selection": sel, "copy": c}, lambda k, c=c: ex.get(sel_runs[k]).get(c))
                                for c in range(copies)]
-                valid_parts = [({"selection": sel, "valid": True}, lambda k: ray.get(sel_runs[k]).get("valid"))]
+                valid_parts = [({"selection": sel, "valid": True}, lambda k: ex.get(sel_runs[k]).get("valid"))]
             if int(hist_train.sum()) == 0:
                 raise BuildError("the mixture leaves no training sample (every source's amount is 0, or "
                                  "--validation holds out every record)")
@@ -613,13 +598,13 @@ def _build(cfg, t0, so, info, files, chunks, layout, added, pad_id, out: Output,
                         "pad_id": pad_id}
             metas = []
             for e in range(epochs):
-                metas += shuffle_and_write(blocks, train.parts, train.plan_ref(epoch_seed(cfg.seed, e), e * train.packs),
+                metas += shuffle_and_write(blocks, train.parts, train.plan_ref(ex, epoch_seed(cfg.seed, e), e * train.packs),
                                            train.num_shards, write_kw, reuse, watch, e * train.num_shards,
                                            f"epoch {e + 1} shards" if epochs > 1 else "shards")
             valid_metas = []
             if valid is not None:
                 out_fs.makedirs(join(tmp, "valid", "shards"), exist_ok=True)
-                valid_metas = shuffle_and_write(blocks, valid.parts, valid.plan_ref(cfg.seed), valid.num_shards,
+                valid_metas = shuffle_and_write(blocks, valid.parts, valid.plan_ref(ex, cfg.seed), valid.num_shards,
                                                 write_kw | {"tmp_dir": join(tmp_url, "valid", "shards")}, {}, watch,
                                                 0, "validation shards")
             blocks.refs.clear()
@@ -852,17 +837,20 @@ def _reusable(fs, tmp: str, old: dict, digest: str, num_shards: int) -> dict:
 def measure_inputs(cfg: BuildConfig) -> stats_mod.Totals:
     """Read and tokenize the inputs and return their statistics (no output written)."""
     so, info, files, chunks, sources, file_source = prepare(cfg)
-    encoder, _, pool = start_with_encoder(cfg, info, files, so, len(chunks))
-    blocks = Blocks(cfg.seq_length, False, files, so)
-    with Watchdog(cfg.stall_timeout) as watch:
-        try:
-            tokenize_and_measure(tokenize_dataset(cfg, chunks, info, so, pool, encoder, 0, sources, file_source),
-                                 blocks, None,
-                                 pool.stats_cpus, watch)
-        except KeyboardInterrupt:
-            watch.check()
-            raise
-    return blocks.totals
+    ex = make_executor(cfg)
+    try:
+        encoder, _, pool = start_with_encoder(cfg, ex, info, files, so, len(chunks))
+        blocks = Blocks(ex, cfg.seq_length, False, files, so)
+        with Watchdog(cfg.stall_timeout) as watch:
+            try:
+                tokenize_and_measure(blocks, chunks, actor_kwargs(cfg, info, so, encoder, 0, sources, file_source),
+                                     pool, None, watch)
+            except KeyboardInterrupt:
+                watch.check()
+                raise
+        return blocks.totals
+    finally:
+        ex.close()
 
 
-__all__ = ["BuildError", "OutputError", "run", "measure_inputs", "prepare", "start"]
+__all__ = ["BuildError", "OutputError", "run", "measure_inputs", "prepare"]

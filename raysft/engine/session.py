@@ -59,10 +59,12 @@ def stop_ray() -> None:
     job, so it is killed first, through a private handle of Ray's (skipped where a Ray version
     lacks it)."""
     global _ray_started
+    started, _ray_started = _ray_started, None
+    if started is None:
+        return  # never started here (--engine local imports no Ray at all)
     import ray
 
-    started, _ray_started = _ray_started, None
-    if started is None or not ray.is_initialized():
+    if not ray.is_initialized():
         return
     if started == "local":
         from ray._private import worker

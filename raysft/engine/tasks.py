@@ -10,7 +10,7 @@ import pyarrow as pa
 
 from ..fs import get_fs, join
 from ..layouts import get_layout
-from ..pack import assign_slots, block_ranks
+from ..pack import assign_slots, block_ranks, unique_rows
 from ..samples import kept_mask
 from ..stats import block_rejects, block_stats, run_counts
 from ..write import write_shard
@@ -141,9 +141,7 @@ def feed_digest(table: pa.Table) -> str:
     """Which input chunks (by content) fed a shard: a digest of its sorted (chunk, hash) pairs."""
     import hashlib
 
-    pairs = np.unique(np.stack([table.column("chunk").to_numpy().astype(np.int64),
-                                table.column("chunk_hash").to_numpy()], axis=1), axis=0) if table.num_rows else \
-        np.zeros((0, 2), np.int64)
+    pairs = unique_rows(table.column("chunk").to_numpy(), table.column("chunk_hash").to_numpy())
     return hashlib.blake2b(pairs.astype("<i8").tobytes(), digest_size=16).hexdigest()
 
 

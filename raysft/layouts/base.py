@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from functools import cached_property
 from typing import ClassVar
 
 import numpy as np
@@ -44,12 +45,28 @@ class Placement:
         self.num_packs = int(self.row[-1]) + 1 if n else 0
         self.ends = np.cumsum(self.lengths)
         self.starts = self.ends - self.lengths
-        self.token_sample = np.repeat(np.arange(n), self.lengths)
-        self.token_row = self.row[self.token_sample]
+
+    # per token (what the padded layouts scatter with): made on first use, as they cost
+    # several int64 arrays of the slice's length
+
+    @cached_property
+    def token_sample(self) -> np.ndarray:
+        return np.repeat(np.arange(len(self.packs)), self.lengths)
+
+    @cached_property
+    def token_row(self) -> np.ndarray:
+        return self.row[self.token_sample]
+
+    @cached_property
+    def token_pos(self) -> np.ndarray:
         pack_first = self.starts[self.new_pack]  # flat offset where each pack begins
-        self.token_pos = np.arange(len(self.flat), dtype=np.int64) - pack_first[self.token_row]
-        # position of each sample in its pack (0, 1, 2...)
-        self.sample_no = np.arange(n) - np.flatnonzero(self.new_pack)[self.row] if n else np.zeros(0, np.int64)
+        return np.arange(len(self.flat), dtype=np.int64) - pack_first[self.token_row]
+
+    @cached_property
+    def sample_no(self) -> np.ndarray:
+        """Position of each sample in its pack (0, 1, 2...)."""
+        n = len(self.packs)
+        return np.arange(n) - np.flatnonzero(self.new_pack)[self.row] if n else np.zeros(0, np.int64)
 
     @property
     def loss(self) -> np.ndarray:
@@ -64,7 +81,7 @@ class Placement:
         return np.add.reduceat(self.lengths, np.flatnonzero(self.new_pack)) if len(self.lengths) else self.lengths
 
     def check_capacity(self, capacity: int) -> None:
-        if len(self.flat) and self.token_pos.max() >= capacity:
+        if len(self.flat) and self.pack_fill().max() > capacity:
             raise ValueError(f"a pack holds more than {capacity} tokens")
 
 

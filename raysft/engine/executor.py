@@ -1,0 +1,265 @@
+"""Where the driver's work runs: a Ray cluster (``--engine ray``, the default) or this machine
+without Ray (``--engine local``).
+
+The driver (``raysft.engine.driver``) is written once against this small interface:
+``tokenized(...)`` runs the tokenizer actors' code over the read chunks and yields each
+non-empty tokenized block (a ref), ``task(fn)`` makes a function remote, and ``get``, ``wait``
+and ``put`` move results, with Ray's meaning (a task's top-level arguments that are refs are
+resolved before it runs; ``num_returns=k`` gives k refs). Nothing here decides a byte of output:
+both engines run the same pure stages in the same order of blocks, so they write the same bytes.
+
+The local engine is for one machine, where Ray's fixed costs (starting Ray and its workers,
+the object store and its spill) are a large part of a job: tokenizer processes (one per CPU,
+started while the driver reads the tokenizer) hand their blocks to the driver, whose threads
+run the statistics, slot assignment and writer tasks. The tokenized dataset is held in the
+driver's memory until the shards are written (about 4.5 bytes per token).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import os
+import time
+
+log = logging.getLogger("raysft")
+
+ENGINES = ("ray", "local")
+
+
+class RayExecutor:
+    name = "ray"
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def start(self, chunks: int):
+        from .session import init_ray, node_cpus, setup_data_context, size_pool
+
+        init_ray(self.cfg)
+        setup_data_context()
+        nodes = node_cpus()
+        pool = size_pool(nodes, self.cfg.tokenize_workers, chunks)
+        log.info("tokenizer actors: %d, %d encoder thread(s) each (%d node(s), %d CPUs)", pool.workers,
+                 pool.threads, len(nodes), sum(nodes))
+        return pool
+
+    def tokenized(self, chunks: list, actor_kwargs: dict, pool):
+        """The tokenizer actors over ``chunks`` (one actor task per chunk), through Ray Data:
+        each non-empty block's ref, as the blocks are made."""
+        import ray.data
+
+        from .actors import TokenizeAndMask
+
+        ds = ray.data.from_items([c.to_item() for c in chunks], override_num_blocks=max(1, len(chunks)))
+        ds = ds.map_batches(
+            TokenizeAndMask,
+            fn_constructor_kwargs=actor_kwargs | {"threads": pool.threads},
+            batch_size=1,
+            batch_format="numpy",
+            # a second chunk queued per actor, so it starts the moment the first ends; the last
+            # chunks are cut small (split_tail), so a queued chunk delays the end by little
+            compute=ray.data.ActorPoolStrategy(size=pool.workers, max_tasks_in_flight_per_actor=2),
+            num_cpus=pool.actor_cpus,
+        )
+        for bundle in ds.iter_internal_ref_bundles():
+            if any(sl is not None for sl in getattr(bundle, "slices", None) or ()):
+                raise RuntimeError("internal error: Ray Data returned a partial block")  # never for map outputs
+            yield [ref for ref, meta in zip(bundle.block_refs, bundle.metadata) if meta.num_rows]
+
+    def task(self, fn, num_cpus: float = 1, num_returns: int = 1):
+        import ray
+
+        return ray.remote(fn).options(num_cpus=num_cpus, num_returns=num_returns).remote
+
+    def get(self, refs):
+        import ray
+
+        return ray.get(refs)
+
+    def wait(self, refs: list, num_returns: int = 1, timeout: float | None = None):
+        import ray
+
+        return ray.wait(refs, num_returns=num_returns, timeout=timeout)
+
+    def put(self, obj):
+        import ray
+
+        return ray.put(obj)
+
+    def check_storage(self, cfg, files, so, tmp_url) -> None:
+        from .storage import check_shared_storage
+
+        check_shared_storage(cfg, files, so, tmp_url)
+
+    def close(self) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------- local
+
+
+class Ref:
+    """A local result: a future, or item ``index`` of a future's list."""
+
+    __slots__ = ("future", "index")
+
+    def __init__(self, future: cf.Future, index: int | None = None):
+        self.future, self.index = future, index
+
+    def value(self):
+        v = self.future.result()
+        return v if self.index is None else v[self.index]
+
+
+def _resolve(x):
+    return x.value() if isinstance(x, Ref) else x
+
+
+_ACTOR = None  # the tokenizer of one local tokenizer process
+
+
+_SPILL = ""  # where it writes its blocks
+
+
+def _start_actor(kwargs: dict, spill: str) -> None:
+    global _ACTOR, _SPILL
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver handles ^C and stops the pool
+    from .actors import TokenizeAndMask
+
+    _ACTOR, _SPILL = TokenizeAndMask(**kwargs), spill
+
+
+def _tokenize_chunk(item: dict) -> list[str]:
+    """One chunk's blocks, each written to an Arrow IPC file the driver maps (no copy through
+    a pipe, and the page cache, not the driver's heap, holds them)."""
+    import pyarrow as pa
+
+    from ..read import Chunk
+
+    paths = []
+    for k, t in enumerate(_ACTOR.tokenize_chunk(Chunk.from_item(item))):
+        if t.num_rows:
+            path = os.path.join(_SPILL, f"{os.getpid()}-{item['chunk']}-{k}.arrow")
+            with pa.OSFile(path, "wb") as f, pa.ipc.new_file(f, t.schema) as w:
+                w.write_table(t)
+            paths.append(path)
+    return paths
+
+
+def _map_block(path: str):
+    import pyarrow as pa
+
+    with pa.memory_map(path, "r") as f:
+        return pa.ipc.open_file(f).read_all()
+
+
+class LocalExecutor:
+    """This machine, no Ray: tokenizer processes and a thread pool of the driver."""
+
+    name = "local"
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.cpus = max(1, cfg.num_cpus or len(os.sched_getaffinity(0)))
+        self.threads = cf.ThreadPoolExecutor(self.cpus, thread_name_prefix="raysft-task")
+        self.procs: cf.ProcessPoolExecutor | None = None
+        self.spill: str | None = None
+
+    def start(self, chunks: int):
+        from .session import TokenizePool
+
+        workers = max(1, min(self.cfg.tokenize_workers or self.cpus, chunks or 1))
+        threads = max(1, round(self.cpus / workers))
+        log.info("local engine: %d tokenizer process(es), %d encoder thread(s) each, %d CPUs", workers, threads,
+                 self.cpus)
+        return TokenizePool(workers, threads, float(threads), 1.0)
+
+    def tokenized(self, chunks: list, actor_kwargs: dict, pool):
+        """The tokenizer processes over ``chunks``, one chunk at a time each (two queued per
+        process): each chunk's blocks, as the chunks end."""
+        import multiprocessing as mp
+        import tempfile
+
+        base = self.cfg.spill_dir or None
+        if base:
+            os.makedirs(base, exist_ok=True)
+        self.spill = tempfile.mkdtemp(prefix="raysft-blocks-", dir=base)
+        # spawn: a fork would copy the driver's threads (its encoder loader, Arrow's pools)
+        self.procs = cf.ProcessPoolExecutor(pool.workers, mp.get_context("spawn"), initializer=_start_actor,
+                                            initargs=(actor_kwargs | {"threads": pool.threads}, self.spill))
+        items = [c.to_item() for c in chunks]
+        pending, nxt = set(), 0
+        while nxt < len(items) or pending:
+            while nxt < len(items) and len(pending) < 2 * pool.workers:
+                pending.add(self.procs.submit(_tokenize_chunk, items[nxt]))
+                nxt += 1
+            done, pending = cf.wait(pending, timeout=1.0, return_when=cf.FIRST_COMPLETED)
+            refs = []
+            for f in done:
+                for path in f.result():
+                    ref = cf.Future()
+                    ref.set_result(_map_block(path))
+                    os.unlink(path)  # the map keeps its pages; the name is not needed
+                    refs.append(Ref(ref))
+            yield refs
+        self.procs.shutdown(wait=True)
+        self.procs = None
+
+    def task(self, fn, num_cpus: float = 1, num_returns: int = 1):
+        def call(*args, **kwargs):
+            return fn(*[_resolve(a) for a in args], **{k: _resolve(v) for k, v in kwargs.items()})
+
+        def remote(*args, **kwargs):
+            fut = self.threads.submit(call, *args, **kwargs)
+            return Ref(fut) if num_returns == 1 else [Ref(fut, i) for i in range(num_returns)]
+
+        return remote
+
+    def get(self, refs):
+        return [_resolve(r) for r in refs] if isinstance(refs, list) else _resolve(refs)
+
+    def wait(self, refs: list, num_returns: int = 1, timeout: float | None = None):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            ready = [r for r in refs if r.future.done()]
+            if len(ready) >= num_returns:
+                break
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            cf.wait({r.future for r in refs if not r.future.done()}, timeout=left, return_when=cf.FIRST_COMPLETED)
+        ready = set(map(id, ready[:num_returns]))
+        return [r for r in refs if id(r) in ready], [r for r in refs if id(r) not in ready]
+
+    def put(self, obj):
+        fut = cf.Future()
+        fut.set_result(obj)
+        return Ref(fut)
+
+    def check_storage(self, cfg, files, so, tmp_url) -> None:
+        pass  # one machine: the driver's and the workers' view of storage is the same
+
+    def close(self) -> None:
+        if self.procs is not None:
+            for p in list(getattr(self.procs, "_processes", {}).values()):
+                p.kill()  # an interrupted build: do not wait for chunks being tokenized
+            self.procs.shutdown(wait=False, cancel_futures=True)
+            self.procs = None
+        self.threads.shutdown(wait=False, cancel_futures=True)
+        if self.spill is not None:
+            import shutil
+
+            shutil.rmtree(self.spill, ignore_errors=True)
+            self.spill = None
+
+
+def make_executor(cfg):
+    engine = getattr(cfg, "engine", "ray") or "ray"
+    if engine not in ENGINES:
+        raise ValueError(f"unknown --engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    if engine == "local" and cfg.ray_address:
+        raise ValueError("--engine local runs without Ray: drop --ray-address")
+    return LocalExecutor(cfg) if engine == "local" else RayExecutor(cfg)

@@ -1,0 +1,104 @@
+"""--engine local (no Ray) writes the bytes --engine ray writes, for every output file, under
+the features that route data differently: rejects, overlong splits, several shards, a layout
+with its own capacity rule, a weighted mixture with a validation split and epochs, and
+re-packs from the tokenized cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from helpers import build
+
+from raysft.engine.driver import BuildError
+
+
+def _files(out: Path) -> dict[str, bytes]:
+    """Every file of an output (the lock's heartbeat aside), by path."""
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()
+            and p.name != ".lock"}
+
+
+def _same(a: Path, b: Path) -> None:
+    fa, fb = _files(a), _files(b)
+    assert sorted(fa) == sorted(fb)
+    for name in fa:
+        if name == "stats.json":  # names the folder of its cache; all else equal
+            sa, sb = json.loads(fa[name]), json.loads(fb[name])
+            sa.pop("cache", None), sb.pop("cache", None)
+            assert sa == sb
+        elif name != "report.html":
+            assert fa[name] == fb[name], name
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, shared_data):
+    d = tmp_path_factory.mktemp("engines")
+    lines = (shared_data / "gsm8k_train.jsonl").read_text().splitlines()[:600]
+    lines.insert(17, '{"question": "broken')  # a bad record, skipped and listed in rejects.jsonl
+    (d / "gsm8k.jsonl").write_text("\n".join(lines) + "\n")
+    return {"alpaca": str(shared_data / "alpaca_en_demo.json"), "tools": str(shared_data / "glaive_toolcall_en_demo.json"),
+            "math": str(d / "gsm8k.jsonl")}
+
+
+FLAGS = dict(template="llama3", seq_length=384, overlong="split", on_bad_record="skip", num_shards=3,
+             chunk_bytes=300_000, map_keys={"prompt": "question", "response": "answer"})
+
+
+def test_local_engine_writes_the_ray_engines_bytes(tmp_path, ray_session, inputs, llama3_dir):
+    srcs = [inputs["alpaca"], inputs["tools"], inputs["math"]]
+    a = build(tmp_path / "ray", srcs, llama3_dir, **FLAGS)
+    b = build(tmp_path / "local", srcs, llama3_dir, engine="local", **FLAGS)
+    assert a == b and a["rejected"] and a["overlong"]["rows_kept"] and a["shards"] == 3
+    _same(tmp_path / "ray", tmp_path / "local")
+
+
+@pytest.mark.slow
+def test_local_engine_pai_with_one_tokenizer_process(tmp_path, ray_session, inputs, llama3_dir):
+    # pai: packs one token short of seq-length, ends never after id 0
+    srcs = [inputs["alpaca"], inputs["tools"], inputs["math"]]
+    build(tmp_path / "ray-pai", srcs, llama3_dir, layout="pai", **FLAGS)
+    build(tmp_path / "local-pai", srcs, llama3_dir, layout="pai", engine="local", tokenize_workers=1, **FLAGS)
+    _same(tmp_path / "ray-pai", tmp_path / "local-pai")
+
+
+@pytest.mark.slow
+def test_local_engine_mixture_validation_epochs_and_cache(tmp_path, ray_session, inputs, llama3_dir):
+    flags = dict(template="llama3", seq_length=2048, epochs=2, validation="0.1", mix_unit="samples",
+                 sources=[{"name": "alpaca", "input": inputs["alpaca"], "share": 0.6},
+                          {"name": "math", "input": inputs["math"], "share": 0.4,
+                           "map_keys": {"prompt": "question", "response": "answer"}}])
+    build(tmp_path / "ray", [], llama3_dir, on_bad_record="skip", **flags)
+    cache = tmp_path / "cache"
+    b = build(tmp_path / "local", [], llama3_dir, on_bad_record="skip", engine="local", cache=str(cache), **flags)
+    assert b["cache"]["rows_tokenized"] == b["rows_read"]
+    _same(tmp_path / "ray", tmp_path / "local")
+    assert (tmp_path / "local" / "valid" / "data.bin").exists()
+    # a re-pack from the cache at another seq-length: nothing tokenized, the bytes of a fresh build
+    c = build(tmp_path / "repack", [], llama3_dir, on_bad_record="skip", engine="local", cache=str(cache),
+              **(flags | {"seq_length": 1024}))
+    assert c["cache"]["rows_tokenized"] == 0 and c["cache"]["rows_from_cache"] == c["rows_read"]
+    build(tmp_path / "ray-1024", [], llama3_dir, on_bad_record="skip", **(flags | {"seq_length": 1024}))
+    _same(tmp_path / "repack", tmp_path / "ray-1024")
+    # the encoder's verdict was filed with the chunks and taken from there
+    assert list((cache / "verdicts").glob("*.json"))
+
+
+def test_local_engine_bad_record_is_one_line_naming_file_and_line(tmp_path, inputs, llama3_dir):
+    with pytest.raises(BuildError, match=r"gsm8k\.jsonl line 18: invalid_json"):
+        build(tmp_path / "out", [inputs["math"]], llama3_dir, template="llama3", engine="local",
+              map_keys={"prompt": "question", "response": "answer"})
+    assert not (tmp_path / "out" / "_SUCCESS").exists()
+
+
+def test_engine_flag(tmp_path):
+    from raysft.build import config_from_args
+
+    base = ["--input", "x.jsonl", "--tokenizer", "t", "--output", str(tmp_path / "o")]
+    assert config_from_args(base).engine == "ray"
+    assert config_from_args(base + ["--engine", "local"]).engine == "local"
+    with pytest.raises(SystemExit):
+        config_from_args(base + ["--engine", "local", "--ray-address", "auto"])
+    with pytest.raises(SystemExit):
+        config_from_args(base + ["--engine", "spark"])
