@@ -293,7 +293,7 @@ def shuffle_and_write(blocks: Blocks, parts: list, plan_ref, num_shards: int, wr
     from .tasks import partition_block, write_parts
 
     ex = blocks.ex
-    split = ex.task(partition_block, num_returns=num_shards)
+    split = ex.task(partition_block, num_returns=num_shards, spill=True)
     offsets = RunOffsets(write_kw["seq_length"])
     order = sorted(range(len(blocks.refs)), key=lambda k: blocks.keys[k])
     cut = []

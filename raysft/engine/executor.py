@@ -11,8 +11,10 @@ both engines run the same pure stages in the same order of blocks, so they write
 The local engine is for one machine, where Ray's fixed costs (starting Ray and its workers,
 the object store and its spill) are a large part of a job: tokenizer processes (one per CPU,
 started while the driver reads the tokenizer) hand their blocks to the driver, whose threads
-run the statistics, slot assignment and writer tasks. The tokenized dataset is held in the
-driver's memory until the shards are written (about 4.5 bytes per token).
+run the statistics, slot assignment and writer tasks. The tokenized blocks and the shuffle's
+parts live in memory-mapped Arrow files in a temporary folder (``--spill-dir``, else the
+system's), so the page cache holds them and the kernel may write them out: about 4.5 bytes a
+token each, removed as the build ends.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ class RayExecutor:
                 raise RuntimeError("internal error: Ray Data returned a partial block")  # never for map outputs
             yield [ref for ref, meta in zip(bundle.block_refs, bundle.metadata) if meta.num_rows]
 
-    def task(self, fn, num_cpus: float = 1, num_returns: int = 1):
+    def task(self, fn, num_cpus: float = 1, num_returns: int = 1, spill: bool = False):
         import ray
 
         return ray.remote(fn).options(num_cpus=num_cpus, num_returns=num_returns).remote
@@ -149,6 +151,21 @@ def _tokenize_chunk(item: dict) -> list[str]:
     return paths
 
 
+def _spill_table(table, folder: str):
+    """``table`` as a memory-mapped Arrow file in ``folder``: the page cache, which the kernel
+    can write out, holds it instead of the heap."""
+    import secrets
+
+    import pyarrow as pa
+
+    path = os.path.join(folder, f"t-{secrets.token_hex(8)}.arrow")
+    with pa.OSFile(path, "wb") as f, pa.ipc.new_file(f, table.schema) as w:
+        w.write_table(table)
+    mapped = _map_block(path)
+    os.unlink(path)
+    return mapped
+
+
 def _map_block(path: str):
     import pyarrow as pa
 
@@ -208,15 +225,30 @@ class LocalExecutor:
         self.procs.shutdown(wait=True)
         self.procs = None
 
-    def task(self, fn, num_cpus: float = 1, num_returns: int = 1):
+    def task(self, fn, num_cpus: float = 1, num_returns: int = 1, spill: bool = False):
+        """``spill``: its tables go to memory-mapped files (what the shuffle holds between its
+        map and reduce sides), as Ray's object store spills them."""
+
         def call(*args, **kwargs):
-            return fn(*[_resolve(a) for a in args], **{k: _resolve(v) for k, v in kwargs.items()})
+            out = fn(*[_resolve(a) for a in args], **{k: _resolve(v) for k, v in kwargs.items()})
+            return self._spilled(out) if spill else out
 
         def remote(*args, **kwargs):
             fut = self.threads.submit(call, *args, **kwargs)
             return Ref(fut) if num_returns == 1 else [Ref(fut, i) for i in range(num_returns)]
 
         return remote
+
+    def _spilled(self, out):
+        import pyarrow as pa
+
+        if self.spill is None:
+            return out
+        if isinstance(out, pa.Table):
+            return _spill_table(out, self.spill)
+        if isinstance(out, list) and all(isinstance(t, pa.Table) for t in out):
+            return [_spill_table(t, self.spill) for t in out]
+        return out
 
     def get(self, refs):
         return [_resolve(r) for r in refs] if isinstance(refs, list) else _resolve(refs)
