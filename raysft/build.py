@@ -162,16 +162,17 @@ def parser() -> argparse.ArgumentParser:
                    help="ray (default): Ray Data and Ray tasks, in-process or on the cluster of --ray-address; "
                         "local: this machine without Ray (tokenizer processes, one per CPU, and the driver's "
                         "threads) - no Ray start-up, object store or spill, for single-machine jobs and re-packs "
-                        "from --cache; the tokenized dataset is held in memory (~4.5 bytes a token). Same output "
-                        "bytes either way")
+                        "from --cache; its blocks go to memory-mapped files under --spill-dir (~4.5 bytes a token). "
+                        "Same output bytes either way")
     g.add_argument("--ray-address", metavar="ADDR", help="Ray cluster to join (default: $RAY_ADDRESS, else local)")
-    g.add_argument("--num-cpus", type=int, help="CPUs of the in-process Ray instance (default: all)")
+    g.add_argument("--num-cpus", type=int, help="CPUs of the in-process Ray instance, or of --engine local (default: all)")
     g.add_argument("--object-store-memory", type=int, metavar="BYTES",
                    help="object store size of the in-process Ray instance (default 1 GiB, at most 30%% of RAM); "
                         "the tokenized dataset is held until the plan is made and spills to disk beyond it, so "
                         "memory stays flat as the input grows")
     g.add_argument("--spill-dir", metavar="DIR",
-                   help="where the in-process Ray instance spills objects (default: Ray's, under /tmp/ray); "
+                   help="where the in-process Ray instance spills objects (default: Ray's, under /tmp/ray), or where "
+                        "--engine local keeps its blocks (default: the system's temp dir); "
                         "needs about 4 bytes per token of free space for large inputs")
     g.add_argument("--tokenize-workers", type=int, metavar="N", help="tokenizer actors (default: one per CPU, each encoding with one thread; with fewer, each gets its share of the cores)")
     g.add_argument("--batch-size", type=int, metavar="N", help="records per tokenizer actor call, encoded in two halves that overlap (default 16384)")

@@ -157,8 +157,6 @@ def fit_records(enc: pa.Table, chunk: int, seq_length: int, overlong: str = "dro
     ends = np.cumsum(lengths_rec)
     rows_of = np.ones(n_rec, dtype=np.int64)
     fitted: dict[int, tuple[list[np.ndarray], str]] = {}
-    reasons = enc.column("reason").to_pylist()
-    messages = enc.column("message").to_pylist()
     cut_raw = enc.column("cut_raw")
     for i in np.flatnonzero(ok & (lengths_rec > S)).tolist():
         arr = values[ends[i] - lengths_rec[i] : ends[i]]
@@ -171,9 +169,14 @@ def fit_records(enc: pa.Table, chunk: int, seq_length: int, overlong: str = "dro
     orig_n = orig[take].astype(np.int32)
     kept = ok[take]
     lengths = orig_n.copy()  # orig is -1 on rejected records already
-    records = take.tolist()
-    reason = [reasons[i] for i in records]
-    message = [messages[i] for i in records]
+    if not fitted:  # one row per record, as encoded: its columns as they are (no per-row Python)
+        reason, message, bad_raw_col = enc.column("reason"), enc.column("message"), enc.column("bad_raw")
+    else:
+        records = take.tolist()
+        reasons = enc.column("reason").to_pylist()
+        messages = enc.column("message").to_pylist()
+        reason = [reasons[i] for i in records]
+        message = [messages[i] for i in records]
     if fitted:
         segments, done, first_row = [], 0, np.cumsum(rows_of) - rows_of
         for i, (pieces, why) in fitted.items():
@@ -188,11 +191,12 @@ def fit_records(enc: pa.Table, chunk: int, seq_length: int, overlong: str = "dro
                 message[first_row[i]] = f"{lengths_rec[i]} tokens > seq-length {S}"
         segments.append(values[done:])
         values = np.concatenate(segments).astype(np.int32)
-    bad_raw = enc.column("bad_raw").to_pylist()
     if fitted:  # a dropped overlong record is listed in rejects.jsonl with its record
+        bad_raw = enc.column("bad_raw").to_pylist()
         for i, (pieces, _) in fitted.items():
             if not pieces:
                 bad_raw[i] = cut_raw[i].as_py() or b""
+        bad_raw_col = pa.array([bad_raw[i] if not k else b"" for i, k in zip(records, kept.tolist())], pa.binary())
     offsets = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(np.where(kept, lengths, 0), out=offsets[1:])
     loss_rec = enc.column("loss_n").to_numpy()
@@ -218,9 +222,9 @@ def fit_records(enc: pa.Table, chunk: int, seq_length: int, overlong: str = "dro
         "run_first": pa.array(first),
         "run_rank": pa.array(run_ranks(chunk_a, first, lengths, kept)),
         "ids": pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values, pa.int32())),
-        "reason": pa.array(reason, pa.string()),
-        "message": pa.array(message, pa.string()),
-        "bad_raw": pa.array([bad_raw[i] if not k else b"" for i, k in zip(records, kept.tolist())], pa.binary()),
+        "reason": reason if not fitted else pa.array(reason, pa.string()),
+        "message": message if not fitted else pa.array(message, pa.string()),
+        "bad_raw": bad_raw_col,
         "chunk_hash": pa.array(np.full(n, chunk_hash, np.int64)),
         "enc_checked": per_record("enc_checked", np.int32),
         "enc_mismatch": per_record("enc_mismatch", np.int32),

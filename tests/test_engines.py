@@ -102,3 +102,32 @@ def test_engine_flag(tmp_path):
         config_from_args(base + ["--engine", "local", "--ray-address", "auto"])
     with pytest.raises(SystemExit):
         config_from_args(base + ["--engine", "spark"])
+
+
+def _no_actor(kwargs, spill):  # for the test below: a tokenizer process with nothing to load
+    pass
+
+
+def _die(item):  # ... that dies on its first chunk, as one killed for memory would
+    import os
+
+    os._exit(9)
+
+
+def test_a_dead_tokenizer_process_is_one_line(monkeypatch):
+    from raysft.config import BuildConfig
+    from raysft.engine import executor
+    from raysft.engine.session import ClusterError, TokenizePool
+    from raysft.errors import classify
+    from raysft.read import Chunk, Piece
+
+    monkeypatch.setattr(executor, "_start_actor", _no_actor)
+    monkeypatch.setattr(executor, "_tokenize_chunk", _die)
+    ex = executor.LocalExecutor(BuildConfig())
+    chunk = Chunk(0, (Piece(0, "x.jsonl", "jsonl", 0, 10),))
+    try:
+        with pytest.raises(ClusterError, match="tokenizer process of --engine local died") as e:
+            list(ex.tokenized([chunk], {}, TokenizePool(1, 1, 1.0, 1.0)))
+        assert classify(e.value)[0] == 4
+    finally:
+        ex.close()

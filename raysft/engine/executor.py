@@ -216,7 +216,15 @@ class LocalExecutor:
             done, pending = cf.wait(pending, timeout=1.0, return_when=cf.FIRST_COMPLETED)
             refs = []
             for f in done:
-                for path in f.result():
+                try:
+                    paths = f.result()
+                except cf.process.BrokenProcessPool:
+                    from .session import ClusterError
+
+                    raise ClusterError("a tokenizer process of --engine local died (killed, or out of memory: "
+                                       "try fewer --tokenize-workers or a smaller --batch-size); nothing was "
+                                       "committed") from None
+                for path in paths:
                     ref = cf.Future()
                     ref.set_result(_map_block(path))
                     os.unlink(path)  # the map keeps its pages; the name is not needed
