@@ -22,6 +22,8 @@
    by process, the build's own stage seconds, and the hypervisor's steal share while each ran
    (on a shared virtual machine wall time drifts by tens of percent within minutes).
 
+``--engines ray,local`` (the default) times each ``--engine`` one after the other in every
+repeat, each against the same ceilings; ``--cache-runs`` runs once per engine.
 ``--cache-runs`` also times a cold build into an empty ``--cache`` and, from that cache, a
 re-pack at half the seq-length and a re-mix of two sources (against the cold build).
 ``--plan-samples 1e9`` also times the packing planner alone on that many synthetic lengths.
