@@ -12,6 +12,7 @@ import sys
 
 from .config import BuildConfig
 from .encode import ENCODERS
+from .engine.executor import ENGINES
 from .layouts import LAYOUTS, REGISTRY
 from .normalize import FORMATS, parse_map_keys
 from .templates import LOSS_POLICIES, TEMPLATE_NAMES
@@ -158,7 +159,7 @@ def parser() -> argparse.ArgumentParser:
         help="virtual for Alibaba OSS; path for most MinIO setups",
     )
     g = p.add_argument_group("execution")
-    g.add_argument("--engine", choices=("ray", "local"),
+    g.add_argument("--engine", choices=ENGINES,
                    help="ray (default): Ray Data and Ray tasks, in-process or on the cluster of --ray-address; "
                         "local: this machine without Ray (tokenizer processes, one per CPU, and the driver's "
                         "threads) - no Ray start-up, object store or spill, for single-machine jobs and re-packs "
@@ -262,8 +263,8 @@ def config_from_args(argv: list[str] | None = None) -> BuildConfig:
             Validation.parse(cfg.validation)
         except SourceError as e:
             parser().error(str(e))
-    if cfg.engine not in ("ray", "local"):
-        parser().error("engine must be one of ray, local")
+    if cfg.engine not in ENGINES:
+        parser().error(f"engine must be one of {', '.join(ENGINES)}")
     if cfg.engine == "local" and cfg.ray_address:
         parser().error("--engine local runs without Ray: it takes no --ray-address")
     if cfg.parity not in ("off", "report", "strict"):

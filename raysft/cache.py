@@ -93,8 +93,11 @@ class Cache:
         with pa.ipc.new_file(sink, table.schema) as w:
             w.write_table(table)
         body = sink.getvalue().to_pybytes()
-        data = body + hashlib.blake2b(body, digest_size=DIGEST).digest()
-        p = self.path(key)
+        self._put(self.path(key), body + hashlib.blake2b(body, digest_size=DIGEST).digest())
+
+    def _put(self, p: str, data: bytes) -> None:
+        """Write a file of the cache whole: under a temporary name and renamed (local), in one
+        request (S3); a cache that cannot be written never fails the build."""
         try:
             self.fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
             if is_local(self.fs):
@@ -105,7 +108,7 @@ class Cache:
             else:
                 with self.fs.open(p, "wb") as f:
                     f.write(data)
-        except OSError as e:  # a cache that cannot be written never fails the build
+        except OSError as e:
             log.warning("tokenized cache: cannot write %s (%s)", p, e)
 
     # The encoder's start-up verdict (raysft.encode.choose: fastokens checked against hf on the
@@ -121,13 +124,7 @@ class Cache:
             return None
 
     def save_verdict(self, key: str, verdict: dict) -> None:
-        p = join(self.root, "verdicts", key + ".json")
-        try:
-            self.fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
-            with self.fs.open(p, "wb") as f:
-                f.write(json.dumps(verdict).encode())
-        except OSError as e:
-            log.warning("tokenized cache: cannot write %s (%s)", p, e)
+        self._put(join(self.root, "verdicts", key + ".json"), json.dumps(verdict).encode())
 
 
 def verdict_key(info, mode: str, texts: list[str], version: str) -> str:

@@ -170,14 +170,13 @@ def fit_records(enc: pa.Table, chunk: int, seq_length: int, overlong: str = "dro
     kept = ok[take]
     lengths = orig_n.copy()  # orig is -1 on rejected records already
     if not fitted:  # one row per record, as encoded: its columns as they are (no per-row Python)
-        reason, message, bad_raw_col = enc.column("reason"), enc.column("message"), enc.column("bad_raw")
+        reason, message, bad_raw = enc.column("reason"), enc.column("message"), enc.column("bad_raw")
     else:
         records = take.tolist()
         reasons = enc.column("reason").to_pylist()
         messages = enc.column("message").to_pylist()
         reason = [reasons[i] for i in records]
         message = [messages[i] for i in records]
-    if fitted:
         segments, done, first_row = [], 0, np.cumsum(rows_of) - rows_of
         for i, (pieces, why) in fitted.items():
             segments.append(values[done : ends[i] - lengths_rec[i]])
@@ -191,12 +190,13 @@ def fit_records(enc: pa.Table, chunk: int, seq_length: int, overlong: str = "dro
                 message[first_row[i]] = f"{lengths_rec[i]} tokens > seq-length {S}"
         segments.append(values[done:])
         values = np.concatenate(segments).astype(np.int32)
-    if fitted:  # a dropped overlong record is listed in rejects.jsonl with its record
-        bad_raw = enc.column("bad_raw").to_pylist()
+        # a dropped overlong record is listed in rejects.jsonl with its record
+        raws = enc.column("bad_raw").to_pylist()
         for i, (pieces, _) in fitted.items():
             if not pieces:
-                bad_raw[i] = cut_raw[i].as_py() or b""
-        bad_raw_col = pa.array([bad_raw[i] if not k else b"" for i, k in zip(records, kept.tolist())], pa.binary())
+                raws[i] = cut_raw[i].as_py() or b""
+        reason, message = pa.array(reason, pa.string()), pa.array(message, pa.string())
+        bad_raw = pa.array([raws[i] if not k else b"" for i, k in zip(records, kept.tolist())], pa.binary())
     offsets = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(np.where(kept, lengths, 0), out=offsets[1:])
     loss_rec = enc.column("loss_n").to_numpy()
@@ -222,9 +222,9 @@ def fit_records(enc: pa.Table, chunk: int, seq_length: int, overlong: str = "dro
         "run_first": pa.array(first),
         "run_rank": pa.array(run_ranks(chunk_a, first, lengths, kept)),
         "ids": pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values, pa.int32())),
-        "reason": reason if not fitted else pa.array(reason, pa.string()),
-        "message": message if not fitted else pa.array(message, pa.string()),
-        "bad_raw": bad_raw_col,
+        "reason": reason,
+        "message": message,
+        "bad_raw": bad_raw,
         "chunk_hash": pa.array(np.full(n, chunk_hash, np.int64)),
         "enc_checked": per_record("enc_checked", np.int32),
         "enc_mismatch": per_record("enc_mismatch", np.int32),

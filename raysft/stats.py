@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .pack import unique_rows
+
 PERCENTILES = {"p25": 25, "p50": 50, "p75": 75, "p99": 99}
 
 
@@ -150,8 +152,6 @@ def run_counts(chunk: np.ndarray, run_first: np.ndarray, n: np.ndarray, rows: np
     slot assignment's rank offsets are counted from."""
     runs: dict[tuple[int, int], dict[int, int]] = {}
     if rows.any():
-        from .pack import unique_rows
-
         uniq, counts = unique_rows(chunk[rows], run_first[rows], n[rows], return_counts=True)
         for (c, r, L), k in zip(uniq.tolist(), counts.tolist()):
             runs.setdefault((c, r), {})[L] = k
@@ -204,15 +204,9 @@ def block_stats(table, seq_length: int) -> tuple[dict, dict]:
         "per_source": _per_source(table, first, kept),
         "cached_rows": int((first & table.column("cached").to_numpy(zero_copy_only=False)).sum())
         if "cached" in table.column_names else 0,
-        "chunks": {c: h for c, h in _unique_rows(chunk, table.column("chunk_hash").to_numpy()).tolist()},
+        "chunks": {c: h for c, h in unique_rows(chunk, table.column("chunk_hash").to_numpy()).tolist()},
     }
     return summary, runs
-
-
-def _unique_rows(*cols):
-    from .pack import unique_rows
-
-    return unique_rows(*cols)
 
 
 SOURCE_FIGURES = ("rows", "samples", "tokens", "loss_tokens")

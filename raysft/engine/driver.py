@@ -266,7 +266,7 @@ def bad_record_error(t: stats_mod.Totals, files, so) -> BuildError:
 def tokenize_and_measure(blocks: Blocks, chunks: list, kwargs: dict, pool: TokenizePool, rejects_dir: str | None,
                          watch: Watchdog) -> None:
     """Run the tokenizer actors over the chunks to their end, keeping the blocks (in Ray's
-    object store, or the local engine's memory), and start the statistics of each block as
+    object store, or the local engine's memory-mapped files), and start the statistics of each block as
     soon as it exists (a small task, on the CPU the actors leave): they are ready when
     tokenization ends, with no second pass over the data."""
     from .tasks import measure_block

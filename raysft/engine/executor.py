@@ -10,7 +10,7 @@ both engines run the same pure stages in the same order of blocks, so they write
 
 The local engine is for one machine, where Ray's fixed costs (starting Ray and its workers,
 the object store and its spill) are a large part of a job: tokenizer processes (one per CPU,
-started while the driver reads the tokenizer) hand their blocks to the driver, whose threads
+spawned when tokenizing starts) hand their blocks to the driver, whose threads
 run the statistics, slot assignment and writer tasks. The tokenized blocks and the shuffle's
 parts live in memory-mapped Arrow files in a temporary folder (``--spill-dir``, else the
 system's), so the page cache holds them and the kernel may write them out: about 4.5 bytes a
@@ -30,8 +30,6 @@ ENGINES = ("ray", "local")
 
 
 class RayExecutor:
-    name = "ray"
-
     def __init__(self, cfg):
         self.cfg = cfg
 
@@ -66,7 +64,9 @@ class RayExecutor:
         )
         for bundle in ds.iter_internal_ref_bundles():
             if any(sl is not None for sl in getattr(bundle, "slices", None) or ()):
-                raise RuntimeError("internal error: Ray Data returned a partial block")  # never for map outputs
+                from .driver import BuildError
+
+                raise BuildError("internal error: Ray Data returned a partial block")  # never for map outputs
             yield [ref for ref, meta in zip(bundle.block_refs, bundle.metadata) if meta.num_rows]
 
     def task(self, fn, num_cpus: float = 1, num_returns: int = 1, spill: bool = False):
@@ -119,8 +119,6 @@ def _resolve(x):
 
 
 _ACTOR = None  # the tokenizer of one local tokenizer process
-
-
 _SPILL = ""  # where it writes its blocks
 
 
@@ -137,46 +135,36 @@ def _start_actor(kwargs: dict, spill: str) -> None:
 def _tokenize_chunk(item: dict) -> list[str]:
     """One chunk's blocks, each written to an Arrow IPC file the driver maps (no copy through
     a pipe, and the page cache, not the driver's heap, holds them)."""
-    import pyarrow as pa
-
     from ..read import Chunk
 
-    paths = []
-    for k, t in enumerate(_ACTOR.tokenize_chunk(Chunk.from_item(item))):
-        if t.num_rows:
-            path = os.path.join(_SPILL, f"{os.getpid()}-{item['chunk']}-{k}.arrow")
-            with pa.OSFile(path, "wb") as f, pa.ipc.new_file(f, t.schema) as w:
-                w.write_table(t)
-            paths.append(path)
-    return paths
+    return [_write_table(t, _SPILL) for t in _ACTOR.tokenize_chunk(Chunk.from_item(item)) if t.num_rows]
 
 
-def _spill_table(table, folder: str):
-    """``table`` as a memory-mapped Arrow file in ``folder``: the page cache, which the kernel
-    can write out, holds it instead of the heap."""
+def _write_table(table, folder: str) -> str:
+    """``table`` as an Arrow IPC file of its own in ``folder``; its path."""
     import secrets
 
     import pyarrow as pa
 
-    path = os.path.join(folder, f"t-{secrets.token_hex(8)}.arrow")
+    path = os.path.join(folder, f"{os.getpid()}-{secrets.token_hex(8)}.arrow")
     with pa.OSFile(path, "wb") as f, pa.ipc.new_file(f, table.schema) as w:
         w.write_table(table)
-    mapped = _map_block(path)
-    os.unlink(path)
-    return mapped
+    return path
 
 
-def _map_block(path: str):
+def _map_table(path: str):
+    """The table of ``_write_table``'s file, memory-mapped (the page cache, which the kernel can
+    write out, holds it instead of the heap); the name is removed, the map keeps its pages."""
     import pyarrow as pa
 
     with pa.memory_map(path, "r") as f:
-        return pa.ipc.open_file(f).read_all()
+        table = pa.ipc.open_file(f).read_all()
+    os.unlink(path)
+    return table
 
 
 class LocalExecutor:
     """This machine, no Ray: tokenizer processes and a thread pool of the driver."""
-
-    name = "local"
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -224,11 +212,7 @@ class LocalExecutor:
                     raise ClusterError("a tokenizer process of --engine local died (killed, or out of memory: "
                                        "try fewer --tokenize-workers or a smaller --batch-size); nothing was "
                                        "committed") from None
-                for path in paths:
-                    ref = cf.Future()
-                    ref.set_result(_map_block(path))
-                    os.unlink(path)  # the map keeps its pages; the name is not needed
-                    refs.append(Ref(ref))
+                refs += [self.put(_map_table(path)) for path in paths]
             yield refs
         self.procs.shutdown(wait=True)
         self.procs = None
@@ -253,9 +237,9 @@ class LocalExecutor:
         if self.spill is None:
             return out
         if isinstance(out, pa.Table):
-            return _spill_table(out, self.spill)
+            return _map_table(_write_table(out, self.spill))
         if isinstance(out, list) and all(isinstance(t, pa.Table) for t in out):
-            return [_spill_table(t, self.spill) for t in out]
+            return [_map_table(_write_table(t, self.spill)) for t in out]
         return out
 
     def get(self, refs):
@@ -297,9 +281,9 @@ class LocalExecutor:
 
 
 def make_executor(cfg):
-    engine = getattr(cfg, "engine", "ray") or "ray"
-    if engine not in ENGINES:
-        raise ValueError(f"unknown --engine {engine!r}; choose one of {', '.join(ENGINES)}")
-    if engine == "local" and cfg.ray_address:
+    """The executor of ``cfg.engine`` (checked here too: a BuildConfig need not come from the CLI)."""
+    if cfg.engine not in ENGINES:
+        raise ValueError(f"unknown --engine {cfg.engine!r}; choose one of {', '.join(ENGINES)}")
+    if cfg.engine == "local" and cfg.ray_address:
         raise ValueError("--engine local runs without Ray: drop --ray-address")
-    return LocalExecutor(cfg) if engine == "local" else RayExecutor(cfg)
+    return LocalExecutor(cfg) if cfg.engine == "local" else RayExecutor(cfg)
