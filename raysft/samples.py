@@ -152,8 +152,10 @@ def fit_records(enc: pa.Table, chunk: int, seq_length: int, overlong: str = "dro
     orig = enc.column("n").to_numpy()
     ok = orig >= 0
     lengths_rec = np.where(ok, orig, 0).astype(np.int64)
-    ids_col = enc.column("ids").combine_chunks() if n_rec else pa.array([], pa.list_(pa.int32()))
-    values = ids_col.values.to_numpy() if n_rec else np.zeros(0, np.int32)
+    col = enc.column("ids")
+    # the tokens back to back, without a copy where they are one chunk (a cache entry's slice)
+    values = ((col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()).flatten().to_numpy()
+              if n_rec else np.zeros(0, np.int32))
     ends = np.cumsum(lengths_rec)
     rows_of = np.ones(n_rec, dtype=np.int64)
     fitted: dict[int, tuple[list[np.ndarray], str]] = {}
@@ -169,6 +171,7 @@ def fit_records(enc: pa.Table, chunk: int, seq_length: int, overlong: str = "dro
     orig_n = orig[take].astype(np.int32)
     kept = ok[take]
     lengths = orig_n.copy()  # orig is -1 on rejected records already
+    first_row = np.cumsum(rows_of) - rows_of
     if not fitted:  # one row per record, as encoded: its columns as they are (no per-row Python)
         reason, message, bad_raw = enc.column("reason"), enc.column("message"), enc.column("bad_raw")
     else:
@@ -177,7 +180,7 @@ def fit_records(enc: pa.Table, chunk: int, seq_length: int, overlong: str = "dro
         messages = enc.column("message").to_pylist()
         reason = [reasons[i] for i in records]
         message = [messages[i] for i in records]
-        segments, done, first_row = [], 0, np.cumsum(rows_of) - rows_of
+        segments, done = [], 0
         for i, (pieces, why) in fitted.items():
             segments.append(values[done : ends[i] - lengths_rec[i]])
             segments += pieces
@@ -199,8 +202,12 @@ def fit_records(enc: pa.Table, chunk: int, seq_length: int, overlong: str = "dro
         bad_raw = pa.array([raws[i] if not k else b"" for i, k in zip(records, kept.tolist())], pa.binary())
     offsets = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(np.where(kept, lengths, 0), out=offsets[1:])
-    loss_rec = enc.column("loss_n").to_numpy()
-    loss_n = (loss_counts(values, offsets) if fitted else loss_rec[take] * kept).astype(np.int32)
+    # a record's count on its one row; the pieces of a cut record count their own tokens
+    loss_n = (enc.column("loss_n").to_numpy()[take] * kept).astype(np.int32)
+    for i, (pieces, _) in fitted.items():
+        if pieces:
+            loss_n[first_row[i] : first_row[i] + len(pieces)] = loss_counts(
+                np.concatenate(pieces), np.cumsum([0] + [len(p) for p in pieces]))
     chunk_a = np.full(n, chunk, np.int32)
     idx = enc.column("idx").to_numpy()[take]
     first = run_first(chunk_a, idx, piece)

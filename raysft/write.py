@@ -55,9 +55,10 @@ def slices(lengths: np.ndarray, packs: np.ndarray, per_pack: int | None, budget:
     return cuts
 
 
-def write_ordered(fs, prefix: str, layout: Layout, seq_length: int, pad_id: int, flat: np.ndarray,
+def write_ordered(fs, prefix: str, layout: Layout, seq_length: int, pad_id: int, flat,
                   lengths: np.ndarray, packs: np.ndarray) -> dict:
-    """Samples in output order (``flat`` signed tokens back to back) -> the shard; its meta."""
+    """Samples in output order -> the shard; its meta. ``flat``: their signed tokens back to
+    back, or a :class:`Gather` that gives them a slice of samples at a time."""
     lengths = np.asarray(lengths, np.int64)
     packs = np.asarray(packs, np.int64)
     writer = layout.writer(fs, prefix, seq_length, pad_id)
@@ -66,28 +67,99 @@ def write_ordered(fs, prefix: str, layout: Layout, seq_length: int, pad_id: int,
     lossy: Counter = Counter()
     for lo, hi in zip(cuts[:-1], cuts[1:]):
         if hi > lo:
-            p = Placement(flat[bounds[lo] : bounds[hi]], lengths[lo:hi], packs[lo:hi])
+            tokens = flat(lo, hi) if isinstance(flat, Gather) else flat[bounds[lo] : bounds[hi]]
+            p = Placement(tokens, lengths[lo:hi], packs[lo:hi])
             lossy.update(layout.unrepresentable(p))
             writer.write(p)
     return writer.close() | {"unrepresentable": dict(lossy)}
 
 
-def write_shard(fs, prefix: str, layout: Layout, seq_length: int, pad_id: int, table) -> dict:
-    """Assigned samples (columns ``ids``, ``out_pack``, ``pos`` and the provenance columns) of
-    one shard -> its files and ``prefix.prov``; its meta."""
-    import pyarrow as pa
+class Gather:
+    """The tokens of samples held in list columns (the tokenized blocks, or the shuffle's parts,
+    each read in place: memory-mapped, not concatenated), a slice of samples at a time in the
+    order given: one copy of each token from its source to the output."""
 
-    out_pack, pos = table.column("out_pack").to_numpy(), table.column("pos").to_numpy()
+    SLICE_MIN_MEAN = 64  # mean sample length from which one copy per sample beats index arrays
+
+    def __init__(self, values: list[np.ndarray], source: np.ndarray, start: np.ndarray, length: np.ndarray):
+        self.values = values  # each source's tokens back to back
+        self.source, self.start, self.length = source, start, length  # per sample, in output order
+
+    def __call__(self, lo: int, hi: int) -> np.ndarray:
+        src, start, length = self.source[lo:hi], self.start[lo:hi], self.length[lo:hi]
+        total = int(length.sum())
+        if not total:
+            return np.zeros(0, np.int32)
+        if total >= self.SLICE_MIN_MEAN * len(length):
+            # long samples: a view of each, copied once (a Python step per sample, no index arrays)
+            v = self.values
+            return np.concatenate([v[k][a : a + n] for k, a, n in zip(src.tolist(), start.tolist(), length.tolist())])
+        # short samples: index arrays of the slice's length (grouped by source, then put in order)
+        order = np.argsort(src, kind="stable")
+        ln = length[order]
+        first = np.cumsum(ln) - ln  # where each sample goes in the grouped copy
+        step = np.arange(total, dtype=np.int64)
+        grouped = np.empty(total, np.int32)
+        take = np.repeat(start[order] - first, ln) + step
+        so = src[order]
+        groups = np.flatnonzero(np.concatenate([[True], so[1:] != so[:-1]]))
+        ends = np.append(first[groups[1:]], total)
+        for g, a, b in zip(groups.tolist(), first[groups].tolist(), ends.tolist()):
+            np.take(self.values[so[g]], take[a:b], out=grouped[a:b])
+        at = np.empty(len(order), np.int64)
+        at[order] = first
+        return np.take(grouped, np.repeat(at - (np.cumsum(length) - length), length) + step)
+
+    @classmethod
+    def of(cls, parts: list, rows: list[np.ndarray], order: np.ndarray) -> Gather:
+        """The ``ids`` of rows ``rows[i]`` (ascending) of table ``parts[i]``, in ``order`` (of
+        the rows of all parts, one after the other)."""
+        values, source, start, length = [], [], [], []
+        for t, r in zip(parts, rows):
+            base = 0
+            for ch in t.column("ids").chunks:  # a chunk's offsets index its whole child array
+                lo, hi = np.searchsorted(r, [base, base + len(ch)])
+                if hi > lo:
+                    off = ch.offsets.to_numpy().astype(np.int64)
+                    k = r[lo:hi] - base
+                    source.append(np.full(hi - lo, len(values), np.int32))
+                    start.append(off[k])
+                    length.append(off[k + 1] - off[k])
+                    values.append(ch.values.to_numpy())
+                base += len(ch)
+        cat = [np.concatenate(a) if a else np.zeros(0, np.int64) for a in (source, start, length)]
+        return cls(values, *(a[order] for a in cat))
+
+
+PROVENANCE_COLUMNS = ("src", "piece", "row", "offset", "out_pack")
+
+
+def shard_rows(parts: list, shard: int | None) -> list[np.ndarray]:
+    """The rows of each part that shard ``shard`` writes (its ``shard`` column; all for None)."""
+    if shard is None:
+        return [np.arange(t.num_rows) for t in parts]
+    return [np.flatnonzero(t.column("shard").to_numpy() == shard) for t in parts]
+
+
+def column_of(parts: list, rows: list[np.ndarray], name: str) -> np.ndarray:
+    """Column ``name`` of those rows, the parts one after the other."""
+    cols = [t.column(name).to_numpy()[r] for t, r in zip(parts, rows)]
+    return np.concatenate(cols) if cols else np.zeros(0, np.int64)
+
+
+def write_shard(fs, prefix: str, layout: Layout, seq_length: int, pad_id: int, parts: list,
+                shard: int | None = None) -> dict:
+    """Assigned samples (tables with columns ``ids``, ``out_pack``, ``pos``, ``shard`` and the
+    provenance columns) -> shard ``shard``'s files and ``prefix.prov``; its meta. The parts may
+    hold other shards' rows (``shard`` -1: not in this packing): only this shard's are read."""
+    rows = shard_rows(parts, shard)
+    out_pack, pos = column_of(parts, rows, "out_pack"), column_of(parts, rows, "pos")
     order = order_samples(out_pack, pos)
-    prov = provenance_records(*(table.column(k).to_numpy()[order] for k in ("src", "piece", "row", "offset", "out_pack")))
+    prov = provenance_records(*(column_of(parts, rows, k)[order] for k in PROVENANCE_COLUMNS))
     with fs.open(prefix + ".prov", "wb") as f:
         f.write(prov.tobytes())
-    # the samples' tokens in output order: one take of the list column (a copy per sample)
-    ids = table.column("ids").take(pa.array(order)).combine_chunks()
-    offsets = ids.offsets.to_numpy().astype(np.int64) if len(ids) else np.zeros(1, np.int64)
-    lengths = offsets[1:] - offsets[:-1]
-    values = ids.values.to_numpy(zero_copy_only=False)[offsets[0] : offsets[-1]]
-    return write_ordered(fs, prefix, layout, seq_length, pad_id, values, lengths, out_pack[order])
+    gather = Gather.of(parts, rows, order)
+    return write_ordered(fs, prefix, layout, seq_length, pad_id, gather, gather.length, out_pack[order])
 
 
 def shard_meta(prefix: str, index: Index) -> dict:

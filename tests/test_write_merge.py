@@ -242,3 +242,55 @@ def test_every_layout_merges_and_reads_back_its_packs(tmp_path, layout):
         for (ids, loss), s in zip(pack, exp):
             assert ids.tolist() == np.where(s >= 0, s, ~s).tolist()
             assert loss.tolist() == (s >= 0).tolist()
+
+
+@pytest.mark.parametrize("mean", [4, 200])  # short samples: index arrays; long: one copy per sample
+def test_gather_reads_samples_in_order_from_sliced_and_chunked_columns(mean):
+    """Gather gives each sample's tokens in the order asked, from several tables whose ids
+    columns are sliced (offsets not starting at 0) and in several chunks."""
+    import pyarrow as pa
+
+    rng = np.random.default_rng(7)
+    samples, parts = [], []
+    for _ in range(4):
+        lists = [rng.integers(-500, 500, int(rng.integers(0, 2 * mean))).astype(np.int32) for _ in range(60)]
+        col = pa.array([x.tolist() for x in lists], pa.list_(pa.int32()))
+        chunks = [col.slice(5, 20), col.slice(25, 35)]  # rows 5..59 as two sliced chunks
+        parts.append(pa.table({"ids": pa.chunked_array(chunks)}))
+        samples.append(lists[5:])
+    rows = [np.sort(rng.choice(55, 30, replace=False)) for _ in parts]
+    flat = [samples[p][r] for p, rs in enumerate(rows) for r in rs]
+    order = rng.permutation(len(flat))
+    g = w.Gather.of(parts, rows, order)
+    expect = [flat[i] for i in order]
+    assert g.length.tolist() == [len(x) for x in expect]
+    cuts = [0, 7, 7, 50, len(order)]
+    got = np.concatenate([g(a, b) for a, b in zip(cuts[:-1], cuts[1:])])
+    assert got.tolist() == np.concatenate(expect).tolist()
+
+
+def test_write_shard_reads_only_its_rows_of_every_part(tmp_path):
+    """A writer given whole assigned blocks (the local engine's) writes the bytes it writes
+    from the blocks' cuts for its shard (Ray's), whatever the order of the parts."""
+    import pyarrow as pa
+
+    rng = np.random.default_rng(11)
+    S, blocks = 32, []
+    for b in range(3):
+        n = 40
+        lists = [signed(rng.integers(0, 900, k), rng.integers(0, 2, k)).tolist() for k in rng.integers(1, 12, n)]
+        blocks.append(pa.table({
+            "shard": pa.array(rng.integers(-1, 2, n)), "out_pack": pa.array(rng.permutation(n) + 100 * b),
+            "pos": pa.array(rng.integers(0, 3, n)), "ids": pa.array(lists, pa.list_(pa.int32())),
+            "src": pa.array(np.full(n, b, np.int32)), "piece": pa.array(np.zeros(n, np.int32)),
+            "row": pa.array(np.arange(n)), "offset": pa.array(np.arange(n) * 10),
+        }))
+    fs = fsspec.filesystem("file")
+    lay = get_layout("native")
+    whole = w.write_shard(fs, str(tmp_path / "whole"), lay, S, 0, blocks[::-1], shard=1)
+    cut = [t.filter(pa.compute.equal(t.column("shard"), 1)) for t in blocks]
+    parts = w.write_shard(fs, str(tmp_path / "cut"), lay, S, 0, cut, shard=1)
+    assert whole["tokens"] == parts["tokens"] > 0
+    for a, b in zip(lay.shard_files(str(tmp_path / "whole")) + [str(tmp_path / "whole.prov")],
+                    lay.shard_files(str(tmp_path / "cut")) + [str(tmp_path / "cut.prov")]):
+        assert pathlib.Path(a).read_bytes() == pathlib.Path(b).read_bytes(), a

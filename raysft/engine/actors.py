@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import threading
 
 import numpy as np
 import pyarrow as pa
@@ -28,10 +29,13 @@ class TokenizeAndMask:
                  overlong: str = "drop", threads: int = 1, so: dict | None = None, batch_size: int = 16384,
                  encoder: str = "auto", template_kwargs: dict | None = None, max_chars: int | None = None,
                  avoid_end: tuple[int, ...] = (), template_date: str | None = None, parity_every: int = 0,
-                 cache: str | None = None):
-        # the encoders' thread pools start on first use: size them to this actor's cores
-        os.environ["RAYON_NUM_THREADS"] = str(max(1, threads))
-        os.environ["FASTOKENS_BPE_THREADS"] = str(max(1, threads))
+                 cache: str | None = None, process: bool = True):
+        """``process``: this object has a process to itself (an actor, a tokenizer process);
+        False for the local engine's cache lookups in the driver's threads."""
+        if process:
+            # the encoders' thread pools start on first use: size them to this actor's cores
+            os.environ["RAYON_NUM_THREADS"] = str(max(1, threads))
+            os.environ["FASTOKENS_BPE_THREADS"] = str(max(1, threads))
         from ..cache import Cache
         from ..encode import Loading
         from ..parity import TemplateParity
@@ -49,21 +53,24 @@ class TokenizeAndMask:
         self.batch_size = batch_size
         self.avoid_end = tuple(avoid_end)
         self.cache = Cache(cache, self.so) if cache else None
+        self._lock = threading.Lock()
         if not cache:
             self.builder_for(0)  # with a cache, made (loading the tokenizer) only when needed
-        # what exists now (Ray, Ray Data, the tokenizer) lives as long as the actor: keep it out
-        # of the collector's full passes, which the records' many small objects trigger
-        gc.freeze()
+        if process:
+            # what exists now (Ray, Ray Data, the tokenizer) lives as long as the actor: keep it
+            # out of the collector's full passes, which the records' many small objects trigger
+            gc.freeze()
 
     def builder_for(self, source: int):
         from ..tokenize import SampleBuilder
 
-        if source not in self.builders:
-            s = self.sources[source]
-            self.builders[source] = SampleBuilder(self.info, self.template, s["format"], s["map_keys"], s["loss"],
-                                                  self.encoder, self.template_kwargs, self.max_chars,
-                                                  self.template_date, self.parity)
-        return self.builders[source]
+        with self._lock:
+            if source not in self.builders:
+                s = self.sources[source]
+                self.builders[source] = SampleBuilder(self.info, self.template, s["format"], s["map_keys"], s["loss"],
+                                                      self.encoder, self.template_kwargs, self.max_chars,
+                                                      self.template_date, self.parity)
+            return self.builders[source]
 
     def __call__(self, chunks: dict):
         for i in range(len(chunks["chunk"])):
@@ -71,28 +78,50 @@ class TokenizeAndMask:
             yield from self.tokenize_chunk(c)
 
     def tokenize_chunk(self, c: Chunk):
+        looked = self.lookup(c)
+        if looked is not None and looked[0] is not None:
+            yield from looked[0]
+            return
+        yield from self.tokenize(c, looked)
+
+    def lookup(self, c: Chunk, digest: int | None = None):
+        """With a cache: the chunk's tables from its entry (None where it has no usable one),
+        its key and content digest; None without a cache. Loads no tokenizer: a process that
+        only serves entries (``--engine local`` serves them in the driver) never loads one.
+        ``digest``: the chunk's content digest, where it was computed already."""
+        if self.cache is None:
+            return None
+        from ..cache import chunk_key
+
         source = self.file_source[c.pieces[0].src]
         S = self.seq_length
-        key = digested = None
-        if self.cache is not None:
-            from ..cache import chunk_key
+        digested = chunk_digest(c, self.so) if digest is None else (digest, {})
+        key = chunk_key(digested[0], [(p.kind, p.start, p.end, p.compression) for p in c.pieces],
+                        self.sources[source]["context"])
+        enc = self.cache.load(key)
+        # an entry keeps the text of records longer than its keep_over, for cuts inside
+        # markers; a shorter seq-length needs it only when it cuts records at such markers
+        if enc is None or not (int((enc.schema.metadata or {}).get(b"keep_over", b"0")) <= S
+                               or self.overlong == "drop" or not self.builder_for(source).markers):
+            return None, key, digested
+        # a cut of an overlong record needs the builder (its markers); a drop does not
+        builder = self.builder_for(source) if self.overlong != "drop" else None
+        srcs = self._srcs(c)
+        enc = enc.set_column(0, "src", pa.array(srcs[enc.column("src").to_numpy()]))
+        return [fit_records(enc.slice(start, self.batch_size), c.chunk, S, self.overlong, digested[0],
+                            self.avoid_end, source, builder, cached=True)
+                for start in range(0, max(enc.num_rows, 1), self.batch_size)], key, digested
 
-            digested = chunk_digest(c, self.so)
-            key = chunk_key(digested[0], [(p.kind, p.start, p.end, p.compression) for p in c.pieces],
-                            self.sources[source]["context"])
-            srcs = np.array(sorted({p.src for p in c.pieces}), np.int32)  # an entry numbers its files 0, 1, ...
-            enc = self.cache.load(key)
-            # an entry keeps the text of records longer than its keep_over, for cuts inside
-            # markers; a shorter seq-length needs it only when it cuts records at such markers
-            if enc is not None and (int((enc.schema.metadata or {}).get(b"keep_over", b"0")) <= S
-                                    or self.overlong == "drop" or not self.builder_for(source).markers):
-                # a cut of an overlong record needs the builder (its markers); a drop does not
-                builder = self.builder_for(source) if self.overlong != "drop" else None
-                enc = enc.set_column(0, "src", pa.array(srcs[enc.column("src").to_numpy()]))
-                for start in range(0, max(enc.num_rows, 1), self.batch_size):
-                    yield fit_records(enc.slice(start, self.batch_size), c.chunk, S, self.overlong, digested[0],
-                                      self.avoid_end, source, builder, cached=True)
-                return
+    @staticmethod
+    def _srcs(c: Chunk) -> np.ndarray:
+        return np.array(sorted({p.src for p in c.pieces}), np.int32)  # an entry numbers its files 0, 1, ...
+
+    def tokenize(self, c: Chunk, looked: tuple | None = None):
+        """Read, parse and tokenize the chunk (``looked``: ``lookup``'s miss, whose entry is
+        written from what this tokenizes)."""
+        source = self.file_source[c.pieces[0].src]
+        S = self.seq_length
+        _, key, digested = looked if looked is not None else (None, None, None)
         builder = self.builder_for(source)
         self.encoder.start()  # loads while the chunk is read, parsed and rendered
         parts = []
@@ -104,5 +133,5 @@ class TokenizeAndMask:
             yield fit_records(enc, c.chunk, S, self.overlong, rows.digest, self.avoid_end, source, builder)
         if key is not None and parts:
             enc = pa.concat_tables(parts)
-            local = np.searchsorted(srcs, enc.column("src").to_numpy()).astype(np.int32)
+            local = np.searchsorted(self._srcs(c), enc.column("src").to_numpy()).astype(np.int32)
             self.cache.save(key, enc.set_column(0, "src", pa.array(local)))

@@ -285,15 +285,19 @@ def tokenize_and_measure(blocks: Blocks, chunks: list, kwargs: dict, pool: Token
 
 def shuffle_and_write(blocks: Blocks, parts: list, plan_ref, num_shards: int, write_kw: dict, reuse: dict,
                       watch: Watchdog, shard_base: int = 0, what: str = "shards") -> list[dict]:
-    """Assign pack slots and write one packing's shards: one partition task per block and
-    packing part (its samples cut by output shard, with the rank offsets of its own runs),
-    one writer task per shard. ``parts``: (pick, runs of block k) in the packing's order (the
-    copies of the training set one after the other; one part when nothing is copied). Blocks
-    go in input order, so the offsets come from one running count of ``seq_length``."""
-    from .tasks import partition_block, write_parts
+    """Assign pack slots and write one packing's shards: one assignment task per block and
+    packing part (with the rank offsets of its own runs), one writer task per shard. With Ray
+    the assignment is the shuffle's map side, its samples cut by output shard and sent to the
+    writers; where tasks share the driver's memory (``--engine local``) every writer reads its
+    rows from the assigned blocks in place. ``parts``: (pick, runs of block k) in the
+    packing's order (the copies of the training set one after the other; one part when nothing
+    is copied). Blocks go in input order, so the offsets come from one running count of
+    ``seq_length``."""
+    from .tasks import assign_block, partition_block, write_parts
 
     ex = blocks.ex
-    split = ex.task(partition_block, num_returns=num_shards, spill=True)
+    shared = getattr(ex, "shared_memory", False)
+    split = ex.task(assign_block) if shared else ex.task(partition_block, num_returns=num_shards)
     offsets = RunOffsets(write_kw["seq_length"])
     order = sorted(range(len(blocks.refs)), key=lambda k: blocks.keys[k])
     cut = []
@@ -302,10 +306,14 @@ def shuffle_and_write(blocks: Blocks, parts: list, plan_ref, num_shards: int, wr
             runs = runs_of(k)
             if not runs:
                 continue  # nothing of this part in this block
-            p = split(blocks.refs[k], plan_ref, offsets.offsets(runs), num_shards, pick)
-            cut.append([p] if num_shards == 1 else p)
+            if shared:
+                cut.append(split(blocks.refs[k], plan_ref, offsets.offsets(runs), pick))
+            else:
+                p = split(blocks.refs[k], plan_ref, offsets.offsets(runs), num_shards, pick)
+                cut.append([p] if num_shards == 1 else p)
     write = ex.task(write_parts)
-    pending = [write(shard_base + s, *(p[s] for p in cut), **write_kw, reuse=reuse.get(shard_base + s))
+    pending = [write(shard_base + s, *(cut if shared else [p[s] for p in cut]), **write_kw,
+                     reuse=reuse.get(shard_base + s), rows_of=s)
                for s in range(num_shards)]
     del cut
     metas, step, t0 = [], max(1, num_shards // 10), time.time()

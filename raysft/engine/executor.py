@@ -10,11 +10,13 @@ both engines run the same pure stages in the same order of blocks, so they write
 
 The local engine is for one machine, where Ray's fixed costs (starting Ray and its workers,
 the object store and its spill) are a large part of a job: tokenizer processes (one per CPU,
-spawned when tokenizing starts) hand their blocks to the driver, whose threads
-run the statistics, slot assignment and writer tasks. The tokenized blocks and the shuffle's
-parts live in memory-mapped Arrow files in a temporary folder (``--spill-dir``, else the
-system's), so the page cache holds them and the kernel may write them out: about 4.5 bytes a
-token each, removed as the build ends.
+spawned when the first chunk needs tokenizing) hand their blocks to the driver, whose threads
+run the statistics, slot assignment and writer tasks (``shared_memory``: the writers read their
+rows from the assigned blocks in place, with no shuffle copies). The tokenized blocks live in
+memory-mapped Arrow files in a temporary folder (``--spill-dir``, else the system's), so the
+page cache holds them and the kernel may write them out: about 4.5 bytes a token, removed as
+the build ends. With ``--cache``, the driver's threads serve each chunk's entry (memory-mapped
+from the cache) and only chunks without one reach a tokenizer process.
 """
 
 from __future__ import annotations
@@ -69,7 +71,9 @@ class RayExecutor:
                 raise BuildError("internal error: Ray Data returned a partial block")  # never for map outputs
             yield [ref for ref, meta in zip(bundle.block_refs, bundle.metadata) if meta.num_rows]
 
-    def task(self, fn, num_cpus: float = 1, num_returns: int = 1, spill: bool = False):
+    shared_memory = False  # tasks run in other processes, on other machines
+
+    def task(self, fn, num_cpus: float = 1, num_returns: int = 1):
         import ray
 
         return ray.remote(fn).options(num_cpus=num_cpus, num_returns=num_returns).remote
@@ -132,12 +136,24 @@ def _start_actor(kwargs: dict, spill: str) -> None:
     _ACTOR, _SPILL = TokenizeAndMask(**kwargs), spill
 
 
-def _tokenize_chunk(item: dict) -> list[str]:
+def _tokenize_chunk(item: dict, key: str | None = None) -> list[str]:
     """One chunk's blocks, each written to an Arrow IPC file the driver maps (no copy through
-    a pipe, and the page cache, not the driver's heap, holds them)."""
+    a pipe, and the page cache, not the driver's heap, holds them). ``key``: its cache entry
+    is known to be missing (the driver looked): the chunk is tokenized and the entry written."""
     from ..read import Chunk
 
-    return [_write_table(t, _SPILL) for t in _ACTOR.tokenize_chunk(Chunk.from_item(item)) if t.num_rows]
+    c = Chunk.from_item(item)
+    tables = _ACTOR.tokenize(c, (None, key, None)) if key else _ACTOR.tokenize_chunk(c)
+    return [_write_table(t, _SPILL) for t in tables if t.num_rows]
+
+
+def _lookup(lookups, item: dict, digests: dict) -> tuple:
+    """A chunk's tables from the cache (None: no usable entry), the chunk and its entry's key."""
+    from ..read import Chunk
+
+    c = Chunk.from_item(item)
+    tables, key, _ = lookups.lookup(c, digests.get(c.chunk))
+    return tables, item, key
 
 
 def _write_table(table, folder: str) -> str:
@@ -166,17 +182,21 @@ def _map_table(path: str):
 class LocalExecutor:
     """This machine, no Ray: tokenizer processes and a thread pool of the driver."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, digests: dict | None = None):
         self.cfg = cfg
+        self.digests = digests or {}  # chunk -> content digest, where the driver hashed it already
         self.cpus = max(1, cfg.num_cpus or len(os.sched_getaffinity(0)))
         self.threads = cf.ThreadPoolExecutor(self.cpus, thread_name_prefix="raysft-task")
         self.procs: cf.ProcessPoolExecutor | None = None
         self.spill: str | None = None
 
+    def workers_for(self, chunks: int) -> int:
+        return max(1, min(self.cfg.tokenize_workers or self.cpus, chunks or 1))
+
     def start(self, chunks: int):
         from .session import TokenizePool
 
-        workers = max(1, min(self.cfg.tokenize_workers or self.cpus, chunks or 1))
+        workers = self.workers_for(chunks)
         threads = max(1, round(self.cpus / workers))
         log.info("local engine: %d tokenizer process(es), %d encoder thread(s) each, %d CPUs", workers, threads,
                  self.cpus)
@@ -184,26 +204,42 @@ class LocalExecutor:
 
     def tokenized(self, chunks: list, actor_kwargs: dict, pool):
         """The tokenizer processes over ``chunks``, one chunk at a time each (two queued per
-        process): each chunk's blocks, as the chunks end."""
-        import multiprocessing as mp
+        process): each chunk's blocks, as the chunks end. With a cache, the driver's threads
+        look each chunk up first and serve its entry (memory-mapped, no copy); only a chunk
+        with none goes to a tokenizer process, and the processes start with the first such."""
         import tempfile
 
         base = self.cfg.spill_dir or None
         if base:
             os.makedirs(base, exist_ok=True)
         self.spill = tempfile.mkdtemp(prefix="raysft-blocks-", dir=base)
-        # spawn: a fork would copy the driver's threads (its encoder loader, Arrow's pools)
-        self.procs = cf.ProcessPoolExecutor(pool.workers, mp.get_context("spawn"), initializer=_start_actor,
-                                            initargs=(actor_kwargs | {"threads": pool.threads}, self.spill))
+        kwargs = actor_kwargs | {"threads": pool.threads}
+        lookups = None
+        if actor_kwargs.get("cache"):
+            from .actors import TokenizeAndMask
+
+            lookups = TokenizeAndMask(**kwargs, process=False)
         items = [c.to_item() for c in chunks]
-        pending, nxt = set(), 0
+        pending: dict = {}  # future -> "lookup" or "tokenize"
+        nxt = 0
         while nxt < len(items) or pending:
             while nxt < len(items) and len(pending) < 2 * pool.workers:
-                pending.add(self.procs.submit(_tokenize_chunk, items[nxt]))
+                if lookups is not None:
+                    pending[self.threads.submit(_lookup, lookups, items[nxt], self.digests)] = "lookup"
+                else:
+                    pending[self._pool(pool, kwargs).submit(_tokenize_chunk, items[nxt])] = "tokenize"
                 nxt += 1
-            done, pending = cf.wait(pending, timeout=1.0, return_when=cf.FIRST_COMPLETED)
+            done, _ = cf.wait(list(pending), timeout=1.0, return_when=cf.FIRST_COMPLETED)
             refs = []
             for f in done:
+                kind = pending.pop(f)
+                if kind == "lookup":
+                    tables, item, key = f.result()
+                    if tables is None:  # no usable entry: tokenize it (and write its entry)
+                        pending[self._pool(pool, kwargs).submit(_tokenize_chunk, item, key)] = "tokenize"
+                    else:
+                        refs += [self.put(t) for t in tables if t.num_rows]
+                    continue
                 try:
                     paths = f.result()
                 except cf.process.BrokenProcessPool:
@@ -214,33 +250,31 @@ class LocalExecutor:
                                        "committed") from None
                 refs += [self.put(_map_table(path)) for path in paths]
             yield refs
-        self.procs.shutdown(wait=True)
-        self.procs = None
+        if self.procs is not None:
+            self.procs.shutdown(wait=True)
+            self.procs = None
 
-    def task(self, fn, num_cpus: float = 1, num_returns: int = 1, spill: bool = False):
-        """``spill``: its tables go to memory-mapped files (what the shuffle holds between its
-        map and reduce sides), as Ray's object store spills them."""
+    def _pool(self, pool, kwargs: dict) -> cf.ProcessPoolExecutor:
+        """The tokenizer processes, started on first use."""
+        import multiprocessing as mp
 
+        if self.procs is None:
+            # spawn: a fork would copy the driver's threads (its encoder loader, Arrow's pools)
+            self.procs = cf.ProcessPoolExecutor(pool.workers, mp.get_context("spawn"), initializer=_start_actor,
+                                                initargs=(kwargs, self.spill))
+        return self.procs
+
+    shared_memory = True  # tasks run in the driver's threads: a task's tables are read in place
+
+    def task(self, fn, num_cpus: float = 1, num_returns: int = 1):
         def call(*args, **kwargs):
-            out = fn(*[_resolve(a) for a in args], **{k: _resolve(v) for k, v in kwargs.items()})
-            return self._spilled(out) if spill else out
+            return fn(*[_resolve(a) for a in args], **{k: _resolve(v) for k, v in kwargs.items()})
 
         def remote(*args, **kwargs):
             fut = self.threads.submit(call, *args, **kwargs)
             return Ref(fut) if num_returns == 1 else [Ref(fut, i) for i in range(num_returns)]
 
         return remote
-
-    def _spilled(self, out):
-        import pyarrow as pa
-
-        if self.spill is None:
-            return out
-        if isinstance(out, pa.Table):
-            return _map_table(_write_table(out, self.spill))
-        if isinstance(out, list) and all(isinstance(t, pa.Table) for t in out):
-            return [_map_table(_write_table(t, self.spill)) for t in out]
-        return out
 
     def get(self, refs):
         return [_resolve(r) for r in refs] if isinstance(refs, list) else _resolve(refs)
@@ -280,10 +314,12 @@ class LocalExecutor:
             self.spill = None
 
 
-def make_executor(cfg):
-    """The executor of ``cfg.engine`` (checked here too: a BuildConfig need not come from the CLI)."""
-    if cfg.engine not in ENGINES:
-        raise ValueError(f"unknown --engine {cfg.engine!r}; choose one of {', '.join(ENGINES)}")
+def make_executor(cfg, engine: str | None = None, digests: dict | None = None):
+    """The executor of ``engine`` (default ``cfg.engine``; checked here too: a BuildConfig need
+    not come from the CLI). ``digests``: chunks' content digests already computed."""
+    engine = engine or cfg.engine
+    if engine not in ENGINES:
+        raise ValueError(f"unknown --engine {engine!r}; choose one of {', '.join(ENGINES)}")
     if cfg.engine == "local" and cfg.ray_address:
         raise ValueError("--engine local runs without Ray: drop --ray-address")
-    return LocalExecutor(cfg) if cfg.engine == "local" else RayExecutor(cfg)
+    return LocalExecutor(cfg, digests) if engine == "local" else RayExecutor(cfg)

@@ -49,24 +49,27 @@ def _chosen(table: pa.Table, pick: dict | None):
 
 def assign_block(table: pa.Table, plan: dict, run_offsets: dict, pick: dict | None = None) -> pa.Table:
     """Sort+pack stage, per block: each sample the packing takes gets its output pack, its
-    position in the pack and the shard that writes it."""
+    position in the pack and the shard that writes it; the block's other rows (rejected, or
+    not in this packing) get shard -1. Every row stays, so the tokens are the block's own
+    (no copy): the local engine's writers read them in place."""
     rows, ranks = _chosen(table, pick)
     if rows is None:
-        kept = kept_mask(table)
-        if not kept.to_numpy(zero_copy_only=False).all():  # filtering copies every column, the tokens included
-            table = table.filter(kept)
-        run_rank = table.column("run_rank").to_numpy()
+        rows = kept_mask(table).to_numpy(zero_copy_only=False)
+        run_rank = table.column("run_rank").to_numpy()[rows]
     else:
-        table = table.filter(pa.array(rows))
         run_rank = ranks[rows]
-    n = table.column("n").to_numpy().astype(np.int64)
-    ranks = block_ranks(n, table.column("chunk").to_numpy().astype(np.int64), table.column("run_first").to_numpy(),
-                        run_rank, run_offsets)
+    n = table.column("n").to_numpy()[rows].astype(np.int64)
+    ranks = block_ranks(n, table.column("chunk").to_numpy()[rows].astype(np.int64),
+                        table.column("run_first").to_numpy()[rows], run_rank, run_offsets)
     out_pack, pos = assign_slots(plan["table"], n, ranks, plan["seed"])
-    shard = out_pack * plan["num_shards"] // plan["num_packs"]
-    out_pack = out_pack + plan.get("pack_base", 0)  # epoch e's packs follow the earlier epochs' in the output
+    shard = np.full(table.num_rows, -1, np.int64)
+    shard[rows] = out_pack * plan["num_shards"] // plan["num_packs"]
+    pack = np.full(table.num_rows, -1, np.int64)
+    pack[rows] = out_pack + plan.get("pack_base", 0)  # epoch e's packs follow the earlier epochs' in the output
+    at = np.zeros(table.num_rows, np.asarray(pos).dtype)
+    at[rows] = pos
     return pa.table({
-        "shard": pa.array(shard), "out_pack": pa.array(out_pack), "pos": pa.array(pos),
+        "shard": pa.array(shard), "out_pack": pa.array(pack), "pos": pa.array(at),
         "ids": table.column("ids"), "src": table.column("src"), "piece": table.column("piece"),
         "row": table.column("row"), "offset": table.column("offset"), "chunk": table.column("chunk"),
         "chunk_hash": table.column("chunk_hash"),
@@ -75,14 +78,16 @@ def assign_block(table: pa.Table, plan: dict, run_offsets: dict, pick: dict | No
 
 def partition_block(table: pa.Table, plan: dict, run_offsets: dict, num_shards: int,
                     pick: dict | None = None) -> list[pa.Table] | pa.Table:
-    """Shuffle, map side (one task per tokenized block and packing part): the samples it takes
-    with their pack slots, cut into one table per output shard (empty where it has none); the
-    table itself for one shard (a Ray task with one return value returns it as is)."""
+    """Shuffle, map side (one task per tokenized block and packing part; ``--engine ray``):
+    the samples it takes with their pack slots, cut into one table per output shard (empty
+    where it has none); the table itself for one shard (a Ray task with one return value
+    returns it as is)."""
     t = assign_block(table, plan, run_offsets, pick)
-    if num_shards == 1:
-        return t
     shard = t.column("shard").to_numpy()
-    order = np.argsort(shard, kind="stable")
+    taken = np.flatnonzero(shard >= 0)
+    if num_shards == 1:
+        return t if len(taken) == t.num_rows else t.take(pa.array(taken))
+    order = taken[np.argsort(shard[taken], kind="stable")]
     bounds = np.searchsorted(shard[order], np.arange(num_shards + 1))
     # take, not slice: a slice would carry (and serialize) the whole block's buffers
     return [t.take(pa.array(order[bounds[s] : bounds[s + 1]])) for s in range(num_shards)]
@@ -137,29 +142,33 @@ def smallest_keys(table: pa.Table, count: int, seed: int) -> np.ndarray:
     return keys[:count]
 
 
-def feed_digest(table: pa.Table) -> str:
+def feed_digest(chunk: np.ndarray, chunk_hash: np.ndarray) -> str:
     """Which input chunks (by content) fed a shard: a digest of its sorted (chunk, hash) pairs."""
     import hashlib
 
-    pairs = unique_rows(table.column("chunk").to_numpy(), table.column("chunk_hash").to_numpy())
+    pairs = unique_rows(chunk, chunk_hash)
     return hashlib.blake2b(pairs.astype("<i8").tobytes(), digest_size=16).hexdigest()
 
 
 def write_parts(shard: int, *parts: pa.Table, tmp_dir: str, so: dict, layout: str, seq_length: int, pad_id: int,
-                reuse: dict | None = None) -> dict:
-    """Shuffle, reduce side (one task per shard): its parts from every block -> the shard.
-    ``reuse``: the meta of this shard from an interrupted run, kept when the chunks feeding it
-    are the same content (``--resume``)."""
+                reuse: dict | None = None, rows_of: int = 0) -> dict:
+    """Shuffle, reduce side (one task per shard): the rows of shard ``rows_of`` of the packing
+    (the parts' ``shard`` column) -> shard ``shard`` of the output. The parts: each block's
+    cut for this shard (``--engine ray``), or every assigned block, read in place (``--engine
+    local``). ``reuse``: the meta of this shard from an interrupted run, kept when the chunks
+    feeding it are the same content (``--resume``)."""
     from .. import output
+    from ..write import column_of, shard_rows
 
-    table = pa.concat_tables(parts)
-    digest = feed_digest(table)
+    parts = [p for p in parts if p.num_rows]
+    rows = shard_rows(parts, rows_of)
+    digest = feed_digest(column_of(parts, rows, "chunk"), column_of(parts, rows, "chunk_hash"))
     fs, root = get_fs(tmp_dir, so)
     prefix = join(root, f"part-{shard:05d}")
     lay = get_layout(layout)
     if reuse is not None and reuse.get("feed") == digest and output.shard_complete(fs, prefix, lay, reuse):
         return reuse | {"shard": shard, "resumed": True}
-    meta = write_shard(fs, prefix, lay, seq_length, pad_id, table)
+    meta = write_shard(fs, prefix, lay, seq_length, pad_id, parts, rows_of)
     meta = meta | {"shard": shard, "feed": digest}
     with fs.open(prefix + ".meta.json", "w") as f:  # written last: the shard is complete
         json.dump(meta, f)
