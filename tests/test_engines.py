@@ -131,3 +131,64 @@ def test_a_dead_tokenizer_process_is_one_line(monkeypatch):
         assert classify(e.value)[0] == 4
     finally:
         ex.close()
+
+
+def _cli(out: Path, inputs: list, llama3_dir, *extra: str) -> str:
+    """One ``python -m raysft.build`` (Ray is not started in this test process); its log."""
+    import os
+    import subprocess
+    import sys
+
+    args = [a for i in inputs for a in ("--input", i)]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    p = subprocess.run([sys.executable, "-m", "raysft.build", *args, "--tokenizer", str(llama3_dir),
+                        "--template", "llama3", "--output", str(out), "--overwrite", "--on-bad-record", "skip",
+                        "--map-keys", '{"prompt": "question", "response": "answer"}',
+                        *extra], capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p.stderr + p.stdout
+
+
+def test_an_all_cached_build_starts_no_ray_and_a_bad_entry_is_tokenized_again(tmp_path, inputs, llama3_dir):
+    """--engine ray (the default) with every chunk in the cache starts no Ray instance: the
+    driver serves the entries (the local engine's path) and writes the bytes it wrote when it
+    tokenized them. An entry that fails its checksum is tokenized again by a tokenizer process."""
+    srcs = [inputs["alpaca"], inputs["math"]]
+    cache = tmp_path / "cache"
+    job = tmp_path / "job.yaml"
+    job.write_text("chunk_bytes: 200000\n")  # several chunks, so one bad entry is a part of the rows
+    _cli(tmp_path / "first", srcs, llama3_dir, "--config", str(job), "--engine", "local", "--cache", str(cache))
+    assert len(list(cache.glob("??/*.arrow"))) > 2
+    log = _cli(tmp_path / "again", srcs, llama3_dir, "--config", str(job), "--cache", str(cache))
+    assert "nothing to tokenize, so no Ray instance is started" in log and "Ray instance" in log
+    assert "Started a local Ray instance" not in log
+    _same(tmp_path / "first", tmp_path / "again")
+    entry = sorted(cache.glob("??/*.arrow"))[0]
+    data = bytearray(entry.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    entry.write_bytes(bytes(data))
+    log = _cli(tmp_path / "mended", srcs, llama3_dir, "--config", str(job), "--engine", "local", "--cache", str(cache))
+    assert "fails its checksum" in log
+    stats = json.loads((tmp_path / "mended" / "stats.json").read_text())
+    assert 0 < stats["cache"]["rows_tokenized"] < stats["rows_read"]
+    _same(tmp_path / "first", tmp_path / "mended")
+
+
+def test_cached_digests_need_every_entry(tmp_path, inputs, llama3_dir):
+    from raysft.config import BuildConfig
+    from raysft.engine.driver import cached_digests, prepare
+    from raysft.read import split_tail
+
+    cache = tmp_path / "cache"
+    cfg = BuildConfig(inputs=[inputs["math"]], output=str(tmp_path / "o"), tokenizer=str(llama3_dir),
+                      template="llama3", engine="local", cache=str(cache), chunk_bytes=200_000,
+                      on_bad_record="skip", map_keys={"prompt": "question", "response": "answer"})
+    from raysft.engine.driver import run
+
+    run(cfg)
+    so, info, files, chunks, sources, file_source = prepare(cfg)
+    chunks = split_tail(chunks, 4)  # as the local engine's two processes cut them
+    got = cached_digests(cfg, so, info, chunks, sources, file_source, 2)
+    assert got is not None and sorted(got) == [c.chunk for c in chunks]
+    sorted(cache.glob("??/*.arrow"))[-1].unlink()
+    assert cached_digests(cfg, so, info, chunks, sources, file_source, 2) is None

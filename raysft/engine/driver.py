@@ -32,7 +32,7 @@ from ..pack import PackPlan, RunOffsets, plan_bfd, slot_table
 from ..read import LineCounter, check_bucket, describe_position, expand_inputs, plan_chunks, split_tail
 from ..templates import MARKERS
 from ..tokenize import add_special_tokens, load_tokenizer_info, missing_markers, save_tokenizer
-from .executor import make_executor
+from .executor import LocalExecutor, make_executor
 from .session import TokenizePool
 from .watch import Watchdog
 
@@ -528,9 +528,48 @@ def mixture(cfg: BuildConfig, tot, blocks: Blocks, sources: list, watch: Watchdo
     return sel, natural, summaries, runs
 
 
+def cached_digests(cfg: BuildConfig, so: dict, info, chunks: list, sources: list, file_source: list[int],
+                   threads: int) -> dict | None:
+    """With --cache: each chunk's content digest when every chunk has an entry in the cache
+    (by name: an entry that then fails its checksum is tokenized again, as always); else None."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..cache import Cache, chunk_key
+    from ..read import chunk_digest
+
+    cache = Cache(cfg.cache, so)
+    contexts = [s["context"] for s in source_settings(cfg, info, sources)]
+
+    def have(c) -> int | None:
+        digest = chunk_digest(c, so)[0]
+        key = chunk_key(digest, [(p.kind, p.start, p.end, p.compression) for p in c.pieces],
+                        contexts[file_source[c.pieces[0].src]])
+        return digest if cache.exists(key) else None
+
+    with ThreadPoolExecutor(max(1, threads), thread_name_prefix="cache-check") as th:
+        digests = {}
+        for c, d in zip(chunks, th.map(have, chunks)):
+            if d is None:
+                return None  # the rest need not be hashed: Ray starts to tokenize this one
+            digests[c.chunk] = d
+    return digests
+
+
 def _build(cfg, t0, so, info, files, chunks, layout, added, pad_id, out: Output, lock: OutputLock, manifest: dict,
            old: dict | None, sources: list, file_source: list[int]) -> dict:
-    ex = make_executor(cfg)
+    from .session import starts_ray
+
+    digests = None
+    if cfg.engine == "ray" and cfg.cache and chunks and starts_ray(cfg):
+        # a Ray instance started for this build would only serve cache entries: do without it
+        local = LocalExecutor(cfg)
+        workers = local.workers_for(len(chunks))
+        local.close()
+        digests = cached_digests(cfg, so, info, split_tail(chunks, 2 * workers), sources, file_source, local.cpus)
+        if digests is not None:
+            log.info("every chunk is in the tokenized cache (%s): nothing to tokenize, so no Ray instance is "
+                     "started; this process does the work (--engine local's path, same bytes)", cfg.cache)
+    ex = make_executor(cfg, "local" if digests is not None else None, digests)
     try:
         return _build_with(ex, cfg, t0, so, info, files, chunks, layout, added, pad_id, out, lock, manifest, old,
                            sources, file_source)

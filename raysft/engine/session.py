@@ -48,6 +48,17 @@ def init_ray(cfg) -> None:
     _ray_started = "local"
 
 
+def starts_ray(cfg) -> bool:
+    """Whether ``init_ray`` would start a Ray instance in this process (no cluster to join, and
+    none up already), without importing Ray."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        return False
+    return not (cfg.ray_address or os.environ.get("RAY_ADDRESS"))
+
+
 def stop_ray() -> None:
     """Stop the local Ray instance ``init_ray`` started, or disconnect from the cluster it
     joined (which stays up); nothing when Ray was up before (a test session's, a caller's).
