@@ -141,6 +141,14 @@ def encode_records(builder: SampleBuilder, raws: list[bytes], errors: list[str],
     }, schema=ENCODED.with_metadata({"keep_over": str(int(keep_over))}))
 
 
+def _take_with(column: pa.ChunkedArray, rows: np.ndarray, at: list[int], values: list, missing=None):
+    """``column`` at ``rows`` (-1: ``missing``), with ``values`` put at positions ``at``."""
+    extra = [*values, missing]
+    idx = np.where(rows < 0, len(column) + len(values), rows).astype(np.int64)
+    idx[at] = len(column) + np.arange(len(values))
+    return pa.chunked_array([*column.chunks, pa.array(extra, column.type)], column.type).take(pa.array(idx))
+
+
 def fit_records(enc: pa.Table, chunk: int, seq_length: int, overlong: str = "drop", chunk_hash: int = 0,
                 avoid_end: tuple[int, ...] = (), source: int = 0, builder: SampleBuilder | None = None,
                 cached: bool = False) -> pa.Table:
@@ -174,34 +182,37 @@ def fit_records(enc: pa.Table, chunk: int, seq_length: int, overlong: str = "dro
     first_row = np.cumsum(rows_of) - rows_of
     if not fitted:  # one row per record, as encoded: its columns as they are (no per-row Python)
         reason, message, bad_raw = enc.column("reason"), enc.column("message"), enc.column("bad_raw")
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(np.where(kept, lengths, 0), out=offsets[1:])
+        ids = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values, pa.int32()))
     else:
-        records = take.tolist()
-        reasons = enc.column("reason").to_pylist()
-        messages = enc.column("message").to_pylist()
-        reason = [reasons[i] for i in records]
-        message = [messages[i] for i in records]
+        # the rows between cut records are slices of the encoded column (no copy of their
+        # tokens); a cut record's rows are its pieces, or one empty row when it is dropped
+        listed = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
         segments, done = [], 0
+        fix: dict[int, tuple[str, str, bytes]] = {}  # row -> reason, message, record of a drop
         for i, (pieces, why) in fitted.items():
-            segments.append(values[done : ends[i] - lengths_rec[i]])
-            segments += pieces
-            done = ends[i]
+            if i > done:
+                segments.append(listed.slice(done, i - done))
+            done = i + 1
             if pieces:
                 lengths[first_row[i] : first_row[i] + len(pieces)] = [len(p) for p in pieces]
+                cuts = np.cumsum([0] + [len(p) for p in pieces]).astype(np.int32)
+                segments.append(pa.ListArray.from_arrays(pa.array(cuts), pa.array(np.concatenate(pieces), pa.int32())))
             else:
                 kept[first_row[i]] = False
-                reason[first_row[i]] = why
-                message[first_row[i]] = f"{lengths_rec[i]} tokens > seq-length {S}"
-        segments.append(values[done:])
-        values = np.concatenate(segments).astype(np.int32)
-        # a dropped overlong record is listed in rejects.jsonl with its record
-        raws = enc.column("bad_raw").to_pylist()
-        for i, (pieces, _) in fitted.items():
-            if not pieces:
-                raws[i] = cut_raw[i].as_py() or b""
-        reason, message = pa.array(reason, pa.string()), pa.array(message, pa.string())
-        bad_raw = pa.array([raws[i] if not k else b"" for i, k in zip(records, kept.tolist())], pa.binary())
-    offsets = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(np.where(kept, lengths, 0), out=offsets[1:])
+                # a dropped overlong record is listed in rejects.jsonl with its record
+                fix[int(first_row[i])] = (why, f"{lengths_rec[i]} tokens > seq-length {S}", cut_raw[i].as_py() or b"")
+                segments.append(pa.array([[]], listed.type))
+        if n_rec > done:
+            segments.append(listed.slice(done))
+        ids = pa.chunked_array(segments, listed.type)
+        # the record columns taken per row, a drop's own values put in (arrow takes, no per-row Python)
+        at = list(fix)
+        reason = _take_with(enc.column("reason"), take, at, [f[0] for f in fix.values()])
+        message = _take_with(enc.column("message"), take, at, [f[1] for f in fix.values()])
+        raw_rows = np.where(kept, -1, take)  # a kept row has no record in rejects.jsonl
+        bad_raw = _take_with(enc.column("bad_raw"), raw_rows, at, [f[2] for f in fix.values()], b"")
     # a record's count on its one row; the pieces of a cut record count their own tokens
     loss_n = (enc.column("loss_n").to_numpy()[take] * kept).astype(np.int32)
     for i, (pieces, _) in fitted.items():
@@ -228,7 +239,7 @@ def fit_records(enc: pa.Table, chunk: int, seq_length: int, overlong: str = "dro
         "loss_n": pa.array(loss_n),
         "run_first": pa.array(first),
         "run_rank": pa.array(run_ranks(chunk_a, first, lengths, kept)),
-        "ids": pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values, pa.int32())),
+        "ids": ids,
         "reason": reason,
         "message": message,
         "bad_raw": bad_raw,
