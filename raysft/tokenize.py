@@ -49,15 +49,29 @@ class TokenizerInfo:
         """A new tokenizer of its own (safe to change)."""
         from tokenizers import Tokenizer
 
-        return _whole(Tokenizer.from_str(self.tokenizer_json))
+        try:
+            return _whole(Tokenizer.from_str(self.tokenizer_json))
+        except Exception as e:  # noqa: BLE001 - the library's parse error, as one line
+            raise TokenizerError(f"--tokenizer {self.path}: not a valid tokenizer.json: {e}") from None
 
     def shared(self):
-        """One tokenizer per TokenizerInfo for lookups that change nothing (parsing a large
-        tokenizer.json takes ~0.5 s); not pickled with the info."""
+        """One tokenizer per TokenizerInfo for work that changes nothing (building one from a
+        large tokenizer.json takes ~0.5 s, so it is built on first use: a build that encodes
+        nothing never does); not pickled with the info."""
         tok = self.__dict__.get("_shared")
         if tok is None:
             tok = self.__dict__["_shared"] = self.load()
         return tok
+
+    def vocabulary(self) -> Vocabulary:
+        """The tokens' ids as the tokenizer.json lists them (no tokenizer built)."""
+        v = self.__dict__.get("_vocabulary")
+        if v is None:
+            v = self.__dict__["_vocabulary"] = Vocabulary.of(json.loads(self.tokenizer_json))
+        return v
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.vocabulary().token_to_id(token)
 
     def token_bytes(self):
         """How many input bytes each token id stands for (``raysft.encode.TokenBytes``),
@@ -70,7 +84,7 @@ class TokenizerInfo:
         return tb
 
     def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k != "_shared"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_shared", "_vocabulary")}
 
     @property
     def specials(self) -> Specials:
@@ -78,17 +92,48 @@ class TokenizerInfo:
 
     def pad_id(self) -> int:
         """Pad id: the tokenizer's pad token, else its EOS token."""
-        tok = self.shared()
         for t in (self.pad, self.eos):
-            if t is not None and tok.token_to_id(t) is not None:
-                return tok.token_to_id(t)
+            if t is not None and self.token_to_id(t) is not None:
+                return self.token_to_id(t)
         raise TokenizerError(f"{self.path}: the tokenizer has neither a pad nor an eos token")
 
 
-def sentencepiece_style(tokenizer_json: str) -> bool:
+@dataclass
+class Vocabulary:
+    """A tokenizer.json's tokens and ids read from the JSON itself, as ``tokenizers`` reads
+    them: the added tokens first, then the model's vocabulary (a Unigram model's by position)."""
+
+    added: dict[str, int]
+    model: dict[str, int]
+    specials: tuple[str, ...]  # the added tokens marked special, by id
+    model_size: int  # the model's entries (a Unigram list may name a piece twice)
+
+    @classmethod
+    def of(cls, j: dict) -> Vocabulary:
+        if not isinstance(j, dict) or not isinstance(j.get("model"), dict):
+            raise TokenizerError("no model")
+        vocab = j["model"].get("vocab") or {}
+        if isinstance(vocab, list):  # Unigram: [piece, score] by id
+            model = {v[0]: i for i, v in enumerate(vocab)}
+        else:
+            model = dict(vocab)
+        added = sorted((t["id"], t["content"], bool(t.get("special"))) for t in j.get("added_tokens") or [])
+        return cls({c: i for i, c, _ in added}, model, tuple(c for _, c, sp in added if sp), len(vocab))
+
+    def token_to_id(self, token: str) -> int | None:
+        i = self.added.get(token)
+        return self.model.get(token) if i is None else i
+
+    def size(self) -> int:
+        """The vocabulary with its added tokens, as ``get_vocab_size(with_added_tokens=True)``
+        counts it: the model's entries and each added token the model does not have."""
+        return self.model_size + sum(t not in self.model for t in self.added)
+
+
+def sentencepiece_style(tokenizer_json: str | dict) -> bool:
     """A SentencePiece-style tokenizer: it writes spaces as "▁" (a Metaspace pre-tokenizer, or a
     Replace(" ", "▁") normalizer)."""
-    j = json.loads(tokenizer_json)
+    j = json.loads(tokenizer_json) if isinstance(tokenizer_json, str) else tokenizer_json
     text = json.dumps([j.get("pre_tokenizer"), j.get("normalizer")])
     return '"Metaspace"' in text or "\\u2581" in text
 
@@ -148,18 +193,18 @@ def load_tokenizer_info(path: str, trust_remote_code: bool = False) -> Tokenizer
     else:
         with open(path, encoding="utf-8") as f:
             tokenizer_json = f.read()
+    # the tokenizer itself is built where something is encoded (TokenizerInfo.shared): what the
+    # job needs to know about it here comes from its JSON
     try:
-        from tokenizers import Tokenizer
-
-        tok = Tokenizer.from_str(tokenizer_json)
-    except Exception as e:  # noqa: BLE001
+        j = json.loads(tokenizer_json)
+        vocab = Vocabulary.of(j)
+    except (ValueError, TypeError, KeyError) as e:
         raise TokenizerError(f"--tokenizer {path}: not a valid tokenizer.json: {e}") from None
     chat_template = config.get("chat_template")
     if isinstance(chat_template, list):  # named templates: use "default"
         named = {t.get("name"): t.get("template") for t in chat_template if isinstance(t, dict)}
         chat_template = named.get("default")
-    added = sorted(tok.get_added_tokens_decoder().items())
-    specials = tuple(t.content for _, t in added if t.special)
+    specials = vocab.specials
     bos, eos, pad = (_token_text(config.get(k)) for k in ("bos_token", "eos_token", "pad_token"))
     if not config:  # a bare tokenizer.json: recognise the usual special-token names
         bos = bos or next((t for t in KNOWN_BOS if t in specials), None)
@@ -178,11 +223,11 @@ def load_tokenizer_info(path: str, trust_remote_code: bool = False) -> Tokenizer
         pad=pad,
         chat_template=chat_template,
         special_strings=specials,
-        vocab_size=tok.get_vocab_size(with_added_tokens=True),
+        vocab_size=vocab.size(),
         special_map=special_map,
-        prefix_space=sentencepiece_style(tokenizer_json),
+        prefix_space=sentencepiece_style(j),
     )
-    info.__dict__["_shared"] = _whole(tok)
+    info.__dict__["_vocabulary"] = vocab
     return info
 
 
@@ -208,8 +253,7 @@ def add_special_tokens(info: TokenizerInfo, markers: tuple[str, ...]) -> tuple[T
 
 
 def missing_markers(info: TokenizerInfo, markers: tuple[str, ...]) -> list[str]:
-    tok = info.shared()
-    return [m for m in markers if tok.token_to_id(m) is None]
+    return [m for m in markers if info.token_to_id(m) is None]
 
 
 def save_tokenizer(fs, folder: str, info: TokenizerInfo) -> None:

