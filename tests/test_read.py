@@ -78,3 +78,53 @@ def test_line_longer_than_many_chunks(tmp_path):
     path = tmp_path / "in.jsonl"
     path.write_bytes(data)
     assert lines_by_chunks(path, 1000) == [(0, b'{"a": 1}'), (9, long), (10 + len(long), b'{"z": 0}')]
+
+
+@pytest.mark.parametrize("trailing_newline", [True, False])
+def test_a_digest_alone_hashes_the_bytes_the_parse_reads(tmp_path, monkeypatch, trailing_newline):
+    """chunk_digest(keep=False) hashes local files in place; it must give the digest the
+    parse's read gives, for any cut of a JSON Lines file and for whole files of any size."""
+    import gzip
+
+    import raysft.read as read
+    from raysft.read import chunk_digest
+
+    rng = random.Random(3)
+    data = b"\n".join(b'{"q": "%s"}' % (b"y" * rng.randrange(0, 90)) for _ in range(200))
+    data += b"\n" if trailing_newline else b""
+    (tmp_path / "a.jsonl").write_bytes(data)
+    (tmp_path / "b.json").write_bytes(b"[" + b",".join([b'{"q": "z"}'] * 300) + b"]")
+    (tmp_path / "c.jsonl.gz").write_bytes(gzip.compress(data))
+    monkeypatch.setattr(read, "STREAM_HASH_BLOCK", 1000)  # b.json and c.jsonl.gz: hashed as big files
+    files = expand_inputs([str(tmp_path / n) for n in ("a.jsonl", "b.json", "c.jsonl.gz")])
+    for chunk_bytes in (7, 100, 999, 1 << 20):
+        chunks = split_tail(plan_chunks(files, None, chunk_bytes), 2)
+        for c in chunks:
+            assert chunk_digest(c, keep=False)[0] == chunk_digest(c)[0], (chunk_bytes, c)
+    monkeypatch.setattr(read, "STREAM_HASH_BLOCK", 1 << 30)  # now small: hashed whole
+    for c in plan_chunks(files, None, 1 << 20):
+        assert chunk_digest(c, keep=False)[0] == chunk_digest(c)[0]
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz", ".bz2", ".xz", ".zst"])
+def test_line_numbers_of_increasing_offsets_in_plain_and_compressed_files(tmp_path, monkeypatch, suffix):
+    import bz2
+    import gzip
+    import lzma
+
+    import zstandard
+
+    from raysft.read import LineCounter
+
+    data = b"".join(b'{"a": %d}\n' % i for i in range(5000))
+    pack = {"": bytes, ".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress,
+            ".zst": zstandard.ZstdCompressor().compress}[suffix]
+    path = tmp_path / f"x.jsonl{suffix}"
+    path.write_bytes(pack(data))
+    monkeypatch.setattr(LineCounter, "BUFFER", 1000)  # many reads into the one buffer
+    offsets = [0, 5, 999, 1000, 1001, len(data) // 3, len(data) - 3]
+    c = LineCounter(str(path))
+    try:
+        assert [c.line(o) for o in offsets] == [data[:o].count(b"\n") + 1 for o in offsets]
+    finally:
+        c.close()

@@ -541,7 +541,7 @@ def cached_digests(cfg: BuildConfig, so: dict, info, chunks: list, sources: list
     contexts = [s["context"] for s in source_settings(cfg, info, sources)]
 
     def have(c) -> int | None:
-        digest = chunk_digest(c, so)[0]
+        digest = chunk_digest(c, so, keep=False)[0]
         key = chunk_key(digest, [(p.kind, p.start, p.end, p.compression) for p in c.pieces],
                         contexts[file_source[c.pieces[0].src]])
         return digest if cache.exists(key) else None

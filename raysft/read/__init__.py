@@ -478,16 +478,48 @@ def _stream_hash(fs, path: str) -> int:
     return int.from_bytes(h.digest(), "little", signed=True)
 
 
-def chunk_digest(c: Chunk, so: dict | None = None) -> tuple[int, dict]:
+def _mapped_hash(h, path: str, start: int | None, end: int | None) -> None:
+    """Hash a local file's bytes in place (memory-mapped: no copy, no buffer): the whole
+    file, or with ``start``/``end`` the bytes ``_range_bytes`` gives for that line range
+    (the lines that start in it)."""
+    import mmap
+
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        base, stop = (0, size) if start is None else (max(start - 1, 0), min(end, size))
+        if stop <= base:
+            return
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            if start is not None and m[stop - 1] != 0x0A:  # the rest of the range's last line
+                nl = m.find(b"\n", stop)
+                stop = size if nl < 0 else nl + 1
+            if start:  # not the line that started in the previous range
+                nl = m.find(b"\n", base, stop)
+                base = stop if nl < 0 else nl + 1
+            with memoryview(m) as view, view[base:stop] as part:
+                h.update(part)
+
+
+def chunk_digest(c: Chunk, so: dict | None = None, keep: bool = True) -> tuple[int, dict]:
     """The chunk's content hash (the bytes as stored: a line range, a row group's column
     chunks, the whole file otherwise) and what was read to get it, kept for the parse so a
-    range is read once. The hash is XXH3-64 (tens of GB/s: hashing costs next to nothing
-    beside reading), a fingerprint against change, not against an adversary."""
+    range is read once (``keep=False``: the hash alone, local files hashed in place). The
+    hash is XXH3-64 (tens of GB/s: hashing costs next to nothing beside reading), a
+    fingerprint against change, not against an adversary."""
     h = xxhash.xxh3_64()
     kept: dict = {}
     for p in c.pieces:
         fs, path = get_fs(p.url, so)
-        if p.kind == "jsonl":
+        if not keep and p.kind != "parquet" and fs.protocol in ("file", ("file", "local")):
+            if p.kind == "jsonl":
+                _mapped_hash(h, path, p.start, p.end)
+            elif p.end - p.start <= STREAM_HASH_BLOCK:
+                _mapped_hash(h, path, None, None)
+            else:  # as _stream_hash: the whole file's hash goes in
+                whole = xxhash.xxh3_64()
+                _mapped_hash(whole, path, None, None)
+                h.update(whole.digest())
+        elif p.kind == "jsonl":
             data, pos = _range_bytes(fs, path, p.start, p.end)
             kept[(p.url, p.start)] = (data, pos)
             h.update(data)
@@ -647,6 +679,8 @@ class LineCounter:
     pass (rejects come in input order, so each file is read at most once, only as far as its
     last bad line). Compressed files are counted in their decompressed text."""
 
+    BUFFER = 4 << 20
+
     def __init__(self, url: str, so: dict | None = None):
         self.url, self.so = url, so
         self.fh = None
@@ -662,12 +696,14 @@ class LineCounter:
             self.fh = _open(fs, path, _compression_of(self.url))
             if self.pos:
                 self.fh.seek(self.pos)
-        while self.pos < offset:
-            buf = self.fh.read(min(offset - self.pos, 8 << 20))
-            if not buf:
-                break
-            self.lines += buf.count(b"\n")
-            self.pos += len(buf)
+        buf = self.__dict__.setdefault("_buf", bytearray(self.BUFFER))  # one buffer, read into again and again
+        with memoryview(buf) as view:
+            while self.pos < offset:
+                n = self.fh.readinto(view[: min(offset - self.pos, len(buf))])
+                if not n:
+                    break
+                self.lines += buf.count(b"\n", 0, n)
+                self.pos += n
         return self.lines + 1
 
     def close(self) -> None:
