@@ -152,14 +152,17 @@ def _cli(out: Path, inputs: list, llama3_dir, *extra: str) -> str:
 def test_an_all_cached_build_starts_no_ray_and_a_bad_entry_is_tokenized_again(tmp_path, inputs, llama3_dir):
     """--engine ray (the default) with every chunk in the cache starts no Ray instance: the
     driver serves the entries (the local engine's path) and writes the bytes it wrote when it
-    tokenized them. An entry that fails its checksum is tokenized again by a tokenizer process."""
+    tokenized them, with another worker count than the one that filled the cache. An entry that fails its checksum is tokenized again by a tokenizer process."""
     srcs = [inputs["alpaca"], inputs["math"]]
     cache = tmp_path / "cache"
     job = tmp_path / "job.yaml"
     job.write_text("chunk_bytes: 200000\n")  # several chunks, so one bad entry is a part of the rows
-    _cli(tmp_path / "first", srcs, llama3_dir, "--config", str(job), "--engine", "local", "--cache", str(cache))
+    _cli(tmp_path / "first", srcs, llama3_dir, "--config", str(job), "--engine", "local", "--cache", str(cache),
+         "--tokenize-workers", "2")
     assert len(list(cache.glob("??/*.arrow"))) > 2
-    log = _cli(tmp_path / "again", srcs, llama3_dir, "--config", str(job), "--cache", str(cache))
+    # another worker count cuts other chunks at the end: their entries are found as parts or whole
+    log = _cli(tmp_path / "again", srcs, llama3_dir, "--config", str(job), "--cache", str(cache),
+               "--tokenize-workers", "1")
     assert "nothing to tokenize, so no Ray instance is started" in log and "Ray instance" in log
     assert "Started a local Ray instance" not in log
     _same(tmp_path / "first", tmp_path / "again")
@@ -174,21 +177,31 @@ def test_an_all_cached_build_starts_no_ray_and_a_bad_entry_is_tokenized_again(tm
     _same(tmp_path / "first", tmp_path / "mended")
 
 
-def test_cached_digests_need_every_entry(tmp_path, inputs, llama3_dir):
+def test_cached_chunks_need_every_entry_whatever_the_worker_count(tmp_path, inputs, llama3_dir):
+    """The all-cached check finds a chunk's entry whole or as its parts: a cache made by a run
+    that cut the last chunks for two workers serves a run that would cut them for one or for
+    eight, and the chunks it hands on are the ones the entries were made of."""
     from raysft.config import BuildConfig
-    from raysft.engine.driver import cached_digests, prepare
+    from raysft.engine.driver import cached_chunks, prepare, run
     from raysft.read import split_tail
 
     cache = tmp_path / "cache"
     cfg = BuildConfig(inputs=[inputs["math"]], output=str(tmp_path / "o"), tokenizer=str(llama3_dir),
-                      template="llama3", engine="local", cache=str(cache), chunk_bytes=200_000,
+                      template="llama3", engine="local", num_cpus=2, cache=str(cache), chunk_bytes=40_000,
                       on_bad_record="skip", map_keys={"prompt": "question", "response": "answer"})
-    from raysft.engine.driver import run
-
     run(cfg)
     so, info, files, chunks, sources, file_source = prepare(cfg)
-    chunks = split_tail(chunks, 4)  # as the local engine's two processes cut them
-    got = cached_digests(cfg, so, info, chunks, sources, file_source, 2)
-    assert got is not None and sorted(got) == [c.chunk for c in chunks]
-    sorted(cache.glob("??/*.arrow"))[-1].unlink()
-    assert cached_digests(cfg, so, info, chunks, sources, file_source, 2) is None
+    assert len(chunks) > 4
+    made = [c.pieces for c in split_tail(chunks, 4)]  # as the two processes cut them
+    for tail in (2, 4, 16, 0):
+        got = cached_chunks(cfg, so, info, chunks, sources, file_source, 2, tail)
+        assert got is not None, tail
+        ran, digests, complete = got
+        assert complete and [c.pieces for c in ran] == made and sorted(digests) == [c.chunk for c in ran]
+    for entry in cache.glob("??/*.arrow"):
+        entry.unlink()
+    assert cached_chunks(cfg, so, info, chunks, sources, file_source, 2, 4) is None
+    # the local engine's driver goes on past a miss: this run's own cut, every chunk hashed once
+    ran, digests, complete = cached_chunks(cfg, so, info, chunks, sources, file_source, 2, 2, stop_at_miss=False)
+    assert not complete and [c.pieces for c in ran] == [c.pieces for c in split_tail(chunks, 2)]
+    assert len(set(digests.values())) == len(ran)

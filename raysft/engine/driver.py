@@ -265,7 +265,7 @@ def bad_record_error(t: stats_mod.Totals, files, so) -> BuildError:
 
 def tokenize_and_measure(blocks: Blocks, chunks: list, kwargs: dict, pool: TokenizePool, rejects_dir: str | None,
                          watch: Watchdog) -> None:
-    """Run the tokenizer actors over the chunks to their end, keeping the blocks (in Ray's
+    """Run the tokenizer actors over the chunks (as cut for this run: ``split_tail``) to their end, keeping the blocks (in Ray's
     object store, or the local engine's memory-mapped files), and start the statistics of each block as
     soon as it exists (a small task, on the CPU the actors leave): they are ready when
     tokenization ends, with no second pass over the data."""
@@ -274,7 +274,7 @@ def tokenize_and_measure(blocks: Blocks, chunks: list, kwargs: dict, pool: Token
     ex = blocks.ex
     measure = ex.task(measure_block, num_cpus=pool.stats_cpus, num_returns=2)
     watch.progress("tokenize", "the tokenizer actors' first block")
-    for refs in ex.tokenized(split_tail(chunks, 2 * pool.workers), kwargs, pool):
+    for refs in ex.tokenized(chunks, kwargs, pool):
         for ref in refs:
             blocks.add(ref, measure, rejects_dir)
         watch.progress("tokenize", f"tokenized blocks after {len(blocks.refs)}")
@@ -528,60 +528,91 @@ def mixture(cfg: BuildConfig, tot, blocks: Blocks, sources: list, watch: Watchdo
     return sel, natural, summaries, runs
 
 
-def cached_digests(cfg: BuildConfig, so: dict, info, chunks: list, sources: list, file_source: list[int],
-                   threads: int) -> dict | None:
-    """With --cache: each chunk's content digest when every chunk has an entry in the cache
-    (by name: an entry that then fails its checksum is tokenized again, as always); else None."""
+def cached_chunks(cfg: BuildConfig, so: dict, info, chunks: list, sources: list, file_source: list[int],
+                  threads: int, tail: int, stop_at_miss: bool = True) -> tuple[list, dict, bool] | None:
+    """With --cache: the chunks to run, each one's content digest, and whether every one has an
+    entry in the cache (by name: an entry that then fails its checksum is tokenized again, as
+    always). A chunk counts as cached whole or as its parts (``split_parts``), whichever is
+    there, so entries made by a run that cut the last chunks for another worker count are found;
+    a chunk with neither is cut as this run cuts its last ``tail`` chunks. ``stop_at_miss``:
+    None at the first chunk with no entry (the Ray engine then hashes and tokenizes in its actors)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from ..cache import Cache, chunk_key
-    from ..read import chunk_digest
+    from ..read import Chunk, chunk_digest, split_parts
 
     cache = Cache(cfg.cache, so)
     contexts = [s["context"] for s in source_settings(cfg, info, sources)]
 
-    def have(c) -> int | None:
-        digest = chunk_digest(c, so, keep=False)[0]
-        key = chunk_key(digest, [(p.kind, p.start, p.end, p.compression) for p in c.pieces],
-                        contexts[file_source[c.pieces[0].src]])
-        return digest if cache.exists(key) else None
+    def entry(pieces: tuple) -> tuple:
+        digest = chunk_digest(Chunk(0, pieces), so, keep=False)[0]
+        key = chunk_key(digest, [(p.kind, p.start, p.end, p.compression) for p in pieces],
+                        contexts[file_source[pieces[0].src]])
+        return pieces, digest, cache.exists(key)
 
-    with ThreadPoolExecutor(max(1, threads), thread_name_prefix="cache-check") as th:
-        digests = {}
-        for c, d in zip(chunks, th.map(have, chunks)):
-            if d is None:
-                return None  # the rest need not be hashed: Ray starts to tokenize this one
-            digests[c.chunk] = d
-    return digests
+    def forms(i: int, c) -> tuple[list, bool] | None:
+        parts = split_parts(c)
+        cut = parts is not None and i >= len(chunks) - tail
+        first = None
+        for form in ([parts, [c.pieces]] if cut else [[c.pieces], parts]):
+            if form is None:
+                continue
+            found = [entry(pieces) for pieces in form]
+            if all(hit for _, _, hit in found):
+                return found, True
+            first = first or found  # this run's own cut, where nothing is cached
+        return None if stop_at_miss else (first, False)
+
+    th = ThreadPoolExecutor(max(1, threads), thread_name_prefix="cache-check")
+    try:
+        run, digests, complete = [], {}, True
+        for got in th.map(forms, range(len(chunks)), chunks):
+            if got is None:
+                return None  # the rest need not be hashed: Ray's actors tokenize this one
+            found, hit = got
+            complete = complete and hit
+            for pieces, d, _ in found:
+                digests[len(run)] = d
+                run.append(Chunk(len(run), pieces))
+        return run, digests, complete
+    finally:
+        th.shutdown(wait=True, cancel_futures=True)
 
 
 def _build(cfg, t0, so, info, files, chunks, layout, added, pad_id, out: Output, lock: OutputLock, manifest: dict,
            old: dict | None, sources: list, file_source: list[int]) -> dict:
     from .session import starts_ray
 
-    digests = None
+    digests = run = None
+    complete = False
     if cfg.cache and chunks and (cfg.engine == "local" or starts_ray(cfg)):
         # every entry there: nothing is tokenized, so no tokenizer is built and, with the Ray
         # engine, no Ray instance started that would only serve cache entries
         local = LocalExecutor(cfg)
         workers = local.workers_for(len(chunks))
         local.close()
-        digests = cached_digests(cfg, so, info, split_tail(chunks, 2 * workers), sources, file_source, local.cpus)
-        if digests is not None and cfg.engine == "ray":
+        # the local engine hashes every chunk here once (its driver threads look entries up with
+        # these digests); the Ray engine stops at the first miss, its actors hash the chunks
+        found = cached_chunks(cfg, so, info, chunks, sources, file_source, local.cpus, 2 * workers,
+                              stop_at_miss=cfg.engine != "local")
+        if found is not None:
+            run, digests, complete = found
+        if complete and cfg.engine == "ray":
             log.info("every chunk is in the tokenized cache (%s): nothing to tokenize, so no Ray instance is "
                      "started; this process does the work (--engine local's path, same bytes)", cfg.cache)
-    if digests is None:
+    if not complete:
         info.shared()  # the tokenizer, built (and checked: one line if it is not valid) before any work
     ex = make_executor(cfg, "local" if digests is not None else None, digests)
     try:
         return _build_with(ex, cfg, t0, so, info, files, chunks, layout, added, pad_id, out, lock, manifest, old,
-                           sources, file_source)
+                           sources, file_source, run)
     finally:
         ex.close()
 
 
 def _build_with(ex, cfg, t0, so, info, files, chunks, layout, added, pad_id, out: Output, lock: OutputLock,
-                manifest: dict, old: dict | None, sources: list, file_source: list[int]) -> dict:
+                manifest: dict, old: dict | None, sources: list, file_source: list[int],
+                run: list | None = None) -> dict:
     out_fs, tmp = out.fs, out.tmp
     tmp_url = join(cfg.output, TMP)
     encoder, enc_stats, pool = start_with_encoder(cfg, ex, info, files, so, len(chunks))
@@ -595,7 +626,8 @@ def _build_with(ex, cfg, t0, so, info, files, chunks, layout, added, pad_id, out
             kwargs = actor_kwargs(cfg, info, so, encoder, parity_every, sources, file_source)
             blocks = Blocks(ex, S, cfg.on_bad_record == "fail", files, so)
             t_stage = time.time()
-            tokenize_and_measure(blocks, chunks, kwargs, pool, join(tmp_url, "rejects"), watch)
+            tokenize_and_measure(blocks, run or split_tail(chunks, 2 * pool.workers), kwargs, pool,
+                                 join(tmp_url, "rejects"), watch)
             timings = {"start": round(t_stage - t0, 2), "read+tokenize": round(time.time() - t_stage, 2)}
             t_stage = time.time()
             tot = blocks.totals
@@ -893,8 +925,8 @@ def measure_inputs(cfg: BuildConfig) -> stats_mod.Totals:
         blocks = Blocks(ex, cfg.seq_length, False, files, so)
         with Watchdog(cfg.stall_timeout) as watch:
             try:
-                tokenize_and_measure(blocks, chunks, actor_kwargs(cfg, info, so, encoder, 0, sources, file_source),
-                                     pool, None, watch)
+                tokenize_and_measure(blocks, split_tail(chunks, 2 * pool.workers),
+                                     actor_kwargs(cfg, info, so, encoder, 0, sources, file_source), pool, None, watch)
             except KeyboardInterrupt:
                 watch.check()
                 raise

@@ -281,21 +281,36 @@ def _short(e: Exception) -> str:
 # --------------------------------------------------------------------------- planning
 
 
-def split_tail(chunks: list[Chunk], count: int, parts: int = 4) -> list[Chunk]:
-    """Cut each of the last ``count`` chunks into ``parts`` byte ranges (single JSON Lines
-    ranges only), renumbered in order. Workers take chunks in order, so the last ones decide
-    when the stage ends: smaller final chunks let every worker finish at about the same time."""
+TAIL_PARTS = 4
+
+
+def split_parts(c: Chunk, parts: int = TAIL_PARTS) -> list[tuple[Piece, ...]] | None:
+    """The byte ranges a chunk is cut into at the end of a run (single JSON Lines ranges only),
+    or None for a chunk that is not cut. They depend on the chunk alone, so a cache entry made
+    of a part is found again whichever run cut it."""
+    p = c.pieces[0]
+    if len(c.pieces) != 1 or p.kind != "jsonl" or p.end - p.start < parts:
+        return None
+    step = -(-(p.end - p.start) // parts)
+    return [(Piece(p.src, p.url, "jsonl", lo, min(p.end, lo + step)),) for lo in range(p.start, p.end, step)]
+
+
+def split_chunks(chunks: list[Chunk], cut, parts: int = TAIL_PARTS) -> list[Chunk]:
+    """The chunks with those at the positions in ``cut`` replaced by their parts
+    (``split_parts``), renumbered in order."""
     out: list[Chunk] = []
-    first = len(chunks) - count
     for i, c in enumerate(chunks):
-        p = c.pieces[0]
-        if i >= first and len(c.pieces) == 1 and p.kind == "jsonl" and p.end - p.start >= parts:
-            step = -(-(p.end - p.start) // parts)
-            for lo in range(p.start, p.end, step):
-                out.append(Chunk(len(out), (Piece(p.src, p.url, "jsonl", lo, min(p.end, lo + step)),)))
-        else:
-            out.append(Chunk(len(out), c.pieces))
+        pieces = split_parts(c, parts) if i in cut else None
+        for group in pieces or [c.pieces]:
+            out.append(Chunk(len(out), group))
     return out
+
+
+def split_tail(chunks: list[Chunk], count: int, parts: int = TAIL_PARTS) -> list[Chunk]:
+    """Cut each of the last ``count`` chunks into ``parts`` byte ranges (``split_parts``).
+    Workers take chunks in order, so the last ones decide when the stage ends: smaller final
+    chunks let every worker finish at about the same time."""
+    return split_chunks(chunks, range(max(0, len(chunks) - count), len(chunks)), parts)
 
 
 def _open(fs, path: str, compression: str | None):
@@ -728,6 +743,6 @@ def describe_position(url: str, row: int, offset: int, so: dict | None = None) -
     return f"{url} record {row} (0-based)"
 
 
-__all__ = ["InputError", "InputFile", "Piece", "Chunk", "RawRows", "expand_inputs", "plan_chunks", "split_tail",
+__all__ = ["InputError", "InputFile", "Piece", "Chunk", "RawRows", "expand_inputs", "plan_chunks", "split_chunks", "split_parts", "split_tail",
            "read_chunk", "check_bucket", "StorageUnavailable", "check_url", "describe_position", "line_number", "LineCounter",
            "content_hash", "file_kind", "DEFAULT_CHUNK_BYTES"]
