@@ -256,3 +256,23 @@ def test_watchdog_fails_a_stalled_stage_with_one_line():
             w.progress("write")
             time.sleep(0.1)
     assert w.fired is None
+
+
+def test_watchdog_fires_even_when_the_cluster_does_not_answer(monkeypatch):
+    """A stalled cluster may not answer the diagnosis (a dead or overloaded GCS): the stall is
+    still raised, within the diagnosis' time bound, saying so."""
+    from raysft.engine import watch
+
+    monkeypatch.setattr(watch, "_cluster_state", lambda: time.sleep(120) or "never")
+    t0 = time.time()
+    assert watch.waiting_for(0.5) == "cluster state unavailable (no answer in 0.5 s)"
+    with pytest.raises(watch.Stalled, match=r"no progress for \d+ s.*no answer in 5 s"):
+        with watch.Watchdog(1.0) as w:
+            w.progress("tokenize")
+            try:
+                while time.time() - t0 < 60:
+                    time.sleep(0.1)
+            except KeyboardInterrupt:
+                w.check()
+                raise
+    assert time.time() - t0 < 15

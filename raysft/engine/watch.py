@@ -13,18 +13,35 @@ class Stalled(RuntimeError):
     pass
 
 
-def waiting_for() -> str:
-    """What the cluster is short of: pending resource demands against what the nodes have."""
-    try:
-        import ray
+def _cluster_state() -> str:
+    import sys
 
-        total, free = ray.cluster_resources(), ray.available_resources()
-        nodes = [n for n in ray.nodes() if n.get("Alive")]
-        have = ", ".join(f"{int(n['Resources'].get('CPU', 0))} CPU" for n in nodes)
-        return (f"cluster: {len(nodes)} node(s) ({have}); CPUs free {free.get('CPU', 0):g} of "
-                f"{total.get('CPU', 0):g}")
-    except Exception as e:  # noqa: BLE001 - a diagnosis must not fail
-        return f"cluster state unavailable ({e})"
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return "no Ray cluster in this process"
+    total, free = ray.cluster_resources(), ray.available_resources()
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    have = ", ".join(f"{int(n['Resources'].get('CPU', 0))} CPU" for n in nodes)
+    return (f"cluster: {len(nodes)} node(s) ({have}); CPUs free {free.get('CPU', 0):g} of "
+            f"{total.get('CPU', 0):g}")
+
+
+def waiting_for(timeout_s: float = 5.0) -> str:
+    """What the cluster is short of: pending resource demands against what the nodes have.
+    Asked in a thread of its own and given ``timeout_s``: a stalled cluster may not answer (a
+    dead or overloaded GCS), and the diagnosis must never hold the stall's error back."""
+    answer: list[str] = []
+
+    def ask() -> None:
+        try:
+            answer.append(_cluster_state())
+        except Exception as e:  # noqa: BLE001 - a diagnosis must not fail
+            answer.append(f"cluster state unavailable ({e})")
+
+    t = threading.Thread(target=ask, name="raysft-watchdog-diagnosis", daemon=True)
+    t.start()
+    t.join(timeout_s)
+    return answer[0] if answer else f"cluster state unavailable (no answer in {timeout_s:g} s)"
 
 
 class Watchdog:
