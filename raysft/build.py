@@ -141,7 +141,8 @@ def parser() -> argparse.ArgumentParser:
                         "own dataset in OUTPUT/valid/; never in the training set")
     g.add_argument("--cache", metavar="DIR",
                    help="tokenized cache, local or s3://: each read chunk's tokens are kept there by content, and a "
-                        "rebuild with other --seq-length, layout, mixture, seed, epochs or split tokenizes nothing")
+                        "rebuild with other --seq-length, layout, mixture, seed, epochs or split tokenizes nothing; "
+                        "when every chunk is cached no tokenizer is loaded and no local Ray instance is started")
     g.add_argument("--drop-shards", action="store_true", default=None,
                    help="keep only the merged dataset (shards/ is removed after the merge; data_order.txt then names "
                         "the merged file)")
