@@ -74,6 +74,7 @@ def head(tmp_path_factory):
         shutil.rmtree(temp, ignore_errors=True)
 
 
+@pytest.mark.slow  # a `ray start` cluster of its own: the cluster tests run in CI's slow run
 def test_ray_job_submit_end_to_end(head, tmp_path):
     address, env = head
     ex = write_example(str(tmp_path / "ex"), rows=80)
@@ -214,6 +215,7 @@ def test_two_node_cluster_one_chunk_input_and_s3_output(two_nodes, tmp_path, s3_
     assert fs.cat("twonode/out/data.idx") == (local / "data.idx").read_bytes()
 
 
+@pytest.mark.slow  # a `ray start` cluster of its own: the cluster tests run in CI's slow run
 def test_a_stale_cluster_pointer_is_never_joined(tmp_path, llama3_dir):
     """No --ray-address and no RAY_ADDRESS: an in-process Ray, even with /tmp/ray/ray_current_cluster
     naming a head that is gone."""
