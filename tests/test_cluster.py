@@ -278,3 +278,28 @@ def test_watchdog_fires_even_when_the_cluster_does_not_answer(monkeypatch):
                 w.check()
                 raise
     assert time.time() - t0 < 15
+
+
+def test_watchdog_fires_in_a_process_that_ignores_sigint():
+    """Started in the background (nohup, &, cron), a process inherits SIGINT ignored: the stall
+    is still raised, and SIGINT is ignored again afterwards."""
+    import signal
+
+    from raysft.engine.watch import Stalled, Watchdog
+
+    prev = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        t0 = time.time()
+        with pytest.raises(Stalled, match="made no progress"):
+            with Watchdog(1.0) as w:
+                w.progress("tokenize")
+                try:
+                    while time.time() - t0 < 30:
+                        time.sleep(0.1)
+                except KeyboardInterrupt:
+                    w.check()
+                    raise
+        assert time.time() - t0 < 15
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, prev)

@@ -5,6 +5,7 @@ satisfy, a lost node whose work Ray cannot place)."""
 from __future__ import annotations
 
 import _thread
+import signal
 import threading
 import time
 
@@ -59,13 +60,37 @@ class Watchdog:
 
     def __enter__(self):
         if self.stall_s:
+            self._catch_interrupts()
             self._thread = threading.Thread(target=self._run, name="raysft-watchdog", daemon=True)
             self._thread.start()
         return self
 
     def __exit__(self, *exc):
         self._stop.set()
+        if self._prev_handler is not None:
+            signal.signal(signal.SIGINT, self._prev_handler)
+            self._prev_handler = None
         return False
+
+    _prev_handler = None
+
+    def _catch_interrupts(self) -> None:
+        """A process started in the background (``nohup``, ``&``, some cron and CI runners)
+        inherits SIGINT ignored, and ``interrupt_main`` then does nothing: the stall would never
+        be raised. While the watchdog runs, SIGINT gets a handler that raises for the watchdog
+        and otherwise keeps what was there (ignored stays ignored; the default still stops)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        prev = signal.getsignal(signal.SIGINT)
+        if prev not in (signal.SIG_IGN, signal.SIG_DFL, None):
+            return  # Python's own handler (or a caller's) raises already
+
+        def handler(signum, frame):
+            if self.fired or prev == signal.SIG_DFL:
+                raise KeyboardInterrupt
+
+        self._prev_handler = prev if prev is not None else signal.SIG_DFL
+        signal.signal(signal.SIGINT, handler)
 
     def progress(self, stage: str, detail: str = "") -> None:
         self.stage, self.detail, self.last = stage, detail, time.monotonic()
