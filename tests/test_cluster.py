@@ -239,19 +239,29 @@ def test_a_stale_cluster_pointer_is_never_joined(tmp_path, llama3_dir):
     assert (tmp_path / "out" / "_SUCCESS").exists()
 
 
+def _stall(detail: str = "", limit_s: float = 30) -> float:
+    """A stage that makes no progress under a 1 s watchdog, as the driver waits on one (the
+    watchdog's interrupt turned into its error); the seconds until it was raised."""
+    from raysft.engine.watch import Watchdog
+
+    t0 = time.time()
+    with Watchdog(1.0) as w:
+        w.progress("tokenize", detail)
+        try:
+            while time.time() - t0 < limit_s:
+                time.sleep(0.1)
+        except KeyboardInterrupt:
+            w.check()
+            raise
+    return time.time() - t0
+
+
 def test_watchdog_fails_a_stalled_stage_with_one_line():
     from raysft.engine.watch import Stalled, Watchdog
 
     t0 = time.time()
     with pytest.raises(Stalled, match=r"the tokenize stage made no progress for \d+ s \(waiting for chunk 3\)"):
-        with Watchdog(1.0) as w:
-            w.progress("tokenize", "chunk 3")
-            try:
-                while time.time() - t0 < 30:
-                    time.sleep(0.1)
-            except KeyboardInterrupt:
-                w.check()
-                raise
+        _stall("chunk 3")
     assert time.time() - t0 < 10
     with Watchdog(1.0) as w:  # progress keeps it quiet
         for _ in range(30):
@@ -269,14 +279,7 @@ def test_watchdog_fires_even_when_the_cluster_does_not_answer(monkeypatch):
     t0 = time.time()
     assert watch.waiting_for(0.5) == "cluster state unavailable (no answer in 0.5 s)"
     with pytest.raises(watch.Stalled, match=r"no progress for \d+ s.*no answer in 5 s"):
-        with watch.Watchdog(1.0) as w:
-            w.progress("tokenize")
-            try:
-                while time.time() - t0 < 60:
-                    time.sleep(0.1)
-            except KeyboardInterrupt:
-                w.check()
-                raise
+        _stall(limit_s=60)
     assert time.time() - t0 < 15
 
 
@@ -285,20 +288,13 @@ def test_watchdog_fires_in_a_process_that_ignores_sigint():
     is still raised, and SIGINT is ignored again afterwards."""
     import signal
 
-    from raysft.engine.watch import Stalled, Watchdog
+    from raysft.engine.watch import Stalled
 
     prev = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         t0 = time.time()
         with pytest.raises(Stalled, match="made no progress"):
-            with Watchdog(1.0) as w:
-                w.progress("tokenize")
-                try:
-                    while time.time() - t0 < 30:
-                        time.sleep(0.1)
-                except KeyboardInterrupt:
-                    w.check()
-                    raise
+            _stall()
         assert time.time() - t0 < 15
         assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
     finally:

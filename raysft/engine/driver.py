@@ -265,8 +265,8 @@ def bad_record_error(t: stats_mod.Totals, files, so) -> BuildError:
 
 def tokenize_and_measure(blocks: Blocks, chunks: list, kwargs: dict, pool: TokenizePool, rejects_dir: str | None,
                          watch: Watchdog) -> None:
-    """Run the tokenizer actors over the chunks (as cut for this run: ``split_tail``) to their end, keeping the blocks (in Ray's
-    object store, or the local engine's memory-mapped files), and start the statistics of each block as
+    """Run the tokenizer actors over the chunks (as cut for this run: ``split_tail``) to their
+    end, keeping the blocks (in Ray's object store, or the local engine's memory-mapped files), and start the statistics of each block as
     soon as it exists (a small task, on the CPU the actors leave): they are ready when
     tokenization ends, with no second pass over the data."""
     from .tasks import measure_block

@@ -57,6 +57,7 @@ class Watchdog:
         self.fired: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._prev_handler = None  # SIGINT's handler before _catch_interrupts, to put back
 
     def __enter__(self):
         if self.stall_s:
@@ -71,8 +72,6 @@ class Watchdog:
             signal.signal(signal.SIGINT, self._prev_handler)
             self._prev_handler = None
         return False
-
-    _prev_handler = None
 
     def _catch_interrupts(self) -> None:
         """A process started in the background (``nohup``, ``&``, some cron and CI runners)

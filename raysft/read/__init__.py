@@ -295,22 +295,16 @@ def split_parts(c: Chunk, parts: int = TAIL_PARTS) -> list[tuple[Piece, ...]] | 
     return [(Piece(p.src, p.url, "jsonl", lo, min(p.end, lo + step)),) for lo in range(p.start, p.end, step)]
 
 
-def split_chunks(chunks: list[Chunk], cut, parts: int = TAIL_PARTS) -> list[Chunk]:
-    """The chunks with those at the positions in ``cut`` replaced by their parts
-    (``split_parts``), renumbered in order."""
+def split_tail(chunks: list[Chunk], count: int, parts: int = TAIL_PARTS) -> list[Chunk]:
+    """Cut each of the last ``count`` chunks into ``parts`` byte ranges (``split_parts``),
+    renumbered in order. Workers take chunks in order, so the last ones decide when the stage
+    ends: smaller final chunks let every worker finish at about the same time."""
     out: list[Chunk] = []
+    first = len(chunks) - count
     for i, c in enumerate(chunks):
-        pieces = split_parts(c, parts) if i in cut else None
-        for group in pieces or [c.pieces]:
+        for group in (split_parts(c, parts) if i >= first else None) or [c.pieces]:
             out.append(Chunk(len(out), group))
     return out
-
-
-def split_tail(chunks: list[Chunk], count: int, parts: int = TAIL_PARTS) -> list[Chunk]:
-    """Cut each of the last ``count`` chunks into ``parts`` byte ranges (``split_parts``).
-    Workers take chunks in order, so the last ones decide when the stage ends: smaller final
-    chunks let every worker finish at about the same time."""
-    return split_chunks(chunks, range(max(0, len(chunks) - count), len(chunks)), parts)
 
 
 def _open(fs, path: str, compression: str | None):
@@ -743,6 +737,6 @@ def describe_position(url: str, row: int, offset: int, so: dict | None = None) -
     return f"{url} record {row} (0-based)"
 
 
-__all__ = ["InputError", "InputFile", "Piece", "Chunk", "RawRows", "expand_inputs", "plan_chunks", "split_chunks", "split_parts", "split_tail",
+__all__ = ["InputError", "InputFile", "Piece", "Chunk", "RawRows", "expand_inputs", "plan_chunks", "split_parts", "split_tail",
            "read_chunk", "check_bucket", "StorageUnavailable", "check_url", "describe_position", "line_number", "LineCounter",
            "content_hash", "file_kind", "DEFAULT_CHUNK_BYTES"]
