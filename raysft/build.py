@@ -15,7 +15,7 @@ from .encode import ENCODERS
 from .engine.executor import ENGINES
 from .layouts import LAYOUTS, REGISTRY
 from .normalize import FORMATS, parse_map_keys
-from .templates import LOSS_POLICIES, TEMPLATE_NAMES
+from .templates import ALIASES, LOSS_POLICIES, TEMPLATE_NAMES, THINK_LOSS, TemplateError, canonical_template
 from .tokenize import OVERLONG_POLICIES
 
 EXAMPLE = """\
@@ -60,6 +60,10 @@ def parser() -> argparse.ArgumentParser:
              '\'{"name": "math", "input": "gsm8k.jsonl", "map_keys": {"prompt": "question", "response": "answer"}, '
              '"share": 0.3}\'; amounts: share (a fraction of the output), budget (an absolute amount) or repeat '
              '(times its own size), counted in --mix-unit; repeatable (a job file takes a sources: list)')
+    g.add_argument("--dataset", metavar="NAMES", type=_names,
+                   help="with an --input folder holding LLaMA-Factory's dataset_info.json: the entries to build, "
+                        "comma-separated (as LLaMA-Factory's dataset:); default: every entry whose file is in the "
+                        "folder and that holds SFT records")
     g.add_argument("--mix-unit", choices=("loss_tokens", "samples", "tokens"),
                    help="what source shares and budgets count (default loss_tokens: supervised tokens)")
     g.add_argument("--format", choices=FORMATS, help="record layout (default: auto, detected per record)")
@@ -75,9 +79,10 @@ def parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("tokenizer and template")
     g.add_argument("--tokenizer", metavar="PATH", help="Hugging Face tokenizer folder or tokenizer.json")
     g.add_argument(
-        "--template",
-        choices=TEMPLATE_NAMES,
-        help="chat template: a built-in, or auto = the tokenizer's own chat_template (default)",
+        "--template", metavar="NAME",
+        help=f"chat template: auto = the tokenizer's own chat_template (default), or a built-in: "
+             f"{', '.join(TEMPLATE_NAMES[:-1])}; LLaMA-Factory's and MindSpeed's names for these are taken too "
+             f"({', '.join(sorted(ALIASES))})",
     )
     g.add_argument(
         "--train-on-prompt",
@@ -93,6 +98,10 @@ def parser() -> argparse.ArgumentParser:
         dest="loss",
         help="put loss on the last assistant turn only",
     )
+    g.add_argument("--think-loss", choices=THINK_LOSS,
+                   help="loss on reasoning blocks (<think>...</think>, empty or not): auto (default) trains what the "
+                        "template writes inside the assistant's turn (with Qwen3's template, enable_thinking: false moves "
+                        "the empty block into the prompt, untrained); train: always, mask: never (recorded in stats.json)")
     g.add_argument("--template-kwargs", metavar="JSON", type=_json_object,
                    help='extra variables for the chat template, e.g. \'{"enable_thinking": false, "date_string": '
                         '"26 Jul 2024"}\' (recorded in stats.json); templates that read the date get a fixed one '
@@ -186,6 +195,13 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("expected comma-separated entry names")
+    return names
+
+
 def _json_object(text: str) -> dict:
     import json
 
@@ -238,6 +254,8 @@ def config_from_args(argv: list[str] | None = None) -> BuildConfig:
     values.update({k: v for k, v in vars(args).items() if v is not None and k in BuildConfig.field_names()})
     for k, v in values.items():
         setattr(cfg, k, v)
+    if isinstance(cfg.dataset, str):
+        cfg.dataset = _names(cfg.dataset)
     if isinstance(cfg.map_keys, (str, dict)):
         cfg.map_keys = parse_map_keys(cfg.map_keys)
     missing = [f"--{n}" for n, v in (("input", cfg.inputs or cfg.sources), ("tokenizer", cfg.tokenizer),
@@ -246,6 +264,12 @@ def config_from_args(argv: list[str] | None = None) -> BuildConfig:
         parser().error(f"missing {', '.join(missing)}")
     if cfg.seq_length < 2:
         parser().error("--seq-length must be at least 2")
+    try:
+        cfg.template = canonical_template(str(cfg.template))
+    except TemplateError as e:
+        parser().error(f"--template: {e}")
+    if cfg.think_loss not in THINK_LOSS:
+        parser().error(f"--think-loss must be one of {', '.join(THINK_LOSS)}")
     if cfg.loss not in LOSS_POLICIES:
         parser().error(f"loss policy must be one of {', '.join(LOSS_POLICIES)}")
     if cfg.layout not in LAYOUTS:

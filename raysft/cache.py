@@ -46,13 +46,15 @@ def chunk_key(digest: int, pieces: list[tuple], context: str) -> str:
 
 
 def context_digest(info, template: str, template_kwargs: dict, template_date: str | None, fmt: str, map_keys: dict,
-                   loss: str, version: str) -> str:
+                   loss: str, version: str, think_loss: str = "auto") -> str:
     """What a source's encoded rows depend on besides the chunk's bytes."""
     h = hashlib.blake2b(digest_size=20)
     h.update(info.tokenizer_json.encode())
-    h.update(json.dumps([info.bos, info.eos, info.chat_template, info.special_strings, info.special_map,
-                         template, template_kwargs, template_date, fmt, map_keys, loss, version],
-                        sort_keys=True, default=str).encode())
+    parts = [info.bos, info.eos, info.chat_template, info.special_strings, info.special_map,
+             template, template_kwargs, template_date, fmt, map_keys, loss, version]
+    if think_loss != "auto":  # (entries made before --think-loss existed keep their keys)
+        parts.append(think_loss)
+    h.update(json.dumps(parts, sort_keys=True, default=str).encode())
     return h.hexdigest()
 
 

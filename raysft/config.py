@@ -12,6 +12,7 @@ class BuildConfig:
     tokenizer: str = ""
     template: str = "auto"
     format: str = "auto"
+    dataset: list | None = None  # entries of a LLaMA-Factory data folder's dataset_info.json (raysft.read.registry)
     map_keys: dict = field(default_factory=dict)
     loss: str = "assistant"  # assistant | last | all
     seq_length: int = 4096
@@ -27,6 +28,7 @@ class BuildConfig:
     encoder: str = "auto"  # auto | fastokens | hf (same output; see raysft.encode)
     template_kwargs: dict = field(default_factory=dict)  # extra variables for the chat template
     template_date: str = "2024-07-26"  # what strftime_now returns to a chat template (auto)
+    think_loss: str = "auto"  # auto | train | mask: loss on reasoning blocks (raysft.templates.think_spans)
     drop_shards: bool = False  # keep only the merged dataset
     sources: list = field(default_factory=list)  # raysft.sources: each its inputs, format, keys, loss and amount
     mix_unit: str = "loss_tokens"  # what shares and budgets count: loss_tokens | samples | tokens

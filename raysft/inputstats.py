@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders or globs (local or s3://)")
     g = p.add_argument_group("tokenizer and template")
     g.add_argument("--tokenizer", required=True)
-    g.add_argument("--template", choices=TEMPLATE_NAMES, default="auto")
+    g.add_argument("--template", default="auto", metavar="NAME", help="auto, a built-in or a peer's name for one "
+                   f"({', '.join(TEMPLATE_NAMES)})")
     g.add_argument("--format", choices=FORMATS, default="auto")
     g.add_argument("--map-keys", metavar="JSON")
     g.add_argument("--seq-lengths", metavar="N,N,...", help="candidate seq-lengths (default: "

@@ -6,8 +6,15 @@ Pure functions, no engine. Input layouts understood:
   (a list of ``[prompt, response]`` pairs), optional ``tools``.
 * ``sharegpt`` ``conversations``: a list of ``{"from", "value"}`` with ``from`` in human/user,
   gpt/assistant, system, function_call, observation/tool/function; optional ``system`` and
-  ``tools`` (a list, or a JSON string as in glaive-style data). ``conversations`` whose turns use
-  ``role``/``content`` keys are read as ``openai`` messages.
+  ``tools`` (a list, or a JSON string as in glaive-style data). A ``function_call`` value is one
+  call or a JSON list of calls (parallel calls). ``conversations`` whose turns use
+  ``role``/``content`` keys are read as ``openai`` messages. Role names are LLaMA-Factory's
+  ``tags`` (``role_tag``, ``content_tag``, ``user_tag``, ``assistant_tag``, ``observation_tag``,
+  ``function_tag``, ``system_tag``) when ``--map-keys`` gives them.
+* ``text``     ``text``: one plain-text document (continued pretraining): one sample with loss
+  on every token, the tokenizer's EOS appended (``raysft.tokenize``), as Megatron-LM's
+  ``preprocess_data.py --append-eod`` writes it. Detected on a record whose only text field is
+  ``text`` (no ``messages``/``conversations``/``instruction``).
 * ``openai``   ``messages``: a list of ``{"role", "content"}`` with role in system/developer,
   user, assistant, tool/function/ipython. Assistant messages may carry ``tool_calls``
   (``{"id", "type": "function", "function": {"name", "arguments"}}`` or bare ``{"name",
@@ -24,7 +31,20 @@ parameters}``). Tool-call arguments given as a JSON string are parsed to the obj
 ``apply_chat_template`` expects (kept as the string when it is not a JSON object).
 
 ``--map-keys`` renames input fields to these canonical names first (as MindSpeed-LLM and
-LLaMA-Factory allow), e.g. ``{"prompt": "question", "response": "answer"}``.
+LLaMA-Factory allow), e.g. ``{"prompt": "question", "response": "answer"}``, and takes their
+nested role tags: ``{"messages": "conversations", "tags": {"role_tag": "role", ...}}``.
+
+Rules every format shares (the README lists them beside the rejects they replace):
+
+* A tool-call-only assistant turn (calls, no text: a ShareGPT ``function_call`` turn, an
+  OpenAI message with ``tool_calls`` and null, empty or absent content, a LLaMA-Factory turn of
+  only ``tool_call`` parts) has ``content = None``, whatever the input said; each chat template
+  is then handed the form under which it renders the call (``raysft.templates``).
+* Role order is LLaMA-Factory's positional rule: after an optional system message, turns
+  alternate between the user side (user, tool result) and the assistant side; consecutive tool
+  results (parallel calls) are one user-side turn; the conversation ends on an assistant turn.
+  A tool result may follow any assistant turn (an ``observation`` after a plain ``gpt`` turn is
+  valid ShareGPT).
 
 Every validation failure raises :class:`RecordError` with a short machine-readable ``reason``
 (used to count rejects) and a human message; the caller adds the file and row.
@@ -36,7 +56,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-FORMATS = ("auto", "alpaca", "sharegpt", "openai")
+FORMATS = ("auto", "alpaca", "sharegpt", "openai", "text")
 
 SYSTEM, USER, ASSISTANT, TOOL = "system", "user", "assistant", "tool"
 
@@ -49,9 +69,13 @@ KEY_ALIASES = {
     "history": ("history",),
     "messages": ("messages", "conversations"),
     "tools": ("tools",),
-    "role_tag": ("role_tag",),
-    "content_tag": ("content_tag",),
+    "text": ("text",),
 }
+# LLaMA-Factory's / MindSpeed's role tags (ShareGPT and OpenAI-style turns), given flat or under "tags"
+TAGS = ("role_tag", "content_tag", "user_tag", "assistant_tag", "observation_tag", "function_tag", "system_tag")
+# LLaMA-Factory column names raysft has no use for in a text-only SFT build: an explicit error
+UNSUPPORTED_KEYS = {"chosen": "preference pairs", "rejected": "preference pairs", "kto_tag": "KTO labels",
+                    "images": "images", "videos": "videos", "audios": "audio"}
 
 SHAREGPT_ROLES = {
     "human": USER,
@@ -109,7 +133,9 @@ class Conversation:
 
 
 def parse_map_keys(spec: str | dict | None) -> dict[str, str]:
-    """Parse ``--map-keys``: canonical name -> input field name."""
+    """Parse ``--map-keys``: canonical name -> input field name. Takes LLaMA-Factory's and
+    MindSpeed-LLM's spellings (``instruction``, ``conversations``...), their nested ``tags``
+    (role names) and a ``columns`` object as a ``dataset_info.json`` entry writes it."""
     if not spec:
         return {}
     if isinstance(spec, str):
@@ -117,14 +143,26 @@ def parse_map_keys(spec: str | dict | None) -> dict[str, str]:
             spec = json.loads(spec)
         except json.JSONDecodeError as e:
             raise ValueError(f"--map-keys is not valid JSON: {e}") from None
-    if not isinstance(spec, dict) or not all(isinstance(v, str) for v in spec.values()):
+    if not isinstance(spec, dict):
         raise ValueError('--map-keys must be a JSON object of strings, e.g. {"prompt": "question"}')
+    flat: dict = {}
+    for key, value in spec.items():
+        if key in ("tags", "columns"):
+            if not isinstance(value, dict):
+                raise ValueError(f'--map-keys: "{key}" must be an object of strings, e.g. {{"role_tag": "role"}}')
+            flat.update(value)
+        else:
+            flat[key] = value
     out = {}
-    for key, source in spec.items():
-        canon = next((c for c, names in KEY_ALIASES.items() if key in names), None)
+    for key, source in flat.items():
+        if key in UNSUPPORTED_KEYS:
+            raise ValueError(f"--map-keys: {key!r} names {UNSUPPORTED_KEYS[key]}, which an SFT build does not read")
+        if not isinstance(source, str):
+            raise ValueError(f"--map-keys: the value of {key!r} must be a string (a field or tag name)")
+        canon = key if key in TAGS else next((c for c, names in KEY_ALIASES.items() if key in names), None)
         if canon is None:
-            known = sorted({n for names in KEY_ALIASES.values() for n in names})
-            raise ValueError(f"--map-keys: unknown key {key!r}; known keys: {', '.join(known)}")
+            known = sorted({n for names in KEY_ALIASES.values() for n in names} | set(TAGS))
+            raise ValueError(f"--map-keys: unknown key {key!r}; known keys: {', '.join(known)} (and 'tags')")
         out[canon] = source
     return out
 
@@ -147,20 +185,38 @@ def detect_format(record: dict, keys: dict[str, str]) -> str:
         return "openai" if _turns_look_like_openai(_maybe_json(record["conversations"])) else "sharegpt"
     if keys.get("prompt", "instruction") in record or "instruction" in record:
         return "alpaca"
+    if keys.get("text", "text") in record:
+        return "text"
     raise RecordError(
         "unknown_format",
-        "cannot tell the layout: expected 'messages' (openai), 'conversations' (sharegpt) or "
-        f"'instruction' (alpaca); fields present: {sorted(record)[:10]}",
+        "cannot tell the layout: expected 'messages' (openai), 'conversations' (sharegpt), "
+        f"'instruction' (alpaca) or 'text' (plain text); fields present: {sorted(record)[:10]}",
     )
 
 
-def normalize(record: Any, fmt: str = "auto", keys: dict[str, str] | None = None) -> Conversation:
-    """Turn one decoded record into a validated conversation, or raise :class:`RecordError`."""
+@dataclass
+class Document:
+    """A plain-text record (``format: text``): one sample, loss on every token."""
+
+    text: str
+    meta: dict = field(default_factory=dict)
+
+
+def normalize(record: Any, fmt: str = "auto", keys: dict[str, str] | None = None) -> Conversation | Document:
+    """Turn one decoded record into a validated conversation (or a plain-text document), or
+    raise :class:`RecordError`."""
     keys = keys or {}
     if not isinstance(record, dict):
         raise RecordError("not_an_object", f"record is a {type(record).__name__}, not a JSON object")
     if fmt == "auto":
         fmt = detect_format(record, keys)
+    if fmt == "text":
+        name, value = _get(record, keys, "text")
+        if value is None:
+            raise RecordError("missing_field", f"text record has no '{name}' field")
+        if type(value) is not str:
+            value = _text(value, f"'{name}'")
+        return Document(value)
     if fmt == "alpaca":
         conv = _from_alpaca(record, keys)
     elif fmt == "sharegpt":
@@ -176,6 +232,9 @@ def normalize(record: Any, fmt: str = "auto", keys: dict[str, str] | None = None
     else:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     conv.messages = _merge_assistant_turns(conv.messages)
+    for m in conv.messages:  # the one form of a tool-call-only turn, whatever the input wrote
+        if m.tool_calls and m.role == ASSISTANT and not m.content:
+            m.content = None
     validate(conv)
     return conv
 
@@ -318,10 +377,28 @@ def _from_alpaca(record: dict, keys: dict[str, str]) -> Conversation:
     return Conversation(msgs, _tools(record, keys) if tname in record else None)
 
 
+FUNCTION_CALL = "function_call"  # a ShareGPT turn that holds a call: the assistant side
+
+
+def sharegpt_roles(keys: dict[str, str]) -> dict[str, str]:
+    """ShareGPT role names -> roles: LLaMA-Factory's tags where ``--map-keys`` gives them (each
+    replacing its default), the usual spellings otherwise."""
+    given = {t: keys[t] for t in ("user_tag", "assistant_tag", "observation_tag", "function_tag", "system_tag")
+             if t in keys}
+    if not given:
+        return SHAREGPT_ROLES
+    defaults = {"user_tag": "human", "assistant_tag": "gpt", "observation_tag": "observation",
+                "function_tag": "function_call", "system_tag": "system"}
+    roles = {"user_tag": USER, "assistant_tag": ASSISTANT, "observation_tag": TOOL, "function_tag": FUNCTION_CALL,
+             "system_tag": SYSTEM}
+    return {given.get(t, d): roles[t] for t, d in defaults.items()}
+
+
 def _from_sharegpt(record: dict, keys: dict[str, str]) -> Conversation:
     name, turns = _get(record, keys, "messages", "conversations")
     role_tag = keys.get("role_tag", "from")
     content_tag = keys.get("content_tag", "value")
+    names = sharegpt_roles(keys)
     turns = _maybe_json(turns)
     if turns is None:
         raise RecordError("missing_field", f"sharegpt record has no '{name}' field")
@@ -338,14 +415,28 @@ def _from_sharegpt(record: dict, keys: dict[str, str]) -> Conversation:
         if role_tag not in t or content_tag not in t:
             raise RecordError("missing_field", f"{where} needs '{role_tag}' and '{content_tag}'")
         tag = t[role_tag]
-        if not isinstance(tag, str) or tag not in SHAREGPT_ROLES:
-            raise RecordError("unknown_role", f"{where}: unknown role {tag!r}")
-        role = SHAREGPT_ROLES[tag]
-        if tag == "function_call":  # a call turn holds no text: "" (null is for data that says null)
-            msgs.append(Message(ASSISTANT, "", [_tool_call(t[content_tag], where)], _loss_flag(t, where)))
+        role = names.get(tag) if isinstance(tag, str) else None
+        if role is None:
+            raise RecordError("unknown_role", f"{where}: unknown role {tag!r} (known: {', '.join(names)})")
+        if role == FUNCTION_CALL or tag == "function_call":  # a call turn holds calls, no text
+            msgs.append(Message(ASSISTANT, None, _tool_calls(t[content_tag], where), _loss_flag(t, where)))
         else:
             msgs.append(Message(role, _text(t[content_tag], f"{where}.{content_tag}"), None, _loss_flag(t, where)))
     return Conversation(msgs, _tools(record, keys))
+
+
+def _tool_calls(value: Any, where: str) -> list[dict]:
+    """The calls of a ShareGPT ``function_call`` turn: one call, or a list of them."""
+    if isinstance(value, str) and value.lstrip()[:1] == "[":
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise RecordError("bad_tool_call", f"{where}: function call is not valid JSON") from None
+    if isinstance(value, list):
+        if not value:
+            raise RecordError("bad_tool_call", f"{where}: an empty list of function calls")
+        return [_tool_call(c, f"{where}[{j}]") for j, c in enumerate(value)]
+    return [_tool_call(value, where)]
 
 
 def _merge_assistant_turns(msgs: list[Message]) -> list[Message]:
@@ -396,15 +487,19 @@ def _from_openai(record: dict, keys: dict[str, str]) -> Conversation:
         raise RecordError("bad_type", f"'{name}' must be a list of messages")
     role_tag = keys.get("role_tag", "role")
     content_tag = keys.get("content_tag", "content")
+    names = {**OPENAI_ROLES, **sharegpt_roles(keys)} if any(t in keys for t in TAGS[2:]) else OPENAI_ROLES
     msgs: list[Message] = []
     for i, t in enumerate(turns):
         where = f"'{name}'[{i}]"
         if not isinstance(t, dict):
             raise RecordError("bad_type", f"{where} must be an object")
         role = t.get(role_tag)
-        if not isinstance(role, str) or role not in OPENAI_ROLES:
+        if not isinstance(role, str) or role not in names:
             raise RecordError("unknown_role", f"{where}: unknown role {role!r}")
-        role = OPENAI_ROLES[role]
+        role = names[role]
+        if role == FUNCTION_CALL:  # a tag-named call turn (LLaMA-Factory's function_tag)
+            msgs.append(Message(ASSISTANT, None, _tool_calls(t.get(content_tag), where), _loss_flag(t, where)))
+            continue
         raw = t.get(content_tag)
         reasoning = None
         calls: list[dict] = []
@@ -444,12 +539,13 @@ def _from_openai(record: dict, keys: dict[str, str]) -> Conversation:
     return Conversation(msgs, _tools(record, keys))
 
 
-_MAY_FOLLOW = {USER: (ASSISTANT,), ASSISTANT: (USER, TOOL), TOOL: (TOOL, ASSISTANT)}  # role -> roles after it
+USER_SIDE = (USER, TOOL)
 
 
 def validate(conv: Conversation) -> None:
-    """Role order: optional system first, then user/assistant alternation (tool results may
-    follow an assistant tool call and precede the next assistant turn); ends on an assistant."""
+    """Role order, LLaMA-Factory's positional rule (module doc): an optional system message
+    first, then turns alternating between the user side (a user turn, or tool results: several
+    in a row are one turn) and the assistant side, ending on an assistant turn."""
     msgs = conv.messages
     body = msgs[1:] if msgs and msgs[0].role == SYSTEM else msgs
     if not body:
@@ -458,13 +554,15 @@ def validate(conv: Conversation) -> None:
     for i, m in enumerate(body):
         if m.role == SYSTEM:
             raise RecordError("role_order", f"turn {i}: a system message is only allowed first")
-        if prev is None and m.role != USER:
+        if prev is None and m.role == ASSISTANT:
             raise RecordError("role_order", f"turn {i}: conversation must start with a user turn, not {m.role}")
         if prev is not None:
-            if m.role not in _MAY_FOLLOW[prev.role]:
-                raise RecordError("role_order", f"turn {i}: {m.role} after {prev.role}")
-            if m.role == TOOL and prev.role == ASSISTANT and not prev.tool_calls:
-                raise RecordError("role_order", f"turn {i}: tool result without a preceding tool call")
+            if m.role == ASSISTANT and prev.role == ASSISTANT:
+                raise RecordError("role_order", f"turn {i}: assistant after assistant")
+            if m.role == USER and prev.role in USER_SIDE:
+                raise RecordError("role_order", f"turn {i}: user after {prev.role} (two user-side turns in a row)")
+            if m.role == TOOL and prev.role == USER:
+                raise RecordError("role_order", f"turn {i}: tool result after a user turn")
         if m.role == ASSISTANT and (not m.content or m.content.isspace()) and not m.tool_calls and not m.reasoning:
             raise RecordError("empty_assistant", f"turn {i}: assistant turn has empty content")
         prev = m

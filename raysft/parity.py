@@ -59,17 +59,16 @@ class TemplateParity:
                                                chat_template=self.info.chat_template, **names)
         return self._hf
 
-    def check(self, raw: bytes, conv, signed: np.ndarray) -> int:
-        """The outcome for one record raysft wrote (``signed``: its signed token ids)."""
-        from .templates import to_hf_messages
-
+    def check(self, raw: bytes, conv, signed: np.ndarray, messages: list[dict]) -> int:
+        """The outcome for one record raysft wrote (``signed``: its signed token ids;
+        ``messages``: the conversation as its template is handed it, ``Template.messages``)."""
         key = zlib.crc32(raw) ^ (len(raw) << 32)
         if key in self._seen:
             return self._seen[key]
         date = self.date
         try:
             ref = self._tokenizer().apply_chat_template(
-                to_hf_messages(conv), tools=conv.tools, tokenize=True, add_generation_prompt=False,
+                messages, tools=conv.tools, tokenize=True, add_generation_prompt=False,
                 strftime_now=lambda fmt: date.strftime(fmt), **self.kwargs)
         except Exception:  # noqa: BLE001 - whatever the template raises
             out = REFUSED

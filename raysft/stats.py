@@ -258,7 +258,7 @@ def block_rejects(table) -> list[dict]:
     return out
 
 
-DROP_REASONS = ("overlong", "overlong_prompt")
+DROP_REASONS = ("overlong", "overlong_prompt", "empty_text")  # counted as dropped: never a bad record
 
 
 class Totals:

@@ -350,6 +350,7 @@ class SampleBuilder:
         max_chars: int | None = None,
         template_date: str | None = None,
         parity=None,
+        think_loss: str = "auto",
     ):
         from .encode import choose
         from .templates import Template
@@ -358,7 +359,7 @@ class SampleBuilder:
         self.encoder = choose(encoder, info)[0] if isinstance(encoder, str) else encoder
         self.tokenizer = info.shared()
         self.template = Template(template, info.specials, info.chat_template, info.special_strings, loss,
-                                 template_kwargs, info.special_map, template_date)
+                                 template_kwargs, info.special_map, template_date, think_loss)
         self.fmt = fmt
         self.keys = map_keys or {}
         self.max_chars = max_chars
@@ -366,21 +367,47 @@ class SampleBuilder:
         from .templates import MARKERS
 
         # markers this tokenizer has no single token for: a cut could fall inside them
-        markers = MARKERS.get(template, ()) + tuple(info.special_strings) + tuple(s for s in (info.bos, info.eos) if s)
+        markers = MARKERS.get(self.template.name, ()) + tuple(info.special_strings) + tuple(s for s in (info.bos, info.eos) if s)
         self.markers = tuple(m for m in dict.fromkeys(markers) if self.tokenizer.token_to_id(m) is None)
 
-    def unsafe_cuts(self, raw: bytes) -> np.ndarray:
-        """Cut positions inside a template marker, for one (overlong) record."""
-        from .normalize import normalize
+    def unsafe_cuts(self, raw: bytes) -> np.ndarray | None:
+        """Cut positions inside a template marker, for one (overlong) record (None for a
+        plain-text document: no template wrote it)."""
+        from .normalize import Document, normalize
 
-        rendered = self.template.render(normalize(json_loads(raw), self.fmt, self.keys))
+        sample = normalize(json_loads(raw), self.fmt, self.keys)
+        if isinstance(sample, Document):
+            return None
+        rendered = self.template.render(sample)
         return marker_cuts(self.tokenizer.encode(rendered.text, add_special_tokens=False), rendered.text,
                            self.markers)
 
-    def render(self, raws: list[bytes], errors: list[str] | None, reasons: list[str],
-               messages: list[str]) -> tuple[list[Rendered], list[int]]:
-        """Decode, normalize and render records; failures go to reasons/messages."""
-        from .normalize import RecordError, normalize
+    def document_ends(self) -> tuple[np.ndarray, np.ndarray]:
+        """What a plain-text document gets around its text's tokens, as Megatron-LM's
+        ``preprocess_data.py --append-eod`` writes it: before, the special tokens the
+        tokenizer's post-processor adds (``tokenizer(text).input_ids``: a BOS where the
+        tokenizer adds one); after, those it appends, then the EOS token (the EOD)."""
+        ends = self.__dict__.get("_doc_ends")
+        if ends is None:
+            with_sp = self.tokenizer.encode("a", add_special_tokens=True).ids
+            bare = self.tokenizer.encode("a", add_special_tokens=False).ids
+            at = next((k for k in range(len(with_sp) - len(bare) + 1) if with_sp[k : k + len(bare)] == bare), None)
+            eos = self.info.token_to_id(self.info.eos) if self.info.eos is not None else None
+            if at is None or eos is None:
+                from .normalize import RecordError
+
+                raise RecordError("no_eos" if eos is None else "template_error",
+                                  "the tokenizer has no EOS token to end a plain-text document with" if eos is None
+                                  else "the tokenizer's post-processor changes a text's own tokens")
+            ends = self.__dict__["_doc_ends"] = (np.array(with_sp[:at], np.int32),
+                                                 np.array(with_sp[at + len(bare) :] + [eos], np.int32))
+        return ends
+
+    def render(self, raws: list[bytes], errors: list[str] | None, reasons: list[str], messages: list[str],
+               docs: list[tuple[int, str]] | None = None) -> tuple[list[Rendered], list[int]]:
+        """Decode, normalize and render records; failures go to reasons/messages, plain-text
+        documents (``format: text``) to ``docs`` as (record, text)."""
+        from .normalize import Document, RecordError, normalize
 
         rendered: list[Rendered] = []
         where: list[int] = []
@@ -390,7 +417,20 @@ class SampleBuilder:
                 reasons[i], _, messages[i] = errors[i].partition(": ")
                 continue
             try:
-                r = template.render(normalize(json_loads(raw), fmt, keys))
+                sample = normalize(json_loads(raw), fmt, keys)
+                if type(sample) is Document:
+                    if docs is None:
+                        raise RecordError("unknown_format", "a plain-text record where a conversation is needed")
+                    if not sample.text.isascii():
+                        sample.text.encode("utf-8")
+                    if max_chars is not None and len(sample.text) > max_chars:
+                        reasons[i], messages[i] = "overlong", f"text of {len(sample.text):,} characters"
+                    elif not sample.text:
+                        reasons[i], messages[i] = "empty_text", "an empty plain-text document"
+                    else:
+                        docs.append((i, sample.text))
+                    continue
+                r = template.render(sample)
                 if not r.text.isascii():
                     r.text.encode("utf-8")  # a lone surrogate ("\ud83d") is valid JSON, not text
                 if max_chars is not None and len(r.text) > max_chars:
@@ -409,7 +449,10 @@ class SampleBuilder:
         n = len(raws)
         reasons = [""] * n
         messages = [""] * n
-        rendered, where = self.render(raws, errors, reasons, messages)
+        docs: list[tuple[int, str]] = []
+        rendered, where = self.render(raws, errors, reasons, messages, docs)
+        if docs:
+            return self._with_documents(raws, reasons, messages, rendered, where, docs)
         b = self.encoder.encode([r.text for r in rendered], [r.spans for r in rendered])
         values, counts, loss = b.values, b.lengths, b.loss
         lengths = np.zeros(n, dtype=np.int64)
@@ -431,6 +474,40 @@ class SampleBuilder:
             ok[at[good]] = True
         return Encoded(values, lengths, loss_n, ok, reasons, messages, b, self._parity(raws, values, lengths, ok))
 
+    def _with_documents(self, raws, reasons, messages, rendered, where, docs) -> Encoded:
+        """A batch holding plain-text documents: conversations encoded as usual, each document
+        as the post-processor's tokens + its text's tokens + EOS, every token with loss
+        (``document_ends``); then every kept record's tokens in record order."""
+        n = len(raws)
+        conv = self.encoder.encode([r.text for r in rendered], [r.spans for r in rendered])
+        texts = [t for _, t in docs]
+        plain = self.encoder.encode(texts, [[(0, len(t))] for t in texts])  # the same encoder, parity and fallback
+        pre, post = self.document_ends()
+        arrays: dict[int, np.ndarray] = {}
+        for i, arr, loss in zip(where, split_flat(conv.values, conv.lengths), conv.loss.tolist()):
+            if len(arr) == 0:
+                reasons[i], messages[i] = "empty_sample", "the rendered conversation has no tokens"
+            elif loss == 0:
+                reasons[i], messages[i] = "all_masked", "no token of the sample carries loss"
+            else:
+                arrays[i] = arr
+        for (i, _), arr in zip(docs, split_flat(plain.values, plain.lengths)):
+            arrays[i] = np.concatenate([pre, np.where(arr < 0, ~arr, arr), post])
+        order = sorted(arrays)
+        ok = np.zeros(n, dtype=bool)
+        lengths = np.zeros(n, dtype=np.int64)
+        loss_n = np.zeros(n, dtype=np.int64)
+        for i in order:
+            ok[i] = True
+            lengths[i] = len(arrays[i])
+            loss_n[i] = int((arrays[i] >= 0).sum())
+        values = np.concatenate([arrays[i] for i in order]).astype(np.int32) if order else np.zeros(0, np.int32)
+        from .encode import Batch
+
+        b = Batch(values, lengths[ok], loss_n[ok], conv.parity_rows + plain.parity_rows,
+                  conv.parity_mismatches + plain.parity_mismatches, conv.fallback_rows + plain.fallback_rows)
+        return Encoded(values, lengths, loss_n, ok, reasons, messages, b, self._parity(raws, values, lengths, ok))
+
     def _parity(self, raws, values, lengths, ok) -> np.ndarray | None:
         """The chat-template parity outcome of each picked record that was written."""
         from .parity import picked
@@ -442,10 +519,12 @@ class SampleBuilder:
         ends = np.cumsum(lengths)
         for i in np.flatnonzero(ok).tolist():
             if picked(raws[i], p.every):
-                from .normalize import normalize
+                from .normalize import Conversation, normalize
 
                 conv = normalize(json_loads(raws[i]), self.fmt, self.keys)
-                out[i] = p.check(raws[i], conv, values[ends[i] - lengths[i] : ends[i]])
+                if type(conv) is Conversation:  # a plain-text document has no template to check
+                    out[i] = p.check(raws[i], conv, values[ends[i] - lengths[i] : ends[i]],
+                                     self.template.messages(conv))
         return out
 
     def __call__(self, raws: list[bytes], errors: list[str] | None = None):

@@ -69,7 +69,7 @@ class TokenizeAndMask:
                 s = self.sources[source]
                 self.builders[source] = SampleBuilder(self.info, self.template, s["format"], s["map_keys"], s["loss"],
                                                       self.encoder, self.template_kwargs, self.max_chars,
-                                                      self.template_date, self.parity)
+                                                      self.template_date, self.parity, s.get("think_loss", "auto"))
             return self.builders[source]
 
     def __call__(self, chunks: dict):

@@ -57,23 +57,41 @@ def prepare(cfg: BuildConfig):
     from ..templates import Template
 
     Template(cfg.template, info.specials, info.chat_template, info.special_strings, cfg.loss,
-             cfg.template_kwargs, info.special_map, cfg.template_date)  # fail early
-    sources = build_sources(cfg)
+             cfg.template_kwargs, info.special_map, cfg.template_date, cfg.think_loss)  # fail early
+    sources = build_sources(cfg, so)
     files, file_source = expand_sources(sources, so)
     chunks = plan_chunks(files, so, cfg.chunk_bytes, file_source)
     return so, info, files, chunks, sources, file_source
 
 
-def build_sources(cfg: BuildConfig) -> list:
+def build_sources(cfg: BuildConfig, so: dict | None = None) -> list:
     """The build's sources: ``cfg.sources`` (a job file's ``sources:``, ``--source``), or one
-    made of ``--input``, ``--format``, ``--map-keys`` and the loss policy."""
+    made of ``--input``, ``--format``, ``--map-keys`` and the loss policy, and one per entry of
+    each LLaMA-Factory data folder among the inputs (``raysft.read.registry``)."""
+    from ..read.registry import read_registry, registry_sources
     from ..sources import Source, SourceError, parse_sources
 
+    defaults = {"format": cfg.format, "map_keys": cfg.map_keys, "loss": cfg.loss}
     if cfg.sources:
         if cfg.inputs:
             raise SourceError("give the inputs as --input or as sources, not both")
-        return parse_sources(cfg.sources, {"format": cfg.format, "map_keys": cfg.map_keys, "loss": cfg.loss})
-    return [Source("input", list(cfg.inputs), cfg.format, dict(cfg.map_keys or {}), cfg.loss)]
+        return parse_sources(cfg.sources, defaults)
+    out, plain = [], []
+    for path in cfg.inputs:
+        registry = read_registry(path, so)
+        if registry is None:
+            plain.append(path)
+        else:
+            out += registry_sources(path, registry, cfg.dataset, defaults, so)
+    if cfg.dataset and not out:
+        raise SourceError("--dataset picks entries of a LLaMA-Factory data folder: give its folder (with its "
+                          "dataset_info.json) as --input")
+    if plain:
+        out.insert(0, Source("input", plain, cfg.format, dict(cfg.map_keys or {}), cfg.loss))
+    names = [s.name for s in out]
+    if len(set(names)) != len(names):
+        raise SourceError(f"two data folders define the same entry: {', '.join(n for n in names if names.count(n) > 1)}")
+    return out
 
 
 def expand_sources(sources: list, so: dict):
@@ -189,9 +207,10 @@ def source_settings(cfg: BuildConfig, info, sources: list) -> list[dict]:
     the cache context (raysft.cache) its encoded rows are filed under."""
     from ..cache import context_digest
 
-    return [{"format": s.format, "map_keys": s.map_keys, "loss": s.loss,
+    return [{"format": s.format, "map_keys": s.map_keys, "loss": s.loss, "think_loss": cfg.think_loss,
              "context": context_digest(info, cfg.template, cfg.template_kwargs, cfg.template_date, s.format,
-                                       s.map_keys, s.loss, f"raysft-{VERSION}-{RAYSFT_VERSION}")} for s in sources]
+                                       s.map_keys, s.loss, f"raysft-{VERSION}-{RAYSFT_VERSION}", cfg.think_loss)}
+            for s in sources]
 
 
 def actor_kwargs(cfg: BuildConfig, info, so: dict, encoder: str, parity_every: int, sources: list,
@@ -342,7 +361,7 @@ def plan_single(hist: np.ndarray, seq_length: int) -> PackPlan:
 # Settings that change output bytes; execution knobs (workers, batch size, shards...) do not.
 FINGERPRINT_FLAGS = ("template", "format", "map_keys", "loss", "seq_length", "pack", "layout", "seed",
                      "on_bad_record", "overlong", "num_shards", "shard_tokens", "add_special_tokens", "template_kwargs",
-                     "template_date", "chunk_bytes", "sources", "mix_unit", "epochs", "validation")
+                     "template_date", "think_loss", "dataset", "chunk_bytes", "sources", "mix_unit", "epochs", "validation")
 
 
 def fingerprint(cfg: BuildConfig, files, info) -> dict:
@@ -776,6 +795,7 @@ def _build_with(ex, cfg, t0, so, info, files, chunks, layout, added, pad_id, out
         "template": cfg.template,
         "template_kwargs": cfg.template_kwargs,
         "template_date": cfg.template_date,
+        "think_loss": cfg.think_loss,
         "encoder": {"name": enc_stats.name, "version": enc_stats.version, "rows_checked": enc_stats.rows_checked,
                     "mismatches": enc_stats.mismatches, "fallbacks": enc_stats.fallbacks,
                     **({"why": enc_stats.why} if enc_stats.why else {})},

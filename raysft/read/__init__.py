@@ -5,8 +5,12 @@ or object storage. Files are ordered by full path, so the same file set always g
 order, whatever order the user listed them in.
 
 What is read: ``.jsonl``/``.ndjson``, ``.json`` (one array, or JSON Lines), ``.parquet``,
-``.arrow``/``.feather``/``.ipc`` and ``.csv``/``.tsv``, the text formats also compressed
-(``.gz``, ``.zst``, ``.bz2``, ``.xz``). When a folder or a glob is expanded, names starting
+``.arrow``/``.feather``/``.ipc``, ``.csv``/``.tsv`` and ``.txt`` (plain text, one document a
+line, read as ``{"text": line}`` records; blank lines hold none), the text formats also
+compressed (``.gz``, ``.zst``, ``.bz2``, ``.xz``). A ``datasets`` ``save_to_disk`` folder is read
+as the Arrow files its ``state.json`` lists; ``dataset_info.json``, ``state.json`` and
+``dataset_dict.json`` in an input folder are a registry or a saved dataset's state, never data
+(a LLaMA-Factory data folder's ``dataset_info.json`` is read by ``raysft.read.registry``). When a folder or a glob is expanded, names starting
 with ``.`` or ``_`` are not data (the convention of Spark, Hive and pyarrow: ``_SUCCESS``,
 ``.part-0.crc``, ``_temporary/``, ``.ipynb_checkpoints/``) and are skipped, with a log line;
 any other file in an input folder that is no known format is an error naming it. A symbolic
@@ -44,10 +48,12 @@ from .jsonarray import ArrayError, iter_elements
 
 log = logging.getLogger("raysft")
 
-TEXT_KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv"}
+TEXT_KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".txt": "txt"}
+LINE_KINDS = ("jsonl", "txt")  # read in byte ranges, a record a line
+STATE_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")  # registries and saved-dataset state
 BINARY_KINDS = {".parquet": "parquet", ".pq": "parquet", ".arrow": "arrow", ".feather": "arrow", ".ipc": "arrow"}
 COMPRESSIONS = {".gz": "gzip", ".gzip": "gzip", ".zst": "zstd", ".zstd": "zstd", ".bz2": "bz2", ".xz": "xz"}
-KNOWN = "(.jsonl, .ndjson, .json, .parquet, .arrow, .feather, .csv, .tsv; text ones also .gz, .zst, .bz2, .xz)"
+KNOWN = "(.jsonl, .ndjson, .json, .parquet, .arrow, .feather, .csv, .tsv, .txt; text ones also .gz, .zst, .bz2, .xz)"
 DEFAULT_CHUNK_BYTES = 16 << 20
 STREAM_HASH_BLOCK = 8 << 20
 REMOTE_SCHEMES = ("s3", "s3a", "gs", "gcs", "oss", "hdfs", "abfs", "az", "http", "https")
@@ -91,7 +97,7 @@ class Chunk:
 
     @property
     def bytes(self) -> int:
-        return sum(p.end - p.start if p.kind == "jsonl" else 0 for p in self.pieces)
+        return sum(p.end - p.start if p.kind in LINE_KINDS else 0 for p in self.pieces)
 
 
 def file_kind(name: str) -> tuple[str | None, str | None]:
@@ -168,6 +174,8 @@ def _expand(fs, path: str, pat: str, skipped: list[str]) -> list[str]:
                 skipped.append(rel)
             elif fs.isdir(p):
                 out += _expand_dir(fs, p, remote, skipped)
+            elif p.rpartition("/")[2] in STATE_FILES:
+                skipped.append(rel)
             else:
                 out.append(p)
         return out
@@ -178,11 +186,50 @@ def _expand(fs, path: str, pat: str, skipped: list[str]) -> list[str]:
 
 def _expand_dir(fs, path: str, remote: bool, skipped: list[str]) -> list[str]:
     if not remote:
-        return _local_walk(path, skipped)
+        out = _local_walk(path, skipped)
+    else:
+        out = []
+        for p in sorted(fs.find(path)):
+            rel = p[len(path.rstrip("/")) :].lstrip("/")
+            (skipped.append(rel) if _hidden(rel) else out.append(p))
+    return _saved_datasets(fs, out, skipped)
+
+
+def _saved_datasets(fs, paths: list[str], skipped: list[str]) -> list[str]:
+    """Folder contents without registry and state files; in a folder ``datasets``'
+    ``save_to_disk`` wrote (a ``state.json``), only the Arrow files its state lists; of a saved
+    ``DatasetDict`` (a ``dataset_dict.json``), only its ``train`` split when it has one (as
+    LLaMA-Factory's ``split: train``): a test split is never trained on by accident."""
+    listed: dict[str, set] = {}
+    left_out: list[str] = []
+    for p in paths:
+        folder, _, name = p.rpartition("/")
+        if name == "dataset_dict.json":
+            try:
+                with fs.open(p, "rb") as fh:
+                    splits = json.loads(fh.read()).get("splits") or []
+            except (OSError, ValueError, AttributeError) as e:
+                raise InputError(f"{p}: not a readable datasets dict file ({_short(e)})") from None
+            if "train" in splits:
+                left_out += [folder + "/" + s + "/" for s in splits if s != "train"]
+                if len(splits) > 1:
+                    log.info("%s: a saved DatasetDict: its train split is read (not %s)", folder,
+                             ", ".join(s for s in splits if s != "train"))
+        elif name == "state.json":
+            try:
+                with fs.open(p, "rb") as fh:
+                    state = json.loads(fh.read())
+                listed[folder] = {d["filename"] for d in state.get("_data_files", []) if isinstance(d, dict)}
+            except (OSError, ValueError, TypeError, KeyError) as e:
+                raise InputError(f"{p}: not a readable datasets state file ({_short(e)})") from None
     out = []
-    for p in sorted(fs.find(path)):
-        rel = p[len(path.rstrip("/")) :].lstrip("/")
-        (skipped.append(rel) if _hidden(rel) else out.append(p))
+    for p in paths:
+        folder, _, name = p.rpartition("/")
+        if name in STATE_FILES or (folder in listed and name not in listed[folder]) or \
+                any(p.startswith(x) for x in left_out):
+            skipped.append(p)
+        else:
+            out.append(p)
     return out
 
 
@@ -208,7 +255,8 @@ def expand_inputs(patterns: list[str], so: dict | None = None) -> list[InputFile
         except OSError as e:
             raise InputError(f"--input {pat}: cannot list ({_short(e)})") from None
         if skipped:
-            log.info("--input %s: skipped %d hidden or underscore-prefixed name(s), not data: %s", pat, len(skipped),
+            log.info("--input %s: skipped %d hidden, underscore-prefixed, registry or state name(s), not data: %s",
+                     pat, len(skipped),
                      ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
         explicit = len(paths) == 1 and paths[0] == path
         unknown = [p for p in paths if file_kind(p)[0] is None]
@@ -289,10 +337,10 @@ def split_parts(c: Chunk, parts: int = TAIL_PARTS) -> list[tuple[Piece, ...]] | 
     or None for a chunk that is not cut. They depend on the chunk alone, so a cache entry made
     of a part is found again whichever run cut it."""
     p = c.pieces[0]
-    if len(c.pieces) != 1 or p.kind != "jsonl" or p.end - p.start < parts:
+    if len(c.pieces) != 1 or p.kind not in LINE_KINDS or p.end - p.start < parts:
         return None
     step = -(-(p.end - p.start) // parts)
-    return [(Piece(p.src, p.url, "jsonl", lo, min(p.end, lo + step)),) for lo in range(p.start, p.end, step)]
+    return [(Piece(p.src, p.url, p.kind, lo, min(p.end, lo + step)),) for lo in range(p.start, p.end, step)]
 
 
 def split_tail(chunks: list[Chunk], count: int, parts: int = TAIL_PARTS) -> list[Chunk]:
@@ -320,9 +368,11 @@ def _pieces(src: int, f: InputFile, so: dict | None, chunk_bytes: int) -> list[P
     kind = f.kind
     if kind in ("json", "jsonl") and f.compression is None and kind == "json":
         kind = "array" if _starts_with_bracket(fs, path) else "jsonl"
-    if kind == "jsonl" and f.compression is None:
+    if kind in LINE_KINDS and f.compression is None:
         n = max(1, -(-f.size // chunk_bytes))
-        return [Piece(src, f.url, "jsonl", i * chunk_bytes, min(f.size, (i + 1) * chunk_bytes)) for i in range(n)]
+        return [Piece(src, f.url, kind, i * chunk_bytes, min(f.size, (i + 1) * chunk_bytes)) for i in range(n)]
+    if kind == "txt":  # compressed plain text: one stream of lines
+        return [Piece(src, f.url, "txtstream", 0, f.size, f.compression)]
     if kind in ("json", "jsonl"):  # compressed: one stream, an array or lines (looked at when read)
         return [Piece(src, f.url, "stream", 0, f.size, f.compression)]
     if kind in ("array", "csv", "tsv"):
@@ -520,7 +570,7 @@ def chunk_digest(c: Chunk, so: dict | None = None, keep: bool = True) -> tuple[i
     for p in c.pieces:
         fs, path = get_fs(p.url, so)
         if not keep and p.kind != "parquet" and fs.protocol in ("file", ("file", "local")):
-            if p.kind == "jsonl":
+            if p.kind in LINE_KINDS:
                 _mapped_hash(h, path, p.start, p.end)
             elif p.end - p.start <= STREAM_HASH_BLOCK:
                 _mapped_hash(h, path, None, None)
@@ -528,7 +578,7 @@ def chunk_digest(c: Chunk, so: dict | None = None, keep: bool = True) -> tuple[i
                 whole = xxhash.xxh3_64()
                 _mapped_hash(whole, path, None, None)
                 h.update(whole.digest())
-        elif p.kind == "jsonl":
+        elif p.kind in LINE_KINDS:
             data, pos = _range_bytes(fs, path, p.start, p.end)
             kept[(p.url, p.start)] = (data, pos)
             h.update(data)
@@ -601,13 +651,23 @@ def _iter_lines(fh, block: int = 1 << 20):
 
 def _read_piece(p: Piece, so, got, out: _Batcher):
     fs, path = get_fs(p.url, so)
-    if p.kind == "jsonl":
+    if p.kind in LINE_KINDS:
         data, pos = got
+        text = p.kind == "txt"
         for offset, line in _lines(data, pos):
-            if (r := out.add(p.src, -1, offset, line)) is not None:
+            if (r := out.add(p.src, -1, offset, *(_text_record(line) if text else (line,)))) is not None:
                 yield r
         return
     kind = p.kind
+    if kind == "txtstream":
+        with _piece_stream(fs, path, p, got) as fh:
+            offset = 0
+            for line in _iter_lines(fh):
+                if line.strip():
+                    if (r := out.add(p.src, -1, offset, *_text_record(line.rstrip(b"\r\n")))) is not None:
+                        yield r
+                offset += len(line)
+        return
     if kind == "stream":  # a compressed text file: JSON Lines or one array
         with _piece_stream(fs, path, p, got) as fh:
             head = fh.read(4096)
@@ -677,6 +737,15 @@ def _emit(tables, p: Piece, row: int, out: _Batcher):
             if (r := out.add(p.src, row, -1, raw, err)) is not None:
                 yield r
             row += 1
+
+
+def _text_record(line: bytes) -> tuple[bytes, str]:
+    """A line of a plain-text file as the record ``{"text": line}`` (and its error, if any)."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return b"", f"invalid_utf8: not valid UTF-8 ({e.reason} at byte {e.start})"
+    return json.dumps({"text": text}, ensure_ascii=False).encode(), ""
 
 
 def _compression_of(url: str) -> str | None:

@@ -23,7 +23,7 @@ import datetime
 
 from ..normalize import ASSISTANT, Conversation, Message
 from . import chatml, deepseek, glm4, internlm2, llama, mistral
-from .base import Builtin, Piece, Rendered, Specials, TemplateError
+from .base import ABSENT, Builtin, Piece, Rendered, Specials, TemplateError, to_hf_messages
 from .jinja import DEFAULT_DATE, JinjaTemplate
 
 LOSS_POLICIES = ("assistant", "last", "all")
@@ -32,28 +32,34 @@ BUILTINS: dict[str, Builtin] = {name: b for fam in FAMILIES for name, b in fam.F
 # The special tokens each built-in writes (--add-special-tokens adds those a tokenizer lacks).
 MARKERS: dict[str, tuple[str, ...]] = {name: b.markers for name, b in BUILTINS.items()}
 TEMPLATE_NAMES = (*BUILTINS, "auto")
+# The names LLaMA-Factory (``template:``) and MindSpeed-LLM (``--prompt-type``) give the formats
+# raysft has built in: each maps to the built-in that writes the same text (README: "Templates").
+ALIASES = {
+    "qwen": "qwen2", "qwen2.5": "qwen2", "qwen2_5": "qwen2", "intern2": "internlm2", "internlm": "internlm2",
+    "deepseek3": "deepseek-v3", "deepseekv3": "deepseek-v3", "deepseek_v3": "deepseek-v3",
+    "deepseekv31": "deepseek-v3.1", "deepseek_v3.1": "deepseek-v3.1", "llama-3": "llama3", "llama3_1": "llama3.1",
+    "llama-3.1": "llama3.1", "llama-2": "llama2", "glm-4": "glm4", "chatglm4": "glm4",
+}
+THINK_LOSS = ("auto", "train", "mask")
+# reasoning blocks --think-loss acts on: (opening, closing) markers
+THINK_MARKERS = (("<think>", "</think>"), ("<seed:think>", "</seed:think>"), ("[THINK]", "[/THINK]"),
+                 ("<|begin_of_thought|>", "<|end_of_thought|>"))
 
 
-def to_hf_messages(conv: Conversation) -> list[dict]:
-    """Messages in the shape Hugging Face chat templates expect (``apply_chat_template``):
-    content as given (null stays null), ``reasoning_content``, ``tool_calls`` in OpenAI form
-    with their ids, and a tool result's ``tool_call_id`` and ``name``."""
-    out = []
-    for m in conv.messages:
-        d: dict = {"role": m.role, "content": m.content}
-        if m.reasoning:
-            d["reasoning_content"] = m.reasoning
-        if m.tool_calls:
-            d["tool_calls"] = [
-                {**({"id": c["id"]} if "id" in c else {}), "type": "function",
-                 "function": {"name": c["name"], "arguments": c["arguments"]}} for c in m.tool_calls
-            ]
-        if m.tool_call_id is not None:
-            d["tool_call_id"] = m.tool_call_id
-        if m.name is not None:
-            d["name"] = m.name
-        out.append(d)
-    return out
+def canonical_template(name: str) -> str:
+    """A template name as raysft knows it: a built-in, ``auto``, or a peer's name for a built-in
+    (``ALIASES``); anything else is one line naming the close ones."""
+    if name in BUILTINS or name == "auto":
+        return name
+    if name in ALIASES:
+        return ALIASES[name]
+    import difflib
+
+    known = [*TEMPLATE_NAMES, *ALIASES]
+    close = difflib.get_close_matches(name, known, n=4, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise TemplateError(f"unknown template {name!r}{hint} (built-ins: {', '.join(TEMPLATE_NAMES)}; "
+                        "LLaMA-Factory/MindSpeed names: see the README's template table)")
 
 
 class Template:
@@ -69,9 +75,14 @@ class Template:
         template_kwargs: dict | None = None,
         special_map: dict | None = None,
         date: datetime.date | str | None = None,
+        think_loss: str = "auto",
     ):
         if loss not in LOSS_POLICIES:
             raise TemplateError(f"unknown loss policy {loss!r}; choose one of {', '.join(LOSS_POLICIES)}")
+        if think_loss not in THINK_LOSS:
+            raise TemplateError(f"unknown --think-loss {think_loss!r}; choose one of {', '.join(THINK_LOSS)}")
+        name = canonical_template(name)
+        self.think_loss = think_loss
         self.name = name
         self.loss = loss
         self.kwargs = dict(template_kwargs or {})
@@ -91,8 +102,11 @@ class Template:
                 )
             self._jinja = JinjaTemplate(chat_template, self.specials, self.kwargs, special_map, date or DEFAULT_DATE)
             self._special_strings = tuple(sorted(special_strings, key=len, reverse=True))
-        elif name not in BUILTINS:
-            raise TemplateError(f"unknown template {name!r}; choose one of {', '.join(TEMPLATE_NAMES)}")
+
+    def messages(self, conv: Conversation) -> list[dict]:
+        """The conversation as ``apply_chat_template`` is handed it for this template (the
+        parity gate's input): a tool-call-only turn in the form the template renders it."""
+        return self._jinja.messages(conv) if self._jinja is not None else to_hf_messages(conv, "")
 
     def pieces(self, conv: Conversation) -> list[Piece]:
         if self._jinja is not None:
@@ -100,6 +114,12 @@ class Template:
         return BUILTINS[self.name].render(conv, self.specials)
 
     def render(self, conv: Conversation) -> Rendered:
+        r = self._render(conv)
+        if self.think_loss != "auto" and any(op in r.text for op, _ in THINK_MARKERS):
+            r.spans = think_spans(r.text, r.spans, self.think_loss)
+        return r
+
+    def _render(self, conv: Conversation) -> Rendered:
         pieces = self.pieces(conv)
         text = "".join(p[0] for p in pieces)
         if self.loss == "all":
@@ -129,11 +149,59 @@ class Template:
         return Rendered(text, spans)
 
 
+def _blocks(text: str, lo: int, hi: int) -> list[tuple[int, int]]:
+    """Reasoning blocks whose opening marker starts in ``[lo, hi)``: from the opening marker
+    through the closing one and the whitespace after it (the answer starts after it)."""
+    out = []
+    for op, cl in THINK_MARKERS:
+        k = text.find(op, lo, hi)
+        while k >= 0:
+            c = text.find(cl, k + len(op))
+            if c < 0:
+                break
+            end = c + len(cl)
+            while end < len(text) and text[end] in " \t\r\n":
+                end += 1
+            out.append((k, end))
+            k = text.find(op, end, hi)
+    return sorted(out)
+
+
+def think_spans(text: str, spans: list[tuple[int, int]], mode: str) -> list[tuple[int, int]]:
+    """``--think-loss``: ``train`` puts loss on the reasoning block (empty or not) that opens an
+    assistant turn even where the template writes it as part of the prompt (Qwen3 with
+    ``enable_thinking: false`` writes the empty block in its generation prompt); ``mask`` takes
+    the loss off every reasoning block inside an answer, empty or not."""
+    out: list[tuple[int, int]] = []
+    prev_end = 0
+    for s, e in spans:
+        if mode == "train":
+            head = text[prev_end:s]
+            stripped = head.rstrip(" \t\r\n")
+            for op, cl in THINK_MARKERS:
+                if stripped.endswith(cl):
+                    k = stripped.rfind(op)
+                    if k >= 0:
+                        s = prev_end + k
+                    break
+            out.append((s, e))
+        else:
+            pos = s
+            for a, b in _blocks(text, s, e):
+                if a > pos:
+                    out.append((pos, a))
+                pos = max(pos, min(b, e))
+            if pos < e:
+                out.append((pos, e))
+        prev_end = e
+    return out
+
+
 def _carries_loss(m: Message, i: int, last: int, policy: str) -> bool:
     if m.loss is not None:
         return m.loss and (policy != "last" or i == last)
     return policy == "assistant" or i == last
 
 
-__all__ = ["BUILTINS", "MARKERS", "TEMPLATE_NAMES", "LOSS_POLICIES", "Template", "TemplateError", "Rendered",
+__all__ = ["ALIASES", "THINK_LOSS", "canonical_template", "ABSENT", "BUILTINS", "MARKERS", "TEMPLATE_NAMES", "LOSS_POLICIES", "Template", "TemplateError", "Rendered",
            "Specials", "Piece", "to_hf_messages", "JinjaTemplate"]

@@ -12,7 +12,7 @@ import datetime
 import json
 from dataclasses import dataclass, field
 
-from ..normalize import Message, RecordError  # noqa: F401 - RecordError is the templates' failure
+from ..normalize import ASSISTANT, Conversation, Message, RecordError  # noqa: F401 - RecordError: the templates' failure
 
 Piece = tuple[str, int, bool]  # text, message index (-1: template scaffolding), is_answer
 
@@ -46,6 +46,36 @@ class Specials:
     prefix_space: bool = False
     kwargs: dict = field(default_factory=dict)  # --template-kwargs
     date: datetime.date | None = None  # --template-date
+
+
+ABSENT = object()  # a tool-call-only turn handed to its template without a content key
+
+
+def to_hf_messages(conv: Conversation, call_content=None) -> list[dict]:
+    """Messages in the shape Hugging Face chat templates expect (``apply_chat_template``):
+    content as given, ``reasoning_content``, ``tool_calls`` in OpenAI form with their ids, and a
+    tool result's ``tool_call_id`` and ``name``. A tool-call-only assistant turn (content None)
+    gets ``call_content`` as its content: the form its template renders the call under
+    (``""``, ``None``, or ``ABSENT``: no content key)."""
+    out = []
+    for m in conv.messages:
+        content = m.content
+        if content is None and m.tool_calls and m.role == ASSISTANT:
+            content = call_content
+        d: dict = {"role": m.role} if content is ABSENT else {"role": m.role, "content": content}
+        if m.reasoning:
+            d["reasoning_content"] = m.reasoning
+        if m.tool_calls:
+            d["tool_calls"] = [
+                {**({"id": c["id"]} if "id" in c else {}), "type": "function",
+                 "function": {"name": c["name"], "arguments": c["arguments"]}} for c in m.tool_calls
+            ]
+        if m.tool_call_id is not None:
+            d["tool_call_id"] = m.tool_call_id
+        if m.name is not None:
+            d["name"] = m.name
+        out.append(d)
+    return out
 
 
 def dumps(obj) -> str:

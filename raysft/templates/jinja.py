@@ -4,7 +4,7 @@
 Rendering matches ``apply_chat_template`` (transformers 4.45+/5.x): the same sandboxed Jinja
 environment (``trim_blocks``, ``lstrip_blocks``, ``loopcontrols``, the ``generation`` tag,
 ``tojson``, ``raise_exception``, ``strftime_now``, ``namespace``), the messages as it passes them
-(keys whose value is null dropped, reasoning under ``reasoning_content`` and ``thinking``), the
+(a null content kept as null, reasoning under ``reasoning_content`` and ``thinking``), the
 tokenizer's named special tokens (``bos_token``, ``eos_token``, ...) and ``--template-kwargs``
 as template variables. Two differences, both for reproducible, bounded jobs: ``strftime_now``
 returns a fixed date (``--template-date``, default 26 Jul 2024, the date Llama's templates fall
@@ -40,7 +40,7 @@ import json
 import re
 
 from ..normalize import ASSISTANT, Conversation, RecordError
-from .base import Piece, Specials
+from .base import ABSENT, Piece, Specials, TemplateError, to_hf_messages
 
 MAX_CHARS = 64 << 20  # a template building a longer string rejects the record
 MAX_OWNED_PREFIX = 512  # template text between the assistant header and its first payload byte
@@ -50,11 +50,10 @@ _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
 def hf_messages(messages: list[dict]) -> list[dict]:
-    """Messages as ``apply_chat_template`` hands them to the template: null-valued keys
-    dropped, reasoning also under ``thinking`` and ``reasoning_content``."""
+    """Messages as ``apply_chat_template`` hands them to the template: keys as given (a null
+    content stays null), reasoning also under ``thinking`` and ``reasoning_content``."""
     out = []
     for m in messages:
-        m = {k: v for k, v in m.items() if v is not None}
         reasoning = next((m[k] for k in ("reasoning_content", "thinking", "reasoning") if m.get(k) is not None), None)
         if reasoning is not None:
             m = {"thinking": reasoning, **m, "reasoning_content": reasoning}
@@ -229,11 +228,48 @@ class JinjaTemplate:
         try:
             self.template = _environment(self.date, self.generation).from_string(source)
         except JinjaError as e:
-            from .base import TemplateError
-
             raise TemplateError(f"the chat template does not compile: {e}") from None
         names = special_map if special_map is not None else {"bos_token": specials.bos, "eos_token": specials.eos}
         self.vars = {**{k: v for k, v in names.items() if v is not None}, **(extra or {})}
+        self.call_form = self._call_form()
+
+    # ---- the form of a tool-call-only turn
+
+    CALL_FORMS = (("empty", ""), ("null", None), ("absent", ABSENT))
+
+    def _call_form(self):
+        """The content a tool-call-only assistant turn is handed to this template with: the
+        first of ``""``, ``None`` and no content key under which the template renders the call
+        (Qwen3's template raises on a missing or null content; DeepSeek-R1-Distill's writes the
+        call only when the content is null and drops it under ``""``). Found once, by rendering
+        a probe conversation whose call names a sentinel function; ``""`` where no form renders
+        it (each such turn is then rejected, ``tool_call_not_rendered``)."""
+        name, other = "rsftprobefn", "rsftprobetool"
+        fn = {"name": name, "description": "probe", "parameters": {"type": "object", "properties": {
+            "q": {"type": "string", "description": "q"}}, "required": ["q"]}}
+        tools = [{"type": "function", "function": fn}]
+        call = {"id": "abcdefghi", "type": "function", "function": {"name": name, "arguments": {"q": "x"}}}
+        user = {"role": "user", "content": "Hi"}
+        for label, form in self.CALL_FORMS:
+            turn = {"role": "assistant", "tool_calls": [call]}
+            if form is not ABSENT:
+                turn["content"] = form
+            msgs = [user, turn, {"role": "tool", "content": "r", "tool_call_id": "abcdefghi", "name": other},
+                    {"role": "assistant", "content": "Done."}]
+            try:
+                before = self._render([user], tools, False).count(name)
+                if self._render(msgs, tools, False).count(name) > before:
+                    self.call_form_name = label
+                    return form
+            except RecordError:
+                continue
+        self.call_form_name = "empty (no form renders a call)"
+        return ""
+
+    def messages(self, conv: Conversation) -> list[dict]:
+        """The conversation as this template (and ``apply_chat_template``, for the parity
+        gate) is handed it."""
+        return to_hf_messages(conv, self.call_form)
 
     def __call__(self, messages: list[dict], tools, add_generation_prompt: bool) -> str:
         """The text ``apply_chat_template(messages, tools, tokenize=False)`` gives. Tool-call
@@ -269,12 +305,12 @@ class JinjaTemplate:
     # ---- where the assistant output is
 
     def pieces(self, conv: Conversation, special_strings: tuple[str, ...]) -> list[Piece]:
-        from ..templates import to_hf_messages
-
-        msgs = to_hf_messages(conv)
+        msgs = self.messages(conv)
         tools = conv.tools
         if self.generation:
-            return self._generation_pieces(msgs, tools)
+            out = self._generation_pieces(msgs, tools)
+            _check_calls(conv, {i: "".join(t for t, _, a in out if a) for i in range(len(msgs))})
+            return out
         full = self(msgs, tools, False)
         spans: list[tuple[int, int, int]] = []
         cursor = 0
@@ -294,6 +330,7 @@ class JinjaTemplate:
                                   "before the turn preceding it")
             spans.append((start, end, i))
             cursor = end
+        _check_calls(conv, {i: full[start:end] for start, end, i in spans})
         out: list[Piece] = []
         pos = 0
         for start, end, i in spans:
@@ -397,6 +434,22 @@ class JinjaTemplate:
             else:
                 numbered.append((text, -1, False))
         return numbered
+
+
+def _check_calls(conv: Conversation, answers: dict[int, str]) -> None:
+    """Every tool call of an assistant turn is in that turn's rendered output (its function's
+    name, as text or as JSON text): a template that leaves a call out (DeepSeek-R1-Distill's
+    drops the calls of a turn that also has text) rejects the record instead of writing an
+    answer without its call."""
+    for i, m in enumerate(conv.messages):
+        if not m.tool_calls:
+            continue
+        text = answers.get(i, "")
+        for c in m.tool_calls:
+            name = c["name"]
+            if name not in text and json.dumps(name)[1:-1] not in text:
+                raise RecordError("tool_call_not_rendered", f"assistant turn {i}: the chat template does not write its "
+                                  f"call of {name!r}")
 
 
 def _header_candidates(gen: str, specials) -> list[str]:
