@@ -189,6 +189,23 @@ def megatron(texts: list[str], tokenizer: str, checkout: Path, work: Path) -> di
     return {"seconds": round(dt, 2), "steal": steal.share(), "rows_per_s": round(len(texts) / dt)}
 
 
+def text_build(work: Path, tokenizer: str, engine: str) -> dict:
+    """raysft's plain-text path on Megatron's input (``--format text --no-pack``): the same
+    .bin/.idx bytes preprocess_data.py --append-eod writes (checked), timed end to end."""
+    out = work / f"raysft-text-{engine}"
+    cmd = [sys.executable, "-m", "raysft.build", "--input", str(work / "megatron-input.jsonl"), "--format", "text",
+           "--tokenizer", tokenizer, "--output", str(out), "--overwrite", "--no-pack", "--seq-length", "100000000",
+           "--engine", engine]
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    dt = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise SystemExit(f"raysft text build failed:\n{r.stderr[-3000:]}")
+    same = all((out / f"data.{e}").read_bytes() == (work / f"megatron-out_text_document.{e}").read_bytes()
+               for e in ("bin", "idx"))
+    return {"seconds": round(dt, 2), "identical_to_megatron": same}
+
+
 _DIRECT = None  # the tokenize step of one --direct worker process
 
 
@@ -504,6 +521,10 @@ def main() -> None:
             print(f"megatron {anchors[-1]}", flush=True)
             for e in engines:
                 ratios[f"{e}_over_megatron"].append(round(anchors[-1]["seconds"] / builds[e][-1]["seconds"], 3))
+                # the same texts as plain text (no template, no packing): Megatron's own job, byte for byte
+                tb = text_build(out / "megatron", tokenizer, e)
+                print(f"text     --engine {e} {tb}", flush=True)
+                ratios.setdefault(f"text_{e}_over_megatron", []).append(round(anchors[-1]["seconds"] / tb["seconds"], 3))
         if args.skip_ceiling:
             continue
         timed.append(ceilings())  # the machine drifts: compare with the ceilings just before and after

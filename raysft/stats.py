@@ -101,9 +101,10 @@ def format_summary(stats: dict) -> str:
     unit = stats.get("mix_unit", "loss_tokens")
     srcs = stats.get("sources") or []
     if len(srcs) > 1 or (srcs and srcs[0].get("factor", 1) != 1):
+        width = max(10, *(len(s["name"]) for s in srcs))  # names in full: registry entries are long
         for s in srcs:
             asked = ", ".join(f"{k} {v:g}" for k, v in s["asked"].items())
-            lines.append(f"source {s['name'][:10]:<10}{s['written'][unit]:>12,} {unit} written ({s['share']:.1%}; "
+            lines.append(f"source {s['name']:<{width}}{s['written'][unit]:>12,} {unit} written ({s['share']:.1%}; "
                          f"asked {asked}; x{s['factor']:.3g} of {s[unit]:,})")
     v = stats.get("validation")
     if v:

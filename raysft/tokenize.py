@@ -358,8 +358,10 @@ class SampleBuilder:
         self.info = info
         self.encoder = choose(encoder, info)[0] if isinstance(encoder, str) else encoder
         self.tokenizer = info.shared()
-        self.template = Template(template, info.specials, info.chat_template, info.special_strings, loss,
-                                 template_kwargs, info.special_map, template_date, think_loss)
+        # a plain-text source renders no conversation: it needs no chat template
+        self.template = None if fmt == "text" else Template(
+            template, info.specials, info.chat_template, info.special_strings, loss, template_kwargs, info.special_map,
+            template_date, think_loss)
         self.fmt = fmt
         self.keys = map_keys or {}
         self.max_chars = max_chars
@@ -367,7 +369,7 @@ class SampleBuilder:
         from .templates import MARKERS
 
         # markers this tokenizer has no single token for: a cut could fall inside them
-        markers = MARKERS.get(self.template.name, ()) + tuple(info.special_strings) + tuple(s for s in (info.bos, info.eos) if s)
+        markers = MARKERS.get(getattr(self.template, "name", ""), ()) + tuple(info.special_strings) + tuple(s for s in (info.bos, info.eos) if s)
         self.markers = tuple(m for m in dict.fromkeys(markers) if self.tokenizer.token_to_id(m) is None)
 
     def unsafe_cuts(self, raw: bytes) -> np.ndarray | None:

@@ -56,12 +56,12 @@ def slices(lengths: np.ndarray, packs: np.ndarray, per_pack: int | None, budget:
 
 
 def write_ordered(fs, prefix: str, layout: Layout, seq_length: int, pad_id: int, flat,
-                  lengths: np.ndarray, packs: np.ndarray) -> dict:
+                  lengths: np.ndarray, packs: np.ndarray, token_dtype: str = "int32") -> dict:
     """Samples in output order -> the shard; its meta. ``flat``: their signed tokens back to
     back, or a :class:`Gather` that gives them a slice of samples at a time."""
     lengths = np.asarray(lengths, np.int64)
     packs = np.asarray(packs, np.int64)
-    writer = layout.writer(fs, prefix, seq_length, pad_id)
+    writer = layout.writer(fs, prefix, seq_length, pad_id, token_dtype)
     bounds = np.concatenate([[0], np.cumsum(lengths)])
     cuts = slices(lengths, packs, layout.stored_per_pack(seq_length), SLICE_TOKENS)
     lossy: Counter = Counter()
@@ -148,7 +148,7 @@ def column_of(parts: list, rows: list[np.ndarray], name: str) -> np.ndarray:
 
 
 def write_shard(fs, prefix: str, layout: Layout, seq_length: int, pad_id: int, parts: list,
-                shard: int | None = None) -> dict:
+                shard: int | None = None, token_dtype: str = "int32") -> dict:
     """Assigned samples (tables with columns ``ids``, ``out_pack``, ``pos``, ``shard`` and the
     provenance columns) -> shard ``shard``'s files and ``prefix.prov``; its meta. The parts may
     hold other shards' rows (``shard`` -1: not in this packing): only this shard's are read."""
@@ -159,7 +159,7 @@ def write_shard(fs, prefix: str, layout: Layout, seq_length: int, pad_id: int, p
     with fs.open(prefix + ".prov", "wb") as f:
         f.write(prov.tobytes())
     gather = Gather.of(parts, rows, order)
-    return write_ordered(fs, prefix, layout, seq_length, pad_id, gather, gather.length, out_pack[order])
+    return write_ordered(fs, prefix, layout, seq_length, pad_id, gather, gather.length, out_pack[order], token_dtype)
 
 
 def shard_meta(prefix: str, index: Index) -> dict:

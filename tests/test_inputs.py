@@ -72,8 +72,8 @@ def test_hidden_and_underscore_names_are_not_data_at_any_depth(tmp_path):
 
 def test_unknown_files_in_an_input_folder_are_an_error_naming_them(tmp_path):
     jsonl(tmp_path / "in" / "a.jsonl", [GOOD])
-    (tmp_path / "in" / "notes.txt").write_text("hello")
-    with pytest.raises(InputError, match=r"notes\.txt is no known input format"):
+    (tmp_path / "in" / "notes.md").write_text("hello")
+    with pytest.raises(InputError, match=r"notes\.md is no known input format"):
         expand_inputs([str(tmp_path / "in")])
 
 

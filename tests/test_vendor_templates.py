@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from raysft.normalize import RecordError, normalize
-from raysft.templates import Template, to_hf_messages
+from raysft.templates import Template
 from raysft.tokenize import SampleBuilder, decode_signed, load_tokenizer_info
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,9 +136,11 @@ def _hf(folder: str, template: str):
     return hf
 
 
-def _hf_render(hf, conv, **kw):
+def _hf_render(hf, conv, tmpl, **kw):
+    """apply_chat_template on the conversation as raysft hands it to ``tmpl`` (a tool-call-only
+    turn in the form the template renders it)."""
     try:
-        out = hf.apply_chat_template(to_hf_messages(conv), tools=conv.tools, **kw)
+        out = hf.apply_chat_template(tmpl.messages(conv), tools=conv.tools, **kw)
     except Exception:  # noqa: BLE001 - any refusal by the template
         return None
     if hasattr(out, "keys"):
@@ -153,10 +155,11 @@ def test_auto_ids_equal_apply_chat_template(vendor, rows, tokenizer_dirs, fixed_
     hf = _hf(folder, template)
     info = load_tokenizer_info(folder)
     info.chat_template = template
-    ids, reasons, msgs = SampleBuilder(info, "auto")([json.dumps(r).encode() for r in rows], [""] * len(rows))
+    builder = SampleBuilder(info, "auto")
+    ids, reasons, msgs = builder([json.dumps(r).encode() for r in rows], [""] * len(rows))
     matched = refused = 0
     for k, (r, signed, reason) in enumerate(zip(rows, ids, reasons)):
-        ref = _hf_render(hf, normalize(r), tokenize=True)
+        ref = _hf_render(hf, normalize(r), builder.template, tokenize=True)
         if ref is None:
             assert reason, f"row {k}: the template refuses it, raysft wrote it"
             refused += 1
@@ -185,14 +188,14 @@ def test_auto_masks_cover_exactly_the_assistant_output(vendor, rows, tokenizer_d
     checked = starts = 0
     for k, r in enumerate(sample):
         conv = normalize(r)
-        if _hf_render(hf, conv, tokenize=False) is None:
+        if _hf_render(hf, conv, tmpl, tokenize=False) is None:
             continue
         for j, m in enumerate(conv.messages):
             if not m.text:
                 continue
             alt = copy.deepcopy(conv)
             alt.messages[j].content = _sentinel(j)
-            want = _hf_render(hf, alt, tokenize=False)
+            want = _hf_render(hf, alt, tmpl, tokenize=False)
             if want is None or want.count(_sentinel(j)) != 1:
                 continue  # the template drops or repeats this content: nothing to locate
             got = tmpl.render(alt)
@@ -215,7 +218,7 @@ def test_auto_masks_cover_exactly_the_assistant_output(vendor, rows, tokenizer_d
                 continue
             head = copy.deepcopy(conv)
             head.messages = head.messages[:j]
-            prompt = _hf_render(hf, head, tokenize=False, add_generation_prompt=True) if j else None
+            prompt = _hf_render(hf, head, tmpl, tokenize=False, add_generation_prompt=True) if j else None
             if prompt and full.text.startswith(prompt) and n < len(full.spans):
                 assert full.spans[n][0] == len(prompt), f"row {k}: answer {j} does not start at the generation prompt"
                 starts += 1

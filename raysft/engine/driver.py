@@ -30,7 +30,7 @@ from ..merge import copy_into
 from ..output import TMP, Output, OutputError, OutputLock
 from ..pack import PackPlan, RunOffsets, plan_bfd, slot_table
 from ..read import LineCounter, check_bucket, describe_position, expand_inputs, plan_chunks, split_tail
-from ..templates import MARKERS
+from ..templates import MARKERS, Template, TemplateError
 from ..tokenize import add_special_tokens, load_tokenizer_info, missing_markers, save_tokenizer
 from .executor import LocalExecutor, make_executor
 from .session import TokenizePool
@@ -54,11 +54,14 @@ def prepare(cfg: BuildConfig):
     starts."""
     so = storage_options(cfg.s3_endpoint_url, cfg.s3_addressing_style)
     info = load_tokenizer_info(cfg.tokenizer, cfg.trust_remote_code)
-    from ..templates import Template
-
-    Template(cfg.template, info.specials, info.chat_template, info.special_strings, cfg.loss,
-             cfg.template_kwargs, info.special_map, cfg.template_date, cfg.think_loss)  # fail early
     sources = build_sources(cfg, so)
+    if any(s.format != "text" for s in sources):  # fail early (plain text needs no chat template)
+        try:
+            Template(cfg.template, info.specials, info.chat_template, info.special_strings, cfg.loss,
+                     cfg.template_kwargs, info.special_map, cfg.template_date, cfg.think_loss)
+        except TemplateError as e:
+            raise TemplateError(f"{e} (plain-text data needs no template: --format text)") \
+                if info.chat_template is None else e from None
     files, file_source = expand_sources(sources, so)
     chunks = plan_chunks(files, so, cfg.chunk_bytes, file_source)
     return so, info, files, chunks, sources, file_source
@@ -303,7 +306,7 @@ def tokenize_and_measure(blocks: Blocks, chunks: list, kwargs: dict, pool: Token
 
 
 def shuffle_and_write(blocks: Blocks, parts: list, plan_ref, num_shards: int, write_kw: dict, reuse: dict,
-                      watch: Watchdog, shard_base: int = 0, what: str = "shards") -> list[dict]:
+                      watch: Watchdog, shard_base: int = 0, what: str = "shards", ordered: bool = False) -> list[dict]:
     """Assign pack slots and write one packing's shards: one assignment task per block and
     packing part (with the rank offsets of its own runs), one writer task per shard. With Ray
     the assignment is the shuffle's map side, its samples cut by output shard and sent to the
@@ -311,7 +314,8 @@ def shuffle_and_write(blocks: Blocks, parts: list, plan_ref, num_shards: int, wr
     rows from the assigned blocks in place. ``parts``: (pick, runs of block k) in the
     packing's order (the copies of the training set one after the other; one part when nothing
     is copied). Blocks go in input order, so the offsets come from one running count of
-    ``seq_length``."""
+    ``seq_length``. ``ordered`` (``--no-pack``): samples keep input order, so a run's offset is
+    the count of every earlier run's samples, whatever their lengths (one class)."""
     from .tasks import assign_block, partition_block, write_parts
 
     ex = blocks.ex
@@ -325,6 +329,8 @@ def shuffle_and_write(blocks: Blocks, parts: list, plan_ref, num_shards: int, wr
             runs = runs_of(k)
             if not runs:
                 continue  # nothing of this part in this block
+            if ordered:
+                runs = {key: {1: sum(per_length.values())} for key, per_length in runs.items()}
             if shared:
                 cut.append(split(blocks.refs[k], plan_ref, offsets.offsets(runs), pick))
             else:
@@ -352,6 +358,16 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}/{epoch}".encode(), digest_size=4).digest(), "little")
 
 
+def token_dtype(sources: list, vocab_size: int) -> str:
+    """What a layout that may (``Layout.plain_ids``) stores ids as: a build of plain text only
+    (every token trains) stores them as Megatron-LM's ``preprocess_data.py`` does, in the
+    smallest dtype for the vocabulary (uint16 below 65,500 ids, its ``DType.optimal_dtype``);
+    anything else int32 with the loss in the sign bit."""
+    if sources and all(s.format == "text" for s in sources) and vocab_size < 65500:
+        return "uint16"
+    return "int32"
+
+
 def plan_single(hist: np.ndarray, seq_length: int) -> PackPlan:
     """--no-pack: every sample is its own pack."""
     lengths = [L for L in range(len(hist) - 1, 0, -1) if hist[L]]
@@ -377,7 +393,8 @@ def fingerprint(cfg: BuildConfig, files, info) -> dict:
 def plan_digest(hist: np.ndarray, cfg: BuildConfig, num_shards: int, extra: list | None = None) -> str:
     h = hashlib.blake2b(digest_size=16)
     h.update(np.asarray(hist, "<i8").tobytes())
-    h.update(json.dumps([cfg.seq_length, cfg.seed, cfg.layout, cfg.pack, num_shards, extra], default=str).encode())
+    h.update(json.dumps([cfg.seq_length, cfg.seed, cfg.layout, cfg.pack, num_shards, extra]
+                        + ([] if cfg.pack else ["input-order"]), default=str).encode())
     return h.hexdigest()
 
 
@@ -484,6 +501,7 @@ class Packing:
         cap = layout.capacity(S)
         hist_plan = hist if cap == S else _capacity_check(hist, cap, layout)
         self.plan = plan_bfd(hist_plan, cap) if cfg.pack else plan_single(hist_plan, cap)
+        self.ordered = not cfg.pack  # --no-pack: samples in input order, as preprocess_data.py writes them
         self.plan.seq_length = cap
         self.cap = cap
         self.packs = self.plan.num_packs
@@ -496,7 +514,7 @@ class Packing:
 
     def plan_ref(self, ex, seed: int, pack_base: int = 0):
         return ex.put({"table": slot_table(self.plan), "seed": seed, "num_shards": self.num_shards,
-                        "num_packs": self.packs, "pack_base": pack_base})
+                        "num_packs": self.packs, "pack_base": pack_base, "ordered": self.ordered})
 
 
 def mixture(cfg: BuildConfig, tot, blocks: Blocks, sources: list, watch: Watchdog):
@@ -696,18 +714,18 @@ def _build_with(ex, cfg, t0, so, info, files, chunks, layout, added, pad_id, out
 
             # ---- assign + write shards (into _tmp/shards; the validation set into _tmp/valid/shards)
             write_kw = {"tmp_dir": join(tmp_url, "shards"), "so": so, "layout": cfg.layout, "seq_length": S,
-                        "pad_id": pad_id}
+                        "pad_id": pad_id, "token_dtype": token_dtype(sources, info.vocab_size)}
             metas = []
             for e in range(epochs):
                 metas += shuffle_and_write(blocks, train.parts, train.plan_ref(ex, epoch_seed(cfg.seed, e), e * train.packs),
                                            train.num_shards, write_kw, reuse, watch, e * train.num_shards,
-                                           f"epoch {e + 1} shards" if epochs > 1 else "shards")
+                                           f"epoch {e + 1} shards" if epochs > 1 else "shards", train.ordered)
             valid_metas = []
             if valid is not None:
                 out_fs.makedirs(join(tmp, "valid", "shards"), exist_ok=True)
                 valid_metas = shuffle_and_write(blocks, valid.parts, valid.plan_ref(ex, cfg.seed), valid.num_shards,
                                                 write_kw | {"tmp_dir": join(tmp_url, "valid", "shards")}, {}, watch,
-                                                0, "validation shards")
+                                                0, "validation shards", valid.ordered)
             blocks.refs.clear()
         except KeyboardInterrupt:
             watch.check()

@@ -31,19 +31,24 @@ def measure_block(table: pa.Table, seq_length: int, rejects_dir: str | None, so:
     return summary, runs
 
 
-def _chosen(table: pa.Table, pick: dict | None):
+def _chosen(table: pa.Table, pick: dict | None, ordered: bool = False):
     """The rows a packing takes (``pick``: the selection and which part: copy ``c`` of the
-    training set, or the validation set) and their ranks within their runs; None: every kept
-    row, with the ranks the tokenize stage gave."""
-    if pick is None:
+    training set, or the validation set) and their ranks within their runs (``ordered``: among
+    all of the run's rows, else among those of the same length); None: every kept row, with the
+    ranks the tokenize stage gave (same-length)."""
+    if pick is None and not ordered:
         return None, None
     from ..samples import run_ranks
     from ..sources import select
 
-    m, valid = select(table, pick["selection"])
-    rows = valid if pick.get("valid") else (m > pick["copy"])
+    if pick is None:
+        rows = kept_mask(table).to_numpy(zero_copy_only=False)
+    else:
+        m, valid = select(table, pick["selection"])
+        rows = valid if pick.get("valid") else (m > pick["copy"])
+    n = table.column("n").to_numpy()
     ranks = run_ranks(table.column("chunk").to_numpy(), table.column("run_first").to_numpy(),
-                      table.column("n").to_numpy(), rows)
+                      np.ones_like(n) if ordered else n, rows)
     return rows, ranks
 
 
@@ -52,16 +57,21 @@ def assign_block(table: pa.Table, plan: dict, run_offsets: dict, pick: dict | No
     position in the pack and the shard that writes it; the block's other rows (rejected, or
     not in this packing) get shard -1. Every row stays, so the tokens are the block's own
     (no copy): the local engine's writers read them in place."""
-    rows, ranks = _chosen(table, pick)
+    rows, ranks = _chosen(table, pick, plan.get("ordered", False))
     if rows is None:
         rows = kept_mask(table).to_numpy(zero_copy_only=False)
         run_rank = table.column("run_rank").to_numpy()[rows]
     else:
         run_rank = ranks[rows]
     n = table.column("n").to_numpy()[rows].astype(np.int64)
-    ranks = block_ranks(n, table.column("chunk").to_numpy()[rows].astype(np.int64),
-                        table.column("run_first").to_numpy()[rows], run_rank, run_offsets)
-    out_pack, pos = assign_slots(plan["table"], n, ranks, plan["seed"])
+    if plan.get("ordered"):  # --no-pack: a sample's pack is its place in input order (see shuffle_and_write)
+        out_pack = block_ranks(np.ones_like(n), table.column("chunk").to_numpy()[rows].astype(np.int64),
+                               table.column("run_first").to_numpy()[rows], run_rank, run_offsets)
+        pos = np.zeros(len(n), np.int64)
+    else:
+        ranks = block_ranks(n, table.column("chunk").to_numpy()[rows].astype(np.int64),
+                            table.column("run_first").to_numpy()[rows], run_rank, run_offsets)
+        out_pack, pos = assign_slots(plan["table"], n, ranks, plan["seed"])
     shard = np.full(table.num_rows, -1, np.int64)
     shard[rows] = out_pack * plan["num_shards"] // plan["num_packs"]
     pack = np.full(table.num_rows, -1, np.int64)
@@ -151,7 +161,7 @@ def feed_digest(chunk: np.ndarray, chunk_hash: np.ndarray) -> str:
 
 
 def write_parts(shard: int, *parts: pa.Table, tmp_dir: str, so: dict, layout: str, seq_length: int, pad_id: int,
-                reuse: dict | None = None, rows_of: int = 0) -> dict:
+                reuse: dict | None = None, rows_of: int = 0, token_dtype: str = "int32") -> dict:
     """Shuffle, reduce side (one task per shard): the rows of shard ``rows_of`` of the packing
     (the parts' ``shard`` column) -> shard ``shard`` of the output. The parts: each block's
     cut for this shard (``--engine ray``), or every assigned block, read in place (``--engine
@@ -168,7 +178,7 @@ def write_parts(shard: int, *parts: pa.Table, tmp_dir: str, so: dict, layout: st
     lay = get_layout(layout)
     if reuse is not None and reuse.get("feed") == digest and output.shard_complete(fs, prefix, lay, reuse):
         return reuse | {"shard": shard, "resumed": True}
-    meta = write_shard(fs, prefix, lay, seq_length, pad_id, parts, rows_of)
+    meta = write_shard(fs, prefix, lay, seq_length, pad_id, parts, rows_of, token_dtype)
     meta = meta | {"shard": shard, "feed": digest}
     with fs.open(prefix + ".meta.json", "w") as f:  # written last: the shard is complete
         json.dump(meta, f)

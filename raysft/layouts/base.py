@@ -114,7 +114,9 @@ class Layout:
         """Values stored per pack when packs are padded to a fixed size (None: unpadded)."""
         return None
 
-    def writer(self, fs, prefix: str, seq_length: int, pad_id: int) -> ShardWriter:
+    def writer(self, fs, prefix: str, seq_length: int, pad_id: int, token_dtype: str = "int32") -> ShardWriter:
+        """``token_dtype``: what a plain-text (pretraining) build stores its ids as
+        (``raysft.layouts.token_dtype``); the layouts that store loss or padding keep int32."""
         raise NotImplementedError
 
     def shard_files(self, prefix: str) -> list[str]:
@@ -161,17 +163,21 @@ class IndexedShardWriter(ShardWriter):
     """A shard of ``len(suffixes)`` Megatron datasets side by side; ``encode`` gives each
     one's (values, index) for a slice of packs."""
 
-    def __init__(self, fs, prefix: str, suffixes: tuple[str, ...], encode):
+    def __init__(self, fs, prefix: str, suffixes: tuple[str, ...], encode, token_dtype: str = "int32"):
         from ..merge import merge_indexes
 
         self._merge_indexes = merge_indexes
         self.fs, self.prefix, self.suffixes, self.encode = fs, prefix, suffixes, encode
+        self.dtype = np.dtype(token_dtype)
         self.files = [fs.open(prefix + s + ".bin", "wb") for s in suffixes]
         self.indexes: list[list[Index]] = [[] for _ in suffixes]
 
     def write(self, p: Placement) -> None:
         for f, indexes, (values, index) in zip(self.files, self.indexes, self.encode(p)):
-            f.write(memoryview(np.ascontiguousarray(values, dtype="<i4")).cast("B"))
+            if self.dtype != np.int32:  # plain ids (every token of a text build trains): no sign to keep
+                values = np.where(values < 0, ~values, values).astype(self.dtype.newbyteorder("<"))
+                index = Index(self.dtype, index.sequence_lengths, index.document_indices)
+            f.write(memoryview(np.ascontiguousarray(values, dtype=self.dtype.newbyteorder("<"))).cast("B"))
             indexes.append(index)
 
     def close(self) -> dict:
@@ -182,7 +188,7 @@ class IndexedShardWriter(ShardWriter):
             f.close()
         metas = []
         for suffix, indexes in zip(self.suffixes, self.indexes):
-            index = self._merge_indexes(indexes) if indexes else Index(np.dtype(np.int32), np.zeros(0, np.int32),
+            index = self._merge_indexes(indexes) if indexes else Index(self.dtype, np.zeros(0, np.int32),
                                                                        np.zeros(1, np.int64))
             with self.fs.open(self.prefix + suffix + ".idx", "wb") as f:
                 f.write(encode_index(index))
@@ -196,8 +202,11 @@ class IndexedLayout(Layout):
     def encode(self, p: Placement, seq_length: int, pad_id: int) -> list[tuple[np.ndarray, Index]]:
         raise NotImplementedError
 
-    def writer(self, fs, prefix, seq_length, pad_id):
-        return IndexedShardWriter(fs, prefix, self.parts, lambda p: self.encode(p, seq_length, pad_id))
+    plain_ids: ClassVar[bool] = False  # may store a plain-text build's ids in Megatron's smallest dtype
+
+    def writer(self, fs, prefix, seq_length, pad_id, token_dtype="int32"):
+        return IndexedShardWriter(fs, prefix, self.parts, lambda p: self.encode(p, seq_length, pad_id),
+                                  token_dtype if self.plain_ids else "int32")
 
     def shard_files(self, prefix):
         return [prefix + s + e for s in self.parts for e in (".bin", ".idx")]

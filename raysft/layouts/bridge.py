@@ -98,7 +98,7 @@ class Bridge(Layout):
     trainer = "Megatron-Bridge / NeMo 2 packed SFT (GPTSFTPackedParquetDataset)"
     summary = "Megatron-Bridge: data.idx.parquet (input_ids, rolled loss_mask, seq_start_id) + metadata"
 
-    def writer(self, fs, prefix, seq_length, pad_id):
+    def writer(self, fs, prefix, seq_length, pad_id, token_dtype="int32"):
         return BridgeShardWriter(fs, prefix + ".idx.parquet")
 
     def shard_files(self, prefix):

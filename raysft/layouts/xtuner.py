@@ -78,7 +78,7 @@ class XTuner(Layout):
     summary = "XTuner: JSON Lines {\"tokens\": [...]} per sample (-id: no loss) + .bin.meta"
     keeps_shards = False
 
-    def writer(self, fs, prefix, seq_length, pad_id):
+    def writer(self, fs, prefix, seq_length, pad_id, token_dtype="int32"):
         return XTunerShardWriter(fs, prefix)
 
     def shard_files(self, prefix):

@@ -32,6 +32,7 @@ from ..sources import Source, SourceError
 log = logging.getLogger("raysft")
 
 REGISTRY = "dataset_info.json"
+ABSENT = " "  # ends the reason of an entry whose data is not in the folder
 HUB_KEYS = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
 FORMATTING = {"alpaca": "alpaca", "sharegpt": "sharegpt", "openai": "openai"}
 NOT_SFT = {"ranking": "preference pairs (ranking: true)", "kto_tag": "KTO data (kto_tag)", "images": "images",
@@ -78,19 +79,22 @@ def registry_sources(folder: str, registry: dict, picked: list[str] | None, defa
             close = difflib.get_close_matches(unknown[0], list(registry), n=3)
             raise SourceError(f"--dataset {unknown[0]}: no such entry in {_join(folder, REGISTRY)}"
                               + (f"; did you mean {', '.join(close)}?" if close else ""))
-    out, left = [], []
+    out, absent = [], 0
     for name in picked or list(registry):
         entry = registry[name]
         why = _unreadable(entry, fs, root)
         if why:
             if picked:
-                raise SourceError(f"--dataset {name}: {why}")
-            left.append(f"{name} ({why})")
+                raise SourceError(f"--dataset {name}: {why.strip()}")
+            if why.endswith(ABSENT):
+                absent += 1
+            else:  # its data is here, and not built: said entry by entry
+                log.warning("%s: entry %s is not built: %s", _join(folder, REGISTRY), name, why)
             continue
         out.append(_source(name, entry, folder, defaults))
-    if left:
-        log.info("%s: %d entr%s not built: %s", _join(folder, REGISTRY), len(left), "y" if len(left) == 1 else "ies",
-                 "; ".join(left[:8]) + (" ..." if len(left) > 8 else ""))
+    if absent:
+        log.info("%s: %d entr%s name a hub dataset or a file not in the folder (not read)", _join(folder, REGISTRY),
+                 absent, "y" if absent == 1 else "ies")
     if not out:
         raise SourceError(f"--input {folder}: no entry of its {REGISTRY} can be built (pick entries with --dataset)")
     return out
@@ -100,7 +104,7 @@ def _unreadable(entry: dict, fs, root: str) -> str:
     """Why an SFT build cannot read this entry ("" when it can)."""
     if "file_name" not in entry:
         hub = next((k for k in HUB_KEYS if k in entry), None)
-        return f"it names a hub dataset ({hub}); raysft reads local or object-store files only" if hub \
+        return f"it names a hub dataset ({hub}); raysft reads local or object-store files only{ABSENT}" if hub \
             else "it has no file_name"
     if not isinstance(entry["file_name"], str):
         return "its file_name is not a string"
@@ -111,7 +115,7 @@ def _unreadable(entry: dict, fs, root: str) -> str:
     if fmt not in FORMATTING:
         return f"formatting {fmt!r} is not one of {', '.join(FORMATTING)}"
     if not fs.exists(_join(root, entry["file_name"])):
-        return f"{entry['file_name']} is not in the folder"
+        return f"{entry['file_name']} is not in the folder{ABSENT}"
     return ""
 
 

@@ -4,7 +4,7 @@
 Rendering matches ``apply_chat_template`` (transformers 4.45+/5.x): the same sandboxed Jinja
 environment (``trim_blocks``, ``lstrip_blocks``, ``loopcontrols``, the ``generation`` tag,
 ``tojson``, ``raise_exception``, ``strftime_now``, ``namespace``), the messages as it passes them
-(a null content kept as null, reasoning under ``reasoning_content`` and ``thinking``), the
+(keys whose value is null dropped, reasoning under ``reasoning_content`` and ``thinking``), the
 tokenizer's named special tokens (``bos_token``, ``eos_token``, ...) and ``--template-kwargs``
 as template variables. Two differences, both for reproducible, bounded jobs: ``strftime_now``
 returns a fixed date (``--template-date``, default 26 Jul 2024, the date Llama's templates fall
@@ -50,10 +50,12 @@ _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
 def hf_messages(messages: list[dict]) -> list[dict]:
-    """Messages as ``apply_chat_template`` hands them to the template: keys as given (a null
-    content stays null), reasoning also under ``thinking`` and ``reasoning_content``."""
+    """Messages as ``apply_chat_template`` hands them to the template: keys whose value is null
+    dropped (transformers' ``_normalize_chat_messages``), reasoning also under ``thinking`` and
+    ``reasoning_content``."""
     out = []
     for m in messages:
+        m = {k: v for k, v in m.items() if v is not None}
         reasoning = next((m[k] for k in ("reasoning_content", "thinking", "reasoning") if m.get(k) is not None), None)
         if reasoning is not None:
             m = {"thinking": reasoning, **m, "reasoning_content": reasoning}
@@ -235,15 +237,17 @@ class JinjaTemplate:
 
     # ---- the form of a tool-call-only turn
 
-    CALL_FORMS = (("empty", ""), ("null", None), ("absent", ABSENT))
+    CALL_FORMS = (("empty", ""), ("absent", ABSENT))
 
     def _call_form(self):
-        """The content a tool-call-only assistant turn is handed to this template with: the
-        first of ``""``, ``None`` and no content key under which the template renders the call
-        (Qwen3's template raises on a missing or null content; DeepSeek-R1-Distill's writes the
-        call only when the content is null and drops it under ``""``). Found once, by rendering
-        a probe conversation whose call names a sentinel function; ``""`` where no form renders
-        it (each such turn is then rejected, ``tool_call_not_rendered``)."""
+        """The content a tool-call-only assistant turn is handed to this template with: ``""``,
+        else no content key (a null content is the same: ``apply_chat_template`` drops null
+        keys), whichever the template renders the call under first (Qwen3's template raises on
+        a missing content; a template that writes calls only for a turn without content
+        string drops them under ``""``). Found once, by rendering a probe conversation whose
+        call names a sentinel function; ``""`` where no form renders it (each such turn is
+        then rejected, ``tool_call_not_rendered``, as is any turn whose call a template leaves
+        out)."""
         name, other = "rsftprobefn", "rsftprobetool"
         fn = {"name": name, "description": "probe", "parameters": {"type": "object", "properties": {
             "q": {"type": "string", "description": "q"}}, "required": ["q"]}}
@@ -263,7 +267,7 @@ class JinjaTemplate:
                     return form
             except RecordError:
                 continue
-        self.call_form_name = "empty (no form renders a call)"
+        self.call_form_name = "none renders a call"
         return ""
 
     def messages(self, conv: Conversation) -> list[dict]:
