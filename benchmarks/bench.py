@@ -15,7 +15,9 @@
 3. times ``python -m raysft.build`` end to end (wall clock, Ray start-up included) on the same
    input with the Llama-3 tokenizer at seq-length 4096, and with ``--megatron PATH`` (a
    Megatron-LM checkout whose ``tools/preprocess_data.py`` runs here) Megatron's text-only
-   tool with as many workers as CPUs on the rendered texts (no template, masks or packing);
+   tool with as many workers as CPUs on the rendered texts (no template, masks or packing,
+   ``--append-eod``), and raysft's own plain-text path on the same file (``--format text
+   --no-pack``: the same job, checked byte for byte against Megatron's output);
 4. ``--repeat N`` alternates: ceilings, build[, Megatron], ceilings, build, ...; every ratio is
    the build against the mean of the ceilings timed just before and just after it, and the
    summary gives the medians. Also: peak memory of the build's process tree (PSS), CPU seconds
@@ -178,14 +180,15 @@ def megatron(texts: list[str], tokenizer: str, checkout: Path, work: Path) -> di
                 f.write(json.dumps({"text": t}, ensure_ascii=False) + "\n")
     cmd = [sys.executable, str(checkout / "tools" / "preprocess_data.py"), "--input", str(src), "--output-prefix",
            str(work / "megatron-out"), "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", tokenizer,
-           "--workers", str(os.cpu_count() or 1)]
-    env = dict(os.environ, PYTHONPATH=str(checkout))
+           "--workers", str(os.cpu_count() or 1), "--append-eod"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(checkout), os.environ.get("PYTHONPATH")) if p))
     steal = Steal()
     t0 = time.perf_counter()
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     dt = time.perf_counter() - t0
-    if r.returncode != 0:
-        raise SystemExit(f"Megatron's preprocess_data.py failed:\n{r.stderr[-3000:]}")
+    if r.returncode != 0 or not (work / "megatron-out_text_document.idx").exists():  # a worker's crash exits 0
+        raise SystemExit(f"Megatron's preprocess_data.py failed (a tokenizer with an eos_token is needed for "
+                         f"--append-eod):\n{r.stderr[-3000:]}")
     return {"seconds": round(dt, 2), "steal": steal.share(), "rows_per_s": round(len(texts) / dt)}
 
 
@@ -194,7 +197,7 @@ def text_build(work: Path, tokenizer: str, engine: str) -> dict:
     .bin/.idx bytes preprocess_data.py --append-eod writes (checked), timed end to end."""
     out = work / f"raysft-text-{engine}"
     cmd = [sys.executable, "-m", "raysft.build", "--input", str(work / "megatron-input.jsonl"), "--format", "text",
-           "--tokenizer", tokenizer, "--output", str(out), "--overwrite", "--no-pack", "--seq-length", "100000000",
+           "--tokenizer", tokenizer, "--output", str(out), "--overwrite", "--no-pack", "--seq-length", "1048576",
            "--engine", engine]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)

@@ -273,7 +273,9 @@ def test_a_datasets_save_to_disk_folder_is_read_as_its_arrow_files(tmp_path):
 def _megatron_reference(texts, tokenizer: Path, prefix: Path):
     """What preprocess_data.py --append-eod writes, by its steps with megatron-core's own parts:
     ``tokenizer(text).input_ids`` (megatron-core's HuggingFaceTokenizer.tokenize), the EOS as EOD
-    on a document with tokens, one sequence a document, DType.optimal_dtype(len(tokenizer))."""
+    on a document with tokens, one sequence a document, DType.optimal_dtype(len(tokenizer)).
+    (The tool itself writes an empty document for a text with no tokens, which raysft drops as
+    ``empty_text``: the input here has none, as the README says.)"""
     from megatron.core.datasets import indexed_dataset
     from transformers import AutoTokenizer
 

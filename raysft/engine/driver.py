@@ -321,7 +321,7 @@ def shuffle_and_write(blocks: Blocks, parts: list, plan_ref, num_shards: int, wr
     ex = blocks.ex
     shared = getattr(ex, "shared_memory", False)
     split = ex.task(assign_block) if shared else ex.task(partition_block, num_returns=num_shards)
-    offsets = RunOffsets(write_kw["seq_length"])
+    offsets = RunOffsets(1 if ordered else write_kw["seq_length"])
     order = sorted(range(len(blocks.refs)), key=lambda k: blocks.keys[k])
     cut = []
     for pick, runs_of in parts:
@@ -370,8 +370,8 @@ def token_dtype(sources: list, vocab_size: int) -> str:
 
 def plan_single(hist: np.ndarray, seq_length: int) -> PackPlan:
     """--no-pack: every sample is its own pack."""
-    lengths = [L for L in range(len(hist) - 1, 0, -1) if hist[L]]
-    return PackPlan(seq_length, [(L,) for L in lengths], np.array([hist[L] for L in lengths], dtype=np.int64))
+    lengths = np.flatnonzero(hist[1:])[::-1] + 1
+    return PackPlan(seq_length, [(int(L),) for L in lengths], hist[lengths].astype(np.int64))
 
 
 # Settings that change output bytes; execution knobs (workers, batch size, shards...) do not.
@@ -513,7 +513,8 @@ class Packing:
         self.num_shards = max(1, min(cfg.num_shards or -(-stored // cfg.shard_tokens), self.packs)) if self.packs else 0
 
     def plan_ref(self, ex, seed: int, pack_base: int = 0):
-        return ex.put({"table": slot_table(self.plan), "seed": seed, "num_shards": self.num_shards,
+        return ex.put({"table": None if self.ordered else slot_table(self.plan), "seed": seed,
+                       "num_shards": self.num_shards,
                         "num_packs": self.packs, "pack_base": pack_base, "ordered": self.ordered})
 
 
