@@ -419,7 +419,12 @@ class SampleBuilder:
                 reasons[i], _, messages[i] = errors[i].partition(": ")
                 continue
             try:
-                sample = normalize(json_loads(raw), fmt, keys)
+                record = json_loads(raw)
+            except (ValueError, RecursionError) as e:
+                reasons[i], messages[i] = _reject_reason(e)
+                continue
+            try:
+                sample = normalize(record, fmt, keys)
                 if type(sample) is Document:
                     if docs is None:
                         raise RecordError("unknown_format", "a plain-text record where a conversation is needed")
@@ -442,8 +447,10 @@ class SampleBuilder:
                 where.append(i)
             except RecordError as e:
                 reasons[i], messages[i] = e.reason, e.message
-            except (ValueError, RecursionError) as e:
+            except (UnicodeError, RecursionError) as e:
                 reasons[i], messages[i] = _reject_reason(e)
+            except ValueError as e:  # decoded fine: a template (built-in) that cannot write this record
+                reasons[i], messages[i] = "template_error", f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         return rendered, where
 
     def encode(self, raws: list[bytes], errors: list[str] | None = None) -> Encoded:

@@ -56,7 +56,9 @@ def _mistral(conv: Conversation, sp: Specials) -> list[Piece]:
     msgs = conv.messages
     start = 1 if msgs[0].role == SYSTEM else 0
     system = msgs[0].text if start else None
-    last_user = max(i for i, m in enumerate(msgs) if m.role == USER)
+    last_user = max((i for i, m in enumerate(msgs) if m.role == USER), default=-1)
+    if last_user < 0:  # (a conversation that opens on a tool result)
+        raise RecordError("template_unsupported", "the mistral format needs a user turn")
     out: list[Piece] = [(bos, -1, False)]
     for i in range(start, len(msgs)):
         m = msgs[i]
