@@ -8,9 +8,14 @@ Pure fsspec (local disk and S3 alike), no engine.
   owner is gone (same host: the pid is dead or is another process; another host: no heartbeat
   for ``LEASE_S``) is taken over, by one process only (local: an atomic rename; S3: a delete
   and a conditional put). Before committing, the owner checks the lock still holds its token.
-* **Ownership**: a raysft dataset lists every file it wrote in ``manifest.json``. A build
-  replaces only those files (user files beside them are never touched) and refuses a folder
-  that holds files but no raysft dataset unless ``--overwrite``.
+* **Ownership**: a raysft dataset lists every file it wrote in ``manifest.json``. The folder is
+  touched only through such a manifest, once it is verified (a raysft manifest: its version,
+  flags and a list of plain relative paths inside the folder): a build removes or replaces
+  only the files it lists, never follows a symbolic link out of the folder, and refuses to
+  put a file where a file it does not own stands (no list of "usual names" for folders
+  without a manifest). A folder that holds files but no raysft dataset needs ``--overwrite``,
+  and even then only files this build creates are added. ``_tmp/`` is cleared only when it is
+  raysft's (its ``manifest.json``); a journal is checked whole before anything is moved.
 * **Commit**: everything is written under ``_tmp/`` first. The commit writes a journal
   (``_tmp/_COMMIT.json``: the files to move into place and the old ones to remove), removes
   ``_SUCCESS``, moves the new files into place, removes the old dataset's other files and
@@ -41,13 +46,6 @@ MANIFEST = "manifest.json"
 JOURNAL = "_COMMIT.json"
 LEASE_S = 600.0  # a lock not refreshed for this long, by an owner on another host, is stale
 HEARTBEAT_S = 30.0
-# what raysft versions before manifest.json wrote (only these are replaced in such outputs)
-LEGACY_NAMES = (
-    "data.bin", "data.idx", *(f"data_packed_{p}_document.{e}" for p in ("input_ids", "labels", "attention_mask")
-                              for e in ("bin", "idx")),
-    "data_order.txt", "stats.json", "rejects.jsonl", "provenance.bin", "inputs.json", "report.html",
-    "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json",
-)
 
 
 class OutputError(RuntimeError):
@@ -58,12 +56,30 @@ class StorageError(OutputError):
     """The storage failed under the job (disk full, endpoint gone, permission...)."""
 
 
+def safe_rel(rel) -> bool:
+    """A plain relative path inside the folder (no absolute path, ``..``, empty part)."""
+    if not isinstance(rel, str) or not rel or rel.startswith("/") or "\x00" in rel:
+        return False
+    return not any(p in ("..", "", ".") for p in rel.replace("\\", "/").split("/"))
+
+
 def out_path(root: str, rel: str) -> str:
     """``root/rel``, refusing anything that would land outside ``root``."""
-    parts = rel.replace("\\", "/").split("/")
-    if rel.startswith("/") or any(p in ("..", "") for p in parts):
+    if not safe_rel(rel):
         raise OutputError(f"refusing to write {rel!r}: outside the output folder")
     return join(root, rel)
+
+
+def verified_manifest(m) -> bool:
+    """A manifest raysft wrote: its version and flags, and only plain relative file paths."""
+    return (isinstance(m, dict) and not m.get("unreadable") and isinstance(m.get("version"), int)
+            and isinstance(m.get("flags"), dict) and isinstance(m.get("files"), list)
+            and all(safe_rel(f) and not f.startswith(TMP + "/") for f in m["files"]))
+
+
+def verified_journal(j) -> bool:
+    return (isinstance(j, dict) and not j.get("unreadable") and isinstance(j.get("new"), list)
+            and isinstance(j.get("remove"), list) and all(safe_rel(f) for f in j["new"] + j["remove"]))
 
 
 def is_local(fs) -> bool:
@@ -309,11 +325,22 @@ class Output:
         return out_path(self.root, rel)
 
     def manifest(self) -> dict | None:
-        return _read_json(self.fs, self.path(MANIFEST))
+        """The verified manifest of the dataset here, or None (none, or not raysft's)."""
+        m = _read_json(self.fs, self.path(MANIFEST))
+        return m if verified_manifest(m) else None
+
+    def inside(self, rel: str) -> bool:
+        """``rel``'s folder is inside the output folder (local: no symbolic link on the way
+        leads out of it; object stores have no links)."""
+        if not is_local(self.fs):
+            return True
+        root = os.path.realpath(self.root)
+        parent = os.path.realpath(os.path.dirname(self.path(rel)))
+        return parent == root or parent.startswith(root + os.sep)
 
     def state(self) -> str:
-        """``empty``, ``dataset`` (a committed raysft dataset), ``unmarked`` (raysft files
-        without ``_SUCCESS``), ``foreign`` (files, none of them raysft's)."""
+        """``empty``, ``dataset`` (a committed raysft dataset), ``unmarked`` (a raysft dataset
+        without ``_SUCCESS``), ``foreign`` (files, but no verified raysft manifest)."""
         fs = self.fs
         if _exists(fs, self.root) and not fs.isdir(self.root):
             raise OutputError(f"--output {self.url} is a file, not a folder")
@@ -323,23 +350,14 @@ class Output:
         names -= {TMP, LOCK}
         if not names:
             return "empty"
-        if SUCCESS in names:
-            return "dataset"
-        if MANIFEST in names or names & {n.split("/")[0] for n in LEGACY_NAMES}:
-            return "unmarked"
+        if MANIFEST in names and self.manifest() is not None:
+            return "dataset" if SUCCESS in names else "unmarked"
         return "foreign"
 
     def owned_files(self) -> list[str]:
-        """Files the dataset here wrote (per its manifest; known names for older outputs)."""
+        """Files the dataset here wrote, per its verified manifest (nothing without one)."""
         m = self.manifest()
-        if m and isinstance(m.get("files"), list):
-            return [f for f in m["files"] if isinstance(f, str)] + [MANIFEST]
-        found = [n for n in LEGACY_NAMES if _exists(self.fs, self.path(n))]
-        shards = self.path("shards")
-        if _exists(self.fs, shards):
-            found += sorted(p[len(self.root) + 1 :] for p in self.fs.find(shards)
-                            if p.rsplit("/", 1)[-1].startswith("part-"))
-        return found
+        return [*m["files"], MANIFEST] if m else []
 
     def check_writable(self, overwrite: bool) -> None:
         """Refuse what this build may not replace (one line each)."""
@@ -352,13 +370,33 @@ class Output:
         if st == "foreign" and not overwrite:
             raise OutputError(f"{self.url} is not empty and holds no raysft dataset; choose an empty folder or pass "
                               "--overwrite (files raysft does not write are left as they are)")
+        tmp = _read_json(self.fs, join(self.tmp, MANIFEST)) if _exists(self.fs, self.tmp) else {}
+        if _exists(self.fs, self.tmp) and self.fs.ls(self.tmp) and not (
+                isinstance(tmp, dict) and isinstance(tmp.get("flags"), dict)):
+            raise OutputError(f"{join(self.url, TMP)} exists and is not a raysft build's work folder (no manifest of "
+                              "one): raysft writes there; move it away or choose another --output")
+
+    def check_names(self, names: list[str]) -> None:
+        """Before anything is built: none of the files this build will put in place stands
+        here unless a verified raysft manifest lists it (commit checks every file again)."""
+        owned = set(self.owned_files())
+        for rel in names:
+            p = self.path(rel)
+            if rel not in owned and _exists(self.fs, p) and not self.fs.isdir(p):
+                raise OutputError(f"refusing to replace {join(self.url, rel)}: raysft did not write it (it is in no "
+                                  "raysft manifest here); move it away or choose another --output")
 
     # ---- commit
 
     def recover(self) -> bool:
-        """Finish a commit an earlier run was cut off in; True when there was one."""
+        """Finish a commit an earlier run was cut off in; True when there was one. A journal
+        that is not raysft's (a path outside the folder) is never applied: nothing moves."""
         journal = _read_json(self.fs, join(self.tmp, JOURNAL))
         if not journal or journal.get("unreadable"):
+            return False
+        if not verified_journal(journal):
+            log.warning("%s holds a commit journal raysft did not write (a path outside the folder): ignored",
+                        join(self.url, TMP, JOURNAL))
             return False
         log.warning("finishing the commit an earlier run of %s was interrupted in", self.url)
         self._apply(journal)
@@ -372,8 +410,16 @@ class Output:
         without ``_SUCCESS``; the next build replaces it without ``--overwrite``."""
         new = expand_files(self.fs, self.tmp, new_files)
         manifest = dict(manifest, files=sorted(new), **({} if success else {"failed": True}))
+        owned = set(self.owned_files())
+        for rel in [*new, MANIFEST]:  # checked before anything is touched
+            if not self.inside(rel):
+                raise OutputError(f"refusing to write {join(self.url, rel)}: a symbolic link on its way leads out of "
+                                  "the output folder")
+            if rel not in owned and _exists(self.fs, self.path(rel)):
+                raise OutputError(f"refusing to replace {join(self.url, rel)}: raysft did not write it (it is in no "
+                                  "raysft manifest here); move it away or choose another --output")
         _write_json(self.fs, join(self.tmp, MANIFEST), manifest)
-        old = set(self.owned_files()) - set(new) - {MANIFEST}
+        old = owned - set(new) - {MANIFEST}
         journal = {"new": sorted(new) + [MANIFEST], "remove": sorted(old), "success": success}
         if lock is not None:
             lock.verify()
@@ -382,6 +428,8 @@ class Output:
 
     def _apply(self, journal: dict) -> None:
         fs = self.fs
+        if not verified_journal(journal):  # before anything is removed or moved
+            raise OutputError(f"{join(self.url, TMP, JOURNAL)} names a path outside the output folder; nothing moved")
         if _exists(fs, self.path(SUCCESS)):
             fs.rm(self.path(SUCCESS))
         for rel in journal["new"]:
@@ -396,7 +444,11 @@ class Output:
                 fs.rm(src)
         for rel in journal["remove"]:
             p = self.path(rel)
-            if _exists(fs, p) and not fs.isdir(p):
+            if not self.inside(rel):  # never through a link out of the folder
+                log.warning("not removing %s: a symbolic link on its way leads out of the output folder", rel)
+            elif is_local(fs) and os.path.islink(p):
+                os.remove(p)  # the link itself, not what it points to
+            elif _exists(fs, p) and not fs.isdir(p):
                 fs.rm(p)
         if is_local(fs):  # folders the old dataset emptied (never one holding a user's file)
             for rel in sorted({r.rsplit("/", 1)[0] for r in journal["remove"] if "/" in r}, reverse=True):
@@ -435,7 +487,7 @@ class Output:
             log.info("resume: continuing the interrupted run in %s", join(self.url, TMP))
             _write_json(self.fs, path, manifest)
             return old
-        self.fs.rm(self.tmp, recursive=True)
+        self.fs.rm(self.tmp, recursive=True)  # raysft's own (check_writable refused any other)
         self.fs.makedirs(self.tmp, exist_ok=True)
         _write_json(self.fs, path, manifest)
         return None

@@ -132,7 +132,7 @@ def test_folder_faults_are_one_line(tmp_path, shared_data, llama3_dir, case):
     else:
         out.mkdir()
         (out / "data.bin").write_bytes(b"x")
-        (out / "manifest.json").write_text(json.dumps({"files": ["data.bin"]}))
+        (out / "manifest.json").write_text(json.dumps({"version": 2, "flags": {}, "files": ["data.bin"]}))
         want = "holds an unfinished raysft dataset"
     r = _cli("--input", str(shared_data / "alpaca_en_demo.json"), "--tokenizer", llama3_dir, "--template", "llama3",
              "--output", str(out))
@@ -151,12 +151,12 @@ def _dataset(out: Path, tag: str, names: list[str]) -> None:
     """Commit a fake dataset whose files hold ``tag``."""
     fs, root = _local(out)
     o = Output(fs, root, str(out))
-    o.prepare_tmp({"tokenizer": "t", "flags": {}}, resume=False)
+    o.prepare_tmp({"tokenizer": "t", "flags": {}, "version": 2}, resume=False)
     for n in names:
         p = out / TMP / n
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(f"{tag}:{n}")
-    o.commit(names, {"tokenizer": "t", "flags": {}})
+    o.commit(names, {"tokenizer": "t", "flags": {}, "version": 2})
 
 
 OLD = ["data.bin", "data.idx", "stats.json", "shards/part-00000.bin", "shards/part-00001.bin", "old_only.txt"]
@@ -180,14 +180,14 @@ def rm(self, *a, **k):
     count(); return real_rm(self, *a, **k)
 fs = fsspec.filesystem("file")
 o = Output(fs, out, out)
-o.prepare_tmp({"tokenizer": "t", "flags": {}}, resume=False)
+o.prepare_tmp({"tokenizer": "t", "flags": {}, "version": 2}, resume=False)
 for n in names:
     p = os.path.join(out, "_tmp", n)
     os.makedirs(os.path.dirname(p), exist_ok=True)
     open(p, "w").write("new:" + n)
 os.replace = replace
 fsspec.implementations.local.LocalFileSystem.rm = rm
-o.commit(names, {"tokenizer": "t", "flags": {}})
+o.commit(names, {"tokenizer": "t", "flags": {}, "version": 2})
 print("steps", calls[0])
 """
 
@@ -292,3 +292,74 @@ def test_resume_after_same_size_same_mtime_change_reuses_nothing_stale(tmp_path,
     clean = build(tmp_path / "clean", inputs, llama3_dir, **flags)
     assert stats["tokens"] == clean["tokens"]
     assert file_bytes(out) == file_bytes(tmp_path / "clean")
+
+
+# --------------------------------------------------------------------------- only through a verified manifest
+
+
+def _files(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _small_build(out: Path, shared_data, llama3_dir, *extra):
+    return _cli("--input", str(shared_data / "alpaca_en_demo.json"), "--tokenizer", llama3_dir, "--template", "llama3",
+                "--output", str(out), "--engine", "local", "--seq-length", "1024", *extra)
+
+
+def test_overwrite_without_a_manifest_touches_no_file_of_the_user(tmp_path, shared_data, llama3_dir):
+    """No list of usual names: a folder without a raysft manifest is not raysft's, even with
+    --overwrite, and a link out of it is never followed."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "tokenizer.json").write_text("the user's tokenizer")
+    (victim / "tokenizer_config.json").write_text("{}")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "tokenizer").symlink_to(victim)  # a link out of the output folder
+    (out / "stats.json.bak").write_text("mine")
+    r = _small_build(out, shared_data, llama3_dir)
+    assert r.returncode == 3 and "holds no raysft dataset" in r.stderr  # not "an unfinished raysft dataset"
+    before = _files(victim)
+    r = _small_build(out, shared_data, llama3_dir, "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert _files(victim) == before and (out / "stats.json.bak").read_text() == "mine"
+    assert (out / "_SUCCESS").exists()
+
+
+def test_a_file_raysft_did_not_write_is_never_replaced(tmp_path, shared_data, llama3_dir):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "data.bin").write_text("the user's own data.bin")
+    r = _small_build(out, shared_data, llama3_dir, "--overwrite")
+    lines = [x for x in r.stderr.splitlines() if x.startswith("raysft.build: error")]
+    assert r.returncode == 3 and len(lines) == 1 and "refusing to replace" in lines[0] and "data.bin" in lines[0]
+    assert (out / "data.bin").read_text() == "the user's own data.bin" and not (out / TMP).exists()
+
+
+def test_a_users_tmp_folder_is_never_removed(tmp_path, shared_data, llama3_dir):
+    out = tmp_path / "out"
+    (out / TMP).mkdir(parents=True)
+    (out / TMP / "notes.txt").write_text("mine")
+    for extra in ((), ("--overwrite",)):
+        r = _small_build(out, shared_data, llama3_dir, *extra)
+        assert r.returncode == 3 and "is not a raysft build's work folder" in r.stderr, r.stderr
+        assert (out / TMP / "notes.txt").read_text() == "mine"
+
+
+def test_a_manifest_or_journal_naming_paths_outside_is_never_applied(tmp_path, shared_data, llama3_dir):
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep me")
+    out = tmp_path / "out"
+    r = _small_build(out, shared_data, llama3_dir)
+    assert r.returncode == 0, r.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps(m | {"files": [*m["files"], "../outside.txt"]}))
+    (out / TMP).mkdir()
+    (out / TMP / "manifest.json").write_text(json.dumps({"flags": {}, "version": 2}))
+    (out / TMP / "_COMMIT.json").write_text(json.dumps({"new": [], "remove": [str(outside)], "success": True}))
+    r = _small_build(out, shared_data, llama3_dir)  # a tampered manifest is not raysft's: a foreign folder
+    assert r.returncode == 3 and "holds no raysft dataset" in r.stderr, r.stderr
+    assert (out / "_SUCCESS").exists() and outside.read_text() == "keep me"
+    r = _small_build(out, shared_data, llama3_dir, "--overwrite")  # a way out: the journal is ignored, not applied
+    assert r.returncode == 3 and "refusing to replace" in r.stderr  # its files are in no verified manifest
+    assert outside.read_text() == "keep me" and (out / "_SUCCESS").exists()

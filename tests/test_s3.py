@@ -110,7 +110,7 @@ def test_s3_commit_cut_at_any_step_is_finished_by_the_next_run(bucket, s3_endpoi
 
     def commit(root, tag, names, fail_after=None):
         o = Output(fs, root, f"s3://{root}")
-        o.prepare_tmp({"tokenizer": "t", "flags": {}}, resume=False)
+        o.prepare_tmp({"tokenizer": "t", "flags": {}, "version": 2}, resume=False)
         for n in names:
             fs.pipe(f"{root}/{TMP}/{n}", f"{tag}:{n}".encode())
         calls = [0]
@@ -126,7 +126,7 @@ def test_s3_commit_cut_at_any_step_is_finished_by_the_next_run(bucket, s3_endpoi
 
         fs.copy, fs.rm = cut(real_copy), cut(real_rm)
         try:
-            o.commit(names, {"tokenizer": "t", "flags": {}})
+            o.commit(names, {"tokenizer": "t", "flags": {}, "version": 2})
         finally:
             fs.copy, fs.rm = real_copy, real_rm
         return calls[0]

@@ -27,7 +27,7 @@ from ..encode import EncoderStats, choose
 from ..fs import get_fs, join, storage_options
 from ..layouts import get_layout
 from ..merge import copy_into
-from ..output import TMP, Output, OutputError, OutputLock
+from ..output import MANIFEST, TMP, Output, OutputError, OutputLock
 from ..pack import PackPlan, RunOffsets, plan_bfd, slot_table
 from ..read import LineCounter, check_bucket, describe_position, expand_inputs, plan_chunks, split_tail
 from ..templates import MARKERS, Template, TemplateError
@@ -39,6 +39,7 @@ from .watch import Watchdog
 log = logging.getLogger("raysft")
 
 VERSION = 2  # of the manifest and of what output bytes depend on
+OUTPUT_FILES = ("data_order.txt", "stats.json", "provenance.bin", "inputs.json", "report.html")  # beside the layout's
 
 
 class BuildError(RuntimeError):
@@ -459,6 +460,7 @@ def run(cfg: BuildConfig) -> dict:
                 with out_fs.open(join(out_root, "stats.json"), "r") as f:
                     return json.load(f)
         out.check_writable(cfg.overwrite)
+        out.check_names([*layout.final_files(), *OUTPUT_FILES, MANIFEST])
         log.info("inputs: %d files, %d chunks", len(files), len(chunks))
         old = out.prepare_tmp(manifest, cfg.resume)
         return _build(cfg, t0, so, info, files, chunks, layout, added, pad_id, out, lock, manifest, old, sources,
@@ -740,7 +742,7 @@ def _build_with(ex, cfg, t0, so, info, files, chunks, layout, added, pad_id, out
 
     # ---- merge (into _tmp), check, commit
     keeps_shards = getattr(layout, "keeps_shards", True) and not cfg.drop_shards
-    present = layout.final_files() + ["data_order.txt", "stats.json", "provenance.bin", "inputs.json", "report.html"]
+    present = layout.final_files() + list(OUTPUT_FILES)
     merged = _merge(out_fs, tmp, "", layout, metas, keeps_shards)
     if keeps_shards:
         present.append("shards")
