@@ -102,4 +102,4 @@ def classify(e: BaseException) -> tuple[int, str]:
 
 
 def _where(e: OSError) -> str:
-    return f" writing {e.filename}" if getattr(e, "filename", None) else ""
+    return f" on {e.filename}" if getattr(e, "filename", None) else ""

@@ -27,7 +27,7 @@ def _cases():
 
     return [
         (OSError(errno.ENOSPC, "No space left on device", "/data/out/_tmp/shards/part-00003.bin"), errors.STORAGE,
-         "no space left on the device writing /data/out/_tmp/shards/part-00003.bin"),
+         "no space left on the device on /data/out/_tmp/shards/part-00003.bin"),
         (PermissionError(errno.EACCES, "Permission denied", "/data/out"), errors.STORAGE, "permission denied"),
         (bx.NoCredentialsError(), errors.STORAGE, "no storage credentials on a worker or the driver"),
         (bx.EndpointConnectionError(endpoint_url="http://minio:9000/b"), errors.STORAGE, "object storage error"),

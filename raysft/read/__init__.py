@@ -34,16 +34,21 @@ files, which hold no record.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
+import lzma
 import os
 import re
+import stat
+import zlib
 from dataclasses import asdict, dataclass
 
 import xxhash
 
 from ..fs import full_url, get_fs, is_remote
-from .columnar import csv_reader, table_records
+from .columnar import csv_records, table_records
 from .jsonarray import ArrayError, iter_elements
 
 log = logging.getLogger("raysft")
@@ -238,7 +243,7 @@ def expand_inputs(patterns: list[str], so: dict | None = None) -> list[InputFile
     if not patterns:
         raise InputError("no --input given")
     found: dict[str, InputFile] = {}
-    real_seen: dict[str, str] = {}
+    real_seen: dict[tuple, str] = {}
     for pat in patterns:
         check_url(pat, "--input")
         fs, path = get_fs(pat, so)
@@ -272,12 +277,20 @@ def expand_inputs(patterns: list[str], so: dict | None = None) -> list[InputFile
             if not is_remote(pat):
                 if os.path.islink(p) and not os.path.exists(p):
                     raise InputError(f"--input {pat}: {p} is a broken symbolic link (points to {os.readlink(p)})")
-                real = os.path.realpath(p)
-                if real in real_seen:
-                    if real_seen[real] != p:
-                        log.info("--input: %s is the same file as %s: read once", p, real_seen[real])
+                try:
+                    st = os.stat(p)
+                except OSError as e:
+                    raise InputError(f"--input {pat}: cannot read {p} ({_short(e)})") from None
+                if not stat.S_ISREG(st.st_mode):  # /dev/zero, a FIFO, a socket: no end, or no data
+                    raise InputError(f"--input {pat}: {p} is not a regular file (a device, pipe or socket)")
+                if not os.access(p, os.R_OK):
+                    raise InputError(f"--input {pat}: {p} cannot be read (permission denied)")
+                ident = (st.st_dev, st.st_ino)  # a symbolic or a hard link to a file read already: once
+                if ident in real_seen:
+                    if real_seen[ident] != p:
+                        log.info("--input: %s is the same file as %s: read once", p, real_seen[ident])
                     continue
-                real_seen[real] = p
+                real_seen[ident] = p
             url = full_url(fs, p, pat)
             kind, compression = file_kind(p)
             found[url] = InputFile(url, int(fs.size(p) or 0), kind, compression)
@@ -355,12 +368,68 @@ def split_tail(chunks: list[Chunk], count: int, parts: int = TAIL_PARTS) -> list
     return out
 
 
+class ZstdReader(io.RawIOBase):
+    """A zstd stream, frame after frame, that verifies its own end: input that ends inside a
+    frame (a file cut short at a block boundary) raises ``EOFError``, as gzip, bz2 and xz do
+    (the zstandard library's stream reader returns what it has and ends quietly). Frames
+    carrying a checksum are checked by the decompressor."""
+
+    def __init__(self, raw, block: int = 1 << 20):
+        import zstandard
+
+        self.raw, self.block, self._z = raw, block, zstandard
+        self._d = zstandard.ZstdDecompressor().decompressobj()
+        self._fed = False  # the current frame has input
+        self._buf = b""
+        self._eof = False
+
+    def readable(self) -> bool:
+        return True
+
+    def _fill(self) -> None:
+        while not self._buf and not self._eof:
+            data = self.raw.read(self.block)
+            if not data:
+                self._eof = True
+                if self._fed and not self._d.eof:
+                    raise EOFError("the zstd stream ends inside a frame (the file was cut short)")
+                return
+            while data:
+                out = self._d.decompress(data)
+                self._fed = True
+                self._buf += out
+                if self._d.eof:  # a frame ended: what follows is the next frame
+                    data = self._d.unused_data
+                    self._d = self._z.ZstdDecompressor().decompressobj()
+                    self._fed = False
+                else:
+                    data = b""
+
+    def readinto(self, b) -> int:
+        self._fill()
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
+
+
+def checked_stream(raw, compression: str):
+    """A decompressed view of ``raw`` that raises at a stream cut short (every format)."""
+    if compression == "zstd":
+        return io.BufferedReader(ZstdReader(raw), 1 << 20)
+    import fsspec.compression
+
+    return fsspec.compression.compr[compression](raw, mode="rb")
+
+
 def _open(fs, path: str, compression: str | None):
     if compression is None:
         return fs.open(path, "rb")
-    import fsspec
-
-    return fsspec.core.OpenFile(fs, path, mode="rb", compression=compression).open()
+    return checked_stream(fs.open(path, "rb"), compression)
 
 
 def _pieces(src: int, f: InputFile, so: dict | None, chunk_bytes: int) -> list[Piece]:
@@ -613,11 +682,22 @@ def chunk_digest(c: Chunk, so: dict | None = None, keep: bool = True) -> tuple[i
 
 def read_chunk(c: Chunk, so: dict | None = None, batch: int = 1 << 30, digested: tuple | None = None):
     """Yield the chunk's records, ``batch`` at a time (see module doc). ``digested``: what
-    ``chunk_digest`` already gave for this chunk (its bytes are not read twice)."""
+    ``chunk_digest`` already gave for this chunk (its bytes are not read twice). A compressed
+    file that is cut short or corrupt is one line naming it (exit 1), never a shorter input."""
     digest, kept = digested if digested is not None else chunk_digest(c, so)
     out = _Batcher(batch, digest)
     for p in c.pieces:
-        yield from _read_piece(p, so, kept.get((p.url, p.start)), out)
+        if p.compression is None:
+            yield from _read_piece(p, so, kept.get((p.url, p.start)), out)
+            continue
+        try:
+            yield from _read_piece(p, so, kept.get((p.url, p.start)), out)
+        except (EOFError, zlib.error, lzma.LZMAError, _ZstdError) as e:
+            raise InputError(f"{p.url}: the {p.compression} stream is cut short or corrupt ({_short(e)})") from None
+        except OSError as e:
+            if not _decoder_error(e):
+                raise
+            raise InputError(f"{p.url}: the {p.compression} stream is corrupt ({_short(e)})") from None
     if (r := out.rest()) is not None:
         yield r
 
@@ -625,14 +705,9 @@ def read_chunk(c: Chunk, so: dict | None = None, batch: int = 1 << 30, digested:
 def _piece_stream(fs, path: str, p: Piece, got):
     """The piece's file as a (decompressed) byte stream: from the bytes already read for its
     hash when it was small, else opened again."""
-    import io
 
     if isinstance(got, bytes):
-        if p.compression is None:
-            return io.BytesIO(got)
-        import fsspec.compression
-
-        return fsspec.compression.compr[p.compression](io.BytesIO(got), mode="rb")
+        return io.BytesIO(got) if p.compression is None else checked_stream(io.BytesIO(got), p.compression)
     return _open(fs, path, p.compression)
 
 
@@ -723,10 +798,12 @@ def _read_columnar(p: Piece, fs, path: str, got, out: _Batcher):
         return
     with _piece_stream(fs, path, p, got) as fh:
         try:
-            reader = csv_reader(fh, "\t" if p.kind == "tsv" else ",")
-            yield from _emit((pa.Table.from_batches([b]) for b in reader), p, 0, out)
-        except pa.ArrowInvalid as e:
-            if (r := out.add(p.src, row, -1, b"", f"invalid_json: not a readable CSV file ({_short(e)})")) is not None:
+            for row, raw, err in csv_records(fh, "\t" if p.kind == "tsv" else ","):
+                if (r := out.add(p.src, row, -1, raw, err)) is not None:
+                    yield r
+        except csv.Error as e:  # (a NUL byte, a field over the size limit): the rest of the file
+            if (r := out.add(p.src, row, -1, b"", f"bad_csv_row: not readable as CSV from here on ({_short(e)})")) \
+                    is not None:
                 yield r
 
 
@@ -737,6 +814,20 @@ def _emit(tables, p: Piece, row: int, out: _Batcher):
             if (r := out.add(p.src, row, -1, raw, err)) is not None:
                 yield r
             row += 1
+
+
+try:
+    from zstandard import ZstdError as _ZstdError
+except ImportError:  # pragma: no cover - zstandard is a dependency
+    class _ZstdError(Exception):
+        pass
+
+
+def _decoder_error(e: OSError) -> bool:
+    """A decompressor's complaint about its data (gzip's BadGzipFile, bz2's "Invalid data
+    stream", zstd's ZstdError), not a storage fault."""
+    name = type(e).__name__
+    return name in ("BadGzipFile", "ZstdError") or "Invalid data stream" in str(e) or "Not a gzipped file" in str(e)
 
 
 def _text_record(line: bytes) -> tuple[bytes, str]:

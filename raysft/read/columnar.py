@@ -108,21 +108,25 @@ def table_records(table: pa.Table) -> tuple[list[bytes], list[str]]:
     return raws, errors
 
 
-def csv_reader(stream, delimiter: str, block_size: int = 8 << 20):
-    """Record batches of a CSV stream, every column as text."""
-    import pyarrow.csv as pcsv
-
-    data = stream.read() if not hasattr(stream, "peek") else None
-    if data is not None:
-        stream = io.BytesIO(data)
-    head = stream.read(1 << 16)
-    first = head.split(b"\n", 1)[0].decode("utf-8", "replace").lstrip("\ufeff")
-    names = next(csv.reader([first], delimiter=delimiter), [])
-    stream.seek(0)
-    return pcsv.open_csv(
-        stream,
-        read_options=pcsv.ReadOptions(block_size=block_size),
-        parse_options=pcsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
-        convert_options=pcsv.ConvertOptions(column_types={n: pa.string() for n in names}, strings_can_be_null=False,
-                                            quoted_strings_can_be_null=False),
-    )
+def csv_records(stream, delimiter: str):
+    """The rows of a CSV stream as JSON records of text cells, one at a time: ``(row, raw,
+    error)``, ``row`` counted from 0 after the header. A row whose field count differs from the
+    header's, or that is not UTF-8, is a reject at its own position (``bad_csv_row``,
+    ``invalid_utf8``); the rows around it are read as usual. Python's csv module, not Arrow's
+    reader, so that one bad row never costs the file."""
+    text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline="")
+    reader = csv.reader(text, delimiter=delimiter)
+    names = next(reader, None)
+    if names is None:
+        return
+    width = len(names)
+    for row, cells in enumerate(reader):
+        if not cells:
+            continue  # a blank line holds no record
+        if len(cells) != width:
+            yield row, b"", f"bad_csv_row: {len(cells)} fields where the header has {width}"
+            continue
+        try:
+            yield row, _dumps(dict(zip(names, cells))), ""
+        except UnicodeEncodeError as e:  # surrogate-escaped bytes that are not UTF-8
+            yield row, b"", f"invalid_utf8: a cell is not valid UTF-8 ({e.reason})"

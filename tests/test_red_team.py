@@ -1,0 +1,106 @@
+"""The red team's rules (#38) on the input side: every byte stream verifies its own end, a
+malformed row is a reject at its own position, no file is read twice, and a file that is not a
+regular file is one line instead of a hang or an empty input."""
+
+import bz2
+import gzip
+import json
+import lzma
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from raysft.read import InputError, expand_inputs, plan_chunks, read_chunk
+
+ROOT = Path(__file__).resolve().parents[1]
+QWEN3 = ROOT.parent / "shared" / "tokenizers" / "qwen3"
+
+
+def _rows(shared_data, n=300) -> bytes:
+    rows = json.loads((shared_data / "alpaca_en_demo.json").read_text())[:n]
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+def _build(path, out, *extra, engine="local"):
+    return subprocess.run([sys.executable, "-m", "raysft.build", "--input", str(path), "--tokenizer", str(QWEN3),
+                           "--output", str(out), "--engine", engine, "--seq-length", "1024", *extra],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+def _error_line(r) -> str:
+    lines = [x for x in r.stderr.splitlines() if x.startswith("raysft.build: error")]
+    assert len(lines) == 1, r.stderr
+    return lines[0]
+
+
+def test_a_compressed_input_cut_short_is_one_line_naming_it(tmp_path, shared_data):
+    data = _rows(shared_data)
+    third = len(data) // 3 + 1
+    frames = [zstandard.ZstdCompressor(write_checksum=True).compress(data[i:i + third])
+              for i in range(0, len(data), third)]
+    cuts = {
+        "cut.jsonl.zst": b"".join(frames)[: len(frames[0]) + len(frames[1]) // 2],  # inside a frame
+        "cut.jsonl.gz": gzip.compress(data)[:-40],
+        "cut.jsonl.bz2": bz2.compress(data)[:-40],
+        "cut.jsonl.xz": lzma.compress(data)[:-40],
+        "bad.jsonl.gz": (lambda g: g[:60] + b"\x00" * 40 + g[100:])(gzip.compress(data)),
+    }
+    for name, payload in cuts.items():
+        path = tmp_path / name
+        path.write_bytes(payload)
+        [chunk] = plan_chunks(expand_inputs([str(path)]))
+        with pytest.raises(InputError, match="cut short|corrupt") as e:
+            for _ in read_chunk(chunk):
+                pass
+        assert str(path) in str(e.value)
+    for k, (name, policy, engine) in enumerate([("cut.jsonl.zst", "fail", "ray"), ("cut.jsonl.gz", "skip", "local")]):
+        path = tmp_path / name  # through a build: a file-level fault is no skippable row, on either engine
+        r = _build(path, tmp_path / f"out{k}", "--on-bad-record", policy, engine=engine)
+        assert r.returncode == 1, (name, r.stderr)
+        line = _error_line(r)
+        assert str(path) in line and ("cut short" in line or "corrupt" in line), line
+    whole = tmp_path / "whole.jsonl.zst"
+    whole.write_bytes(b"".join(frames))
+    r = _build(whole, tmp_path / "whole")
+    assert r.returncode == 0 and json.loads((tmp_path / "whole" / "stats.json").read_text())["rows_read"] == 300
+
+
+def test_a_csv_row_with_an_extra_field_is_one_reject_at_its_own_row(tmp_path):
+    path = tmp_path / "data.csv"
+    path.write_text('instruction,output\nhi,there\n"a, b",c\nx,y,z\nq,"multi\nline"\nlast,one\n', encoding="utf-8")
+    r = _build(path, tmp_path / "out", "--on-bad-record", "skip")
+    assert r.returncode == 0, r.stderr
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert stats["rows_read"] == 5 and stats["samples_written"] == 4 and stats["rejected"] == {"bad_csv_row": 1}
+    [rej] = [json.loads(x) for x in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    assert rej["position"].endswith("data.csv record 2 (0-based)")
+    r = _build(path, tmp_path / "out2")
+    assert r.returncode == 1 and "record 2" in _error_line(r) and "bad_csv_row" in _error_line(r)
+
+
+def test_a_file_is_read_once_however_it_is_linked(tmp_path, shared_data):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.jsonl").write_bytes(_rows(shared_data, 10))
+    os.link(folder / "a.jsonl", folder / "b.jsonl")  # a hard link: the same file
+    (folder / "c.jsonl").symlink_to(folder / "a.jsonl")
+    assert [Path(f.url).name for f in expand_inputs([str(folder)])] == ["a.jsonl"]
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo"])
+def test_a_file_that_is_not_a_regular_file_is_one_line(tmp_path, kind):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    path = folder / "x.jsonl"
+    if kind == "device":
+        path.symlink_to("/dev/zero")
+    else:
+        os.mkfifo(path)
+    with pytest.raises(InputError, match="is not a regular file"):
+        expand_inputs([str(folder)])
+    r = _build(path, tmp_path / "out")
+    assert r.returncode == 1 and "is not a regular file" in _error_line(r)
