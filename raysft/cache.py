@@ -73,8 +73,10 @@ class Cache:
         except OSError:
             return False
 
-    def load(self, key: str) -> pa.Table | None:
-        """The entry, or None when there is none or it does not check out."""
+    def load(self, key: str, vocab_size: int | None = None) -> pa.Table | None:
+        """The entry, or None when there is none or it does not check out: its checksum, the
+        key and row count written inside the checksummed body (an entry copied or renamed to
+        another key is not this chunk's), and, with ``vocab_size``, every token id in range."""
         p = self.path(key)
         try:
             if is_local(self.fs):
@@ -101,10 +103,31 @@ class Cache:
             log.warning("tokenized cache: %s is not readable (%s): tokenizing the chunk again", p, e)
             self.bad += 1
             return None
+        why = self._mismatch(table, key, vocab_size)
+        if why:
+            log.warning("tokenized cache: %s %s: tokenizing the chunk again", p, why)
+            self.bad += 1
+            return None
         self.hits += 1
         return table
 
+    @staticmethod
+    def _mismatch(table: pa.Table, key: str, vocab_size: int | None) -> str:
+        meta = table.schema.metadata or {}
+        if meta.get(b"raysft_key", b"").decode() != key:
+            return "is not the entry of this chunk (its own key differs)"
+        if meta.get(b"rows") != str(table.num_rows).encode():
+            return "does not hold the rows it says"
+        if vocab_size is not None and table.num_rows:
+            col = table.column("ids")
+            v = (col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()).flatten().to_numpy()
+            if len(v) and (int(v.max()) >= vocab_size or int(~v.min()) >= vocab_size):
+                return f"holds token ids outside this tokenizer's vocabulary of {vocab_size:,}"
+        return ""
+
     def save(self, key: str, table: pa.Table) -> None:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"raysft_key": key.encode(),
+                                               b"rows": str(table.num_rows).encode()})
         sink = pa.BufferOutputStream()
         with pa.ipc.new_file(sink, table.schema) as w:
             w.write_table(table)

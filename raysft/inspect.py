@@ -73,9 +73,12 @@ class Dataset:
         if from_src.any() and self.prov["offset"][from_src][0] >= 0:  # JSON Lines: byte offset of line n
             fs, p = get_fs(self.inputs[src], self.so)
             offset = 0
-            with fs.open(p, "rb") as f:
+            with fs.open(p, "rb") as f:  # stops at the file's end: a line past it is named as such
                 for _ in range(n - 1):
-                    offset += len(f.readline())
+                    line = f.readline()
+                    if not line:
+                        raise SystemExit(f"--sample {spec}: {path} has fewer than {n} lines")
+                    offset += len(line)
             hits = np.nonzero(from_src & (self.prov["offset"] == offset))[0]
         else:
             hits = np.nonzero(from_src & (self.prov["row"] == n))[0]

@@ -77,6 +77,20 @@ def verified_manifest(m) -> bool:
             and all(safe_rel(f) and not f.startswith(TMP + "/") for f in m["files"]))
 
 
+def file_checksum(fs, path: str) -> dict:
+    """What ``manifest.json`` records of a file, and ``raysft.verify`` checks: its size and its
+    XXH3-128 (read once, in 8 MiB blocks)."""
+    import xxhash
+
+    h = xxhash.xxh3_128()
+    size = 0
+    with fs.open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            h.update(block)
+            size += len(block)
+    return {"size": size, "xxh3_128": h.hexdigest()}
+
+
 def verified_journal(j) -> bool:
     return (isinstance(j, dict) and not j.get("unreadable") and isinstance(j.get("new"), list)
             and isinstance(j.get("remove"), list) and all(safe_rel(f) for f in j["new"] + j["remove"]))
@@ -106,7 +120,7 @@ def _write_json(fs, path: str, obj) -> None:
             f.write(data)
 
 
-def _read_json(fs, path: str):
+def read_json(fs, path: str):
     try:
         with fs.open(path, "r") as f:
             return json.load(f)
@@ -198,7 +212,7 @@ class OutputLock:
         with self.fs.open(self.path, "wb") as f:
             f.write(data)
         time.sleep(0.5)
-        return (_read_json(self.fs, self.path) or {}).get("token") == self.token
+        return (read_json(self.fs, self.path) or {}).get("token") == self.token
 
     def _stale(self, other: dict) -> str:
         """Why the lock ``other`` is stale, or "" when its owner may be alive."""
@@ -229,7 +243,7 @@ class OutputLock:
                 self.held = True
                 self._start_heartbeat()
                 return
-            other = _read_json(self.fs, self.path)
+            other = read_json(self.fs, self.path)
             if other is None:
                 continue  # released meanwhile: try again
             why = self._stale(other)
@@ -250,7 +264,7 @@ class OutputLock:
             except FileNotFoundError:
                 pass
         else:
-            if (_read_json(self.fs, self.path) or {}).get("token") == other.get("token"):
+            if (read_json(self.fs, self.path) or {}).get("token") == other.get("token"):
                 try:
                     self.fs.rm(self.path)
                 except FileNotFoundError:
@@ -270,7 +284,7 @@ class OutputLock:
     def refresh(self) -> None:
         if not self.held:
             return
-        current = _read_json(self.fs, self.path) or {}
+        current = read_json(self.fs, self.path) or {}
         if current.get("token") != self.token:
             return
         self.info["heartbeat"] = time.time()
@@ -282,7 +296,7 @@ class OutputLock:
 
     def verify(self) -> None:
         """The lock is still ours (nobody took it over while we ran)."""
-        current = _read_json(self.fs, self.path) or {}
+        current = read_json(self.fs, self.path) or {}
         if current.get("token") != self.token:
             raise OutputError(f"{self.url}: another build took over the output lock while this one ran "
                               f"(pid {current.get('pid')} on {current.get('host')}); nothing was committed")
@@ -293,7 +307,7 @@ class OutputLock:
             return
         self.held = False
         try:
-            if (_read_json(self.fs, self.path) or {}).get("token") == self.token:
+            if (read_json(self.fs, self.path) or {}).get("token") == self.token:
                 self.fs.rm(self.path)
         except Exception as e:  # noqa: BLE001 - never mask the build's own outcome
             log.debug("could not remove the output lock: %s", e)
@@ -326,7 +340,7 @@ class Output:
 
     def manifest(self) -> dict | None:
         """The verified manifest of the dataset here, or None (none, or not raysft's)."""
-        m = _read_json(self.fs, self.path(MANIFEST))
+        m = read_json(self.fs, self.path(MANIFEST))
         return m if verified_manifest(m) else None
 
     def inside(self, rel: str) -> bool:
@@ -370,7 +384,7 @@ class Output:
         if st == "foreign" and not overwrite:
             raise OutputError(f"{self.url} is not empty and holds no raysft dataset; choose an empty folder or pass "
                               "--overwrite (files raysft does not write are left as they are)")
-        tmp = _read_json(self.fs, join(self.tmp, MANIFEST)) if _exists(self.fs, self.tmp) else {}
+        tmp = read_json(self.fs, join(self.tmp, MANIFEST)) if _exists(self.fs, self.tmp) else {}
         if _exists(self.fs, self.tmp) and self.fs.ls(self.tmp) and not (
                 isinstance(tmp, dict) and isinstance(tmp.get("flags"), dict)):
             raise OutputError(f"{join(self.url, TMP)} exists and is not a raysft build's work folder (no manifest of "
@@ -391,7 +405,7 @@ class Output:
     def recover(self) -> bool:
         """Finish a commit an earlier run was cut off in; True when there was one. A journal
         that is not raysft's (a path outside the folder) is never applied: nothing moves."""
-        journal = _read_json(self.fs, join(self.tmp, JOURNAL))
+        journal = read_json(self.fs, join(self.tmp, JOURNAL))
         if not journal or journal.get("unreadable"):
             return False
         if not verified_journal(journal):
@@ -409,7 +423,9 @@ class Output:
         ``success=False``: a build that wrote no dataset leaves its report (rejects, stats)
         without ``_SUCCESS``; the next build replaces it without ``--overwrite``."""
         new = expand_files(self.fs, self.tmp, new_files)
-        manifest = dict(manifest, files=sorted(new), **({} if success else {"failed": True}))
+        manifest = dict(manifest, files=sorted(new), checksums={rel: file_checksum(self.fs, join(self.tmp, rel))
+                                                                  for rel in sorted(new)},
+                        **({} if success else {"failed": True}))
         owned = set(self.owned_files())
         for rel in [*new, MANIFEST]:  # checked before anything is touched
             if not self.inside(rel):
@@ -473,7 +489,7 @@ class Output:
             _write_json(self.fs, path, manifest)
             return None
         if resume:
-            old = _read_json(self.fs, path)
+            old = read_json(self.fs, path)
             if not old or old.get("unreadable"):
                 raise OutputError("cannot resume: the interrupted run left no readable manifest; rerun without --resume")
             diff = ["the tokenizer"] if old.get("tokenizer") != manifest["tokenizer"] else []

@@ -30,6 +30,8 @@ import numpy as np
 
 from .fs import get_fs, join, storage_options
 from .indexed import IndexedReader
+from .output import MANIFEST, read_json, verified_manifest
+from .verify import VerifyError, check_sizes
 
 IGNORE = -100
 
@@ -73,9 +75,18 @@ class PackedReader:
             self.stats = json.load(f)
         if self.stats.get("layout", "native") != "native":
             raise ValueError(f"{out} is a {self.stats['layout']} dataset; PackedReader reads the native layout")
+        manifest = read_json(self.fs, join(self.root, MANIFEST))
+        if verified_manifest(manifest):  # a truncated or swapped file: one line, not padding packs
+            bad = check_sizes(self.fs, self.root, manifest, ["data.bin", "data.idx"])
+            if bad:
+                raise VerifyError(f"{out}: {'; '.join(bad)} (python -m raysft.verify {out} checks every file)")
         with self.fs.open(join(self.root, "data.idx"), "rb") as f:
             idx = f.read()
         self.dataset = IndexedReader(idx, self.fs.open(join(self.root, "data.bin"), "rb"), "data")
+        need = int(self.dataset.index.num_tokens) * self.dataset.index.dtype.itemsize
+        size = int(self.fs.info(join(self.root, "data.bin"))["size"])
+        if size != need:
+            raise VerifyError(f"{out}: data.bin has {size:,} bytes, its index needs {need:,} (cut short or replaced)")
         self.docs = self.dataset.index.document_indices
         self.pad_to = pad_to
         self.pad_id = self.stats.get("pad_id", 0) if pad_id is None else pad_id

@@ -104,3 +104,48 @@ def test_a_file_that_is_not_a_regular_file_is_one_line(tmp_path, kind):
         expand_inputs([str(folder)])
     r = _build(path, tmp_path / "out")
     assert r.returncode == 1 and "is not a regular file" in _error_line(r)
+
+
+def test_the_manifest_records_every_files_size_and_hash_and_verify_checks_them(tmp_path, shared_data):
+    from raysft.reader import PackedReader
+    from raysft.verify import VerifyError
+
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(_rows(shared_data, 200))
+    out = tmp_path / "out"
+    assert _build(src, out).returncode == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["checksums"]) == set(manifest["files"])
+    assert manifest["checksums"]["data.bin"]["size"] == (out / "data.bin").stat().st_size
+    verify = [sys.executable, "-m", "raysft", "verify", str(out)]
+    r = subprocess.run(verify, capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and "every file matches" in r.stdout, r.stderr
+    assert len(PackedReader(str(out))) == json.loads((out / "stats.json").read_text())["packs"]
+    data = (out / "stats.json").read_bytes()
+    (out / "stats.json").write_bytes(data.replace(b'"packs"', b'"pack5"'))  # same size, other content
+    r = subprocess.run(verify, capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1 and "stats.json: its content differs" in r.stderr
+    with open(out / "data.bin", "r+b") as f:
+        f.truncate((out / "data.bin").stat().st_size // 2)
+    r = subprocess.run(verify, capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1 and "data.bin:" in r.stderr and "the manifest says" in r.stderr
+    with pytest.raises(VerifyError, match="data.bin"):
+        PackedReader(str(out))
+
+
+def test_a_cache_entry_is_trusted_only_under_its_own_key_and_vocabulary(tmp_path):
+    import pyarrow as pa
+
+    from raysft.cache import Cache
+
+    cache = Cache(str(tmp_path / "cache"))
+    ids = pa.array([[1, 2, ~3], [5, 6]], pa.list_(pa.int32()))
+    table = pa.table({"src": pa.array([0, 0], pa.int32()), "ids": ids})
+    cache.save("aa" + "1" * 38, table)
+    assert cache.load("aa" + "1" * 38, vocab_size=100).num_rows == 2
+    other = Path(cache.path("bb" + "2" * 38))
+    other.parent.mkdir(parents=True)
+    other.write_bytes(Path(cache.path("aa" + "1" * 38)).read_bytes())  # checksum intact, key not its own
+    assert cache.load("bb" + "2" * 38) is None
+    assert cache.load("aa" + "1" * 38, vocab_size=6) is None  # id 6 is outside a 6-token vocabulary
+    assert cache.bad == 2 and cache.hits == 1

@@ -98,7 +98,7 @@ class TokenizeAndMask:
         digested = chunk_digest(c, self.so) if digest is None else (digest, {})
         key = chunk_key(digested[0], [(p.kind, p.start, p.end, p.compression) for p in c.pieces],
                         self.sources[source]["context"])
-        enc = self.cache.load(key)
+        enc = self.cache.load(key, self.info.vocab_size)
         # an entry keeps the text of records longer than its keep_over, for cuts inside
         # markers; a shorter seq-length needs it only when it cuts records at such markers
         if enc is None or not (int((enc.schema.metadata or {}).get(b"keep_over", b"0")) <= S
