@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from .fs import get_fs, join, storage_options
-from .output import MANIFEST, SUCCESS, read_json, file_checksum, verified_manifest
+from .output import MANIFEST, SUCCESS, file_checksum, read_json, verified_manifest
 
 
 class VerifyError(ValueError):
