@@ -18,6 +18,8 @@ from .normalize import FORMATS, parse_map_keys
 from .templates import ALIASES, LOSS_POLICIES, TEMPLATE_NAMES, THINK_LOSS, TemplateError, canonical_template
 from .tokenize import OVERLONG_POLICIES
 
+MAX_SEQ_LENGTH = 1 << 24  # the planner's arrays are indexed by length: 16M tokens is 128 MB of counts
+
 EXAMPLE = """\
 example:
   python -m raysft.build --input 'data/*.jsonl' --tokenizer /models/Llama-3-8B \\
@@ -227,6 +229,10 @@ def load_config_file(path: str) -> dict:
         raise ValueError(f"--config {path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ValueError(f"--config {path}: must be a mapping of flag names to values")
+    for flag in ("no_pack", "train_on_prompt", "mask_history"):
+        for key in (flag, flag.replace("_", "-")):
+            if key in data and not isinstance(data[key], bool):
+                raise ValueError(f"--config {path}: {flag.replace('_', '-')} must be true/false, not {data[key]!r}")
     out: dict = {}
     names = BuildConfig.field_names()
     for key, value in data.items():
@@ -244,6 +250,9 @@ def load_config_file(path: str) -> dict:
         else:
             flags = sorted({n.replace("_", "-") for n in names - {"inputs"}} | {"input", "no-pack"})
             raise ValueError(f"--config {path}: unknown key {key!r}; known keys: {', '.join(flags)}")
+    if "inputs" in out and not all(isinstance(i, str) for i in out["inputs"]):
+        raise ValueError(f"--config {path}: input must be a path or a list of paths")
+    BuildConfig.check_types({k: v for k, v in out.items() if k != "inputs"}, f"--config {path}")
     return out
 
 
@@ -262,8 +271,20 @@ def config_from_args(argv: list[str] | None = None) -> BuildConfig:
                                       ("output", cfg.output)) if not v]
     if missing:
         parser().error(f"missing {', '.join(missing)}")
-    if cfg.seq_length < 2:
-        parser().error("--seq-length must be at least 2")
+    if not 2 <= cfg.seq_length <= MAX_SEQ_LENGTH:
+        parser().error(f"--seq-length must be from 2 to {MAX_SEQ_LENGTH:,} (a sample's most tokens)")
+    for name, value, choices in (("--overlong", cfg.overlong, OVERLONG_POLICIES),
+                                 ("--on-bad-record", cfg.on_bad_record, ("fail", "skip")),
+                                 ("--encoder", cfg.encoder, ENCODERS), ("--format", cfg.format, FORMATS),
+                                 ("--s3-addressing-style", cfg.s3_addressing_style, (None, "auto", "virtual", "path"))):
+        if value not in choices:
+            parser().error(f"{name} must be one of {', '.join(c for c in choices if c)}, not {value!r}")
+    for name, value, least in (("--parity-rows", cfg.parity_rows, 1), ("--batch-size", cfg.batch_size, 1),
+                               ("--num-shards", cfg.num_shards, 1), ("--tokenize-workers", cfg.tokenize_workers, 1),
+                               ("--num-cpus", cfg.num_cpus, 1), ("--shard-tokens", cfg.shard_tokens, 1),
+                               ("--chunk-bytes", cfg.chunk_bytes, 1)):
+        if value is not None and value < least:
+            parser().error(f"{name} must be at least {least}, not {value}")
     try:
         cfg.template = canonical_template(str(cfg.template))
     except TemplateError as e:
@@ -294,8 +315,6 @@ def config_from_args(argv: list[str] | None = None) -> BuildConfig:
         parser().error("--engine local runs without Ray: it takes no --ray-address")
     if cfg.parity not in ("off", "report", "strict"):
         parser().error("parity must be one of off, report, strict")
-    if cfg.parity_rows < 1:
-        parser().error("--parity-rows must be at least 1")
     if cfg.stall_timeout == 0:
         cfg.stall_timeout = None
     if isinstance(cfg.template_kwargs, str):

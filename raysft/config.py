@@ -57,5 +57,31 @@ class BuildConfig:
         return asdict(self)
 
     @classmethod
+    def check_types(cls, values: dict, where: str) -> None:
+        """Each value of a job file of the type its setting takes (one line naming the key
+        otherwise): a YAML ``pack: "no"`` is a string, not false; ``seq_length: '4096'`` is not
+        a number."""
+        import types
+        import typing
+
+        hints = typing.get_type_hints(cls)
+        also = {"map_keys": (str,), "template_kwargs": (str,), "dataset": (str,), "validation": (int, float)}
+        for key, value in values.items():
+            hint = hints.get(key)
+            if hint is None or value is None and key not in ("inputs",):
+                continue
+            args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+            allowed = tuple(typing.get_origin(a) or a for a in args if a is not type(None)) + also.get(key, ())
+            if float in allowed and int not in allowed:
+                allowed += (int,)
+            ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
+            if not ok:
+                names = " or ".join(sorted({"a number" if a is float else "a whole number" if a is int else
+                                            "true/false" if a is bool else
+                                            "a list" if a is list else "a mapping" if a is dict else "text"
+                                            for a in allowed}))
+                raise ValueError(f"{where}: {key.replace('_', '-')} must be {names}, not {value!r}")
+
+    @classmethod
     def field_names(cls) -> set[str]:
         return {f.name for f in fields(cls)}

@@ -121,13 +121,16 @@ def _write_json(fs, path: str, obj) -> None:
 
 
 def read_json(fs, path: str):
+    """A JSON object raysft wrote, None where there is no file, ``{"unreadable": True}`` for
+    anything else (not JSON, not UTF-8, not an object: a lock or manifest a user wrote)."""
     try:
         with fs.open(path, "r") as f:
-            return json.load(f)
+            value = json.load(f)
     except FileNotFoundError:
         return None
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return {"unreadable": True}
+    return value if isinstance(value, dict) else {"unreadable": True}
 
 
 def _exists(fs, path: str) -> bool:

@@ -170,8 +170,13 @@ def load_tokenizer_info(path: str, trust_remote_code: bool = False) -> Tokenizer
     if os.path.isdir(path):
         cfg = os.path.join(path, "tokenizer_config.json")
         if os.path.exists(cfg):
-            with open(cfg, encoding="utf-8") as f:
-                config = json.load(f)
+            try:
+                with open(cfg, encoding="utf-8") as f:
+                    config = json.load(f)
+            except (ValueError, UnicodeDecodeError, RecursionError) as e:
+                raise TokenizerError(f"--tokenizer {cfg}: not valid JSON ({str(e).splitlines()[0][:200]})") from None
+            if not isinstance(config, dict):
+                raise TokenizerError(f"--tokenizer {cfg}: must hold a JSON object, not {type(config).__name__}")
         tj = os.path.join(path, "tokenizer.json")
         jinja = os.path.join(path, "chat_template.jinja")
         if os.path.exists(jinja) and not config.get("chat_template"):
@@ -181,6 +186,10 @@ def load_tokenizer_info(path: str, trust_remote_code: bool = False) -> Tokenizer
             with open(tj, encoding="utf-8") as f:
                 tokenizer_json = f.read()
         else:
+            if config.get("auto_map") and not trust_remote_code:
+                raise TokenizerError(f"--tokenizer {path}: this tokenizer runs its own Python code (auto_map in "
+                                     "tokenizer_config.json) and has no tokenizer.json; pass --trust-remote-code if "
+                                     "you trust that code")
             try:
                 from transformers import AutoTokenizer
 

@@ -149,3 +149,40 @@ def test_a_cache_entry_is_trusted_only_under_its_own_key_and_vocabulary(tmp_path
     assert cache.load("bb" + "2" * 38) is None
     assert cache.load("aa" + "1" * 38, vocab_size=6) is None  # id 6 is outside a 6-token vocabulary
     assert cache.bad == 2 and cache.hits == 1
+
+
+@pytest.mark.parametrize("line,says", [
+    ("overlong: bogus", "--overlong must be one of"), ("on_bad_record: bogus", "--on-bad-record must be one of"),
+    ("seq_length: '4096'", "seq-length must be a whole number"), ('pack: "no"', "pack must be true/false"),
+    ('no_pack: "yes"', "no-pack must be true/false"), ("epochs: 1.5", "epochs must be a whole number"),
+    ("seq_length: 1000000000000", "--seq-length must be from 2 to"), ("template_kwargs: [1]", "template-kwargs must"),
+    ("format: bogus", "--format must be one of"), ("batch_size: 0", "--batch-size must be at least 1"),
+])
+def test_a_bad_job_file_value_is_one_usage_line(tmp_path, shared_data, line, says):
+    job = tmp_path / "job.yaml"
+    job.write_text(f"input: {shared_data / 'alpaca_en_demo.json'}\ntokenizer: {QWEN3}\noutput: {tmp_path / 'out'}\n"
+                   f"{line}\n")
+    r = subprocess.run([sys.executable, "-m", "raysft.build", "--config", str(job)], capture_output=True, text=True,
+                       cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and says in r.stderr.strip().splitlines()[-1], r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
+
+
+def test_tokenizer_and_lock_files_of_the_wrong_shape_are_one_line(tmp_path, shared_data):
+    import shutil
+
+    tok = tmp_path / "tok"
+    shutil.copytree(QWEN3, tok)
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(_rows(shared_data, 20))
+    for content in ("{not json", "[1, 2]"):
+        (tok / "tokenizer_config.json").write_text(content)
+        r = subprocess.run([sys.executable, "-m", "raysft.build", "--input", str(src), "--tokenizer", str(tok),
+                            "--output", str(tmp_path / "o"), "--engine", "local"], capture_output=True, text=True,
+                           cwd=ROOT, timeout=120)
+        assert r.returncode == 1 and "tokenizer_config.json" in _error_line(r), r.stderr
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "_LOCK").write_text("[1, 2, 3]")  # not a lock raysft wrote; old enough is taken over, else one line
+    r = _build(src, out)
+    assert r.returncode in (0, 3) and "Traceback" not in r.stderr and "internal error" not in r.stderr, r.stderr

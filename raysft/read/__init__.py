@@ -278,6 +278,10 @@ def expand_inputs(patterns: list[str], so: dict | None = None) -> list[InputFile
                 if os.path.islink(p) and not os.path.exists(p):
                     raise InputError(f"--input {pat}: {p} is a broken symbolic link (points to {os.readlink(p)})")
                 try:
+                    p.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise InputError(f"--input {pat}: a file name that is not UTF-8 ({p!r}); rename it") from None
+                try:
                     st = os.stat(p)
                 except OSError as e:
                     raise InputError(f"--input {pat}: cannot read {p} ({_short(e)})") from None
