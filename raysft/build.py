@@ -353,7 +353,14 @@ def guarded(prog: str, work, cleanup, debug: bool = False) -> int:
     except ValueError:  # not the main thread
         pass
     try:
-        work()
+        try:
+            work()
+        except SystemExit as e:
+            # a SIGTERM that came while Ray was starting: its handler, in place until Ray is up,
+            # exits with the signal's number (``raysft.engine.session._keep_sigterm``)
+            if e.code == signal.SIGTERM:
+                raise KeyboardInterrupt from None
+            raise
         return 0
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - every failure ends as one line
         code, line = classify(e)

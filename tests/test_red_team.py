@@ -186,3 +186,43 @@ def test_tokenizer_and_lock_files_of_the_wrong_shape_are_one_line(tmp_path, shar
     (out / "_LOCK").write_text("[1, 2, 3]")  # not a lock raysft wrote; old enough is taken over, else one line
     r = _build(src, out)
     assert r.returncode in (0, 3) and "Traceback" not in r.stderr and "internal error" not in r.stderr, r.stderr
+
+
+def test_a_template_that_never_ends_is_a_template_error_within_its_budget(monkeypatch):
+    import time
+
+    from raysft.templates import jinja
+    from raysft.tokenize import SampleBuilder, load_tokenizer_info
+
+    monkeypatch.setattr(jinja, "RENDER_BUDGET_S", 1.0)
+    info = load_tokenizer_info(str(QWEN3))
+    info.chat_template = ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+                          "{{ messages[0]['content'] }}")
+    b = SampleBuilder(info, "auto")  # the probe for tool-call forms runs under the budget too
+    t0 = time.time()
+    _, reasons, messages = b([json.dumps({"instruction": "hi", "output": "x"}).encode()])
+    assert reasons == ["template_error"] and "more than 1 s" in messages[0] and time.time() - t0 < 5
+
+
+def test_sigterm_on_the_ray_engine_is_an_interrupt_with_one_line(tmp_path, shared_data):
+    import signal
+    import time
+
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(_rows(shared_data, 999) * 40)
+    p = subprocess.Popen([sys.executable, "-m", "raysft.build", "--input", str(src), "--tokenizer", str(QWEN3),
+                          "--output", str(tmp_path / "out"), "--engine", "ray"], stderr=subprocess.PIPE, text=True,
+                         cwd=ROOT)
+    seen = []
+    for line in p.stderr:  # Ray is up and its actors tokenize
+        seen.append(line)
+        if "tokenizer actors:" in line:
+            break
+    time.sleep(1)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    err = "".join(seen) + err
+    assert p.returncode == 130, err[-2000:]
+    lines = [x for x in err.splitlines() if x.startswith("raysft.build: error")]
+    assert len(lines) == 1 and "interrupted" in lines[0] and "Traceback" not in err
+    assert not (tmp_path / "out" / "_SUCCESS").exists()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass
 
 log = logging.getLogger("raysft")
@@ -28,23 +30,60 @@ def init_ray(cfg) -> None:
     if ray.is_initialized():
         return
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        try:
-            ray.init(address=address, log_to_driver=True)
-        except (ConnectionError, RuntimeError, ValueError) as e:
-            raise ClusterError(f"cannot join the Ray cluster at {address}: {str(e).splitlines()[0][:300]}") from None
-        _ray_started = "joined"
-        return
+    with _keep_sigterm():
+        if address:
+            try:
+                ray.init(address=address, log_to_driver=True)
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                raise ClusterError(f"cannot join the Ray cluster at {address}: {str(e).splitlines()[0][:300]}") \
+                    from None
+            _ray_started = "joined"
+            return
+        _start_local(cfg, ray)
+
+
+@contextlib.contextmanager
+def _keep_sigterm():
+    """Ray's core worker installs a SIGTERM handler of its own (it dumps a C++ stack and exits
+    15); the command's handler (SIGTERM as an interrupt: exit 130, one line, ``--resume``
+    continues) is put back once Ray is up."""
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if main and callable(before):
+            signal.signal(signal.SIGTERM, before)
+
+
+RETRY_AFTER_S = 5  # a Ray start that timed out (its node waits 30 s for the raylet) is tried once more after this
+
+
+def _start_local(cfg, ray) -> None:
+    global _ray_started
     system: dict = {}
     if cfg.spill_dir:
         os.makedirs(cfg.spill_dir, exist_ok=True)
         system["object_spilling_config"] = json.dumps(
             {"type": "filesystem", "params": {"directory_path": os.path.abspath(cfg.spill_dir)}})
-    try:
-        ray.init(address="local", num_cpus=cfg.num_cpus, object_store_memory=object_store_bytes(cfg),
-                 include_dashboard=False, log_to_driver=True, _system_config=system or None)
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        raise ClusterError(f"cannot start Ray on this machine: {str(e).splitlines()[0][:300]}") from None
+    for attempt in (1, 2):
+        try:
+            ray.init(address="local", num_cpus=cfg.num_cpus, object_store_memory=object_store_bytes(cfg),
+                     include_dashboard=False, log_to_driver=True, _system_config=system or None)
+            break
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise ClusterError(f"cannot start Ray on this machine: {str(e).splitlines()[0][:300]}") from None
+        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception when its node times out starting
+            if "timed out" not in str(e) or attempt == 2:
+                raise ClusterError(f"cannot start Ray on this machine ({'twice, ' if attempt == 2 else ''}"
+                                   f"{str(e).splitlines()[0][:300]}); the host may be too busy: retry, or use "
+                                   "--engine local") from None
+            log.warning("Ray's start timed out (a busy host?): trying once more")
+            ray.shutdown()
+            time.sleep(RETRY_AFTER_S)
     _ray_started = "local"
 
 

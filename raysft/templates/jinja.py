@@ -35,9 +35,12 @@ lands on a prompt that happens to contain the answer's words.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import re
+import signal
+import threading
 
 from ..normalize import ASSISTANT, Conversation, RecordError
 from .base import ABSENT, Piece, Specials, TemplateError, to_hf_messages
@@ -261,12 +264,14 @@ class JinjaTemplate:
             msgs = [user, turn, {"role": "tool", "content": "r", "tool_call_id": "abcdefghi", "name": other},
                     {"role": "assistant", "content": "Done."}]
             try:
-                before = self._render([user], tools, False).count(name)
-                if self._render(msgs, tools, False).count(name) > before:
-                    self.call_form_name = label
-                    return form
+                with render_budget(RENDER_BUDGET_S):
+                    before = self._render([user], tools, False).count(name)
+                    rendered = self._render(msgs, tools, False).count(name)
             except RecordError:
                 continue
+            if rendered > before:
+                self.call_form_name = label
+                return form
         self.call_form_name = "none renders a call"
         return ""
 
@@ -309,6 +314,10 @@ class JinjaTemplate:
     # ---- where the assistant output is
 
     def pieces(self, conv: Conversation, special_strings: tuple[str, ...]) -> list[Piece]:
+        with render_budget(RENDER_BUDGET_S):
+            return self._pieces(conv, special_strings)
+
+    def _pieces(self, conv: Conversation, special_strings: tuple[str, ...]) -> list[Piece]:
         msgs = self.messages(conv)
         tools = conv.tools
         if self.generation:
@@ -438,6 +447,31 @@ class JinjaTemplate:
             else:
                 numbered.append((text, -1, False))
         return numbered
+
+
+RENDER_BUDGET_S = 20.0  # wall-clock seconds a chat template may take for one record
+
+
+@contextlib.contextmanager
+def render_budget(seconds: float):
+    """A record whose template runs longer than ``seconds`` (a loop that never ends, a CPU
+    bomb) is a ``template_error`` reject instead of a stalled worker: a real-time timer whose
+    signal raises inside the render. Main thread only (where signals are delivered: the
+    tokenizer actors and processes); elsewhere the stage's stall watchdog stays the guard."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def expired(signum, frame):
+        raise RecordError("template_error", f"the chat template ran for more than {seconds:g} s on this record")
+
+    before = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, before)
 
 
 def _check_calls(conv: Conversation, answers: dict[int, str]) -> None:
