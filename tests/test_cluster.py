@@ -299,3 +299,23 @@ def test_watchdog_fires_in_a_process_that_ignores_sigint():
         assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, prev)
+
+
+def test_watchdog_wakes_a_driver_blocked_in_a_wait():
+    """The local engine's driver waits on futures (a lock, no bytecode runs): the watchdog's
+    interrupt is a real signal, so the stall is raised on time there too."""
+    import concurrent.futures
+
+    from raysft.engine.watch import Stalled, Watchdog
+
+    t0 = time.time()
+    never = concurrent.futures.Future()
+    with pytest.raises(Stalled, match="made no progress"):
+        with Watchdog(1.0) as w:
+            w.progress("tokenize", "a tokenizer process")
+            try:
+                never.result()  # blocks until the watchdog's signal
+            except KeyboardInterrupt:
+                w.check()
+                raise
+    assert time.time() - t0 < 15

@@ -5,6 +5,7 @@ satisfy, a lost node whose work Ray cannot place)."""
 from __future__ import annotations
 
 import _thread
+import os
 import signal
 import threading
 import time
@@ -101,7 +102,12 @@ class Watchdog:
                 self.fired = (f"the {self.stage} stage made no progress for {idle:.0f} s"
                               + (f" (waiting for {self.detail})" if self.detail else "")
                               + f"; {waiting_for()}")
-                _thread.interrupt_main()
+                # a real signal, not interrupt_main's flag: it also wakes a main thread blocked
+                # in a wait (the local engine's futures, a storage call), where a flag is never read
+                if threading.main_thread().is_alive():
+                    os.kill(os.getpid(), signal.SIGINT)
+                else:
+                    _thread.interrupt_main()
                 return
 
     def check(self) -> None:
