@@ -37,6 +37,14 @@ def get_fs(url: str, so: dict | None = None):
     return fsspec.filesystem("file"), os.path.abspath(url.removeprefix("file://"))
 
 
+def absolute(url: str | None) -> str | None:
+    """A local path made absolute against this process's working folder (URLs as they are):
+    what reaches a worker must not be resolved against the worker's own folder."""
+    if not url or is_remote(url):
+        return url
+    return os.path.abspath(url.removeprefix("file://"))
+
+
 def join(base: str, *parts: str) -> str:
     base = base.rstrip("/")
     return "/".join([base, *[p.strip("/") for p in parts]])

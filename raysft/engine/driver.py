@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import sys
 import time
 
@@ -24,7 +25,7 @@ from .. import __version__ as RAYSFT_VERSION
 from .. import stats as stats_mod
 from ..config import BuildConfig
 from ..encode import EncoderStats, choose
-from ..fs import get_fs, join, storage_options
+from ..fs import absolute, get_fs, join, storage_options
 from ..layouts import get_layout
 from ..merge import copy_into
 from ..output import MANIFEST, TMP, Output, OutputError, OutputLock
@@ -429,8 +430,32 @@ def write_rejects(fs, tmp: str, blocks: Blocks, files, so) -> int:
     return n
 
 
+def with_absolute_paths(cfg: BuildConfig) -> BuildConfig:
+    """The build's local paths made absolute here, on the driver, before any reaches a worker
+    (whose working folder is a raylet's or the job's unpacked working_dir): a relative --output
+    or --cache names one folder for every process."""
+    import dataclasses
+
+    def source(spec):
+        if not isinstance(spec, dict):
+            return spec
+        spec = dict(spec)
+        for k in ("input", "inputs"):
+            if isinstance(spec.get(k), str):
+                spec[k] = absolute(spec[k])
+            elif isinstance(spec.get(k), list):
+                spec[k] = [absolute(i) if isinstance(i, str) else i for i in spec[k]]
+        return spec
+
+    return dataclasses.replace(
+        cfg, inputs=[absolute(i) for i in cfg.inputs], output=absolute(cfg.output), cache=absolute(cfg.cache),
+        tokenizer=absolute(cfg.tokenizer) if os.path.exists(cfg.tokenizer) else cfg.tokenizer,
+        spill_dir=absolute(cfg.spill_dir), sources=[source(s) for s in cfg.sources])
+
+
 def run(cfg: BuildConfig) -> dict:
     t0 = time.time()
+    cfg = with_absolute_paths(cfg)
     so, info, files, chunks, sources, file_source = prepare(cfg)
     layout = get_layout(cfg.layout)
     added: list[str] = []
