@@ -104,6 +104,31 @@ def test_ray_job_submit_end_to_end(head, tmp_path):
     assert "raysft.build: error: --input /nonexistent/*.jsonl" in r.stdout + r.stderr
 
 
+@pytest.mark.slow  # a `ray start` cluster of its own: the cluster tests run in CI's slow run
+def test_the_cron_script_exits_with_the_jobs_own_code(head, tmp_path):
+    """jobs/cron_submit.sh reads the job's state from Ray's job API (Ray 2.60 prints "Job ...
+    succeeded", which a grep for SUCCEEDED missed: every nightly run reported failure), uploads
+    the paths its job file names, and exits with the build's own exit code."""
+    address, env = head
+    work = tmp_path / "work"
+    shutil.copytree(ROOT / "raysft", work / "raysft")
+    ex = write_example(str(work / "example"), rows=40)  # under example/: left out of uploads unless named
+    job = tmp_path / "job.yaml"
+    job.write_text(f"input: example/data/*.jsonl\ntokenizer: example/tokenizer\ntemplate: llama3\n"
+                   f"seq_length: 1024\noutput: {tmp_path / 'out'}\n")
+    cron = [str(ROOT / "jobs" / "cron_submit.sh"), str(job)]
+    run_env = dict(env, RAY_ADDRESS=address, WORKING_DIR=str(work), PYTHON=sys.executable, RAYSFT_POLL_S="1")
+    r = subprocess.run(cron, env=run_env, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "SUCCEEDED (exit 0)" in r.stdout and (tmp_path / "out" / "_SUCCESS").exists()
+    assert json.loads((tmp_path / "out" / "stats.json").read_text())["rows_read"] == 40 + 10 + 20 and ex
+    # a build that fails on bad input: the job's own exit code 1, with its one line in the log
+    r = subprocess.run([*cron, "--input", "/nonexistent/*.jsonl"], env=run_env, capture_output=True, text=True,
+                       timeout=400)
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "raysft.build: error: --input /nonexistent/*.jsonl" in r.stdout and "FAILED (exit 1)" in r.stdout
+
+
 STOP_SCRIPT = r"""
 import json, sys, psutil, ray
 from ray._private import worker
