@@ -1,5 +1,6 @@
 """The job files and manifests users copy must only use flags raysft.build accepts."""
 
+import os
 import shlex
 import subprocess
 from pathlib import Path
@@ -89,10 +90,37 @@ def test_cron_wrapper_fails_without_config():
     assert r.returncode == 2 and "usage" in r.stderr
 
 
-def test_dlc_launcher_forwards_flags():
-    text = (ROOT / "deploy/dlc_launch.sh").read_text()
-    assert 'python -m raysft.build "$@"' in text
-    assert "RANK" in text and "ray start --head" in text and "ray start --address" in text
+def _fake_dlc_node(tmp_path, nodes: int, build_exit: int, ray_start_ok: bool = True) -> dict:
+    """PATH with a fake `ray` (recording its arguments) and a fake interpreter that reports
+    ``nodes`` live nodes and exits ``build_exit`` as the build."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "ray").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/ray.log\n'
+                                 f'case "$1 $2" in "start --address") exit {0 if ray_start_ok else 1};; esac\nexit 0\n')
+    (bin_dir / "py").write_text(f'#!/bin/sh\ncase "$*" in *raysft.build*) echo "$@" > {tmp_path}/build.log; '
+                                f'exit {build_exit};; *ray.nodes*) echo {nodes};; *) exit 1;; esac\n')
+    for f in ("ray", "py"):
+        (bin_dir / f).chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": str(bin_dir / "py"),
+            "RAYSFT_JOIN_TIMEOUT_S": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+
+
+def test_dlc_launcher_waits_for_every_rank_and_exits_with_the_builds_code(tmp_path):
+    script = str(ROOT / "deploy/dlc_launch.sh")
+    env = _fake_dlc_node(tmp_path, nodes=2, build_exit=3)
+    r = subprocess.run(["bash", script, "--config", "x.yaml"], env=env | {"RANK": "0", "WORLD_SIZE": "2"},
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 3, r.stderr  # the build's own exit code
+    assert "--port 1 " in (tmp_path / "ray.log").read_text()  # DLC's MASTER_PORT, not a fixed 6379
+    assert "-m raysft.build --config x.yaml" in (tmp_path / "build.log").read_text()
+    env = _fake_dlc_node(tmp_path, nodes=1, build_exit=0)
+    r = subprocess.run(["bash", script], env=env | {"RANK": "0", "WORLD_SIZE": "3"}, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 4 and "only 1 of 3 nodes joined" in r.stderr  # never a build on a partial cluster
+    env = _fake_dlc_node(tmp_path, nodes=1, build_exit=0, ray_start_ok=False)
+    r = subprocess.run(["bash", script], env=env | {"RANK": "1", "WORLD_SIZE": "3"}, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 4 and "cannot join the head" in r.stderr  # a rank that never joins fails
 
 
 def test_dockerfile_copies_existing_paths():
@@ -113,3 +141,27 @@ def test_every_output_affecting_setting_has_a_flag():
     assert set(FINGERPRINT_FLAGS) - internal <= flags, set(FINGERPRINT_FLAGS) - internal - flags
     cfg = config_from_args(["--input", "a", "--tokenizer", "t", "--output", "o", "--add-special-tokens"])
     assert cfg.add_special_tokens is True
+
+
+# The spec fields of KubeRay's CRDs at the releases the manifests claim (read from
+# ray-project/kuberay's ray-operator/config/crd/bases at v1.2.0 and v1.6.0): a field outside
+# them is pruned or refused by the API server (RayCronJob has no concurrencyPolicy).
+RAYJOB_SPEC_1_2 = {"activeDeadlineSeconds", "backoffLimit", "clusterSelector", "entrypoint", "entrypointNumCpus",
+                   "entrypointNumGpus", "entrypointResources", "jobId", "metadata", "rayClusterSpec",
+                   "runtimeEnvYAML", "shutdownAfterJobFinishes", "submissionMode", "submitterConfig",
+                   "submitterPodTemplate", "suspend", "ttlSecondsAfterFinished"}
+RAYCRONJOB_SPEC_1_6 = {"jobTemplate", "schedule", "suspend"}
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_manifests_use_only_fields_of_the_kuberay_release_they_claim(path):
+    text = path.read_text()
+    doc = yaml.safe_load(text)
+    spec = doc["spec"]
+    if doc["kind"] == "RayCronJob":
+        assert set(spec) <= RAYCRONJOB_SPEC_1_6 and {"schedule", "jobTemplate"} <= set(spec)
+        assert "KubeRay >= 1.6" in text and "RayCronJob=true" in text  # the version and the alpha feature gate
+        spec = spec["jobTemplate"]
+    else:
+        assert "KubeRay >= 1.2" in text
+    assert set(spec) <= RAYJOB_SPEC_1_2, set(spec) - RAYJOB_SPEC_1_2
