@@ -50,13 +50,54 @@ def lengths_pmf(S: int) -> np.ndarray:
     return pmf / pmf.sum()
 
 
+def write_shard_index(path: str, n: int, per_doc: int, block: int = 1 << 22) -> None:
+    """A shard's MMIDIDX index of ``n`` one-token samples, ``per_doc`` to a document, written in
+    blocks (a billion-sample benchmark must not hold its inputs in memory either)."""
+    import struct
+
+    from raysft.indexed import DTYPE_CODES, MAGIC, VERSION
+
+    docs = np.unique(np.concatenate([np.arange(0, n, per_doc), [n]])).astype("<i8")
+    with open(path, "wb") as f:
+        f.write(MAGIC + struct.pack("<Q", VERSION) + struct.pack("<B", DTYPE_CODES[np.dtype(np.int32)])
+                + struct.pack("<Q", n) + struct.pack("<Q", len(docs)))
+        for k in range(0, n, block):
+            f.write(np.ones(min(block, n - k), "<i4").tobytes())
+        for k in range(0, n, block):
+            f.write((np.arange(k, min(k + block, n), dtype="<i8") * 4).tobytes())
+        f.write(docs.tobytes())
+
+
+class PeakRss:
+    """The process's peak resident memory while the block runs (sampled every 20 ms)."""
+
+    def __enter__(self):
+        import threading
+
+        self.mib, self._stop = rss_mib(), threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(0.02):
+            self.mib = max(self.mib, rss_mib())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.mib = max(self.mib, rss_mib())
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", type=float, default=1e9)
     p.add_argument("--blocks", type=float, default=1e5)
     p.add_argument("--seq-length", type=int, default=4096)
     p.add_argument("--runs-per-block", type=int, default=2, help="runs a block holds (chunk boundaries inside it)")
-    p.add_argument("--merge-samples", type=float, default=2e7, help="samples of the streaming index merge")
+    p.add_argument("--merge-samples", type=float, default=1e9, help="samples of the streaming index merge")
+    p.add_argument("--tmp", default=None, help="where the merge's shard files go (default: the system temp dir; "
+                   "1e9 samples take ~24 GB)")
     p.add_argument("--out", default="driver-scale.json")
     a = p.parse_args()
     S, B, N = a.seq_length, int(a.blocks), int(a.samples)
@@ -110,32 +151,29 @@ def main() -> None:
                          "distinct_lengths_per_block": int((block_hists[0] > 0).sum()), "rss_mib": round(rss_mib())}
     print("offsets", result["offsets"], flush=True)
 
-    # 4. the merged index, streamed from shard indexes
-    from raysft.indexed import Index, encode_index
+    # 4. the merged index, streamed from shard indexes (each shard's index read in blocks)
     from raysft.merge import merge_index_files
 
     M, shards = int(a.merge_samples), 50
     import fsspec
 
     fs = fsspec.filesystem("file")
-    with tempfile.TemporaryDirectory() as d:
+    with tempfile.TemporaryDirectory(dir=a.tmp) as d:
         prefixes = []
         for s in range(shards):
             n = M // shards
-            sizes = np.ones(n, np.int32)  # one token each: the index is what is measured, not the copy
-            docs = np.unique(np.concatenate([np.arange(0, n, 64), [n]])).astype(np.int64)
-            idx = Index(np.dtype(np.int32), sizes, docs)
-            with open(f"{d}/p{s}.idx", "wb") as f:
-                f.write(encode_index(idx))
+            write_shard_index(f"{d}/p{s}.idx", n, 64)  # one token a sample: the index is measured, not the copy
             with open(f"{d}/p{s}.bin", "wb") as f:
                 f.truncate(n * 4)
             prefixes.append(f"{d}/p{s}")
         before = rss_mib()
+        peak = PeakRss()
         t0 = time.time()
-        merged = merge_index_files(fs, prefixes, f"{d}/merged")
-        result["merge"] = {"samples": M, "shards": shards, "seconds": round(time.time() - t0, 1),
-                           "index_bytes": Path(f"{d}/merged.idx").stat().st_size,
-                           "rss_before_mib": round(before), "rss_after_mib": round(rss_mib()),
+        with peak:
+            merged = merge_index_files(fs, prefixes, f"{d}/merged")
+        result["merge"] = {"samples": M, "shards": shards, "samples_per_shard": M // shards,
+                           "seconds": round(time.time() - t0, 1), "index_bytes": Path(f"{d}/merged.idx").stat().st_size,
+                           "rss_before_mib": round(before), "peak_rss_during_merge_mib": round(peak.mib),
                            "merged": {k: v for k, v in vars(merged).items() if isinstance(v, int)}}
     print("merge", result["merge"], flush=True)
     Path(a.out).write_text(json.dumps(result, indent=2) + "\n")

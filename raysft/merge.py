@@ -8,8 +8,9 @@ Pure fsspec + numpy. Two jobs:
   process (shards under S3's 5 MiB minimum part size are joined here into one part); other
   file systems stream in bounded buffers.
 * ``merge_index_files``: the merged ``.idx`` written from the shard indexes in three streaming
-  passes (lengths, pointers, document indices), one shard's index in memory at a time, so the
-  driver's memory does not grow with the number of samples.
+  passes (lengths, pointers, document indices), each shard's index read in blocks of
+  ``INDEX_BLOCK`` entries, so the driver's memory grows neither with the number of samples nor
+  with the samples per shard.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import struct
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
-from .indexed import DTYPE_CODES, HEADER_SIZE, MAGIC, VERSION, Index, decode_index
+from .indexed import CODE_DTYPES, DTYPE_CODES, HEADER_SIZE, MAGIC, VERSION, Index, decode_index
 
 COPY_BUFFER = 16 << 20
 S3_MIN_PART = 5 << 20  # S3's smallest part but the last
@@ -60,45 +61,95 @@ def _read_index(fs, path: str) -> Index:
         return decode_index(f.read(), path)
 
 
+INDEX_BLOCK = 1 << 20  # entries of an index read at a time (4 MiB of lengths, 8 MiB of pointers)
+
+
+class ShardIndex:
+    """One shard's ``.idx`` read in blocks: its header, then its lengths, pointers and document
+    indices ``INDEX_BLOCK`` entries at a time (never the whole index in memory)."""
+
+    def __init__(self, fs, path: str):
+        self.fs, self.path = fs, path
+        with fs.open(path, "rb") as f:
+            head = f.read(HEADER_SIZE)
+        if len(head) < HEADER_SIZE or head[: len(MAGIC)] != MAGIC:
+            raise MergeError(f"{path}: not a Megatron MMIDIDX index (bad magic)")
+        (version,) = struct.unpack_from("<Q", head, len(MAGIC))
+        (code,) = struct.unpack_from("<B", head, len(MAGIC) + 8)
+        self.sequences, docs = struct.unpack_from("<QQ", head, len(MAGIC) + 9)
+        if version != VERSION or code not in CODE_DTYPES:
+            raise MergeError(f"{path}: index version {version} / dtype code {code} not understood")
+        self.dtype = CODE_DTYPES[code]
+        self.documents = docs - 1
+        size = int(fs.info(path)["size"])
+        if size != HEADER_SIZE + self.sequences * 12 + docs * 8:
+            raise MergeError(f"{path}: {size} bytes, its header implies {HEADER_SIZE + self.sequences * 12 + docs * 8}")
+        self._ptr_at = HEADER_SIZE + self.sequences * 4
+        self._docs_at = self._ptr_at + self.sequences * 8
+        self.tokens = sum(int(b.sum()) for b in self.lengths())
+
+    def _blocks(self, at: int, count: int, dtype: str, width: int):
+        with self.fs.open(self.path, "rb") as f:
+            f.seek(at)
+            for k in range(0, count, INDEX_BLOCK):
+                n = min(INDEX_BLOCK, count - k)
+                yield np.frombuffer(f.read(n * width), dtype=dtype, count=n).astype(np.int64)
+
+    def lengths(self):
+        return self._blocks(HEADER_SIZE, self.sequences, "<i4", 4)
+
+    def pointers(self):
+        return self._blocks(self._ptr_at, self.sequences, "<i8", 8)
+
+    def document_indices(self):
+        return self._blocks(self._docs_at, self.documents + 1, "<i8", 8)
+
+
 def merge_index_files(fs, shard_prefixes: list[str], out_prefix: str) -> MergedIndex:
     """Write ``out_prefix.bin/.idx`` from the shards, in the order given; the .bin bytes are
-    copied by ``copy_into`` and checked against each shard's index."""
+    copied by ``copy_into`` and checked against each shard's index. Every pass reads the shard
+    indexes in blocks: the driver's memory is flat in the samples per shard (each shard's
+    pointers are checked against its lengths on the way)."""
     if not shard_prefixes:
         raise MergeError("nothing to merge")
-    heads = []  # (sequences, documents, tokens, dtype) per shard
-    for p in shard_prefixes:
-        idx = _read_index(fs, p + ".idx")
-        heads.append((len(idx.sequence_lengths), idx.num_documents, idx.num_tokens, idx.dtype))
-    dtype = heads[0][3]
-    if any(h[3] != dtype for h in heads):
+    shards = [ShardIndex(fs, p + ".idx") for p in shard_prefixes]
+    dtype = shards[0].dtype
+    if any(s.dtype != dtype for s in shards):
         raise MergeError(f"shards disagree on dtype in {shard_prefixes[0]}...")
     sizes = copy_into(fs, [p + ".bin" for p in shard_prefixes], out_prefix + ".bin")
-    for p, size, h in zip(shard_prefixes, sizes, heads):
-        if size != h[2] * dtype.itemsize:
-            raise MergeError(f"{p}.bin has {size} bytes, its index says {h[2] * dtype.itemsize}")
-    S = sum(h[0] for h in heads)
-    D = sum(h[1] for h in heads)
+    for p, size, sh in zip(shard_prefixes, sizes, shards):
+        if size != sh.tokens * dtype.itemsize:
+            raise MergeError(f"{p}.bin has {size} bytes, its index says {sh.tokens * dtype.itemsize}")
+    S = sum(sh.sequences for sh in shards)
+    D = sum(sh.documents for sh in shards)
     with fs.open(out_prefix + ".idx", "wb") as out:
         out.write(MAGIC + struct.pack("<Q", VERSION) + struct.pack("<B", DTYPE_CODES[np.dtype(dtype)])
                   + struct.pack("<Q", S) + struct.pack("<Q", D + 1))
-        for p in shard_prefixes:  # sequence lengths
-            out.write(_read_index(fs, p + ".idx").sequence_lengths.astype("<i4").tobytes())
+        for sh in shards:  # sequence lengths
+            for block in sh.lengths():
+                out.write(block.astype("<i4").tobytes())
         base = 0
-        for p in shard_prefixes:  # sequence pointers, continuing across shards
-            lengths = _read_index(fs, p + ".idx").sequence_lengths.astype(np.int64)
-            ptr = np.empty(len(lengths), np.int64)
-            if len(lengths):
-                ptr[0] = 0
-                np.cumsum(lengths[:-1], out=ptr[1:])
-            out.write(((ptr * dtype.itemsize) + base).astype("<i8").tobytes())
-            base += int(lengths.sum()) * dtype.itemsize
+        for sh in shards:  # sequence pointers, continuing across shards
+            at = 0  # the shard's own byte offset of the next sequence
+            for lengths, ptr in zip(sh.lengths(), sh.pointers()):
+                own = np.empty(len(lengths), np.int64)
+                own[0] = at
+                np.cumsum(lengths[:-1] * dtype.itemsize, out=own[1:])
+                own[1:] += at
+                if not np.array_equal(own, ptr):
+                    raise MergeError(f"{sh.path}: sequence pointers do not follow the lengths")
+                out.write((own + base).astype("<i8").tobytes())
+                at = int(own[-1] + lengths[-1] * dtype.itemsize)
+            base += sh.tokens * dtype.itemsize
         out.write(np.zeros(1, "<i8").tobytes())  # document indices
         offset = 0
-        for p, h in zip(shard_prefixes, heads):
-            docs = _read_index(fs, p + ".idx").document_indices[1:] + offset
-            out.write(docs.astype("<i8").tobytes())
-            offset += h[0]
-    return MergedIndex(S, D, sum(h[2] for h in heads))
+        for sh in shards:
+            first = True
+            for docs in sh.document_indices():
+                out.write(((docs[1:] if first else docs) + offset).astype("<i8").tobytes())  # one leading 0
+                first = False
+            offset += sh.sequences
+    return MergedIndex(S, D, sum(sh.tokens for sh in shards))
 
 
 def merge_shards(fs, shard_prefixes: list[str], out_prefix: str) -> Index:

@@ -294,3 +294,30 @@ def test_write_shard_reads_only_its_rows_of_every_part(tmp_path):
     for a, b in zip(lay.shard_files(str(tmp_path / "whole")) + [str(tmp_path / "whole.prov")],
                     lay.shard_files(str(tmp_path / "cut")) + [str(tmp_path / "cut.prov")]):
         assert pathlib.Path(a).read_bytes() == pathlib.Path(b).read_bytes(), a
+
+
+@pytest.mark.parametrize("block", [1, 3, 7, 1 << 20])
+def test_the_index_merge_reads_shards_in_blocks_with_the_same_bytes(tmp_path, monkeypatch, block):
+    """Each shard's index is read INDEX_BLOCK entries at a time (the driver's memory is flat in
+    the samples per shard): the bytes equal the in-memory merge's at every block edge."""
+    import fsspec
+
+    from raysft import merge
+    from raysft.indexed import Index, encode_index
+
+    monkeypatch.setattr(merge, "INDEX_BLOCK", block)
+    rng = np.random.default_rng(7)
+    prefixes, indexes = [], []
+    for k, n in enumerate((13, 0, 1, 29)):
+        lengths = rng.integers(1, 50, n).astype(np.int32)
+        cuts = np.sort(rng.choice(np.arange(1, n), size=min(4, n - 1), replace=False)) if n > 1 else []
+        docs = np.concatenate([[0], cuts, [n]]).astype(np.int64) if n else np.zeros(1, np.int64)
+        idx = Index(np.dtype(np.int32), lengths, docs)
+        p = tmp_path / f"s{k}"
+        pathlib.Path(f"{p}.idx").write_bytes(encode_index(idx))
+        pathlib.Path(f"{p}.bin").write_bytes(np.arange(int(lengths.sum()), dtype=np.int32).tobytes())
+        prefixes.append(str(p))
+        indexes.append(idx)
+    m = merge.merge_index_files(fsspec.filesystem("file"), prefixes, str(tmp_path / "out"))
+    assert (tmp_path / "out.idx").read_bytes() == encode_index(merge.merge_indexes(indexes))
+    assert (m.sequences, m.num_tokens) == (43, sum(int(i.sequence_lengths.sum()) for i in indexes))
