@@ -298,13 +298,39 @@ def tokenize_and_measure(blocks: Blocks, chunks: list, kwargs: dict, pool: Token
     ex = blocks.ex
     measure = ex.task(measure_block, num_cpus=pool.stats_cpus, num_returns=2)
     watch.progress("tokenize", "the tokenizer actors' first block")
+    progress = Progress(len(chunks))
     for refs in ex.tokenized(chunks, kwargs, pool):
         for ref in refs:
             blocks.add(ref, measure, rejects_dir)
         watch.progress("tokenize", f"tokenized blocks after {len(blocks.refs)}")
         blocks.collect(wait=False)
+        progress.report(blocks.totals)
     watch.progress("stats", "the statistics of the last blocks")
     blocks.collect(wait=True)
+    progress.report(blocks.totals, done=True)
+
+
+class Progress:
+    """The tokenize stage's progress, one log line every ``every_s`` seconds (both engines;
+    with no terminal the lines are what a log shows): chunks done of all, rows read, rows a
+    second, and the time left at that pace."""
+
+    def __init__(self, chunks: int, every_s: float = 15.0):
+        self.chunks, self.every_s = max(1, chunks), every_s
+        self.t0 = self.last = time.time()
+
+    def report(self, totals, done: bool = False) -> None:
+        now = time.time()
+        if not done and now - self.last < self.every_s:
+            return
+        self.last = now
+        elapsed = max(now - self.t0, 1e-6)
+        finished = min(len(totals.chunks), self.chunks)
+        rate = totals.rows / elapsed
+        left = elapsed * (self.chunks / finished - 1) if finished and not done else 0.0
+        log.info("tokenize: %d of %d chunks, %s rows read (%s rows/s)%s", finished if not done else self.chunks,
+                 self.chunks, f"{totals.rows:,}", f"{rate:,.0f}", f", about {left:.0f} s left" if left else
+                 (f" in {elapsed:.0f} s" if done else ""))
 
 
 def shuffle_and_write(blocks: Blocks, parts: list, plan_ref, num_shards: int, write_kw: dict, reuse: dict,

@@ -69,6 +69,9 @@ def _start_local(cfg, ray) -> None:
         os.makedirs(cfg.spill_dir, exist_ok=True)
         system["object_spilling_config"] = json.dumps(
             {"type": "filesystem", "params": {"directory_path": os.path.abspath(cfg.spill_dir)}})
+    # a Ray only this process uses and stops: no token authentication to set up (Ray 2.5x warns
+    # that it is on otherwise); a cluster's own setting is never changed (joining returns above)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     for attempt in (1, 2):
         try:
             ray.init(address="local", num_cpus=cfg.num_cpus, object_store_memory=object_store_bytes(cfg),
