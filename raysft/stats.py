@@ -59,13 +59,15 @@ def length_summary(hist: np.ndarray) -> dict:
     return out
 
 
-def packing_figures(tokens: int, packs: int, seq_length: int) -> dict:
+def packing_figures(tokens: int, packs: int, seq_length: int, epochs: int = 1) -> dict:
+    """Packs and their bound for ``epochs`` packings of ``packs`` packs holding ``tokens``
+    tokens each (the counts of what was written, every epoch)."""
     lb = -(-tokens // seq_length) if seq_length else 0
     return {
-        "packs": packs,
+        "packs": packs * epochs,
         "seq_length": seq_length,
         "packing_efficiency": round(tokens / (packs * seq_length), 6) if packs else 0.0,
-        "lower_bound_packs": lb,
+        "lower_bound_packs": lb * epochs,
     }
 
 

@@ -144,8 +144,10 @@ def test_mixture_epochs_validation_and_the_cache(tmp_path, ray_session, mixed_in
     # epochs: two packings of the same samples, in another order
     r = reader(out)
     docs = r.index.document_indices
-    P = st["packs"]
-    assert len(docs) - 1 == 2 * P
+    P = st["packs_per_epoch"]
+    # stats.json counts what was written, both epochs (a --train-iters sized from it covers all)
+    assert st["packs"] == len(docs) - 1 == 2 * P and sum(st["pack_fill"].values()) == 2 * P
+    assert st["lower_bound_packs"] == 2 * -(-st["tokens_per_epoch"] // 2048) and st["tokens"] == 2 * st["tokens_per_epoch"]
     e1 = [r[i].tobytes() for i in range(int(docs[0]), int(docs[P]))]
     e2 = [r[i].tobytes() for i in range(int(docs[P]), int(docs[2 * P]))]
     assert Counter(e1) == Counter(e2) and e1 != e2
