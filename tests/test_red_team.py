@@ -204,19 +204,20 @@ def test_a_template_that_never_ends_is_a_template_error_within_its_budget(monkey
     assert reasons == ["template_error"] and "more than 1 s" in messages[0] and time.time() - t0 < 5
 
 
-def test_sigterm_on_the_ray_engine_is_an_interrupt_with_one_line(tmp_path, shared_data):
+@pytest.mark.parametrize("engine,started", [("ray", "tokenizer actors:"), ("local", "local engine:")])
+def test_sigterm_is_an_interrupt_with_one_line_and_resume_continues(tmp_path, shared_data, engine, started):
     import signal
     import time
 
     src = tmp_path / "in.jsonl"
     src.write_bytes(_rows(shared_data, 999) * 40)
     p = subprocess.Popen([sys.executable, "-m", "raysft.build", "--input", str(src), "--tokenizer", str(QWEN3),
-                          "--output", str(tmp_path / "out"), "--engine", "ray"], stderr=subprocess.PIPE, text=True,
+                          "--output", str(tmp_path / "out"), "--engine", engine], stderr=subprocess.PIPE, text=True,
                          cwd=ROOT)
     seen = []
-    for line in p.stderr:  # Ray is up and its actors tokenize
+    for line in p.stderr:  # the engine is up and tokenizes
         seen.append(line)
-        if "tokenizer actors:" in line:
+        if started in line:
             break
     time.sleep(1)
     p.send_signal(signal.SIGTERM)
@@ -226,3 +227,6 @@ def test_sigterm_on_the_ray_engine_is_an_interrupt_with_one_line(tmp_path, share
     lines = [x for x in err.splitlines() if x.startswith("raysft.build: error")]
     assert len(lines) == 1 and "interrupted" in lines[0] and "Traceback" not in err
     assert not (tmp_path / "out" / "_SUCCESS").exists()
+    if engine == "local":  # what --resume does after it (the same on both engines)
+        r = _build(src, tmp_path / "out", "--resume", "--seq-length", "4096")
+        assert r.returncode == 0 and (tmp_path / "out" / "_SUCCESS").exists(), r.stderr
