@@ -191,6 +191,13 @@ def two_nodes(tmp_path_factory):
         shutil.rmtree(temp, ignore_errors=True)
 
 
+def test_a_node_that_does_not_see_a_probe_says_which_folder():
+    from raysft.engine.storage import _look
+
+    seen = _look({"--output": "/nonexistent/probe", "--cache": __file__}, open(__file__).read(), [__file__])
+    assert seen["probes"] == {"--output": False, "--cache": True} and seen["inputs"][__file__].count(":") == 1
+
+
 def _nodes_alive(address: str, env: dict) -> int:
     code = (f"import ray; ray.init(address={address!r}, log_to_driver=False); "
             "print(sum(1 for n in ray.nodes() if n['Alive']))")
@@ -210,11 +217,12 @@ def test_two_node_cluster_one_chunk_input_and_s3_output(two_nodes, tmp_path, s3_
     # one small file, one chunk: one actor, sized for one node (it once asked for 3 CPUs no node had)
     one = tmp_path / "one.jsonl"
     one.write_text("".join(json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) + "\n" for i in range(50)))
-    r = subprocess.run([*base, "--input", str(one), "--output", str(tmp_path / "local")], env=env,
-                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    r = subprocess.run([*base, "--input", str(one), "--output", str(tmp_path / "local"), "--cache",
+                        str(tmp_path / "cache")], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((tmp_path / "local" / "stats.json").read_text())["samples_written"] == 50
     assert "2 node(s), 4 CPUs" in r.stderr
+    assert "sees the output, the cache and the same inputs" in r.stderr  # both probed on both nodes
 
     # S3 output on moto, the shared data as input: the writers on both nodes reach the endpoint
     import boto3

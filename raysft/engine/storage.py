@@ -3,8 +3,8 @@
 With more than one node, writers run anywhere and tokenizer actors read anywhere: a local
 ``--output`` must be a file system every node mounts (NFS, a shared volume), and a local
 ``--input`` must hold the same bytes everywhere. Object storage (``s3://``) is shared by
-construction. The driver writes a probe under the output's ``_tmp/`` and, on every node, a
-task reads it back and measures the local inputs (size and a hash of their first and last
+construction. The driver writes a probe under the output's ``_tmp/`` (and in a local
+``--cache``) and, on every node, a task reads it back and measures the local inputs (size and a hash of their first and last
 MiB); any node that sees no probe or other input bytes stops the build with one line."""
 
 from __future__ import annotations
@@ -35,26 +35,28 @@ def file_signature(path: str) -> str:
     return f"{size}:{h.hexdigest()}"
 
 
-def _look(probe: str | None, token: str, inputs: list[str]) -> dict:
+def _look(probes: dict, token: str, inputs: list[str]) -> dict:
     import socket
 
-    seen = None
-    if probe is not None:
+    seen = {}
+    for flag, path in probes.items():
         try:
-            with open(probe) as f:
-                seen = f.read()
+            with open(path) as f:
+                seen[flag] = f.read() == token
         except OSError:
-            seen = None
+            seen[flag] = False
     sigs = {}
     for p in inputs:
         try:
             sigs[p] = file_signature(p)
         except OSError as e:
             sigs[p] = f"unreadable ({e.strerror})"
-    return {"host": socket.gethostname(), "probe": seen == token, "inputs": sigs}
+    return {"host": socket.gethostname(), "probes": seen, "inputs": sigs}
 
 
 def check_shared_storage(cfg, files, so: dict, tmp_url: str) -> None:
+    """Every node sees the local folders the build writes (``--output``; ``--cache``, whose
+    entries one node writes and another reads) and the same bytes of each local input."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -62,36 +64,41 @@ def check_shared_storage(cfg, files, so: dict, tmp_url: str) -> None:
     if len(nodes) <= 1:
         return
     local_inputs = [f.url for f in files if not is_remote(f.url)]
-    probe = None
     token = secrets.token_hex(8)
-    if not is_remote(cfg.output):
-        fs, root = get_fs(tmp_url, so)
-        probe = join(root, f"probe-{token}")
-        with open(probe, "w") as f:
-            f.write(token)
-    if probe is None and not local_inputs:
+    probes = {}
+    for flag, url, folder in (("--output", cfg.output, tmp_url), ("--cache", cfg.cache, cfg.cache)):
+        if url and not is_remote(url):
+            _, root = get_fs(folder, so)
+            os.makedirs(root, exist_ok=True)
+            probes[flag] = join(root, f"probe-{token}")
+            with open(probes[flag], "w") as f:
+                f.write(token)
+    if not probes and not local_inputs:
         return
     look = ray.remote(num_cpus=0)(_look)
-    mine = _look(probe, token, local_inputs)
+    mine = _look(probes, token, local_inputs)
     refs = [look.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
-        probe, token, local_inputs) for n in nodes]
+        probes, token, local_inputs) for n in nodes]
     try:
         seen = ray.get(refs, timeout=120)
     finally:
-        if probe is not None:
+        for path in probes.values():
             try:
-                os.remove(probe)
+                os.remove(path)
             except OSError:
                 pass
     for n, s in zip(nodes, seen):
         where = f"node {n.get('NodeManagerAddress')} ({s['host']})"
-        if probe is not None and not s["probe"]:
-            raise StorageRuleError(
-                f"--output {cfg.output} is a local folder that {where} does not see: on a cluster of {len(nodes)} "
-                "nodes, write to s3:// or to a file system every node mounts")
+        for flag, ok in s["probes"].items():
+            if not ok:
+                url = cfg.output if flag == "--output" else cfg.cache
+                raise StorageRuleError(
+                    f"{flag} {url} is a local folder that {where} does not see: on a cluster of {len(nodes)} "
+                    "nodes, use s3:// or a file system every node mounts")
         for p in local_inputs:
             if s["inputs"].get(p) != mine["inputs"][p]:
                 raise StorageRuleError(
                     f"--input {p} is not the same file on {where} ({s['inputs'].get(p)} there, {mine['inputs'][p]} "
                     f"on the driver): on a cluster, read inputs from s3:// or a file system every node mounts")
-    log.info("storage: every one of the %d nodes sees the output and the same inputs", len(nodes))
+    log.info("storage: every one of the %d nodes sees the output%s and the same inputs", len(nodes),
+             ", the cache" if "--cache" in probes else "")
