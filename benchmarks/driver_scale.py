@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pickle
 import resource
 import sys
@@ -50,7 +51,34 @@ def lengths_pmf(S: int) -> np.ndarray:
     return pmf / pmf.sum()
 
 
-def write_shard_index(path: str, n: int, per_doc: int, block: int = 1 << 22) -> None:
+def current_rss_mib() -> float:
+    """Resident memory now (``rss_mib`` is the process's peak so far)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
+
+
+class MergePeak:
+    """The peak of the resident memory while a block runs, sampled every 10 ms: what the merge
+    itself holds, apart from what earlier steps peaked at."""
+
+    def __enter__(self):
+        import threading
+
+        self.mib, self._stop = current_rss_mib(), threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(0.01):
+            self.mib = max(self.mib, current_rss_mib())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+
+def write_shard_index(path: str, n: int, per_doc: int, block: int = 1 << 20) -> None:
     """A shard's MMIDIDX index of ``n`` one-token samples, ``per_doc`` to a document, written in
     blocks (a billion-sample benchmark must not hold its inputs in memory either)."""
     import struct
@@ -66,27 +94,6 @@ def write_shard_index(path: str, n: int, per_doc: int, block: int = 1 << 22) -> 
         for k in range(0, n, block):
             f.write((np.arange(k, min(k + block, n), dtype="<i8") * 4).tobytes())
         f.write(docs.tobytes())
-
-
-class PeakRss:
-    """The process's peak resident memory while the block runs (sampled every 20 ms)."""
-
-    def __enter__(self):
-        import threading
-
-        self.mib, self._stop = rss_mib(), threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def _run(self):
-        while not self._stop.wait(0.02):
-            self.mib = max(self.mib, rss_mib())
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        self.mib = max(self.mib, rss_mib())
 
 
 def main() -> None:
@@ -166,14 +173,14 @@ def main() -> None:
             with open(f"{d}/p{s}.bin", "wb") as f:
                 f.truncate(n * 4)
             prefixes.append(f"{d}/p{s}")
-        before = rss_mib()
-        peak = PeakRss()
+        before = current_rss_mib()
         t0 = time.time()
-        with peak:
+        with MergePeak() as peak:
             merged = merge_index_files(fs, prefixes, f"{d}/merged")
         result["merge"] = {"samples": M, "shards": shards, "samples_per_shard": M // shards,
                            "seconds": round(time.time() - t0, 1), "index_bytes": Path(f"{d}/merged.idx").stat().st_size,
-                           "rss_before_mib": round(before), "peak_rss_during_merge_mib": round(peak.mib),
+                           "rss_before_merge_mib": round(before),
+                           "peak_rss_during_merge_mib": round(peak.mib), "peak_rss_whole_run_mib": round(rss_mib()),
                            "merged": {k: v for k, v in vars(merged).items() if isinstance(v, int)}}
     print("merge", result["merge"], flush=True)
     Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
