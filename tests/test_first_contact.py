@@ -227,6 +227,7 @@ def test_a_llamafactory_data_folder_builds_with_default_flags(lf_folder, tmp_pat
     assert stats["parity"]["mismatched"] == 0 and stats["parity"]["refused_by_template"] == 0
 
 
+@pytest.mark.slow  # five builds (~15 s): CI's slow run
 def test_dataset_picks_registry_entries_with_one_line_errors(lf_folder, tmp_path):
     out = tmp_path / "out"
     code, err = _run(["--input", str(lf_folder), "--dataset", "glaive_toolcall_en_demo,wiki_demo", "--tokenizer",
@@ -253,6 +254,7 @@ def _save_to_disk(rows, folder, splits=None):
                    env={**os.environ, "PYTHONPATH": str(TRAINERS)}, capture_output=True)
 
 
+@pytest.mark.slow  # the datasets library in two subprocesses and two builds (~16 s): CI's slow run
 def test_a_datasets_save_to_disk_folder_is_read_as_its_arrow_files(tmp_path):
     rows = json.loads((SHARED / "data" / "alpaca_en_demo.json").read_text())[:60]
     _save_to_disk(rows, tmp_path / "saved")
@@ -303,7 +305,8 @@ def text_input(tmp_path_factory):
     return path, texts
 
 
-@pytest.mark.parametrize("tokenizer,engine", [(MISTRAL, "local"), (QWEN3, "local"), (MISTRAL, "ray")])
+@pytest.mark.parametrize("tokenizer,engine", [(MISTRAL, "local"), (QWEN3, "local"),
+                                              pytest.param(MISTRAL, "ray", marks=pytest.mark.slow)])
 def test_plain_text_no_pack_native_is_megatrons_preprocess_data_byte_for_byte(text_input, tokenizer, engine,
                                                                               tmp_path):
     path, texts = text_input

@@ -144,6 +144,7 @@ def columnar(records, tools_as_structs: bool):
     return pa.Table.from_pylist(rows)
 
 
+@pytest.mark.slow  # every format and compression built (~60 s): CI's slow run
 def test_every_format_gives_the_bytes_of_json_lines(tmp_path, ray_session, shared_records, llama3_dir):
     """The same records as JSON Lines, JSON arrays, compressed, Parquet (tools as a JSON string
     and as struct columns, text as binary), Arrow and CSV: one dataset, byte for byte (the

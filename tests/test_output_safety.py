@@ -259,6 +259,7 @@ def test_template_exceptions_and_huge_renders_are_counted_template_errors(llama3
         assert messages[0] and "\n" not in messages[0]
 
 
+@pytest.mark.slow  # interrupted and resumed builds (~30 s): CI's slow run
 def test_resume_after_same_size_same_mtime_change_reuses_nothing_stale(tmp_path, ray_session, shared_data,
                                                                         llama3_dir, monkeypatch):
     """``cp -p`` / ``rsync -a`` keep size and mtime: shards are reused only when the chunks that

@@ -37,7 +37,7 @@ def _error_line(r) -> str:
     return lines[0]
 
 
-def test_a_compressed_input_cut_short_is_one_line_naming_it(tmp_path, shared_data):
+def _cut_files(tmp_path, shared_data) -> tuple[dict, bytes]:
     data = _rows(shared_data)
     third = len(data) // 3 + 1
     frames = [zstandard.ZstdCompressor(write_checksum=True).compress(data[i:i + third])
@@ -50,22 +50,34 @@ def test_a_compressed_input_cut_short_is_one_line_naming_it(tmp_path, shared_dat
         "bad.jsonl.gz": (lambda g: g[:60] + b"\x00" * 40 + g[100:])(gzip.compress(data)),
     }
     for name, payload in cuts.items():
+        (tmp_path / name).write_bytes(payload)
+    (tmp_path / "whole.jsonl.zst").write_bytes(b"".join(frames))
+    return cuts, data
+
+
+def test_a_compressed_input_cut_short_is_one_line_naming_it(tmp_path, shared_data):
+    cuts, data = _cut_files(tmp_path, shared_data)
+    for name in cuts:
         path = tmp_path / name
-        path.write_bytes(payload)
         [chunk] = plan_chunks(expand_inputs([str(path)]))
         with pytest.raises(InputError, match="cut short|corrupt") as e:
             for _ in read_chunk(chunk):
                 pass
         assert str(path) in str(e.value)
+    [chunk] = plan_chunks(expand_inputs([str(tmp_path / "whole.jsonl.zst")]))
+    assert sum(len(rows.raw) for rows in read_chunk(chunk)) == 300  # every frame, nothing more
+
+
+@pytest.mark.slow  # three builds (~30 s): CI's slow run
+def test_a_compressed_input_cut_short_fails_a_build_on_either_engine(tmp_path, shared_data):
+    _cut_files(tmp_path, shared_data)
     for k, (name, policy, engine) in enumerate([("cut.jsonl.zst", "fail", "ray"), ("cut.jsonl.gz", "skip", "local")]):
-        path = tmp_path / name  # through a build: a file-level fault is no skippable row, on either engine
+        path = tmp_path / name  # a file-level fault is no skippable row, on either engine
         r = _build(path, tmp_path / f"out{k}", "--on-bad-record", policy, engine=engine)
         assert r.returncode == 1, (name, r.stderr)
         line = _error_line(r)
         assert str(path) in line and ("cut short" in line or "corrupt" in line), line
-    whole = tmp_path / "whole.jsonl.zst"
-    whole.write_bytes(b"".join(frames))
-    r = _build(whole, tmp_path / "whole")
+    r = _build(tmp_path / "whole.jsonl.zst", tmp_path / "whole")
     assert r.returncode == 0 and json.loads((tmp_path / "whole" / "stats.json").read_text())["rows_read"] == 300
 
 
@@ -204,6 +216,7 @@ def test_a_template_that_never_ends_is_a_template_error_within_its_budget(monkey
     assert reasons == ["template_error"] and "more than 1 s" in messages[0] and time.time() - t0 < 5
 
 
+@pytest.mark.slow  # two builds interrupted mid-way (~40 s): CI's slow run
 @pytest.mark.parametrize("engine,started", [("ray", "tokenizer actors:"), ("local", "local engine:")])
 def test_sigterm_is_an_interrupt_with_one_line_and_resume_continues(tmp_path, shared_data, engine, started):
     import signal

@@ -118,6 +118,7 @@ def _prov(path: Path) -> np.ndarray:
     return np.frombuffer((path / "provenance.bin").read_bytes(), dtype=PROVENANCE_DTYPE)
 
 
+@pytest.mark.slow  # four builds with a cache and epochs (~60 s): CI's slow run
 def test_mixture_epochs_validation_and_the_cache(tmp_path, ray_session, mixed_inputs, llama3_dir):
     cache = tmp_path / "cache"
     flags = dict(template="llama3", seq_length=2048, mix_unit="samples", epochs=2, validation="0.1",
