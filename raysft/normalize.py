@@ -199,7 +199,6 @@ class Document:
     """A plain-text record (``format: text``): one sample, loss on every token."""
 
     text: str
-    meta: dict = field(default_factory=dict)
 
 
 def normalize(record: Any, fmt: str = "auto", keys: dict[str, str] | None = None) -> Conversation | Document:

@@ -108,6 +108,9 @@ def table_records(table: pa.Table) -> tuple[list[bytes], list[str]]:
     return raws, errors
 
 
+MAX_CELL = (1 << 31) - 1  # characters of one CSV cell (a record is bounded by --seq-length's drop anyway)
+
+
 def csv_records(stream, delimiter: str):
     """The rows of a CSV stream as JSON records of text cells, one at a time: ``(row, raw,
     error)``, ``row`` counted from 0 after the header. A row whose field count differs from the
@@ -115,6 +118,7 @@ def csv_records(stream, delimiter: str):
     ``invalid_utf8``); the rows around it are read as usual. Python's csv module, not Arrow's
     reader, so that one bad row never costs the file."""
     text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline="")
+    csv.field_size_limit(MAX_CELL)  # the module's default of 131,072 characters would end a long answer's file
     reader = csv.reader(text, delimiter=delimiter)
     names = next(reader, None)
     if names is None:
