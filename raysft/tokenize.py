@@ -469,9 +469,17 @@ class SampleBuilder:
         messages = [""] * n
         docs: list[tuple[int, str]] = []
         rendered, where = self.render(raws, errors, reasons, messages, docs)
-        if docs:
-            return self._with_documents(raws, reasons, messages, rendered, where, docs)
         b = self.encoder.encode([r.text for r in rendered], [r.spans for r in rendered])
+        values, lengths, loss_n, ok = self._kept(b, where, n, reasons, messages)
+        if docs:
+            values, b = self._with_documents(values, lengths, loss_n, ok, b, docs)
+        return Encoded(values, lengths, loss_n, ok, reasons, messages, b, self._parity(raws, values, lengths, ok))
+
+    @staticmethod
+    def _kept(b, where: list[int], n: int, reasons: list[str], messages: list[str]):
+        """The encoded conversations placed at their records (``where``): signed tokens back to
+        back, tokens, loss tokens and kept flag per record; an empty or loss-free sample is
+        rejected, with its reason."""
         values, counts, loss = b.values, b.lengths, b.loss
         lengths = np.zeros(n, dtype=np.int64)
         loss_n = np.zeros(n, dtype=np.int64)
@@ -490,41 +498,26 @@ class SampleBuilder:
             lengths[at[good]] = counts[good]
             loss_n[at[good]] = loss[good]
             ok[at[good]] = True
-        return Encoded(values, lengths, loss_n, ok, reasons, messages, b, self._parity(raws, values, lengths, ok))
+        return values, lengths, loss_n, ok
 
-    def _with_documents(self, raws, reasons, messages, rendered, where, docs) -> Encoded:
-        """A batch holding plain-text documents: conversations encoded as usual, each document
-        as the post-processor's tokens + its text's tokens + EOS, every token with loss
-        (``document_ends``); then every kept record's tokens in record order."""
-        n = len(raws)
-        conv = self.encoder.encode([r.text for r in rendered], [r.spans for r in rendered])
+    def _with_documents(self, values, lengths, loss_n, ok, conv, docs):
+        """Plain-text documents put beside the batch's conversations (``lengths``, ``loss_n``
+        and ``ok`` completed in place): each the post-processor's tokens + its text's tokens +
+        EOS, every token with loss (``document_ends``); every kept record's tokens in record
+        order. Returns the tokens and the batch's encoder counts."""
+        from .encode import Batch
+
         texts = [t for _, t in docs]
         plain = self.encoder.encode(texts, [[(0, len(t))] for t in texts])  # the same encoder, parity and fallback
         pre, post = self.document_ends()
-        arrays: dict[int, np.ndarray] = {}
-        for i, arr, loss in zip(where, split_flat(conv.values, conv.lengths), conv.loss.tolist()):
-            if len(arr) == 0:
-                reasons[i], messages[i] = "empty_sample", "the rendered conversation has no tokens"
-            elif loss == 0:
-                reasons[i], messages[i] = "all_masked", "no token of the sample carries loss"
-            else:
-                arrays[i] = arr
+        arrays = dict(zip(np.flatnonzero(ok).tolist(), split_flat(values, lengths[ok])))
         for (i, _), arr in zip(docs, split_flat(plain.values, plain.lengths)):
             arrays[i] = np.concatenate([pre, np.where(arr < 0, ~arr, arr), post])
+            ok[i], lengths[i], loss_n[i] = True, len(arrays[i]), len(arrays[i])
         order = sorted(arrays)
-        ok = np.zeros(n, dtype=bool)
-        lengths = np.zeros(n, dtype=np.int64)
-        loss_n = np.zeros(n, dtype=np.int64)
-        for i in order:
-            ok[i] = True
-            lengths[i] = len(arrays[i])
-            loss_n[i] = int((arrays[i] >= 0).sum())
         values = np.concatenate([arrays[i] for i in order]).astype(np.int32) if order else np.zeros(0, np.int32)
-        from .encode import Batch
-
-        b = Batch(values, lengths[ok], loss_n[ok], conv.parity_rows + plain.parity_rows,
-                  conv.parity_mismatches + plain.parity_mismatches, conv.fallback_rows + plain.fallback_rows)
-        return Encoded(values, lengths, loss_n, ok, reasons, messages, b, self._parity(raws, values, lengths, ok))
+        return values, Batch(values, lengths[ok], loss_n[ok], conv.parity_rows + plain.parity_rows,
+                             conv.parity_mismatches + plain.parity_mismatches, conv.fallback_rows + plain.fallback_rows)
 
     def _parity(self, raws, values, lengths, ok) -> np.ndarray | None:
         """The chat-template parity outcome of each picked record that was written."""
