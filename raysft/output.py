@@ -393,10 +393,11 @@ class Output:
             raise OutputError(f"{join(self.url, TMP)} exists and is not a raysft build's work folder (no manifest of "
                               "one): raysft writes there; move it away or choose another --output")
 
-    def check_names(self, names: list[str]) -> None:
-        """Before anything is built: none of the files this build will put in place stands
-        here unless a verified raysft manifest lists it (commit checks every file again)."""
-        owned = set(self.owned_files())
+    def check_names(self, names: list[str], owned: set | None = None) -> None:
+        """None of the files this build puts in place stands here unless a verified raysft
+        manifest lists it (``owned``): checked before anything is built, and by ``commit``
+        for every file again."""
+        owned = set(self.owned_files()) if owned is None else owned
         for rel in names:
             p = self.path(rel)
             if rel not in owned and _exists(self.fs, p) and not self.fs.isdir(p):
@@ -434,9 +435,7 @@ class Output:
             if not self.inside(rel):
                 raise OutputError(f"refusing to write {join(self.url, rel)}: a symbolic link on its way leads out of "
                                   "the output folder")
-            if rel not in owned and _exists(self.fs, self.path(rel)):
-                raise OutputError(f"refusing to replace {join(self.url, rel)}: raysft did not write it (it is in no "
-                                  "raysft manifest here); move it away or choose another --output")
+        self.check_names([*new, MANIFEST], owned)
         _write_json(self.fs, join(self.tmp, MANIFEST), manifest)
         old = owned - set(new) - {MANIFEST}
         journal = {"new": sorted(new) + [MANIFEST], "remove": sorted(old), "success": success}

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import logging
 
-from ..fs import get_fs
+from ..fs import get_fs, join
 from ..sources import Source, SourceError
 
 log = logging.getLogger("raysft")
@@ -39,10 +39,6 @@ NOT_SFT = {"ranking": "preference pairs (ranking: true)", "kto_tag": "KTO data (
            "videos": "videos", "audios": "audio"}
 
 
-def _join(folder: str, name: str) -> str:
-    return folder.rstrip("/") + "/" + name.lstrip("/") if folder.rstrip("/") else name
-
-
 def read_registry(path: str, so: dict | None = None) -> dict | None:
     """The registry of a LLaMA-Factory data folder, or None when ``path`` is not one (not a
     folder, no ``dataset_info.json``, or a ``datasets`` saved dataset)."""
@@ -52,17 +48,17 @@ def read_registry(path: str, so: dict | None = None) -> dict | None:
     try:
         if not fs.isdir(root):
             return None
-        reg = _join(root, REGISTRY)
-        if not fs.exists(reg) or fs.exists(_join(root, "state.json")) or fs.exists(_join(root, "dataset_dict.json")):
+        reg = join(root, REGISTRY)
+        if not fs.exists(reg) or fs.exists(join(root, "state.json")) or fs.exists(join(root, "dataset_dict.json")):
             return None
         with fs.open(reg, "rb") as fh:
             data = json.loads(fh.read())
     except ValueError as e:
-        raise SourceError(f"{_join(path, REGISTRY)}: not valid JSON ({str(e).splitlines()[0][:200]})") from None
+        raise SourceError(f"{join(path, REGISTRY)}: not valid JSON ({str(e).splitlines()[0][:200]})") from None
     except OSError:
         return None
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
-        raise SourceError(f"{_join(path, REGISTRY)}: a dataset registry maps names to entries (objects)")
+        raise SourceError(f"{join(path, REGISTRY)}: a dataset registry maps names to entries (objects)")
     return data
 
 
@@ -77,7 +73,7 @@ def registry_sources(folder: str, registry: dict, picked: list[str] | None, defa
             import difflib
 
             close = difflib.get_close_matches(unknown[0], list(registry), n=3)
-            raise SourceError(f"--dataset {unknown[0]}: no such entry in {_join(folder, REGISTRY)}"
+            raise SourceError(f"--dataset {unknown[0]}: no such entry in {join(folder, REGISTRY)}"
                               + (f"; did you mean {', '.join(close)}?" if close else ""))
     out, absent = [], 0
     for name in picked or list(registry):
@@ -89,11 +85,11 @@ def registry_sources(folder: str, registry: dict, picked: list[str] | None, defa
             if why.endswith(ABSENT):
                 absent += 1
             else:  # its data is here, and not built: said entry by entry
-                log.warning("%s: entry %s is not built: %s", _join(folder, REGISTRY), name, why)
+                log.warning("%s: entry %s is not built: %s", join(folder, REGISTRY), name, why)
             continue
         out.append(_source(name, entry, folder, defaults))
     if absent:
-        log.info("%s: %d entr%s name a hub dataset or a file not in the folder (not read)", _join(folder, REGISTRY),
+        log.info("%s: %d entr%s name a hub dataset or a file not in the folder (not read)", join(folder, REGISTRY),
                  absent, "y" if absent == 1 else "ies")
     if not out:
         raise SourceError(f"--input {folder}: no entry of its {REGISTRY} can be built (pick entries with --dataset)")
@@ -114,7 +110,7 @@ def _unreadable(entry: dict, fs, root: str) -> str:
     fmt = entry.get("formatting", "alpaca")
     if fmt not in FORMATTING:
         return f"formatting {fmt!r} is not one of {', '.join(FORMATTING)}"
-    if not fs.exists(_join(root, entry["file_name"])):
+    if not fs.exists(join(root, entry["file_name"])):
         return f"{entry['file_name']} is not in the folder{ABSENT}"
     return ""
 
@@ -137,4 +133,4 @@ def _source(name: str, entry: dict, folder: str, defaults: dict) -> Source:
     for ignored in ("subset", "split", "num_samples", "folder"):
         if entry.get(ignored) not in (None, "train"):
             log.warning("%s entry %r: %s is not applied (every row of its file is read)", REGISTRY, name, ignored)
-    return Source(name, [_join(folder, entry["file_name"])], fmt, keys, defaults.get("loss", "assistant"))
+    return Source(name, [join(folder, entry["file_name"])], fmt, keys, defaults.get("loss", "assistant"))
