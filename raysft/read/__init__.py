@@ -728,6 +728,19 @@ def _iter_lines(fh, block: int = 1 << 20):
         yield rest
 
 
+def _stream_lines(fs, path: str, p: Piece, got, out: _Batcher, text: bool):
+    """The non-blank lines of a (decompressed) stream as records, at their offsets in the
+    decompressed text; ``text``: plain-text lines (``{"text": line}``), else JSON."""
+    with _piece_stream(fs, path, p, got) as fh:
+        offset = 0
+        for line in _iter_lines(fh):
+            if line.strip():
+                line_ = line.rstrip(b"\r\n")
+                if (r := out.add(p.src, -1, offset, *(_text_record(line_) if text else (line_,)))) is not None:
+                    yield r
+            offset += len(line)
+
+
 def _read_piece(p: Piece, so, got, out: _Batcher):
     fs, path = get_fs(p.url, so)
     if p.kind in LINE_KINDS:
@@ -738,26 +751,14 @@ def _read_piece(p: Piece, so, got, out: _Batcher):
                 yield r
         return
     kind = p.kind
-    if kind == "txtstream":
-        with _piece_stream(fs, path, p, got) as fh:
-            offset = 0
-            for line in _iter_lines(fh):
-                if line.strip():
-                    if (r := out.add(p.src, -1, offset, *_text_record(line.rstrip(b"\r\n")))) is not None:
-                        yield r
-                offset += len(line)
+    if kind == "txtstream":  # compressed plain text: a document a line
+        yield from _stream_lines(fs, path, p, got, out, text=True)
         return
     if kind == "stream":  # a compressed text file: JSON Lines or one array
         with _piece_stream(fs, path, p, got) as fh:
             head = fh.read(4096)
         if not head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
-            with _piece_stream(fs, path, p, got) as fh:
-                offset = 0
-                for line in _iter_lines(fh):
-                    if line.strip():
-                        if (r := out.add(p.src, -1, offset, line.rstrip(b"\r\n"))) is not None:
-                            yield r
-                    offset += len(line)
+            yield from _stream_lines(fs, path, p, got, out, text=False)
             return
         kind = "array"
     if kind == "array":
