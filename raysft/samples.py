@@ -32,6 +32,9 @@ SCHEMA = pa.schema([
     # the encoder's parity and fallback counts of the batch, on its first row (0 elsewhere), so
     # they add up whatever the engine does to the rows
     ("enc_checked", pa.int32()), ("enc_mismatch", pa.int32()), ("enc_fallback", pa.int32()),
+    # --template auto: the batch's conversations replayed from render plans and rendered, on its
+    # first row (raysft.templates.plan)
+    ("tpl_planned", pa.int32()), ("tpl_rendered", pa.int32()),
     # the chat-template parity outcome of the record (raysft.parity), on its first piece
     ("tpl_parity", pa.int8()),
     ("source", pa.int16()),  # the record's source (raysft.sources), by position in the build's list
@@ -49,6 +52,7 @@ ENCODED = pa.schema([
     ("loss_n", pa.int32()), ("ids", pa.list_(pa.int32())), ("reason", pa.string()), ("message", pa.string()),
     ("bad_raw", pa.binary()), ("cut_raw", pa.binary()), ("rec_hash", pa.int64()), ("tpl_parity", pa.int8()),
     ("enc_checked", pa.int32()), ("enc_mismatch", pa.int32()), ("enc_fallback", pa.int32()),
+    ("tpl_planned", pa.int32()), ("tpl_rendered", pa.int32()),
 ])
 
 
@@ -138,6 +142,8 @@ def encode_records(builder: SampleBuilder, raws: list[bytes], errors: list[str],
         "enc_checked": pa.array(_on_first(n, getattr(e.batch, "parity_rows", 0))),
         "enc_mismatch": pa.array(_on_first(n, getattr(e.batch, "parity_mismatches", 0))),
         "enc_fallback": pa.array(_on_first(n, getattr(e.batch, "fallback_rows", 0))),
+        "tpl_planned": pa.array(_on_first(n, e.planned)),
+        "tpl_rendered": pa.array(_on_first(n, e.rendered)),
     }, schema=ENCODED.with_metadata({"keep_over": str(int(keep_over))}))
 
 
@@ -225,6 +231,8 @@ def fit_records(enc: pa.Table, chunk: int, seq_length: int, overlong: str = "dro
     first_piece = piece == 0
 
     def per_record(name, dtype):
+        if name not in enc.column_names or (cached and name.startswith("tpl_") and name != "tpl_parity"):
+            return pa.array(np.zeros(len(take), dtype))  # served from the cache: nothing rendered
         return pa.array(np.where(first_piece, enc.column(name).to_numpy()[take], 0).astype(dtype))
 
     return pa.table({
@@ -247,6 +255,8 @@ def fit_records(enc: pa.Table, chunk: int, seq_length: int, overlong: str = "dro
         "enc_checked": per_record("enc_checked", np.int32),
         "enc_mismatch": per_record("enc_mismatch", np.int32),
         "enc_fallback": per_record("enc_fallback", np.int32),
+        "tpl_planned": per_record("tpl_planned", np.int32),
+        "tpl_rendered": per_record("tpl_rendered", np.int32),
         "tpl_parity": per_record("tpl_parity", np.int8),
         "source": pa.array(np.full(n, source, np.int16)),
         "rec_hash": pa.array(enc.column("rec_hash").to_numpy()[take]),

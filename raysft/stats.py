@@ -203,6 +203,8 @@ def block_stats(table, seq_length: int) -> tuple[dict, dict]:
         "reasons": reasons,
         "first_bad": first_bad,
         "encoder": [int(table.column(k).to_numpy().sum()) for k in ("enc_checked", "enc_mismatch", "enc_fallback")],
+        "template_paths": [int(table.column(k).to_numpy().sum()) if k in table.column_names else 0
+                           for k in ("tpl_planned", "tpl_rendered")],
         **_parity_stats(table),
         "per_source": _per_source(table, first, kept),
         "cached_rows": int((first & table.column("cached").to_numpy(zero_copy_only=False)).sum())
@@ -279,6 +281,7 @@ class Totals:
         self.first_bad: dict | None = None
         self.chunks: dict[int, int] = {}
         self.encoder = [0, 0, 0]  # rows checked against hf, batches that disagreed, rows hf encoded
+        self.template_paths = [0, 0]  # --template auto: conversations replayed from render plans, rendered
         self.parity = [0, 0, 0]  # chat-template parity: records checked, mismatched, refused by the template
         self.parity_bad: list[tuple] = []  # (chunk, idx, src, row, outcome), the first in input order
         self.per_source: dict[int, list[int]] = {}  # source -> rows, samples, tokens, loss tokens
@@ -298,6 +301,7 @@ class Totals:
         self.chunks.update(s.get("chunks", {}))
         self.encoder = [a + b for a, b in zip(self.encoder, s.get("encoder", [0, 0, 0]))]
         self.parity = [a + b for a, b in zip(self.parity, s.get("parity", [0, 0, 0]))]
+        self.template_paths = [a + b for a, b in zip(self.template_paths, s.get("template_paths", [0, 0]))]
         if s.get("parity_bad"):
             self.parity_bad = sorted(self.parity_bad + s["parity_bad"])[:5]
         for k, v in (s.get("per_source") or {}).items():

@@ -324,6 +324,8 @@ class Encoded:
     messages: list[str]
     batch: object = None  # the encoder's Batch (parity and fallback counts)
     parity: np.ndarray | None = None  # int8 per record: the chat-template parity outcome (raysft.parity)
+    planned: int = 0  # --template auto: conversations replayed from render plans
+    rendered: int = 0  # --template auto: conversations rendered
 
 
 def _reject_reason(e: BaseException) -> tuple[str, str]:
@@ -468,12 +470,15 @@ class SampleBuilder:
         reasons = [""] * n
         messages = [""] * n
         docs: list[tuple[int, str]] = []
+        paths = self.template.render_paths() if self.template is not None else (0, 0)
         rendered, where = self.render(raws, errors, reasons, messages, docs)
         b = self.encoder.encode([r.text for r in rendered], [r.spans for r in rendered])
         values, lengths, loss_n, ok = self._kept(b, where, n, reasons, messages)
         if docs:
             values, b = self._with_documents(values, lengths, loss_n, ok, b, docs)
-        return Encoded(values, lengths, loss_n, ok, reasons, messages, b, self._parity(raws, values, lengths, ok))
+        after = self.template.render_paths() if self.template is not None else (0, 0)
+        return Encoded(values, lengths, loss_n, ok, reasons, messages, b, self._parity(raws, values, lengths, ok),
+                       after[0] - paths[0], after[1] - paths[1])
 
     @staticmethod
     def _kept(b, where: list[int], n: int, reasons: list[str], messages: list[str]):

@@ -870,6 +870,8 @@ def _build_with(ex, cfg, t0, so, info, files, chunks, layout, added, pad_id, out
         "template_kwargs": cfg.template_kwargs,
         "template_date": cfg.template_date,
         "think_loss": cfg.think_loss,
+        **({"template_render": {"replayed_from_plans": tot.template_paths[0], "rendered": tot.template_paths[1]}}
+           if cfg.template == "auto" else {}),
         "encoder": {"name": enc_stats.name, "version": enc_stats.version, "rows_checked": enc_stats.rows_checked,
                     "mismatches": enc_stats.mismatches, "fallbacks": enc_stats.fallbacks,
                     **({"why": enc_stats.why} if enc_stats.why else {})},

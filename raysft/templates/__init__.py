@@ -108,6 +108,13 @@ class Template:
         parity gate's input): a tool-call-only turn in the form the template renders it."""
         return self._jinja.messages(conv) if self._jinja is not None else to_hf_messages(conv, "")
 
+    def render_paths(self) -> tuple[int, int]:
+        """``--template auto``: conversations so far replayed from render plans, and rendered
+        (``raysft.templates.plan``); (0, 0) for a built-in."""
+        if self._jinja is None:
+            return 0, 0
+        return self._jinja.plan_stats["planned"], self._jinja.plan_stats["rendered"]
+
     def pieces(self, conv: Conversation) -> list[Piece]:
         if self._jinja is not None:
             return self._jinja.pieces(conv, self._special_strings)

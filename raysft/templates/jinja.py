@@ -43,6 +43,7 @@ import signal
 import threading
 
 from ..normalize import ASSISTANT, Conversation, RecordError
+from . import plan
 from .base import ABSENT, Piece, Specials, TemplateError, to_hf_messages
 
 MAX_CHARS = 64 << 20  # a template building a longer string rejects the record
@@ -66,9 +67,9 @@ def hf_messages(messages: list[dict]) -> list[dict]:
     return out
 
 
-def string_arguments(messages: list[dict]) -> list[dict] | None:
+def string_arguments(messages: list[dict], dumps=None) -> list[dict] | None:
     """The messages with every tool call's object arguments as compact JSON text (None when
-    there are none to convert)."""
+    there are none to convert); ``dumps``: the JSON writer (a render plan's, while planning)."""
     out, changed = [], False
     for m in messages:
         if m.get("tool_calls"):
@@ -76,7 +77,8 @@ def string_arguments(messages: list[dict]) -> list[dict] | None:
             for c in m["tool_calls"]:
                 fn = c.get("function") or {}
                 if isinstance(fn.get("arguments"), (dict, list)):
-                    fn = dict(fn, arguments=json.dumps(fn["arguments"], ensure_ascii=False))
+                    fn = dict(fn, arguments=dumps(fn["arguments"]) if dumps else json.dumps(fn["arguments"],
+                                                                                            ensure_ascii=False))
                     changed = True
                 calls.append(dict(c, function=fn))
             m = dict(m, tool_calls=calls)
@@ -84,28 +86,65 @@ def string_arguments(messages: list[dict]) -> list[dict] | None:
     return out if changed else None
 
 
-def _environment(date: datetime.date, mark_generation: bool):
+def _environment(date: datetime.date, mark_generation: bool, tracking: bool = False):
+    """The environment ``apply_chat_template`` renders in. ``tracking``: the same, with every
+    way a template reaches a value's text routed through :mod:`.plan`'s hooks (used to build
+    render plans; see there)."""
     import jinja2
     import jinja2.ext
+    from jinja2.compiler import CodeGenerator
     from jinja2.exceptions import SecurityError, TemplateError
+    from jinja2.runtime import LoopContext, Macro
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def length(x) -> int:
+        return str.__len__(x) if isinstance(x, str) else len(x)
+
+    class TrackingCodeGenerator(CodeGenerator):
+        """Compiles ``in``/``not in`` and ``~`` to calls :mod:`.plan` can follow."""
+
+        def visit_Compare(self, node, frame):
+            if not any(op.op in ("in", "notin") for op in node.ops):
+                return super().visit_Compare(node, frame)
+            self.write("environment.rs_compare(")
+            self.visit(node.expr, frame)
+            for op in node.ops:
+                self.write(f", {op.op!r}, ")
+                self.visit(op.expr, frame)
+            self.write(")")
+
+        def visit_Concat(self, node, frame):
+            self.write("environment.rs_join((")
+            for arg in node.nodes:
+                self.visit(arg, frame)
+                self.write(", ")
+            self.write("))")
 
     class BoundedEnvironment(ImmutableSandboxedEnvironment):
         """The sandbox, refusing operators that would build huge strings or lists."""
 
         intercepted_binops = frozenset(["*", "+", "**"])
+        if tracking:
+            code_generator_class = TrackingCodeGenerator
 
         def call_binop(self, context, operator, left, right):
             if operator == "*":
                 for seq, n in ((left, right), (right, left)):
-                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_CHARS:
-                        raise TemplateError(f"the template builds a sequence of {len(seq) * n:,} items")
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and length(seq) * n > MAX_CHARS:
+                        raise TemplateError(f"the template builds a sequence of {length(seq) * n:,} items")
             elif operator == "+" and isinstance(left, (str, list)) and isinstance(right, (str, list)):
-                if len(left) + len(right) > MAX_CHARS:
+                if length(left) + length(right) > MAX_CHARS:
                     raise TemplateError("the template builds a string of more than {MAX_CHARS:,} characters")
             elif operator == "**" and isinstance(right, int) and right > 4096:
                 raise TemplateError(f"the template raises to the power {right}")
             return super().call_binop(context, operator, left, right)
+
+        if tracking:
+            def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja's signature
+                if (plan._has_node(args) or plan._has_node([v for k, v in kwargs.items() if k[:1] != "_"])) \
+                        and not __self.rs_follows(__obj):  # (_loop_vars, _block_vars: jinja's own)
+                    raise plan.Untracked(f"a payload handed to {getattr(__obj, '__name__', type(__obj).__name__)}")
+                return ImmutableSandboxedEnvironment.call(__self, __context, __obj, *args, **kwargs)
 
     class Generation(jinja2.ext.Extension):
         tags = {"generation"}
@@ -117,12 +156,14 @@ def _environment(date: datetime.date, mark_generation: bool):
 
         def _block(self, caller):
             rv = caller()
-            return f"{_GEN_BEGIN}{rv}{_GEN_END}" if mark_generation else rv
+            return _GEN_BEGIN + rv + _GEN_END if mark_generation else rv
 
     def raise_exception(message):
         raise TemplateError(message)
 
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        if tracking:
+            return plan.LIVE[0].tojson(x, ensure_ascii, indent, separators, sort_keys)
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
     def strftime_now(fmt):
@@ -152,11 +193,83 @@ def _environment(date: datetime.date, mark_generation: bool):
         def fromkeys(self, *args, **kwargs):
             return dict.fromkeys(*args, **kwargs)
 
+    template_dict = TemplateDict()
     env = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols])
     env.filters["tojson"] = tojson
-    env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now, dict=TemplateDict(),
+    env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now, dict=template_dict,
                        namespace=Namespace)
+    if tracking:
+        _track(env, (Namespace, template_dict, raise_exception), (dict, list, LoopContext, TemplateDict), Macro)
     return env
+
+
+def _track(env, allowed: tuple, containers: tuple, macro) -> None:
+    """The tracking environment's hooks (:mod:`.plan`)."""
+    import jinja2.filters
+    from jinja2.utils import pass_eval_context
+
+    def follows(obj) -> bool:
+        """Whether a callable handed a payload keeps it tracked: a macro, a payload's own
+        method, a container's method, ``namespace``/``dict``/``raise_exception``."""
+        return (getattr(obj, "rs_tracked", False) or isinstance(obj, macro) or any(obj is a for a in allowed)
+                or isinstance(getattr(obj, "__self__", None), containers))
+
+    env.rs_follows = follows
+    env.finalize = lambda v: str.__str__(v) if type(v) is plan.Node else v
+    env.concat = lambda parts: plan.LIVE[0].lift("".join(parts))
+    env.rs_compare = plan.compare
+    env.rs_join = lambda parts: plan.LIVE[0].concat(*[p if isinstance(p, str) else str(p) for p in parts])
+
+    # filters that read a value's text in C (regular expressions, number parsing, escaping)
+    def refuse(name, f):
+        def checked(*args, **kwargs):
+            if plan._has_node(args) or plan._has_node(kwargs.values()):
+                raise plan.Untracked(f"a payload handed to the {name} filter")
+            return f(*args, **kwargs)
+
+        for attr in ("jinja_pass_arg",):
+            if hasattr(f, attr):
+                setattr(checked, attr, getattr(f, attr))
+        return checked
+
+    for name in ("wordcount", "title", "wordwrap", "urlize", "int", "float", "escape", "e", "forceescape",
+                 "urlencode", "striptags", "xmlattr", "pprint", "format", "filesizeformat", "indent"):
+        if name in env.filters:
+            env.filters[name] = refuse(name, env.filters[name])
+
+    @pass_eval_context
+    def join(eval_ctx, value, d="", attribute=None):
+        if attribute is not None:
+            value = map(jinja2.filters.make_attrgetter(eval_ctx.environment, attribute), value)
+        items = list(value)
+        if not plan._has_node([items, d]):
+            return jinja2.filters.do_join(eval_ctx, items, d)
+        out: list = []
+        for k, x in enumerate(items):
+            if k:
+                out.append(d)
+            out.append(x if isinstance(x, str) else str(x))
+        return plan.LIVE[0].concat(*out)
+
+    @pass_eval_context
+    def replace(eval_ctx, s, old, new, count=None):
+        if not plan._has_node([s, old, new]):
+            return jinja2.filters.do_replace(eval_ctx, s, old, new, count)
+        s = s if isinstance(s, plan.Node) else plan.LIVE[0].concat(s)
+        if not isinstance(s, plan.Node):
+            raise plan.Untracked("replace() of plain text by a payload")
+        return s.replace(old, new, -1 if count is None else count)
+
+    safe = env.filters["safe"]
+    env.filters["safe"] = lambda value: plan.LIVE[0].safe(value) if type(value) is plan.Node else safe(value)
+    env.filters["join"] = join
+    env.filters["replace"] = replace
+    env.tests["in"] = lambda value, seq: plan.compare(value, "in", seq)
+    # what a str always is, whatever its text
+    for name in ("iterable", "sequence"):
+        env.tests[name] = (lambda test: lambda value: True if type(value) is plan.Node else test(value))(env.tests[name])
+    for name in ("lower", "upper"):
+        env.tests[name] = refuse(name, env.tests[name])
 
 
 def _sentinel(k: int, variant: int) -> str:
@@ -236,7 +349,17 @@ class JinjaTemplate:
             raise TemplateError(f"the chat template does not compile: {e}") from None
         names = special_map if special_map is not None else {"bos_token": specials.bos, "eos_token": specials.eos}
         self.vars = {**{k: v for k, v in names.items() if v is not None}, **(extra or {})}
+        self.source = source
+        self._active = self.template  # the compiled template _render runs (the tracking one while planning)
+        self._tracker: plan.Tracker | None = None
         self.call_form = self._call_form()
+        # render plans (.plan): off where the template's own text holds the marker characters
+        self._plans: dict | None = None if any(c in source for c in (plan.MARK_OPEN, plan.MARK_CLOSE, _GEN_BEGIN,
+                                                                      _GEN_END)) else {}
+        self._seen: set[int] = set()
+        self._tracking = None
+        self.plan_stats = {"planned": 0, "rendered": 0, "plans": 0, "unplanned_shapes": 0, "retired": 0}
+        self.plan_reasons: dict[str, int] = {}
 
     # ---- the form of a tool-call-only turn
 
@@ -288,15 +411,19 @@ class JinjaTemplate:
         try:
             return self._render(messages, tools, add_generation_prompt)
         except RecordError:
-            as_text = string_arguments(messages)
+            as_text = string_arguments(messages, self._tracker.tojson if self._tracker is not None else None)
             if as_text is None:
                 raise
             return self._render(as_text, tools, add_generation_prompt)
 
     def _render(self, messages: list[dict], tools, add_generation_prompt: bool) -> str:
+        tracker = self._tracker
         try:
-            text = self.template.render(messages=hf_messages(messages), tools=tools, documents=None,
-                                        add_generation_prompt=add_generation_prompt, **self.vars)
+            plan.LIVE[0] = tracker
+            text = self._active.render(messages=hf_messages(messages), tools=tools, documents=None,
+                                       add_generation_prompt=add_generation_prompt, **self.vars)
+            if tracker is not None:
+                text = plan._text(text)
         except RecordError:
             raise
         except MemoryError:
@@ -307,6 +434,8 @@ class JinjaTemplate:
             what = "refused the conversation" if isinstance(e, self._jinja_error) else f"failed ({type(e).__name__})"
             raise RecordError("template_error", f"chat template {what}: {str(e).splitlines()[0][:300] if str(e) else ''}") \
                 from None
+        finally:
+            plan.LIVE[0] = None
         if len(text) > MAX_CHARS:
             raise RecordError("template_error", f"the chat template rendered {len(text):,} characters")
         return text
@@ -314,22 +443,101 @@ class JinjaTemplate:
     # ---- where the assistant output is
 
     def pieces(self, conv: Conversation, special_strings: tuple[str, ...]) -> list[Piece]:
-        with render_budget(RENDER_BUDGET_S):
-            return self._pieces(conv, special_strings)
-
-    def _pieces(self, conv: Conversation, special_strings: tuple[str, ...]) -> list[Piece]:
         msgs = self.messages(conv)
-        tools = conv.tools
+        out = self._planned(msgs, conv.tools, special_strings) if self._plans is not None else None
+        if out is None:
+            self.plan_stats["rendered"] += 1
+            with render_budget(RENDER_BUDGET_S):
+                out = self._locate(msgs, conv.tools, special_strings)
+        else:
+            self.plan_stats["planned"] += 1
         if self.generation:
-            out = self._generation_pieces(msgs, tools)
-            _check_calls(conv, {i: "".join(t for t, _, a in out if a) for i in range(len(msgs))})
+            answer = "".join(t for t, _, a in out if a)
+            _check_calls(conv, {i: answer for i in range(len(msgs))})
+        else:
+            _check_calls(conv, {i: t for t, i, a in out if a})
+        return out
+
+    # ---- render plans (.plan)
+
+    _MISSING = object()
+
+    def _planned(self, msgs: list[dict], tools, special_strings) -> list[Piece] | None:
+        """The pieces from this conversation's shape's plan, or None to render it (a shape's
+        first sighting, one the template cannot be planned for, or a conversation that leaves
+        its shape's plan)."""
+        payloads: list[str] = []
+        key = plan.conversation_key(msgs, tools, payloads)
+        found = self._plans.get(key, self._MISSING)
+        if found is self._MISSING:
+            h = hash(key)
+            if h not in self._seen:
+                if len(self._seen) >= plan.MAX_SEEN:
+                    self._seen.clear()
+                self._seen.add(h)
+                return None
+            st = self.plan_stats
+            built = st["plans"] + st["unplanned_shapes"]
+            if built >= plan.FREE_BUILDS and st["planned"] < plan.USES_PER_BUILD * built:
+                return None  # shapes here rarely repeat: a build would cost more than it saves
+            with render_budget(RENDER_BUDGET_S):
+                found = self._new_plan(key, msgs, tools, special_strings)
+        if found is None:
+            return None
+        out = found.fill(payloads)
+        if out is None or found.verified:
             return out
+        # a plan's first replay is checked against the record-by-record pieces of its conversation
+        with render_budget(RENDER_BUDGET_S):
+            reference = self._locate(msgs, tools, special_strings)
+        if out == reference:
+            found.verified = True
+        else:
+            self._unplanned(key, "its replay differs from the template's render")
+            self.plan_stats["retired"] += 1
+            self.plan_stats["plans"] -= 1
+        return reference
+
+    def _new_plan(self, key, msgs, tools, special_strings) -> plan.Plan | None:
+        """Build the plan of a shape from one of its conversations (None: the template does
+        something with a payload a plan cannot replay; each conversation of the shape is then
+        rendered)."""
+        if len(self._plans) >= plan.MAX_PLANS:
+            self._plans.clear()
+        tracker = plan.Tracker()
+        try:
+            if self._tracking is None:
+                self._tracking = _environment(self.date, self.generation, tracking=True).from_string(self.source)
+            smsgs = plan.slotted(msgs, tracker)
+            stools = plan.slotted(tools, tracker) if tools else tools
+            self._active, self._tracker = self._tracking, tracker
+            built = plan.Plan(tracker, self._locate(smsgs, stools, special_strings), special_strings)
+        except plan.Untracked as e:
+            return self._unplanned(key, str(e))
+        except RecordError as e:
+            return self._unplanned(key, f"the template refuses the shape ({e.reason})")
+        finally:
+            self._active, self._tracker = self.template, None
+        self._plans[key] = built
+        self.plan_stats["plans"] += 1
+        return built
+
+    def _unplanned(self, key, reason: str) -> None:
+        self._plans[key] = None
+        self.plan_stats["unplanned_shapes"] += 1
+        self.plan_reasons[reason] = self.plan_reasons.get(reason, 0) + 1
+
+    def _locate(self, msgs: list[dict], tools, special_strings: tuple[str, ...]) -> list[Piece]:
+        """The conversation's pieces: its render, cut where each assistant message's output
+        is (the rules in the module's docstring)."""
+        if self.generation:
+            return self._generation_pieces(msgs, tools)
         full = self(msgs, tools, False)
         spans: list[tuple[int, int, int]] = []
         cursor = 0
         stable = True
-        for i, m in enumerate(conv.messages):
-            if m.role != ASSISTANT:
+        for i, m in enumerate(msgs):
+            if m.get("role") != ASSISTANT:
                 continue
             span = self._prefix_span(msgs, tools, full, i, special_strings) if stable else None
             if span is None:
@@ -343,7 +551,6 @@ class JinjaTemplate:
                                   "before the turn preceding it")
             spans.append((start, end, i))
             cursor = end
-        _check_calls(conv, {i: full[start:end] for start, end, i in spans})
         out: list[Piece] = []
         pos = 0
         for start, end, i in spans:
