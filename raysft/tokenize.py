@@ -86,6 +86,22 @@ class TokenizerInfo:
     def __getstate__(self):
         return {k: v for k, v in self.__dict__.items() if k not in ("_shared", "_vocabulary")}
 
+    FIELDS = ("path", "tokenizer_json", "bos", "eos", "pad", "chat_template", "special_strings", "vocab_size",
+              "special_map", "prefix_space")
+
+    def save(self, url: str, so: dict | None = None) -> TokenizerFile:
+        """Write the info (as the build uses it, added special tokens included) where every
+        node reads it, and return the small reference the tokenizer actors are made with: an
+        actor whose constructor arguments are inline can always be re-created by Ray (a 10 MB
+        argument would sit in the object store, which may lose it)."""
+        from .fs import get_fs
+
+        fs, path = get_fs(url, so or {})
+        with fs.open(path, "w") as f:
+            json.dump({k: getattr(self, k) for k in self.FIELDS}, f)
+        return TokenizerFile(url)
+
+
     @property
     def specials(self) -> Specials:
         return Specials(self.bos, self.eos, self.prefix_space)
@@ -96,6 +112,23 @@ class TokenizerInfo:
             if t is not None and self.token_to_id(t) is not None:
                 return self.token_to_id(t)
         raise TokenizerError(f"{self.path}: the tokenizer has neither a pad nor an eos token")
+
+
+
+@dataclass(frozen=True)
+class TokenizerFile:
+    """A :class:`TokenizerInfo` written by :meth:`TokenizerInfo.save`, by its path."""
+
+    path: str
+
+    def load(self, so: dict | None = None) -> TokenizerInfo:
+        from .fs import get_fs
+
+        fs, path = get_fs(self.path, so or {})
+        with fs.open(path, "r") as f:
+            d = json.load(f)
+        d["special_strings"] = tuple(d["special_strings"])
+        return TokenizerInfo(**d)
 
 
 @dataclass

@@ -39,6 +39,10 @@ class TokenizeAndMask:
         from ..cache import Cache
         from ..encode import Loading
         from ..parity import TemplateParity
+        from ..tokenize import TokenizerFile
+
+        if isinstance(info, TokenizerFile):  # the Ray engine's actors read the build's tokenizer from the output
+            info = info.load(so)
 
         self.info, self.template, self.sources, self.file_source = info, template, sources, file_source
         # the driver ran the canary and logged its verdict; with a cache, the encoder loads

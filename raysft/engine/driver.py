@@ -715,6 +715,8 @@ def _build_with(ex, cfg, t0, so, info, files, chunks, layout, added, pad_id, out
         try:
             parity_every = parity_rate(cfg, info, files, chunks, so)
             kwargs = actor_kwargs(cfg, info, so, encoder, parity_every, sources, file_source)
+            if not ex.shared_memory:  # actors on other processes and nodes: the tokenizer by reference
+                kwargs["info"] = info.save(join(tmp_url, "tokenizer-info.json"), so)
             blocks = Blocks(ex, S, cfg.on_bad_record == "fail", files, so)
             t_stage = time.time()
             tokenize_and_measure(blocks, run or split_tail(chunks, 2 * pool.workers), kwargs, pool,
