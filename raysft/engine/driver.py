@@ -146,7 +146,9 @@ def start_with_encoder(cfg: BuildConfig, ex, info, files, so, chunks: int):
 
     with ThreadPoolExecutor(1, thread_name_prefix="encoder") as th:
         chosen = th.submit(pick_encoder, cfg, info, files, so)
-        pool = ex.start(chunks)
+        from .session import COMPRESSED_RATIO
+
+        pool = ex.start(chunks, sum(f.size * (COMPRESSED_RATIO if f.compression else 1) for f in files))
         encoder, enc_stats = chosen.result()
     return encoder, enc_stats, pool
 

@@ -35,10 +35,10 @@ class RayExecutor:
     def __init__(self, cfg):
         self.cfg = cfg
 
-    def start(self, chunks: int):
+    def start(self, chunks: int, input_bytes: int = 0):
         from .session import init_ray, node_cpus, setup_data_context, size_pool
 
-        init_ray(self.cfg)
+        init_ray(self.cfg, input_bytes)
         setup_data_context()
         nodes = node_cpus()
         pool = size_pool(nodes, self.cfg.tokenize_workers, chunks)
@@ -193,7 +193,7 @@ class LocalExecutor:
     def workers_for(self, chunks: int) -> int:
         return max(1, min(self.cfg.tokenize_workers or self.cpus, chunks or 1))
 
-    def start(self, chunks: int):
+    def start(self, chunks: int, input_bytes: int = 0):
         from .session import TokenizePool
 
         workers = self.workers_for(chunks)

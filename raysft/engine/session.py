@@ -20,7 +20,7 @@ class ClusterError(RuntimeError):
     """Ray could not be started or joined, or the cluster cannot run the job."""
 
 
-def init_ray(cfg) -> None:
+def init_ray(cfg, input_bytes: int = 0) -> None:
     """Join ``--ray-address`` / ``$RAY_ADDRESS``, else start a Ray instance in this process
     (``address="local"``: a cluster that happens to run on the host, or a stale
     ``/tmp/ray/ray_current_cluster`` pointer left by a dead one, is never joined)."""
@@ -39,7 +39,7 @@ def init_ray(cfg) -> None:
                     from None
             _ray_started = "joined"
             return
-        _start_local(cfg, ray)
+        _start_local(cfg, ray, input_bytes)
 
 
 @contextlib.contextmanager
@@ -62,7 +62,7 @@ def _keep_sigterm():
 RETRY_AFTER_S = 5  # a Ray start that timed out (its node waits 30 s for the raylet) is tried once more after this
 
 
-def _start_local(cfg, ray) -> None:
+def _start_local(cfg, ray, input_bytes: int = 0) -> None:
     global _ray_started
     system: dict = {}
     if cfg.spill_dir:
@@ -74,7 +74,7 @@ def _start_local(cfg, ray) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     for attempt in (1, 2):
         try:
-            ray.init(address="local", num_cpus=cfg.num_cpus, object_store_memory=object_store_bytes(cfg),
+            ray.init(address="local", num_cpus=cfg.num_cpus, object_store_memory=object_store_bytes(cfg, input_bytes),
                      include_dashboard=False, log_to_driver=True, _system_config=system or None)
             break
         except (ConnectionError, RuntimeError, ValueError) as e:
@@ -131,14 +131,43 @@ def stop_ray() -> None:
     ray.shutdown()
 
 
-def object_store_bytes(cfg) -> int:
-    """Object store of an in-process Ray instance: --object-store-memory, else 1 GiB (at most
-    30% of RAM). The job's blocks stream through it; the tokenized dataset, held until the
-    plan is made, spills to local disk beyond it, so memory does not grow with the input."""
+STORE_PER_INPUT_BYTE = 1.5  # tokenized blocks (int32 ids and ~20 columns a row) against JSON input bytes
+COMPRESSED_RATIO = 4  # what a compressed input's bytes stand for
+STORE_SHARE = 0.45  # of the memory available now: what the store may take
+
+
+def object_store_bytes(cfg, input_bytes: int = 0) -> int:
+    """Object store of an in-process Ray instance: --object-store-memory, else what the
+    tokenized input needs (``STORE_PER_INPUT_BYTE`` a byte of input, plus room for the blocks
+    in flight), at least 1 GiB and at most ``STORE_SHARE`` of the memory available now and of
+    /dev/shm's free space (where Ray keeps it). The tokenized dataset is held until the plan is
+    made: sized so, it spills to disk only where memory does not allow it."""
     if cfg.object_store_memory:
         return cfg.object_store_memory
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return int(min(OBJECT_STORE_BYTES, 0.3 * ram))
+    floor = int(min(OBJECT_STORE_BYTES, 0.3 * ram))
+    want = int(STORE_PER_INPUT_BYTE * input_bytes) + (256 << 20)
+    room = min(_available_memory(ram), _shm_free())
+    return max(floor, min(want, int(STORE_SHARE * room)))
+
+
+def _available_memory(default: int) -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return default
+
+
+def _shm_free() -> int:
+    try:
+        st = os.statvfs("/dev/shm")
+        return st.f_bavail * st.f_frsize
+    except OSError:
+        return 1 << 62  # no /dev/shm: Ray uses /tmp
 
 
 @dataclass(frozen=True)
