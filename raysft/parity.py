@@ -33,7 +33,7 @@ def sample_rate(total_bytes: int, row_bytes: float, rows: int = 1000) -> int:
     """``every`` for about ``rows`` checked records in ``total_bytes`` of input whose records
     are ``row_bytes`` long on average."""
     est = total_bytes / max(1.0, row_bytes)
-    return max(1, int(est // max(1, rows)))
+    return max(1, round(est / max(1, rows)))
 
 
 class TemplateParity:
@@ -57,7 +57,23 @@ class TemplateParity:
             names = {k: v for k, v in (self.info.special_map or {}).items() if isinstance(v, str)}
             self._hf = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(self.info.tokenizer_json),
                                                chat_template=self.info.chat_template, **names)
+            self._fix_date()
         return self._hf
+
+    def _fix_date(self) -> None:
+        """``strftime_now`` is a global of transformers' Jinja environment (a callable passed as
+        a template variable reaches the template as text in transformers 5): the compiled
+        template's own global is set to the build's fixed date (``--template-date``). The
+        compiled template is the one ``apply_chat_template`` uses (transformers caches it by
+        source)."""
+        from transformers.utils import chat_template_utils
+
+        compile_ = getattr(chat_template_utils, "_compile_jinja_template", None)
+        if compile_ is None or not self.info.chat_template:
+            return
+        date = self.date
+        template = compile_(self.info.chat_template)
+        template.globals["strftime_now"] = lambda fmt: datetime.datetime(date.year, date.month, date.day).strftime(fmt)
 
     def check(self, raw: bytes, conv, signed: np.ndarray, messages: list[dict]) -> int:
         """The outcome for one record raysft wrote (``signed``: its signed token ids;
@@ -65,11 +81,9 @@ class TemplateParity:
         key = zlib.crc32(raw) ^ (len(raw) << 32)
         if key in self._seen:
             return self._seen[key]
-        date = self.date
         try:
             ref = self._tokenizer().apply_chat_template(
-                messages, tools=conv.tools, tokenize=True, add_generation_prompt=False,
-                strftime_now=lambda fmt: date.strftime(fmt), **self.kwargs)
+                messages, tools=conv.tools, tokenize=True, add_generation_prompt=False, **self.kwargs)
         except Exception:  # noqa: BLE001 - whatever the template raises
             out = REFUSED
         else:

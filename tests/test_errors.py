@@ -63,3 +63,41 @@ def test_an_unreachable_s3_endpoint_is_one_line_and_exit_3(tmp_path, shared_data
     assert r.returncode == errors.STORAGE and len(lines) == 1, r.stderr[-2000:]
     assert f"cannot reach http://127.0.0.1:{port}" in lines[0] and "does not exist" not in lines[0]
     assert "Traceback" not in r.stderr
+
+
+def test_a_lost_head_is_one_line_and_exit_4():
+    """The head's GCS stops answering: the monitor ends the build with one line and exit 4, in
+    seconds (Ray's own core worker would exit 1 a minute later)."""
+    code = (
+        "import socket, time\n"
+        "from raysft.engine import watch\n"
+        "watch.HEAD_PROBE_S = 0.2\n"
+        "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(8)\n"
+        "m = watch.HeadMonitor('127.0.0.1:%d' % s.getsockname()[1]).start()\n"
+        "time.sleep(1.0)\n"  # answering: nothing happens
+        "s.close()\n"
+        "time.sleep(30)\n"
+        "print('still running')\n"
+    )
+    t0 = __import__("time").monotonic()
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == errors.CLUSTER, r.stderr
+    assert "still running" not in r.stdout
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and "lost the Ray cluster's head" in lines[0] and "--resume" in lines[0]
+    assert __import__("time").monotonic() - t0 < 20
+
+
+def test_a_stopped_head_monitor_never_fires():
+    from raysft.engine import watch
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    m = watch.HeadMonitor(f"127.0.0.1:{port}")
+    assert not m.answers()
+    m.start()
+    watch.HeadMonitor.stop_all()
+    assert m not in watch.HeadMonitor.running and m._stop.is_set()

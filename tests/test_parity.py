@@ -89,3 +89,43 @@ def test_parity_off_or_without_a_chat_template(qwen3):
     info = load_tokenizer_info(qwen3.path)
     info.chat_template = None
     assert parity_rate(BuildConfig(), info, [], [object()], {}) == 0
+
+
+def test_templates_that_read_the_date_are_checked_at_the_builds_date(shared_data, llama3_info):
+    """``strftime_now`` is a global of transformers' environment: the reference renders a
+    template that reads the date (Llama-3.2's) at --template-date, as raysft does, and matches."""
+    import dataclasses
+
+    src = shared_data.parent / "templates" / "meta-llama-Llama-3.2-3B-Instruct.jinja"
+    if not src.exists():
+        pytest.skip("../shared/templates not present")
+    info = dataclasses.replace(llama3_info, chat_template=src.read_text(),
+                               special_map={"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"})
+    rows = _rows(shared_data, 40)
+    for date in ("2024-07-26", "2025-03-01"):
+        out = SampleBuilder(info, "auto", template_date=date, parity=TemplateParity(info, 1, None, date)).encode(rows)
+        assert out.parity[out.ok].tolist() == [MATCH] * int(out.ok.sum()), date
+        text = SampleBuilder(info, "auto", template_date=date).template.render(
+            __import__("raysft.normalize", fromlist=["normalize"]).normalize(json.loads(rows[0]))).text
+        day = __import__("datetime").date.fromisoformat(date).strftime("%d %b %Y")
+        assert day in text
+
+
+def test_the_sample_is_the_size_asked_for_on_pretty_printed_json(tmp_path, shared_data):
+    """A pretty-printed JSON array takes two to three times its records' compact bytes: the
+    rate is judged by the bytes a record takes in the file."""
+    from raysft.config import BuildConfig
+    from raysft.engine.driver import parity_rate
+    from raysft.read import expand_inputs, plan_chunks
+
+    records = json.loads((shared_data / "alpaca_en_demo.json").read_text()) * 4
+    path = tmp_path / "pretty.json"
+    path.write_text(json.dumps(records, indent=4, ensure_ascii=False))
+    cfg = BuildConfig(inputs=[str(path)], tokenizer="x", output=str(tmp_path / "o"), parity_rows=200)
+
+    class Info:
+        chat_template = "x"
+
+    files = expand_inputs([str(path)], {})
+    every = parity_rate(cfg, Info(), files, plan_chunks(files, {}), {})
+    assert 120 <= len(records) / every <= 320, every

@@ -214,3 +214,37 @@ def test_sources_on_the_command_line_and_in_a_job_file(tmp_path):
     with pytest.raises(SystemExit):
         config_from_args(["--source", '{"input": "a"}', "--tokenizer", "t", "--output", "o", "--epochs", "0"])
     assert json.loads(json.dumps(cfg.to_dict()))["sources"][1]["share"] == 0.7
+
+
+@pytest.mark.parametrize("layout", ["native", "bridge"])
+def test_the_validation_split_is_a_dataset_of_its_own(tmp_path, shared_data, llama3_dir, layout):
+    """valid/ has its own stats.json, inputs.json and layout metadata, by the training split's
+    rules: the reader and raysft.inspect open it like the main dataset."""
+    import subprocess
+    import sys
+
+    out = tmp_path / layout
+    st = build(out, [str(shared_data / "alpaca_en_demo.json")], llama3_dir, template="llama3", seq_length=1024,
+               validation="0.2", engine="local", layout=layout)
+    v = out / "valid"
+    vs = json.loads((v / "stats.json").read_text())
+    assert vs["split"] == "valid" and vs["layout"] == layout and vs["pad_id"] == st["pad_id"]
+    assert vs["samples_written"] == st["validation"]["samples"] and vs["packs"] == st["validation"]["packs"]
+    assert vs["tokens"] == st["validation"]["tokens"] and sum(vs["pack_fill"].values()) == vs["packs"]
+    assert json.loads((v / "inputs.json").read_text()) == json.loads((out / "inputs.json").read_text())
+    r = subprocess.run([sys.executable, "-m", "raysft.inspect", str(v), "--pack", "0"], capture_output=True,
+                       text=True)
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr
+    if layout == "native":
+        from raysft.reader import PackedReader
+
+        packs = PackedReader(str(v))
+        assert len(packs) == vs["packs"] and sum(len(p["cu_seqlens"]) - 1 for p in packs) == vs["samples_written"]
+    else:
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(v / "data.idx.parquet").to_pylist()
+        meta = json.loads((v / "data.metadata.json").read_text())[0]
+        assert meta == vs["bridge_metadata"] and meta != st["bridge_metadata"]
+        assert meta["min_packed_seqlen"] == min(len(r["input_ids"]) - len(r["seq_start_id"]) for r in rows)
+        assert meta["max_samples_per_bin"] == max(len(r["seq_start_id"]) for r in rows)

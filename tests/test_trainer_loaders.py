@@ -170,7 +170,10 @@ def test_bridge_packed_dataset(built, tmp_path):
     meta = json.loads((out_pq / "data.metadata.json").read_text())
     assert meta == [stats_pq["bridge_metadata"]] and meta[0]["pack_size"] == S
     assert meta[0]["max_samples_per_bin"] == max(len(r["seq_start_id"]) for r in rows)
-    assert meta[0]["min_packed_seqlen"] == min(len(r["input_ids"]) for r in rows)
+    # Bridge's own rule: a sample counts one token short (its last token is no input)
+    assert meta[0]["min_packed_seqlen"] == min(len(r["input_ids"]) - len(r["seq_start_id"]) for r in rows)
+    assert meta[0]["dataset_max_seqlen"] == max(
+        b - a for r in rows for a, b in zip(r["seq_start_id"], [*r["seq_start_id"][1:], len(r["input_ids"])])) - 1
 
     cls = trainers.bridge_packed_dataset_class()
 
@@ -189,6 +192,9 @@ def test_bridge_packed_dataset(built, tmp_path):
             cu = b["cu_seqlens"][0].numpy()  # megatron-bridge 0.3.1 pads it with -1 (cu_seqlens_argmin)
             cu = cu[: int(b["cu_seqlens_argmin"][0])] if (cu < 0).any() else cu
             real = len(rows[i]["input_ids"]) - len(rows[i]["seq_start_id"])  # each sample loses its last input
+            if pad_cu:  # the max_seqlen Bridge hands the attention kernel covers every real segment
+                segs = [int(e) - int(a) for a, e in zip(cu[:-1], cu[1:]) if int(a) < real]
+                assert int(b["max_seqlen"][0]) >= max(segs)
             for a, e in zip(cu[:-1], cu[1:]):
                 a, e = int(a), int(e)
                 if a >= real or a == e:  # the padding to the pack's length, or pad_cu_seqlens' empty ones

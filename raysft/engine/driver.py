@@ -174,13 +174,21 @@ def parity_rate(cfg: BuildConfig, info, files, chunks, so) -> int:
         return 0
     from ..parity import sample_rate
     from ..read import read_chunk
+    from .session import COMPRESSED_RATIO
 
     try:
         rows = next(iter(read_chunk(chunks[0], so, 256)))
-        row_bytes = sum(len(r) for r in rows.raw) / max(1, len(rows.raw))
+        offsets = [int(o) for o in rows.offset]
+        if len(offsets) > 1 and offsets[-1] > offsets[0]:
+            # the file bytes a record takes, separators and indentation included (a pretty-printed
+            # JSON array takes two to three times its records' compact length)
+            row_bytes = (offsets[-1] - offsets[0]) / (len(offsets) - 1)
+        else:
+            row_bytes = sum(len(r) for r in rows.raw) / max(1, len(rows.raw))
     except Exception:  # noqa: BLE001 - a bad first chunk fails the build in its own stage
         row_bytes = 1024.0
-    return sample_rate(sum(f.size for f in files), row_bytes, cfg.parity_rows)
+    total = sum(f.size * (COMPRESSED_RATIO if f.compression else 1) for f in files)
+    return sample_rate(total, row_bytes, cfg.parity_rows)
 
 
 def parity_result(cfg: BuildConfig, tot, every: int, files) -> dict | None:
@@ -888,7 +896,7 @@ def _build_with(ex, cfg, t0, so, info, files, chunks, layout, added, pad_id, out
         "added_special_tokens": added,
         "pad_id": pad_id,
         "max_sample_length": int(np.nonzero(hist_train)[0].max()),
-        "max_samples_per_pack": max(len(p) for p in train.plan.patterns),
+        **pack_shape(train),
         "unrepresentable": lossy,
         "rows_per_file": {files[s].url: int(c) for s, c in sorted(tot.rows_per_src.items())},
         "pack_fill": {str(t): int(c) * epochs for t, c in enumerate(train.plan.pack_fill()) if c},
@@ -904,6 +912,8 @@ def _build_with(ex, cfg, t0, so, info, files, chunks, layout, added, pad_id, out
     with out_fs.open(join(tmp, "stats.json"), "w") as f:
         json.dump(result, f, indent=2)
         f.write("\n")
+    if valid is not None:
+        write_split(out_fs, join(tmp, "valid"), layout, result, valid, valid_stats, files)
     from ..report import render_report
 
     with out_fs.open(join(tmp, "report.html"), "w") as f:
@@ -912,6 +922,48 @@ def _build_with(ex, cfg, t0, so, info, files, chunks, layout, added, pad_id, out
     print(stats_mod.format_summary(result), file=sys.stderr)
     print(f"output           {cfg.output}  ({time.time() - t0:.1f} s)", file=sys.stderr)
     return result
+
+
+def pack_shape(p: Packing) -> dict:
+    """What a split's packs hold, for the layouts' metadata: the longest sample, the most
+    samples in a pack, and the least a pack holds counting each sample one token short (its last
+    token is no input, its first no label: Megatron-Bridge's ``min_packed_seqlen``)."""
+    plan = p.plan
+    return {
+        "max_sample_length": int(np.nonzero(p.hist)[0].max()) if p.hist.any() else 0,
+        "max_samples_per_pack": max((len(q) for q in plan.patterns), default=0),
+        "min_pack_targets": min((sum(q) - len(q) for q, c in zip(plan.patterns, plan.counts) if c), default=0),
+    }
+
+
+# what a split's own stats.json repeats of the build's: how it was made and how to read it
+SPLIT_KEYS = ("layout", "seq_length", "pack_capacity", "tokenizer", "template", "template_kwargs", "template_date",
+              "think_loss", "loss_policy", "packed", "seed", "vocab_size", "added_special_tokens", "pad_id",
+              "mix_unit")
+
+
+def write_split(fs, root: str, layout, result: dict, split: Packing, figures: dict, files) -> None:
+    """``valid/`` as a dataset of its own (readers and ``raysft.inspect`` open it like the
+    main one): its stats.json (its own counts, and how the build made it), inputs.json and the
+    layout's metadata, by the same rules as the training split's."""
+    stats = {k: result[k] for k in SPLIT_KEYS if k in result}
+    stats.update({
+        "split": "valid", "validation": figures.get("spec"),
+        "rows_written": figures["rows"], "samples_written": split.samples, "tokens": split.tokens,
+        "loss_tokens": figures["loss_tokens"], "epochs": 1, "tokens_per_epoch": split.tokens,
+        "packs_per_epoch": split.packs,
+        **stats_mod.packing_figures(split.tokens, split.packs, result["seq_length"]),
+        "pack_fill": {str(t): int(c) for t, c in enumerate(split.plan.pack_fill()) if c},
+        "sample_lengths": {str(n): int(c) for n, c in enumerate(split.hist) if c},
+        **pack_shape(split),
+    })
+    stats.update(layout.extra_stats(stats))
+    layout.write_extra(fs, root, stats)
+    with fs.open(join(root, "stats.json"), "w") as f:
+        json.dump(stats, f, indent=2)
+        f.write("\n")
+    with fs.open(join(root, "inputs.json"), "w") as f:
+        json.dump([fi.url for fi in files], f, indent=1)
 
 
 def _merge(fs, tmp: str, sub: str, layout, metas: list[dict], keeps_shards: bool) -> dict:

@@ -39,6 +39,7 @@ class RayExecutor:
         from .session import init_ray, node_cpus, setup_data_context, size_pool
 
         init_ray(self.cfg, input_bytes)
+        self._watch_head()
         setup_data_context()
         nodes = node_cpus()
         pool = size_pool(nodes, self.cfg.tokenize_workers, chunks)
@@ -98,8 +99,24 @@ class RayExecutor:
 
         check_shared_storage(cfg, files, so, tmp_url)
 
+    head = None  # the HeadMonitor while Ray is up
+
+    def _watch_head(self) -> None:
+        import ray
+
+        from .watch import HeadMonitor
+
+        try:
+            address = ray.get_runtime_context().gcs_address
+        except Exception:  # noqa: BLE001 - an older Ray: no probe, Ray's own timeout stays the guard
+            return
+        if address and ":" in address:
+            self.head = HeadMonitor(address).start()
+
     def close(self) -> None:
-        pass
+        if self.head is not None:
+            self.head.stop()
+            self.head = None
 
 
 # --------------------------------------------------------------------------- local

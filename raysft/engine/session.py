@@ -112,6 +112,9 @@ def stop_ray() -> None:
     job, so it is killed first, through a private handle of Ray's (skipped where a Ray version
     lacks it)."""
     global _ray_started
+    from .watch import HeadMonitor
+
+    HeadMonitor.stop_all()  # Ray going down is not the head lost
     started, _ray_started = _ray_started, None
     if started is None:
         return  # never started here (--engine local imports no Ray at all)

@@ -114,3 +114,63 @@ class Watchdog:
         """Raise the stall, if the watchdog fired (call where KeyboardInterrupt is caught)."""
         if self.fired:
             raise Stalled(self.fired)
+
+
+HEAD_PROBE_S = 5.0  # how often the head is probed
+HEAD_LOST_AFTER = 3  # probes in a row without an answer: the head is gone
+
+
+class HeadMonitor:
+    """The Ray cluster's head probed from a thread (a TCP connection to its GCS every
+    ``HEAD_PROBE_S`` seconds). When it stops answering ``HEAD_LOST_AFTER`` times in a row, the
+    build ends with one line and exit 4 (cluster): left to itself, Ray's core worker gives up
+    after a minute and ends the process with exit 1 and a C++ log line, which reads as "bad
+    input". Nothing is committed to the output; ``--resume`` continues once the cluster is back."""
+
+    def __init__(self, gcs_address: str, line_prefix: str = "raysft.build: error: "):
+        host, _, port = gcs_address.rpartition(":")
+        self.host, self.port = host or "127.0.0.1", int(port)
+        self.address = gcs_address
+        self.prefix = line_prefix
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="raysft-head-monitor", daemon=True)
+
+    running: set = set()
+
+    def start(self) -> HeadMonitor:
+        HeadMonitor.running.add(self)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        HeadMonitor.running.discard(self)
+
+    @classmethod
+    def stop_all(cls) -> None:
+        for m in list(cls.running):
+            m.stop()
+
+    def answers(self) -> bool:
+        import socket
+
+        try:
+            socket.create_connection((self.host, self.port), timeout=2.0).close()
+            return True
+        except OSError:
+            return False
+
+    def _run(self) -> None:
+        misses = 0
+        while not self._stop.wait(HEAD_PROBE_S):
+            misses = 0 if self.answers() else misses + 1
+            if misses >= HEAD_LOST_AFTER and not self._stop.is_set():
+                import sys
+
+                from ..errors import CLUSTER
+
+                sys.stderr.write(f"{self.prefix}lost the Ray cluster's head: its GCS at {self.address} has not "
+                                 f"answered for {HEAD_PROBE_S * HEAD_LOST_AFTER:g} s; nothing was committed to the "
+                                 "output: rerun with --resume once the cluster is back\n")
+                sys.stderr.flush()
+                os._exit(CLUSTER)

@@ -80,16 +80,26 @@ def _tables(fs, paths: list[str]):
 
 
 def packing_metadata(stats: dict) -> dict:
-    """Bridge's packing metadata, from a build's statistics."""
+    """Bridge's packing metadata, from a build's statistics, by Bridge's own rule
+    (``packing_utils.create_packing_strategy``): a sample counts ``len - 1`` (its last token is
+    no input, its first no label), so ``dataset_max_seqlen`` is the longest sample less one,
+    ``min_packed_seqlen`` the least-filled pack's tokens less its samples, and
+    ``packing_efficiency`` those counts over the packs' capacity. With ``pad_cu_seqlens`` Bridge
+    takes ``max(dataset_max_seqlen, pack_size - min_packed_seqlen)`` as every batch's
+    ``max_seqlen``: it is at least every real segment only with these counts."""
     packs, S = stats["packs"], stats["seq_length"]
+    samples = stats["samples_written"]
     fill = {int(k): v for k, v in stats.get("pack_fill", {}).items()}
+    least = stats.get("min_pack_targets")
+    if least is None:  # statistics of an older build: the least fill, less the most samples a pack holds
+        least = max(0, min(fill) - int(stats["max_samples_per_pack"])) if fill else 0
     return {
-        "dataset_max_seqlen": int(stats["max_sample_length"]),
+        "dataset_max_seqlen": max(0, int(stats["max_sample_length"]) - 1),
         "max_samples_per_bin": int(stats["max_samples_per_pack"]),
-        "packing_factor": round(stats["samples_written"] / packs, 2) if packs else 0.0,
-        "packing_efficiency": round(stats["tokens"] / packs / S * 100, 2) if packs else 0.0,
+        "packing_factor": round(samples / packs, 2) if packs else 0.0,
+        "packing_efficiency": round((stats["tokens"] - samples) / packs / S * 100, 2) if packs else 0.0,
         "pack_size": S,
-        "min_packed_seqlen": min(fill) if fill else 0,
+        "min_packed_seqlen": int(least),
     }
 
 
