@@ -180,9 +180,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--ray-address", metavar="ADDR", help="Ray cluster to join (default: $RAY_ADDRESS, else local)")
     g.add_argument("--num-cpus", type=int, help="CPUs of the in-process Ray instance, or of --engine local (default: all)")
     g.add_argument("--object-store-memory", type=int, metavar="BYTES",
-                   help="object store size of the in-process Ray instance (default 1 GiB, at most 30%% of RAM); "
-                        "the tokenized dataset is held until the plan is made and spills to disk beyond it, so "
-                        "memory stays flat as the input grows")
+                   help="object store size of the in-process Ray instance (default: 1.5 bytes a byte of input, at "
+                        "least 1 GiB, at most 45%% of the memory available); the tokenized dataset is held until "
+                        "the plan is made and spills to disk beyond it")
     g.add_argument("--spill-dir", metavar="DIR",
                    help="where the in-process Ray instance spills objects (default: Ray's, under /tmp/ray), or where "
                         "--engine local keeps its blocks (default: the system's temp dir); "
