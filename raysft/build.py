@@ -15,7 +15,17 @@ from .encode import ENCODERS
 from .engine.executor import ENGINES
 from .layouts import LAYOUTS, REGISTRY
 from .normalize import FORMATS, parse_map_keys
-from .templates import ALIASES, LOSS_POLICIES, TEMPLATE_NAMES, THINK_LOSS, TemplateError, canonical_template
+from .parity import PARITY_MODES
+from .sources import MIX_UNITS
+from .templates import (
+    ALIASES,
+    LOSS_POLICIES,
+    TEMPLATE_NAMES,
+    THINK_LOSS,
+    TemplateError,
+    canonical_template,
+    unknown_kwargs,
+)
 from .tokenize import OVERLONG_POLICIES
 
 MAX_SEQ_LENGTH = 1 << 24  # the planner's arrays are indexed by length: 16M tokens is 128 MB of counts
@@ -66,7 +76,7 @@ def parser() -> argparse.ArgumentParser:
                    help="with an --input folder holding LLaMA-Factory's dataset_info.json: the entries to build, "
                         "comma-separated (as LLaMA-Factory's dataset:); default: every entry whose file is in the "
                         "folder and that holds SFT records")
-    g.add_argument("--mix-unit", choices=("loss_tokens", "samples", "tokens"),
+    g.add_argument("--mix-unit", choices=MIX_UNITS,
                    help="what source shares and budgets count (default loss_tokens: supervised tokens)")
     g.add_argument("--format", choices=FORMATS, help="record layout (default: auto, detected per record)")
     g.add_argument(
@@ -111,7 +121,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--template-date", metavar="YYYY-MM-DD",
                    help="the date a chat template reads from strftime_now (auto templates; default 2024-07-26, "
                         "the date Llama's templates fall back to): output bytes never depend on the day the job runs")
-    g.add_argument("--parity", choices=("off", "report", "strict"),
+    g.add_argument("--parity", choices=PARITY_MODES,
                    help="when the tokenizer has a chat template, render and tokenize a deterministic sample of about "
                         "--parity-rows records with transformers' apply_chat_template too and compare the token ids: "
                         "report (default) counts them in stats.json and the summary, strict fails the build on any "
@@ -295,8 +305,8 @@ def config_from_args(argv: list[str] | None = None) -> BuildConfig:
         parser().error(f"loss policy must be one of {', '.join(LOSS_POLICIES)}")
     if cfg.layout not in LAYOUTS:
         parser().error(f"--layout must be one of {', '.join(LAYOUTS)}")
-    if cfg.mix_unit not in ("loss_tokens", "samples", "tokens"):
-        parser().error("mix_unit must be one of loss_tokens, samples, tokens")
+    if cfg.mix_unit not in MIX_UNITS:
+        parser().error(f"mix_unit must be one of {', '.join(MIX_UNITS)}")
     if not isinstance(cfg.epochs, int) or cfg.epochs < 1:
         parser().error("--epochs must be a whole number >= 1")
     if not isinstance(cfg.sources, list):
@@ -313,8 +323,8 @@ def config_from_args(argv: list[str] | None = None) -> BuildConfig:
         parser().error(f"engine must be one of {', '.join(ENGINES)}")
     if cfg.engine == "local" and cfg.ray_address:
         parser().error("--engine local runs without Ray: it takes no --ray-address")
-    if cfg.parity not in ("off", "report", "strict"):
-        parser().error("parity must be one of off, report, strict")
+    if cfg.parity not in PARITY_MODES:
+        parser().error(f"parity must be one of {', '.join(PARITY_MODES)}")
     if cfg.stall_timeout == 0:
         cfg.stall_timeout = None
     if isinstance(cfg.template_kwargs, str):
@@ -322,6 +332,9 @@ def config_from_args(argv: list[str] | None = None) -> BuildConfig:
             cfg.template_kwargs = _json_object(cfg.template_kwargs)
         except argparse.ArgumentTypeError as e:
             parser().error(f"--template-kwargs {e}")
+    why = unknown_kwargs(cfg.template, cfg.template_kwargs if isinstance(cfg.template_kwargs, dict) else None)
+    if why:
+        parser().error(why)
     return cfg
 
 

@@ -141,13 +141,6 @@ class TokenBytes:
 # --------------------------------------------------------------------------- spans -> flags
 
 
-def char_to_byte(text: str, positions: list[int]) -> list[int]:
-    """Byte offsets in ``text.encode()`` of character offsets ``positions``."""
-    if text.isascii():
-        return positions
-    return batch_char_to_byte([text], np.zeros(len(positions), np.int64), np.asarray(positions, np.int64))[1].tolist()
-
-
 def batch_char_to_byte(texts: list[str], rows: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """UTF-8 length of every text, and the byte offset of each character offset
     ``positions[j]`` in ``texts[rows[j]]``, for a whole batch at once: one pass over the UTF-8

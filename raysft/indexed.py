@@ -115,10 +115,6 @@ def decode_index(data: bytes, name: str = "<index>") -> Index:
     return Index(dtype=dtype, sequence_lengths=lengths, document_indices=docs)
 
 
-def write_index(f: BinaryIO, index: Index) -> None:
-    f.write(encode_index(index))
-
-
 class IndexedReader:
     """Random access to a written dataset: ``reader[i]`` is sequence i as a numpy array.
 

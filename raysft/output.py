@@ -52,10 +52,6 @@ class OutputError(RuntimeError):
     """The output folder cannot be written as asked (one clear line)."""
 
 
-class StorageError(OutputError):
-    """The storage failed under the job (disk full, endpoint gone, permission...)."""
-
-
 def safe_rel(rel) -> bool:
     """A plain relative path inside the folder (no absolute path, ``..``, empty part)."""
     if not isinstance(rel, str) or not rel or rel.startswith("/") or "\x00" in rel:

@@ -227,7 +227,6 @@ class SlotTable:
     entry_pack: np.ndarray  # int64 [E]
     entry_items: np.ndarray  # int64 [E]: c
     entry_pos: np.ndarray  # int64 [E]
-    pattern_size: int  # most items in one pack
 
 
 def slot_table(plan: PackPlan) -> SlotTable:
@@ -260,7 +259,6 @@ def slot_table(plan: PackPlan) -> SlotTable:
         entry_pack=pack_start[p_] if E else p_,
         entry_items=c_,
         entry_pos=pos_,
-        pattern_size=max((len(p) for p in plan.patterns), default=0),
     )
 
 

@@ -1,7 +1,7 @@
 """The tokenize stage's rows: a batch of records -> one row per sample piece or rejected record.
 
-Pure (numpy + pyarrow, no engine). ``tokenize_batch`` runs a :class:`~raysft.tokenize.SampleBuilder`
-over raw records, applies ``--overlong`` and returns the Arrow table the later stages read:
+Pure (numpy + pyarrow, no engine). ``encode_records`` runs a :class:`~raysft.tokenize.SampleBuilder`
+over raw records and ``fit_records`` applies ``--overlong``, giving the Arrow table the later stages read:
 position columns (chunk, src, idx, piece, row, offset), lengths, loss-bearing counts, the
 signed tokens, the reject reason of each record that gave no sample, and each kept sample's
 *run key and rank*:
@@ -262,15 +262,3 @@ def fit_records(enc: pa.Table, chunk: int, seq_length: int, overlong: str = "dro
         "rec_hash": pa.array(enc.column("rec_hash").to_numpy()[take]),
         "cached": pa.array(np.full(n, cached, bool)),
     }, schema=SCHEMA)
-
-
-def tokenize_batch(builder: SampleBuilder, raws: list[bytes], errors: list[str], pos: dict, seq_length: int,
-                   overlong: str = "drop", chunk_hash: int = 0, avoid_end: tuple[int, ...] = (),
-                   source: int = 0) -> pa.Table:
-    """Records -> the stage's rows (see module doc): ``encode_records`` then ``fit_records``.
-    ``pos`` holds per record ``chunk``, ``src``, ``idx``, ``row`` and ``offset`` arrays (one
-    chunk). ``avoid_end``: token ids the output layout cannot end a sample with; ``--overlong
-    truncate/split`` never cut right after them."""
-    chunk = int(pos["chunk"][0]) if len(pos["chunk"]) else 0
-    enc = encode_records(builder, raws, errors, pos, seq_length)
-    return fit_records(enc, chunk, seq_length, overlong, chunk_hash, avoid_end, source, builder)

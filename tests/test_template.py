@@ -94,3 +94,20 @@ def test_auto_template_finds_assistant_spans():
     t = Template("auto", Specials("<s>", "</s>"), jinja, special_strings=("<s>", "</s>"))
     r = t.render(normalize(CONV))
     assert answers(r) == ["Hello!</s>", "Ciao.</s>"]
+
+
+def test_template_kwargs_a_builtin_does_not_read_are_an_error():
+    import subprocess
+    import sys
+
+    from raysft.templates import Template, TemplateError
+
+    with pytest.raises(TemplateError, match=r"'enable_thinking'.*does not read it"):
+        Template("qwen3", template_kwargs={"enable_thinking": False})
+    with pytest.raises(TemplateError, match="thinking"):
+        Template("deepseek-v3.1", template_kwargs={"thinking": True})
+    Template("llama3.1", template_kwargs={"date_string": "01 Jan 2025"})  # the one a built-in reads
+    r = subprocess.run([sys.executable, "-m", "raysft.build", "--input", "x.jsonl", "--tokenizer", "t", "--output", "o",
+                        "--template", "qwen3", "--template-kwargs", '{"enable_thinking": false}'],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "does not read it" in r.stderr and "--template auto" in r.stderr

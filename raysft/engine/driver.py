@@ -558,7 +558,7 @@ class Packing:
     """One packed dataset this build writes (the training set, or the validation set): its
     plan and the parts its samples come from."""
 
-    def __init__(self, cfg: BuildConfig, layout, hist: np.ndarray, parts: list, pick_valid: bool = False):
+    def __init__(self, cfg: BuildConfig, layout, hist: np.ndarray, parts: list):
         S = cfg.seq_length
         self.hist = hist
         cap = layout.capacity(S)

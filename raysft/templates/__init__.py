@@ -62,6 +62,21 @@ def canonical_template(name: str) -> str:
                         "LLaMA-Factory/MindSpeed names: see the README's template table)")
 
 
+def unknown_kwargs(name: str, kwargs: dict | None) -> str | None:
+    """Why ``--template-kwargs`` cannot go with the built-in ``name`` (None: they can): a
+    built-in reads only the kwargs it declares, and one it would ignore (``enable_thinking``
+    on ``qwen3``, ``thinking`` on ``deepseek-v3.1``) is an error, not a silent no-op."""
+    if name == "auto" or not kwargs or name not in BUILTINS:
+        return None
+    takes = BUILTINS[name].kwargs
+    extra = sorted(set(kwargs) - set(takes))
+    if not extra:
+        return None
+    return (f"--template-kwargs {', '.join(map(repr, extra))}: the built-in {name!r} does not read "
+            f"{'it' if len(extra) == 1 else 'them'} ({'it reads ' + ', '.join(takes) if takes else 'it reads none'}); "
+            "for a model template's own switches use --template auto with its tokenizer")
+
+
 class Template:
     """A chat template plus a loss policy: ``render(conv) -> Rendered``."""
 
@@ -82,6 +97,9 @@ class Template:
         if think_loss not in THINK_LOSS:
             raise TemplateError(f"unknown --think-loss {think_loss!r}; choose one of {', '.join(THINK_LOSS)}")
         name = canonical_template(name)
+        why = unknown_kwargs(name, template_kwargs)
+        if why:
+            raise TemplateError(why)
         self.think_loss = think_loss
         self.name = name
         self.loss = loss

@@ -23,6 +23,7 @@ class Builtin:
 
     render: object  # (Conversation, Specials) -> list[Piece]
     markers: tuple[str, ...] = ()
+    kwargs: tuple[str, ...] = ()  # the --template-kwargs it reads (any other is an error, not ignored)
 
 
 class TemplateError(ValueError):

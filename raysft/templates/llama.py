@@ -108,6 +108,7 @@ def _llama2(conv: Conversation, sp: Specials) -> list[Piece]:
 # name -> (render, the special tokens it writes: --add-special-tokens adds those a tokenizer lacks)
 FAMILY = {
     "llama3": Builtin(_llama3, ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")),
-    "llama3.1": Builtin(_llama31, ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")),
+    "llama3.1": Builtin(_llama31, ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+                        ("date_string",)),
     "llama2": Builtin(_llama2, ()),
 }
