@@ -381,9 +381,6 @@ def canary_texts(specials: tuple[str, ...], rows: list[str]) -> list[str]:
 def choose(mode: str, info, sample_texts: list[str] | None = None, parity: bool = True, canary: bool = True):
     """The encoder for ``--encoder mode`` and, when auto fell back to hf, why. ``canary``:
     check fastokens against hf first (the driver does; the actors take its verdict)."""
-    from .tokenize import TokenizerInfo
-
-    assert isinstance(info, TokenizerInfo)
     if mode not in ENCODERS:
         raise EncoderError(f"unknown encoder {mode!r}; choose one of {', '.join(ENCODERS)}")
     reference = HFEncoder(info.shared())  # encoding changes nothing in the tokenizer: one per process

@@ -22,6 +22,10 @@ import errno
 OK, BAD_INPUT, USAGE, STORAGE, CLUSTER, INTERNAL, INTERRUPTED = 0, 1, 2, 3, 4, 70, 130
 
 
+class BuildError(RuntimeError):
+    """A failure to report as one clear line (bad input, bad settings): exit 1."""
+
+
 def _unwrap(e: BaseException) -> BaseException:
     seen = 0
     while seen < 10:
@@ -54,7 +58,6 @@ def _first_line(e: BaseException) -> str:
 def classify(e: BaseException) -> tuple[int, str]:
     """(exit code, one line) for an exception that ended a command."""
     from .encode import EncoderError
-    from .engine.driver import BuildError
     from .engine.session import ClusterError
     from .engine.storage import StorageRuleError
     from .engine.watch import Stalled

@@ -138,3 +138,9 @@ class IndexedReader:
     def document(self, d: int) -> list[np.ndarray]:
         docs = self.index.document_indices
         return [self[i] for i in range(int(docs[d]), int(docs[d + 1]))]
+
+
+def shard_meta(prefix: str, index: Index) -> dict:
+    """What the merge needs to know of a written MMIDIDX shard."""
+    return {"prefix": prefix, "sequences": len(index.sequence_lengths), "documents": index.num_documents,
+            "tokens": index.num_tokens, "bytes": index.num_tokens * index.dtype.itemsize}

@@ -15,7 +15,7 @@ import numpy as np
 
 from .fs import get_fs, join, storage_options
 from .layouts import get_layout
-from .write import read_provenance
+from .provenance import read_provenance
 
 EXAMPLE = """\
 examples:

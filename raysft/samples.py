@@ -16,6 +16,8 @@ length class in input order, from which its pack slot follows (``raysft.pack.ass
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -54,6 +56,12 @@ ENCODED = pa.schema([
     ("enc_checked", pa.int32()), ("enc_mismatch", pa.int32()), ("enc_fallback", pa.int32()),
     ("tpl_planned", pa.int32()), ("tpl_rendered", pa.int32()),
 ])
+
+
+def record_hash(raw: bytes) -> int:
+    """64 bits of a record's content (CRC-32 and Adler-32 of its bytes), as int64."""
+    h = zlib.crc32(raw) | (zlib.adler32(raw) << 32)
+    return h - (1 << 64) if h >= 1 << 63 else h
 
 
 def _on_first(n: int, value: int) -> np.ndarray:
@@ -117,8 +125,6 @@ def encode_records(builder: SampleBuilder, raws: list[bytes], errors: list[str],
     tokenizer give them) or why it was rejected. Depends on the record, the tokenizer, the
     template and the source's format, keys and loss policy only (and ``keep_over``: records
     longer keep their bytes): what the cache keeps."""
-    from .sources import record_hash
-
     e = builder.encode(raws, errors)
     n = len(raws)
     lengths = np.where(e.ok, e.lengths, 0)

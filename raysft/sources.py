@@ -29,12 +29,12 @@ the smallest hashes.
 from __future__ import annotations
 
 import math
-import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .pack import mix64  # the one splitmix64 finalizer (slot shuffles use it too)
+from .samples import kept_mask
 
 MIX_UNITS = ("loss_tokens", "samples", "tokens")
 
@@ -147,12 +147,6 @@ def mix_factors(sources: list[Source], natural: list[float]) -> list[float]:
     return out
 
 
-def record_hash(raw: bytes) -> int:
-    """64 bits of a record's content (CRC-32 and Adler-32 of its bytes), as int64."""
-    h = zlib.crc32(raw) | (zlib.adler32(raw) << 32)
-    return h - (1 << 64) if h >= 1 << 63 else h
-
-
 def unit(values: np.ndarray, salt: int) -> np.ndarray:
     """A deterministic number in [0, 1) per value (a hash of it and ``salt``)."""
     with np.errstate(over="ignore"):
@@ -251,7 +245,6 @@ class Selection:
 
 def row_keys(table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per row: kept, the record's content hash, its position in its file."""
-    from .samples import kept_mask
 
     kept = kept_mask(table).to_numpy(zero_copy_only=False)
     row = table.column("row").to_numpy()

@@ -12,27 +12,11 @@ from collections import Counter
 
 import numpy as np
 
-from .indexed import Index
+from .indexed import Index, shard_meta  # noqa: F401 - shard_meta: the writers' result
 from .layouts import Layout, Placement
+from .provenance import provenance_records
 
 SLICE_TOKENS = 1 << 20  # a writer encodes this many stored pack tokens at a time
-
-# provenance.bin: one record per sample, in output order
-# (src: index in inputs.json, piece: part of a split record, row: record index or -1,
-#  offset: byte offset of the JSON line or -1, pack: output pack = Megatron document)
-PROVENANCE_DTYPE = np.dtype([("src", "<i4"), ("piece", "<i4"), ("row", "<i8"), ("offset", "<i8"), ("pack", "<i8")])
-
-
-def provenance_records(src, piece, row, offset, pack) -> np.ndarray:
-    out = np.empty(len(src), dtype=PROVENANCE_DTYPE)
-    out["src"], out["piece"], out["row"], out["offset"], out["pack"] = src, piece, row, offset, pack
-    return out
-
-
-def read_provenance(fs, root: str) -> np.ndarray:
-    with fs.open(f"{root}/provenance.bin", "rb") as f:
-        return np.frombuffer(f.read(), dtype=PROVENANCE_DTYPE)
-
 
 def order_samples(out_pack: np.ndarray, pos: np.ndarray) -> np.ndarray:
     return np.lexsort((np.asarray(pos), np.asarray(out_pack)))
@@ -160,9 +144,3 @@ def write_shard(fs, prefix: str, layout: Layout, seq_length: int, pad_id: int, p
         f.write(prov.tobytes())
     gather = Gather.of(parts, rows, order)
     return write_ordered(fs, prefix, layout, seq_length, pad_id, gather, gather.length, out_pack[order], token_dtype)
-
-
-def shard_meta(prefix: str, index: Index) -> dict:
-    """What the merge needs to know of a written MMIDIDX shard."""
-    return {"prefix": prefix, "sequences": len(index.sequence_lengths), "documents": index.num_documents,
-            "tokens": index.num_tokens, "bytes": index.num_tokens * index.dtype.itemsize}

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from helpers import build, file_bytes, reader
 
+from raysft.provenance import PROVENANCE_DTYPE
 from raysft.sources import (
     Selection,
     Source,
@@ -23,7 +24,6 @@ from raysft.sources import (
     parse_sources,
     valid_key,
 )
-from raysft.write import PROVENANCE_DTYPE
 
 DEFAULTS = {"format": "auto", "map_keys": {}, "loss": "assistant"}
 

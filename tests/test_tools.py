@@ -12,7 +12,7 @@ import pytest
 from helpers import build, reader
 
 from raysft import inspect as insp
-from raysft.write import PROVENANCE_DTYPE
+from raysft.provenance import PROVENANCE_DTYPE
 
 
 @pytest.fixture(scope="module", params=["native", "pai", "mindspeed"])

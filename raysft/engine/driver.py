@@ -25,6 +25,7 @@ from .. import __version__ as RAYSFT_VERSION
 from .. import stats as stats_mod
 from ..config import BuildConfig
 from ..encode import EncoderStats, choose
+from ..errors import BuildError
 from ..fs import absolute, get_fs, join, storage_options
 from ..layouts import get_layout
 from ..merge import copy_into
@@ -41,10 +42,6 @@ log = logging.getLogger("raysft")
 
 VERSION = 2  # of the manifest and of what output bytes depend on
 OUTPUT_FILES = ("data_order.txt", "stats.json", "provenance.bin", "inputs.json", "report.html")  # beside the layout's
-
-
-class BuildError(RuntimeError):
-    """A failure to report as one clear line (bad input, bad settings)."""
 
 
 # --------------------------------------------------------------------------- preparation

@@ -67,7 +67,7 @@ class RayExecutor:
         )
         for bundle in ds.iter_internal_ref_bundles():
             if any(sl is not None for sl in getattr(bundle, "slices", None) or ()):
-                from .driver import BuildError
+                from ..errors import BuildError
 
                 raise BuildError("internal error: Ray Data returned a partial block")  # never for map outputs
             yield [ref for ref, meta in zip(bundle.block_refs, bundle.metadata) if meta.num_rows]

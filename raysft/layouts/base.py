@@ -181,8 +181,7 @@ class IndexedShardWriter(ShardWriter):
             indexes.append(index)
 
     def close(self) -> dict:
-        from ..indexed import encode_index
-        from ..write import shard_meta
+        from ..indexed import encode_index, shard_meta
 
         for f in self.files:
             f.close()

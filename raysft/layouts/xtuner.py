@@ -121,7 +121,7 @@ class XTuner(Layout):
         return out
 
     def read_pack(self, fs, root, stats, pack):
-        from ..write import read_provenance
+        from ..provenance import read_provenance
 
         prov = read_provenance(fs, root)
         rows = np.flatnonzero(prov["pack"] == pack)
