@@ -191,3 +191,12 @@ def test_a_node_outside_a_run_is_plain_text():
             hash(node)
         finally:
             plan.LIVE[0] = None
+
+
+def test_generation_blocks_are_replayed(llama_info):
+    source = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.role == 'assistant' %}{% generation %}"
+              "{{ m.content | trim }}{% for c in m.tool_calls or [] %}<tool_call>{{ c.function | tojson }}</tool_call>"
+              "{% endfor %}<|im_end|>{% endgeneration %}\n{% else %}{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}")
+    convs = conversations(150, seed=3)
+    stats = _check(source, llama_info, convs + convs)
+    assert stats["planned"] >= 50 and not stats["reasons"], stats
