@@ -352,3 +352,39 @@ def test_watchdog_wakes_a_driver_blocked_in_a_wait():
                 w.check()
                 raise
     assert time.time() - t0 < 15
+
+
+@pytest.mark.slow  # a `ray start` cluster of its own, killed under a build: CI's slow run
+def test_a_build_whose_head_dies_exits_4_with_one_line(tmp_path):
+    temp = Path("/tmp") / f"raysft-head-{os.getpid()}-{free_port()}"
+    ports = [free_port() for _ in range(4)]
+    gcs, dash, client, agent = ports
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    cmd = [RAY, "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
+           f"--dashboard-agent-listen-port={agent}", "--num-cpus=2", f"--temp-dir={temp}", "--disable-usage-stats",
+           "--include-dashboard=false"]
+    try:
+        subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
+        ex = write_example(str(tmp_path / "ex"), rows=20000)
+        build = subprocess.Popen(
+            [sys.executable, "-m", "raysft.build", "--input", os.path.join(ex["data"], "*.jsonl"), "--tokenizer",
+             ex["tokenizer"], "--template", "llama3", "--seq-length", "1024", "--output", str(tmp_path / "out"),
+             "--ray-address", f"127.0.0.1:{gcs}"], env=env, stderr=subprocess.PIPE, text=True)
+        lines = []
+        for line in build.stderr:  # the build has joined and started its actors: now the head goes
+            lines.append(line)
+            if "tokenizer actors" in line:
+                break
+        for p in psutil.process_iter(["cmdline"]):
+            if "gcs_server" in " ".join(p.info["cmdline"] or []) and str(temp) in " ".join(p.info["cmdline"] or []):
+                p.kill()
+        t0 = time.time()
+        rest, _ = build.communicate(timeout=120)
+        ours = [x for x in (lines + rest.splitlines()) if x.startswith("raysft.build: error")]
+        assert build.returncode == 4, rest[-3000:]
+        assert len(ours) == 1 and ("lost the Ray cluster's head" in ours[0] or "cluster" in ours[0]), ours
+        assert time.time() - t0 < 60
+        assert not (tmp_path / "out" / "_SUCCESS").exists()
+    finally:
+        stop_cluster(str(temp), ports)
+        shutil.rmtree(temp, ignore_errors=True)

@@ -200,3 +200,24 @@ def test_generation_blocks_are_replayed(llama_info):
     convs = conversations(150, seed=3)
     stats = _check(source, llama_info, convs + convs)
     assert stats["planned"] >= 50 and not stats["reasons"], stats
+
+
+def test_tools_and_arguments_of_any_structure_share_a_shape(llama_info):
+    """Glaive's rows each bring their own tool schemas and argument names: a template that only
+    writes them as JSON (``tool | tojson``, ``arguments | tojson``) plans them as one payload
+    each, so rows with different tools share plans; one that reads into them (``tool.function``)
+    has their structure in its shapes instead. Output equal to the render either way."""
+    path = SHARED / "templates" / "Qwen-Qwen2.5-7B-Instruct.jinja"
+    if not path.exists():
+        pytest.skip("../shared/templates not present")
+    convs = []
+    for r in json.loads((SHARED / "data" / "glaive_toolcall_en_demo.json").read_text())[:120]:
+        try:
+            convs.append(normalize(r))
+        except RecordError:
+            pass
+    stats = _check(path.read_text(), llama_info, convs + convs)
+    assert stats["plans"] <= 30 and stats["planned"] >= len(convs) and not stats["reasons"], stats
+    reads = CHATML.replace("BODY", "m.content") + "{% for t in tools or [] %}{{ t.function.name }}{% endfor %}"
+    stats = _check(reads, llama_info, convs + convs)
+    assert any("function of a tool or argument object" in r for r in stats["reasons"]), stats

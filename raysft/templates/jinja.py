@@ -141,8 +141,11 @@ def _environment(date: datetime.date, mark_generation: bool, tracking: bool = Fa
 
         if tracking:
             def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja's signature
-                if (plan._has_node(args) or plan._has_node([v for k, v in kwargs.items() if k[:1] != "_"])) \
-                        and not __self.rs_follows(__obj):  # (_loop_vars, _block_vars: jinja's own)
+                given = [v for k, v in kwargs.items() if k[:1] != "_"]  # (_loop_vars, _block_vars: jinja's own)
+                if (plan._has_opaque(args) or plan._has_opaque(given)) and not isinstance(__obj, Macro):
+                    raise plan.UntrackedOpaque(f"a tool or argument object handed to "
+                                               f"{getattr(__obj, '__name__', type(__obj).__name__)}")
+                if (plan._has_node(args) or plan._has_node(given)) and not __self.rs_follows(__obj):
                     raise plan.Untracked(f"a payload handed to {getattr(__obj, '__name__', type(__obj).__name__)}")
                 return ImmutableSandboxedEnvironment.call(__self, __context, __obj, *args, **kwargs)
 
@@ -267,7 +270,8 @@ def _track(env, allowed: tuple, containers: tuple, macro) -> None:
     env.tests["in"] = lambda value, seq: plan.compare(value, "in", seq)
     # what a str always is, whatever its text
     for name in ("iterable", "sequence"):
-        env.tests[name] = (lambda test: lambda value: True if type(value) is plan.Node else test(value))(env.tests[name])
+        env.tests[name] = (lambda test: lambda value: True if type(value) in (plan.Node, plan.Opaque)
+                           else test(value))(env.tests[name])
     for name in ("lower", "upper"):
         env.tests[name] = refuse(name, env.tests[name])
 
@@ -299,7 +303,9 @@ def _replace_payload(m: dict, variant: int) -> dict:
             if isinstance(fn.get("name"), str):
                 fn["name"] = s()
             args = fn.get("arguments")
-            if isinstance(args, str) and args:
+            if type(args) is plan.Opaque:  # an object payload of a render plan's run
+                fn["arguments"] = plan.opaque_variant(args, variant + 1)
+            elif isinstance(args, str) and args:
                 fn["arguments"] = s()
             elif isinstance(args, dict):
                 fn["arguments"] = {k: (s() if isinstance(v, str) and v else v) for k, v in args.items()}
@@ -358,6 +364,7 @@ class JinjaTemplate:
                                                                       _GEN_END)) else {}
         self._seen: set[int] = set()
         self._tracking = None
+        self._opaque = True  # tools and object arguments as one payload each, until the template reads into one
         self.plan_stats = {"planned": 0, "rendered": 0, "plans": 0, "unplanned_shapes": 0, "retired": 0}
         self.plan_reasons: dict[str, int] = {}
 
@@ -467,7 +474,7 @@ class JinjaTemplate:
         first sighting, one the template cannot be planned for, or a conversation that leaves
         its shape's plan)."""
         payloads: list[str] = []
-        key = plan.conversation_key(msgs, tools, payloads)
+        key = plan.conversation_key(msgs, tools, payloads, self._opaque)
         found = self._plans.get(key, self._MISSING)
         if found is self._MISSING:
             h = hash(key)
@@ -508,10 +515,13 @@ class JinjaTemplate:
         try:
             if self._tracking is None:
                 self._tracking = _environment(self.date, self.generation, tracking=True).from_string(self.source)
-            smsgs = plan.slotted(msgs, tracker)
-            stools = plan.slotted(tools, tracker) if tools else tools
+            smsgs = plan.slotted(msgs, tracker, opaque=self._opaque)
+            stools = plan.slotted_tools(tools, tracker, self._opaque) if tools else tools
             self._active, self._tracker = self._tracking, tracker
             built = plan.Plan(tracker, self._locate(smsgs, stools, special_strings), special_strings)
+        except plan.UntrackedOpaque as e:
+            self._opaque = False  # this template reads into tools or arguments: their structure joins the shape
+            return self._unplanned(key, str(e))
         except plan.Untracked as e:
             return self._unplanned(key, str(e))
         except RecordError as e:

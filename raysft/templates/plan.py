@@ -56,6 +56,11 @@ class Untracked(BaseException):  # noqa: N818 - BaseException: a template's own 
     """The template used a payload in a way a plan cannot replay."""
 
 
+class UntrackedOpaque(Untracked):
+    """The template reads into a tool definition or an argument object: plan this template
+    with their structure in the shape instead."""
+
+
 class _Mark:
     """A payload's place in a shape key (equal only to itself)."""
 
@@ -68,10 +73,11 @@ class _Mark:
         return self.name
 
 
-PAYLOAD, LIST, DICT = _Mark("payload"), _Mark("list"), _Mark("dict")
+PAYLOAD, LIST, DICT, OPAQUE = _Mark("payload"), _Mark("list"), _Mark("dict"), _Mark("opaque")
+OPAQUE_KEYS = frozenset(("arguments",))  # object values under these keys may be one payload (see Opaque)
 
 
-def shape(value, payloads: list, structural: bool = False):
+def shape(value, payloads: list, structural: bool = False, opaque: bool = False):
     """The shape key of a JSON-like value; its payload strings appended to ``payloads`` in the
     order :func:`slotted` numbers them. (Run for every conversation: kept lean.)"""
     t = type(value)
@@ -86,8 +92,11 @@ def shape(value, payloads: list, structural: bool = False):
                     add(PAYLOAD)
                 else:
                     add(v)
+            elif opaque and type(v) is dict and v and k in OPAQUE_KEYS:
+                payloads.append(v)
+                add(OPAQUE)
             else:
-                add(shape(v, payloads))
+                add(shape(v, payloads, opaque=opaque))
         return tuple(out)
     if t is str:
         if structural or not value:
@@ -95,15 +104,17 @@ def shape(value, payloads: list, structural: bool = False):
         payloads.append(value)
         return PAYLOAD
     if t is list or t is tuple:
-        return (LIST, *[shape(v, payloads) for v in value])
+        return (LIST, *[shape(v, payloads, opaque=opaque) for v in value])
     if value is None:
         return None
     return (t, value)  # numbers and booleans: True and 1 are different shapes
 
 
-def conversation_key(msgs: list[dict], tools, payloads: list) -> tuple:
+def conversation_key(msgs: list[dict], tools, payloads: list, opaque: bool = False) -> tuple:
     """:func:`shape` of a conversation's messages and tools as one flat key (the same payload
-    order), written out for the common case: one pass over each message's keys."""
+    order), written out for the common case: one pass over each message's keys. ``opaque``:
+    each tool definition and each call's object arguments are one payload (:class:`Opaque`),
+    so that conversations with different tools share a shape."""
     key: list = []
     add = key.append
     for m in msgs:
@@ -117,24 +128,35 @@ def conversation_key(msgs: list[dict], tools, payloads: list) -> tuple:
                 else:
                     add(v)
             else:
-                add(shape(v, payloads))
+                add(shape(v, payloads, opaque=opaque))
     if tools:
         add(LIST)
-        add(shape(tools, payloads))
+        for t in tools:
+            if opaque and type(t) is dict and t:
+                payloads.append(t)
+                add(OPAQUE)
+            else:
+                add(shape(t, payloads))
     return tuple(key)
 
 
-def slotted(value, tracker: Tracker, structural: bool = False):
-    """A copy of ``value`` with each payload string replaced by a leaf node, in :func:`shape`'s
-    order."""
+def slotted(value, tracker: Tracker, structural: bool = False, opaque: bool = False, key: str = ""):
+    """A copy of ``value`` with each payload replaced by a leaf node (or an :class:`Opaque`), in
+    :func:`shape`'s order."""
     t = type(value)
     if t is str:
         return value if structural or not value else tracker.leaf()
     if t is dict:
-        return {k: slotted(v, tracker, k in STRUCTURAL) for k, v in value.items()}
+        if opaque and value and key in OPAQUE_KEYS:
+            return tracker.opaque()
+        return {k: slotted(v, tracker, k in STRUCTURAL, opaque, k) for k, v in value.items()}
     if t is list or t is tuple:
-        return [slotted(v, tracker) for v in value]
+        return [slotted(v, tracker, opaque=opaque) for v in value]
     return value
+
+
+def slotted_tools(tools: list, tracker: Tracker, opaque: bool) -> list:
+    return [tracker.opaque() if opaque and type(t) is dict and t else slotted(t, tracker) for t in tools]
 
 
 # --------------------------------------------------------------------------- tracking
@@ -287,6 +309,75 @@ def _markup(x, what: str) -> None:
         raise Untracked(f"{what} of a payload marked safe")
 
 
+class Opaque(dict):
+    """A tool definition, or a call's object arguments, as one payload: a template may only
+    write it as JSON (``tojson``, or the JSON text of arguments a template takes as text).
+    Reading into it (an attribute, a key, its items, its length, iterating it, handing it to a
+    function) ends the run with :class:`UntrackedOpaque`. An empty ``dict`` underneath: nothing
+    reads it outside a run but :func:`tojson` and ``_replace_payload``, which know it."""
+
+    def __getattribute__(self, name):
+        if name[0] != "_" and LIVE[0] is not None:
+            raise UntrackedOpaque(f"{name} of a tool or argument object")
+        return dict.__getattribute__(self, name)
+
+    def _refuse(self, what):
+        if LIVE[0] is not None:
+            raise UntrackedOpaque(what)
+
+    def __getitem__(self, key):
+        self._refuse("a key of a tool or argument object")
+        return dict.__getitem__(self, key)
+
+    def __iter__(self):
+        self._refuse("a tool or argument object iterated")
+        return dict.__iter__(self)
+
+    def __len__(self):
+        self._refuse("a tool or argument object's length")
+        return dict.__len__(self)
+
+    def __contains__(self, key):
+        self._refuse("a key looked up in a tool or argument object")
+        return dict.__contains__(self, key)
+
+    def __eq__(self, other):
+        self._refuse("a tool or argument object compared")
+        return self is other
+
+    def __ne__(self, other):
+        return not self.__eq__(other)
+
+    __hash__ = None
+
+    def __bool__(self):
+        return True  # never empty: its shape says so
+
+    def __repr__(self):
+        self._refuse("a tool or argument object as text")
+        return f"Opaque({dict.__getattribute__(self, '__dict__').get('idx')})"
+
+    __str__ = __repr__
+
+
+def opaque_variant(o: Opaque, variant: int) -> Opaque:
+    """The sentinel variant of an object payload (the span rules render message ``i`` with
+    its payloads swapped for sentinels)."""
+    d = dict.__getattribute__(o, "__dict__")
+    v = Opaque()
+    dict.__getattribute__(v, "__dict__").update(idx=d["idx"], variant=variant)
+    return v
+
+
+def _has_opaque(args) -> bool:
+    for a in args:
+        if type(a) is Opaque or (type(a) in (list, tuple) and any(type(v) is Opaque for v in a)):
+            return True
+        if type(a) is dict and any(type(v) is Opaque for v in a.values()):
+            return True
+    return False
+
+
 def _spec_value(x):
     """An argument of a recorded operation: a node's id, or a plain hashable value."""
     if type(x) is Node:
@@ -302,7 +393,9 @@ def _spec_value(x):
 
 def _has_node(args) -> bool:
     for a in args:
-        if type(a) is Node:
+        if type(a) is Node or type(a) is Opaque:
+            return True
+        if type(a) in (list, tuple) and any(type(v) is Opaque for v in a):
             return True
         if isinstance(a, (list, tuple)) and any(type(v) is Node for v in a):
             return True
@@ -320,6 +413,7 @@ class Tracker:
         self.objs: list[Node] = []
         self.guards: dict[tuple, object] = {}  # guard expression -> the value the run saw
         self.payloads = 0
+        self.opaques: set[int] = set()  # payloads that are objects (Opaque)
 
     def _node(self, spec: tuple, text: str | None = None) -> Node:
         nid = self.index.get(spec)
@@ -336,6 +430,22 @@ class Tracker:
     def leaf(self) -> Node:
         self.payloads += 1
         return self._node(("p", self.payloads - 1))
+
+    def opaque(self, idx: int | None = None, variant: int = 0) -> Opaque:
+        """Payload ``idx``'s object stand-in (a new payload when None); ``variant``: the
+        sentinel variants the span rules render message ``i`` with."""
+        if idx is None:
+            self.payloads += 1
+            idx = self.payloads - 1
+            self.opaques.add(idx)
+        o = Opaque()
+        dict.__getattribute__(o, "__dict__").update(idx=idx, variant=variant)
+        return o
+
+    def opaque_json(self, o: Opaque, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> Node:
+        d = dict.__getattribute__(o, "__dict__")
+        sep = tuple(separators) if separators is not None else None
+        return self._node(("J", d["idx"], d["variant"], bool(ensure_ascii), indent, sep, bool(sort_keys)))
 
     def method(self, node: Node, name: str, args: tuple, kwargs: dict):
         spec = ("m", node._nid, name, tuple(_spec_value(a) for a in args),
@@ -397,7 +507,25 @@ class Tracker:
         """``tojson`` of a value holding nodes: each string node's JSON text is a node of its
         own (JSON escapes a string character by character, so a concatenation's JSON text is
         its parts' JSON texts)."""
+        if type(value) is Opaque:  # a whole tool or argument object: its JSON text is one node
+            return self.opaque_json(value, ensure_ascii, indent, separators, sort_keys)
+        if type(value) is list and value and all(type(v) is Opaque for v in value) and indent is None:
+            # a list of them (``tools | tojson``): its items' JSON texts, joined as json.dumps joins them
+            sep = separators[0] if separators is not None else ", "
+            items: list = ["["]
+            for k, v in enumerate(value):
+                if k:
+                    items.append(sep)
+                items.append(self.opaque_json(v, ensure_ascii, indent, separators, sort_keys))
+            items.append("]")
+            return self.concat(*items)
+
         def swap(x):
+            if type(x) is Opaque:
+                if indent is not None or ensure_ascii:  # (its JSON text would depend on where it sits)
+                    raise UntrackedOpaque("a tool or argument object inside a value written as indented JSON")
+                return str.__str__(self.opaque_json(x, False, None, separators, sort_keys)) + MARK_OPEN
+
             if type(x) is Node:
                 if ensure_ascii:
                     raise Untracked("a payload written by tojson with ensure_ascii")
@@ -413,6 +541,8 @@ class Tracker:
 
         text = json.dumps(swap(value), ensure_ascii=ensure_ascii, indent=indent, separators=separators,
                           sort_keys=sort_keys)
+        # an object's JSON text went in as a string ("<marker>\ue0f2"): take its quotes off
+        text = re.sub('"(\ue0f2\\d+\ue0f3)\ue0f2"', r"\1", text)
         return self.lift(text)
 
 
@@ -451,6 +581,7 @@ class Plan:
     def __init__(self, tracker: Tracker, pieces: list, special_strings: tuple[str, ...]):
         self.specs = tracker.specs
         self.guards = list(tracker.guards.items())
+        self.payloads, self.opaques = tracker.payloads, set(tracker.opaques)
         self.pieces = []
         out_nodes: set[int] = set()
         for text, i, answer in pieces:
@@ -500,6 +631,7 @@ class Plan:
                     self._need(p[1], needed)
         elif spec[0] in ("j", "k"):
             self._need(spec[1], needed)
+        # "p" and "J" read payloads only
 
     def _need_value(self, x, needed: set) -> None:
         if isinstance(x, tuple):
@@ -548,6 +680,11 @@ class Plan:
                 expr = "''.join((" + "".join((const(p[1]) if p[0] == "s" else f"v{p[1]}") + ", " for p in spec[1]) + "))"
             elif kind == "j":
                 expr = f"_dumps(v{spec[1]}, ensure_ascii=False)[1:-1]"
+            elif kind == "J":
+                if spec[2]:  # a sentinel variant's stand-in: never in a plan's pieces
+                    raise Untracked("a sentinel object in a plan")
+                expr = (f"_dumps(P[{spec[1]}], ensure_ascii={spec[3]}, indent={const(spec[4])}, "
+                        f"separators={const(spec[5])}, sort_keys={spec[6]})")
             else:
                 expr = f"v{spec[1]}"
             lines.append(f"        v{nid} = {expr}")
@@ -567,8 +704,11 @@ class Plan:
         if self.specials is not None:  # the span rules look for special tokens in every render
             ns["_search"] = self.specials.search
             test = " or ".join(f"{const(c)} in p" for c in self.lead)
-            lines.append("    for p in P:")
+            strings = [k for k in range(self.payloads) if k not in self.opaques]
+            lines.append(f"    for p in ({'P' if not self.opaques else '[P[k] for k in ' + const(strings) + ']'}):")
             lines.append(f"        if ({test}) and _search(p): return None")
+            for k in sorted(self.opaques):
+                lines.append(f"    if _search(_dumps(P[{k}], ensure_ascii=False)): return None")
         items = []
         for p, i, a in self.pieces:
             text = const(p) if type(p) is str else \
