@@ -190,9 +190,12 @@ def test_think_loss_is_an_explicit_switch():
             assert loss_text(template, "mask", kwargs, rec) == "hello there<|im_end|>"
             assert loss_text(template, "mask", kwargs, r2) == "hello<|im_end|>"
             assert loss_text(template, "train", kwargs, r2).startswith("<think>\nthink first\n</think>")
-    # auto keeps what the template says: Qwen3's enable_thinking false moves the empty block into the prompt
-    assert loss_text("auto", "auto", {"enable_thinking": False}, rec) == "hello there<|im_end|>"
-    assert loss_text("auto", "auto", {}, rec) == "<think>\n\n</think>\n\nhello there<|im_end|>"
+    # auto keeps what the template says: Qwen3's enable_thinking false moves the empty block into the
+    # prompt; the built-in reads the switch the same way
+    for template in ("auto", "qwen3"):
+        assert loss_text(template, "auto", {"enable_thinking": False}, rec) == "hello there<|im_end|>"
+        assert loss_text(template, "auto", {}, rec) == "<think>\n\n</think>\n\nhello there<|im_end|>"
+        assert loss_text(template, "auto", {"enable_thinking": False}, r2).startswith("<think>\nthink first")
 
 
 # --------------------------------------------------------------------------- inputs

@@ -94,7 +94,7 @@ def llama_info():
 @pytest.mark.skipif(not VENDOR, reason="../shared/templates not present")
 @pytest.mark.parametrize("path", VENDOR, ids=[p.stem for p in VENDOR])
 def test_vendor_templates_replay_what_they_render(path, llama_info):
-    convs = conversations(250)
+    convs = conversations(150)
     stats = _check(path.read_text(), llama_info, convs + convs)
     # the repeated half meets its shapes' plans: most of it is replayed, not rendered
     assert stats["planned"] >= len(convs) // 2 or stats["reasons"], stats

@@ -103,11 +103,12 @@ def test_template_kwargs_a_builtin_does_not_read_are_an_error():
     from raysft.templates import Template, TemplateError
 
     with pytest.raises(TemplateError, match=r"'enable_thinking'.*does not read it"):
-        Template("qwen3", template_kwargs={"enable_thinking": False})
+        Template("qwen2", template_kwargs={"enable_thinking": False})
+    Template("qwen3", template_kwargs={"enable_thinking": False})  # qwen3 reads it (as Qwen3's template does)
     with pytest.raises(TemplateError, match="thinking"):
         Template("deepseek-v3.1", template_kwargs={"thinking": True})
     Template("llama3.1", template_kwargs={"date_string": "01 Jan 2025"})  # the one a built-in reads
     r = subprocess.run([sys.executable, "-m", "raysft.build", "--input", "x.jsonl", "--tokenizer", "t", "--output", "o",
-                        "--template", "qwen3", "--template-kwargs", '{"enable_thinking": false}'],
+                        "--template", "chatml", "--template-kwargs", '{"enable_thinking": false}'],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "does not read it" in r.stderr and "--template auto" in r.stderr

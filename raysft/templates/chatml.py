@@ -80,16 +80,21 @@ def _chatml(default_system: str | None, style: str) -> Callable[[Conversation, S
         for i in range(start, len(msgs)):
             m = msgs[i]
             if m.role == ASSISTANT:
+                header = "<|im_start|>assistant\n"
                 if style == "qwen3":
                     reasoning, content = _split_think(m)
                     if i > last_query and (i == len(msgs) - 1 or reasoning):
-                        body = f"<think>\n{reasoning.strip(chr(10))}\n</think>\n\n{content.lstrip(chr(10))}"
+                        block = f"<think>\n{reasoning.strip(chr(10))}\n</think>\n\n"
+                        if not reasoning and sp.kwargs.get("enable_thinking") is False:
+                            header += block  # written by the generation prompt, as Qwen3's template does
+                            block = ""
+                        body = block + content.lstrip(chr(10))
                     else:
                         body = content
                     body += _calls(m, content, raw_strings=True)
                 else:
                     body = with_reasoning(m, m.text) + _calls(m, m.text, raw_strings=False)
-                out += [("<|im_start|>assistant\n", i, False), (body + "<|im_end|>", i, True), ("\n", i, False)]
+                out += [(header, i, False), (body + "<|im_end|>", i, True), ("\n", i, False)]
             elif m.role == TOOL:
                 first = i == 0 or msgs[i - 1].role != TOOL
                 last = i == len(msgs) - 1 or msgs[i + 1].role != TOOL
@@ -106,5 +111,5 @@ def _chatml(default_system: str | None, style: str) -> Callable[[Conversation, S
 FAMILY = {
     "chatml": Builtin(_chatml(None, "chatml"), ("<|im_start|>", "<|im_end|>")),
     "qwen2": Builtin(_chatml(QWEN25_SYSTEM, "qwen2"), ("<|im_start|>", "<|im_end|>")),
-    "qwen3": Builtin(_chatml(None, "qwen3"), ("<|im_start|>", "<|im_end|>")),
+    "qwen3": Builtin(_chatml(None, "qwen3"), ("<|im_start|>", "<|im_end|>"), ("enable_thinking",)),
 }
