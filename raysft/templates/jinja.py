@@ -31,6 +31,10 @@ Which characters are assistant output (they carry loss), per assistant message `
 A message whose output cannot be placed this way (the renders disagree in ways the rules do
 not cover) rejects the record with ``template_error``: text is never guessed at, so loss never
 lands on a prompt that happens to contain the answer's words.
+
+These rules take several renders of a conversation. Conversations of a shape already seen are
+not rendered at all: they are replayed from the shape's render plan (``.plan``), which ran the
+same rules once on tracked stand-ins for the conversation's texts.
 """
 
 from __future__ import annotations
