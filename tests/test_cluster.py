@@ -24,9 +24,21 @@ RAY = str(Path(sys.executable).parent / "ray")
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports: all bound at once, so the system cannot hand one out twice (one
+    at a time, a port just closed can come back at once: a `ray start` given the same port for
+    two servers fails)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def stop_cluster(marker: str, ports: list[int]) -> None:
@@ -58,7 +70,7 @@ def stop_cluster(marker: str, ports: list[int]) -> None:
 @pytest.fixture()
 def head(tmp_path_factory):
     temp = Path("/tmp") / f"raysft-head-{os.getpid()}-{free_port()}"
-    ports = [free_port() for _ in range(4)]
+    ports = free_ports(4)
     gcs, dash, client, agent = ports
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
     cmd = [
@@ -171,7 +183,7 @@ def two_nodes(tmp_path_factory):
     """A head and a second node (`ray start --address`), 2 CPUs each, on this machine: the
     head with its own temp dir and ports, both stopped by PID."""
     temp = Path("/tmp") / f"raysft-2n-{os.getpid()}-{free_port()}"
-    ports = [free_port() for _ in range(9)]
+    ports = free_ports(9)
     gcs, dash, client, agent, mgr, om, mgr2, om2, agent2 = ports
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
     env.pop("RAY_ADDRESS", None)
@@ -357,7 +369,7 @@ def test_watchdog_wakes_a_driver_blocked_in_a_wait():
 @pytest.mark.slow  # a `ray start` cluster of its own, killed under a build: CI's slow run
 def test_a_build_whose_head_dies_exits_4_with_one_line(tmp_path):
     temp = Path("/tmp") / f"raysft-head-{os.getpid()}-{free_port()}"
-    ports = [free_port() for _ in range(4)]
+    ports = free_ports(4)
     gcs, dash, client, agent = ports
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
     cmd = [RAY, "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
