@@ -221,3 +221,18 @@ def test_tools_and_arguments_of_any_structure_share_a_shape(llama_info):
     reads = CHATML.replace("BODY", "m.content") + "{% for t in tools or [] %}{{ t.function.name }}{% endfor %}"
     stats = _check(reads, llama_info, convs + convs)
     assert any("function of a tool or argument object" in r for r in stats["reasons"]), stats
+
+
+def test_threads_sharing_a_template_get_what_one_thread_gets(llama_info):
+    """The local engine's driver threads may ask one template for cuts at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = SHARED / "templates" / "Qwen-Qwen3-0.6B.jinja"
+    if not path.exists():
+        pytest.skip("../shared/templates not present")
+    convs = conversations(200, seed=4)
+    planned, rendered = _pair(path.read_text(), llama_info)
+    want = [_outcome(rendered, c) for c in convs + convs]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda c: _outcome(planned, c), convs + convs))
+    assert got == want and planned._jinja.plan_stats["planned"] > 0

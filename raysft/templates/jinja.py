@@ -369,6 +369,7 @@ class JinjaTemplate:
         self._seen: set[int] = set()
         self._tracking = None
         self._opaque = True  # tools and object arguments as one payload each, until the template reads into one
+        self._lock = threading.RLock()
         self.plan_stats = {"planned": 0, "rendered": 0, "plans": 0, "unplanned_shapes": 0, "retired": 0}
         self.plan_reasons: dict[str, int] = {}
 
@@ -430,7 +431,8 @@ class JinjaTemplate:
     def _render(self, messages: list[dict], tools, add_generation_prompt: bool) -> str:
         tracker = self._tracker
         try:
-            plan.LIVE[0] = tracker
+            if tracker is not None:
+                plan.LIVE[0] = tracker
             text = self._active.render(messages=hf_messages(messages), tools=tools, documents=None,
                                        add_generation_prompt=add_generation_prompt, **self.vars)
             if tracker is not None:
@@ -446,7 +448,8 @@ class JinjaTemplate:
             raise RecordError("template_error", f"chat template {what}: {str(e).splitlines()[0][:300] if str(e) else ''}") \
                 from None
         finally:
-            plan.LIVE[0] = None
+            if tracker is not None:
+                plan.LIVE[0] = None
         if len(text) > MAX_CHARS:
             raise RecordError("template_error", f"the chat template rendered {len(text):,} characters")
         return text
@@ -454,6 +457,13 @@ class JinjaTemplate:
     # ---- where the assistant output is
 
     def pieces(self, conv: Conversation, special_strings: tuple[str, ...]) -> list[Piece]:
+        """The conversation's pieces. One conversation at a time per template (the local engine's
+        driver threads may ask one template for cuts together): a plan's run switches the
+        template it renders with."""
+        with self._lock:
+            return self._pieces(conv, special_strings)
+
+    def _pieces(self, conv: Conversation, special_strings: tuple[str, ...]) -> list[Piece]:
         msgs = self.messages(conv)
         out = self._planned(msgs, conv.tools, special_strings) if self._plans is not None else None
         if out is None:
@@ -516,6 +526,10 @@ class JinjaTemplate:
         if len(self._plans) >= plan.MAX_PLANS:
             self._plans.clear()
         tracker = plan.Tracker()
+        with plan.RUN_LOCK:  # one tracked run at a time in a process: plan.LIVE is the process's
+            return self._build(key, msgs, tools, special_strings, tracker)
+
+    def _build(self, key, msgs, tools, special_strings, tracker) -> plan.Plan | None:
         try:
             if self._tracking is None:
                 self._tracking = _environment(self.date, self.generation, tracking=True).from_string(self.source)

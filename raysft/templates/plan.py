@@ -41,6 +41,7 @@ from __future__ import annotations
 import json
 import operator
 import re
+import threading
 
 MARK_OPEN, MARK_CLOSE = "\ue0f2", "\ue0f3"
 MARK = re.compile("\ue0f2(\\d+)\ue0f3")
@@ -162,6 +163,7 @@ def slotted_tools(tools: list, tracker: Tracker, opaque: bool) -> list:
 # --------------------------------------------------------------------------- tracking
 
 LIVE: list = [None]  # the tracker whose template run is in progress (None: nodes act as plain str)
+RUN_LOCK = threading.RLock()  # tracked runs, one at a time per process
 
 _OPS = {
     "eq": operator.eq, "ne": operator.ne, "lt": operator.lt, "lteq": operator.le, "gt": operator.gt,
