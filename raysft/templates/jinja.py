@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import json
 import re
 import signal
@@ -145,12 +146,12 @@ def _environment(date: datetime.date, mark_generation: bool, tracking: bool = Fa
 
         if tracking:
             def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja's signature
-                given = [v for k, v in kwargs.items() if k[:1] != "_"]  # (_loop_vars, _block_vars: jinja's own)
-                if (plan._has_opaque(args) or plan._has_opaque(given)) and not isinstance(__obj, Macro):
-                    raise plan.UntrackedOpaque(f"a tool or argument object handed to "
-                                               f"{getattr(__obj, '__name__', type(__obj).__name__)}")
-                if (plan._has_node(args) or plan._has_node(given)) and not __self.rs_follows(__obj):
-                    raise plan.Untracked(f"a payload handed to {getattr(__obj, '__name__', type(__obj).__name__)}")
+                given = [*args, *(v for k, v in kwargs.items() if k[:1] != "_")]  # (_loop_vars...: jinja's own)
+                callee = getattr(__obj, "__name__", type(__obj).__name__)
+                if plan._has_opaque(given) and not isinstance(__obj, Macro):
+                    raise plan.UntrackedOpaque(f"a tool or argument object handed to {callee}")
+                if plan._has_node(given) and not __self.rs_follows(__obj):
+                    raise plan.Untracked(f"a payload handed to {callee}")
                 return ImmutableSandboxedEnvironment.call(__self, __context, __obj, *args, **kwargs)
 
     class Generation(jinja2.ext.Extension):
@@ -229,20 +230,18 @@ def _track(env, allowed: tuple, containers: tuple, macro) -> None:
 
     # filters that read a value's text in C (regular expressions, number parsing, escaping)
     def refuse(name, f):
+        @functools.wraps(f)  # (keeps jinja's pass_eval_context mark)
         def checked(*args, **kwargs):
             if plan._has_node(args) or plan._has_node(kwargs.values()):
-                raise plan.Untracked(f"a payload handed to the {name} filter")
+                raise plan.Untracked(f"a payload handed to {name}")
             return f(*args, **kwargs)
 
-        for attr in ("jinja_pass_arg",):
-            if hasattr(f, attr):
-                setattr(checked, attr, getattr(f, attr))
         return checked
 
     for name in ("wordcount", "title", "wordwrap", "urlize", "int", "float", "escape", "e", "forceescape",
                  "urlencode", "striptags", "xmlattr", "pprint", "format", "filesizeformat", "indent"):
         if name in env.filters:
-            env.filters[name] = refuse(name, env.filters[name])
+            env.filters[name] = refuse(f"the {name} filter", env.filters[name])
 
     @pass_eval_context
     def join(eval_ctx, value, d="", attribute=None):
@@ -262,7 +261,6 @@ def _track(env, allowed: tuple, containers: tuple, macro) -> None:
     def replace(eval_ctx, s, old, new, count=None):
         if not plan._has_node([s, old, new]):
             return jinja2.filters.do_replace(eval_ctx, s, old, new, count)
-        s = s if isinstance(s, plan.Node) else plan.LIVE[0].concat(s)
         if not isinstance(s, plan.Node):
             raise plan.Untracked("replace() of plain text by a payload")
         return s.replace(old, new, -1 if count is None else count)
@@ -277,7 +275,7 @@ def _track(env, allowed: tuple, containers: tuple, macro) -> None:
         env.tests[name] = (lambda test: lambda value: True if type(value) in (plan.Node, plan.Opaque)
                            else test(value))(env.tests[name])
     for name in ("lower", "upper"):
-        env.tests[name] = refuse(name, env.tests[name])
+        env.tests[name] = refuse(f"the {name} test", env.tests[name])
 
 
 def _sentinel(k: int, variant: int) -> str:

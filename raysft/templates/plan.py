@@ -175,6 +175,18 @@ def _text(x):
     return str.__str__(x) if type(x) is Node else x
 
 
+def _refusing(method, what: str, error: type = Untracked):
+    """An operation that, inside a tracked run, ends it (``error(what)``: the shape is then
+    rendered record by record), and outside one is ``method``."""
+
+    def refused(self, *args):
+        if LIVE[0] is not None:
+            raise error(what)
+        return method(self, *args)
+
+    return refused
+
+
 class Node(str):
     """A payload, or an expression over payloads, inside a tracked template run."""
 
@@ -257,51 +269,16 @@ class Node(str):
         return LIVE[0].method(self, "__getitem__", (key,), {})
 
     # ---- anything else that reads the text: not replayable
-    def _untracked(self, what):
-        if LIVE[0] is not None:
-            raise Untracked(what)
-
-    def __hash__(self):
-        self._untracked("a payload used as a key")
-        return str.__hash__(self)
-
-    def __iter__(self):
-        self._untracked("a payload iterated")
-        return str.__iter__(self)
-
-    def __str__(self):
-        self._untracked("a payload's text taken by str()")
-        return str.__str__(self)
-
-    def __repr__(self):
-        self._untracked("a payload's repr")
-        return str.__repr__(self)
-
-    def __format__(self, spec):
-        self._untracked("a payload formatted")
-        return str.__format__(self, spec)
-
-    def __mod__(self, other):
-        self._untracked("a payload used as a % format")
-        return str.__mod__(self, other)
-
-    def __rmod__(self, other):
-        self._untracked("a payload formatted with %")
-        return NotImplemented
-
-    def __mul__(self, other):
-        self._untracked("a payload repeated")
-        return str.__mul__(self, other)
-
-    __rmul__ = __mul__
-
-    def __int__(self):
-        self._untracked("a payload read as a number")
-        return int(str.__str__(self))
-
-    def __float__(self):
-        self._untracked("a payload read as a number")
-        return float(str.__str__(self))
+    __hash__ = _refusing(str.__hash__, "a payload used as a key")
+    __iter__ = _refusing(str.__iter__, "a payload iterated")
+    __str__ = _refusing(str.__str__, "a payload's text taken by str()")
+    __repr__ = _refusing(str.__repr__, "a payload's repr")
+    __format__ = _refusing(str.__format__, "a payload formatted")
+    __mod__ = _refusing(str.__mod__, "a payload used as a % format")
+    __rmod__ = _refusing(lambda self, other: NotImplemented, "a payload formatted with %")
+    __mul__ = __rmul__ = _refusing(str.__mul__, "a payload repeated")
+    __int__ = _refusing(lambda self: int(str.__str__(self)), "a payload read as a number")
+    __float__ = _refusing(lambda self: float(str.__str__(self)), "a payload read as a number")
 
 
 def _markup(x, what: str) -> None:
@@ -323,29 +300,11 @@ class Opaque(dict):
             raise UntrackedOpaque(f"{name} of a tool or argument object")
         return dict.__getattribute__(self, name)
 
-    def _refuse(self, what):
-        if LIVE[0] is not None:
-            raise UntrackedOpaque(what)
-
-    def __getitem__(self, key):
-        self._refuse("a key of a tool or argument object")
-        return dict.__getitem__(self, key)
-
-    def __iter__(self):
-        self._refuse("a tool or argument object iterated")
-        return dict.__iter__(self)
-
-    def __len__(self):
-        self._refuse("a tool or argument object's length")
-        return dict.__len__(self)
-
-    def __contains__(self, key):
-        self._refuse("a key looked up in a tool or argument object")
-        return dict.__contains__(self, key)
-
-    def __eq__(self, other):
-        self._refuse("a tool or argument object compared")
-        return self is other
+    __getitem__ = _refusing(dict.__getitem__, "a key of a tool or argument object", UntrackedOpaque)
+    __iter__ = _refusing(dict.__iter__, "a tool or argument object iterated", UntrackedOpaque)
+    __len__ = _refusing(dict.__len__, "a tool or argument object's length", UntrackedOpaque)
+    __contains__ = _refusing(dict.__contains__, "a key looked up in a tool or argument object", UntrackedOpaque)
+    __eq__ = _refusing(lambda self, other: self is other, "a tool or argument object compared", UntrackedOpaque)
 
     def __ne__(self, other):
         return not self.__eq__(other)
@@ -355,11 +314,8 @@ class Opaque(dict):
     def __bool__(self):
         return True  # never empty: its shape says so
 
-    def __repr__(self):
-        self._refuse("a tool or argument object as text")
-        return f"Opaque({dict.__getattribute__(self, '__dict__').get('idx')})"
-
-    __str__ = __repr__
+    __repr__ = __str__ = _refusing(lambda self: f"Opaque({dict.__getattribute__(self, '__dict__').get('idx')})",
+                                   "a tool or argument object as text", UntrackedOpaque)
 
 
 def opaque_variant(o: Opaque, variant: int) -> Opaque:
@@ -369,15 +325,6 @@ def opaque_variant(o: Opaque, variant: int) -> Opaque:
     v = Opaque()
     dict.__getattribute__(v, "__dict__").update(idx=d["idx"], variant=variant)
     return v
-
-
-def _has_opaque(args) -> bool:
-    for a in args:
-        if type(a) is Opaque or (type(a) in (list, tuple) and any(type(v) is Opaque for v in a)):
-            return True
-        if type(a) is dict and any(type(v) is Opaque for v in a.values()):
-            return True
-    return False
 
 
 def _spec_value(x):
@@ -393,17 +340,25 @@ def _spec_value(x):
     raise Untracked(f"a payload operation with a {type(x).__name__} argument")
 
 
-def _has_node(args) -> bool:
+def _holds(args, kinds: tuple) -> bool:
+    """Whether ``args``, or a list, tuple or dict among them, hold a value of one of ``kinds``."""
     for a in args:
-        if type(a) is Node or type(a) is Opaque:
+        if type(a) in kinds:
             return True
-        if type(a) in (list, tuple) and any(type(v) is Opaque for v in a):
+        if isinstance(a, (list, tuple)) and any(type(v) in kinds for v in a):
             return True
-        if isinstance(a, (list, tuple)) and any(type(v) is Node for v in a):
-            return True
-        if isinstance(a, dict) and any(type(v) is Node for v in a.values()):
+        if isinstance(a, dict) and any(type(v) in kinds for v in a.values()):
             return True
     return False
+
+
+def _has_node(args) -> bool:
+    """Whether ``args`` hold a payload (a text or an object) of a tracked run."""
+    return _holds(args, (Node, Opaque))
+
+
+def _has_opaque(args) -> bool:
+    return _holds(args, (Opaque,))
 
 
 class Tracker:
@@ -598,8 +553,8 @@ class Plan:
                 pos = m.end()
             if pos < len(text):
                 parts.append(text[pos:])
-            if MARK_OPEN in "".join(p for p in parts if type(p) is str) or \
-                    MARK_CLOSE in "".join(p for p in parts if type(p) is str):
+            literal = "".join(p for p in parts if type(p) is str)
+            if MARK_OPEN in literal or MARK_CLOSE in literal:
                 raise Untracked("a piece boundary falls inside a payload's expression")
             self.pieces.append((parts[0] if len(parts) == 1 and type(parts[0]) is str else tuple(parts), i, answer))
         self.out_nodes = sorted(out_nodes)
@@ -647,7 +602,7 @@ class Plan:
         """The replay as one Python function (generated once per shape: replaying it is the
         per-conversation cost of ``--template auto``). Every literal it uses is a name bound
         in its namespace, never text in its source."""
-        ns: dict = {"_dumps": json.dumps, "slice": slice, "len": len, "bool": bool, "type": type}
+        ns: dict = {"_dumps": json.dumps}
 
         def const(value) -> str:
             name = f"_c{len(ns)}"
@@ -664,6 +619,9 @@ class Plan:
                 return f"slice({arg(x[1])}, {arg(x[2])}, {arg(x[3])})"
             return "(" + "".join(arg(v) + ", " for v in x[1]) + ")"
 
+        def joined(parts) -> str:  # literal text (str) and node ids (int), concatenated
+            return "''.join((" + "".join((const(x) if type(x) is str else f"v{x}") + ", " for x in parts) + "))"
+
         def call(spec) -> str:
             args = [f"v{spec[1]}", *[arg(a) for a in spec[3]], *[f"{k}={arg(a)}" for k, a in spec[4]]]
             return f"{const(getattr(str, spec[2]))}({', '.join(args)})"
@@ -679,7 +637,7 @@ class Plan:
             elif kind == "m":
                 expr = call(spec)
             elif kind == "c":
-                expr = "''.join((" + "".join((const(p[1]) if p[0] == "s" else f"v{p[1]}") + ", " for p in spec[1]) + "))"
+                expr = joined([p[1] for p in spec[1]])
             elif kind == "j":
                 expr = f"_dumps(v{spec[1]}, ensure_ascii=False)[1:-1]"
             elif kind == "J":
@@ -713,9 +671,7 @@ class Plan:
                 lines.append(f"    if _search(_dumps(P[{k}], ensure_ascii=False)): return None")
         items = []
         for p, i, a in self.pieces:
-            text = const(p) if type(p) is str else \
-                "''.join((" + "".join((const(x) if type(x) is str else f"v{x}") + ", " for x in p) + "))"
-            items.append(f"({text}, {i}, {a})")
+            items.append(f"({const(p) if type(p) is str else joined(p)}, {i}, {a})")
         lines.append("    return [" + ", ".join(items) + "]")
         exec(compile("\n".join(lines), "<raysft render plan>", "exec"), ns)  # noqa: S102 - our own generated code
         self.fill = ns["fill"]
