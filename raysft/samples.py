@@ -58,6 +58,9 @@ ENCODED = pa.schema([
 ])
 
 
+TEMPLATE_PATHS = ("tpl_planned", "tpl_rendered")  # per batch: --template auto's two paths (raysft.templates.plan)
+
+
 def record_hash(raw: bytes) -> int:
     """64 bits of a record's content (CRC-32 and Adler-32 of its bytes), as int64."""
     h = zlib.crc32(raw) | (zlib.adler32(raw) << 32)
@@ -237,7 +240,7 @@ def fit_records(enc: pa.Table, chunk: int, seq_length: int, overlong: str = "dro
     first_piece = piece == 0
 
     def per_record(name, dtype):
-        if name not in enc.column_names or (cached and name.startswith("tpl_") and name != "tpl_parity"):
+        if name not in enc.column_names or (cached and name in TEMPLATE_PATHS):
             return pa.array(np.zeros(len(take), dtype))  # served from the cache: nothing rendered
         return pa.array(np.where(first_piece, enc.column(name).to_numpy()[take], 0).astype(dtype))
 

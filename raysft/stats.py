@@ -168,7 +168,7 @@ def block_stats(table, seq_length: int) -> tuple[dict, dict]:
     the block (``block_rejects``)."""
     from collections import Counter
 
-    from .samples import kept_mask
+    from .samples import TEMPLATE_PATHS, kept_mask
 
     n = table.column("n").to_numpy()
     orig_n = table.column("orig_n").to_numpy()
@@ -204,7 +204,7 @@ def block_stats(table, seq_length: int) -> tuple[dict, dict]:
         "first_bad": first_bad,
         "encoder": [int(table.column(k).to_numpy().sum()) for k in ("enc_checked", "enc_mismatch", "enc_fallback")],
         "template_paths": [int(table.column(k).to_numpy().sum()) if k in table.column_names else 0
-                           for k in ("tpl_planned", "tpl_rendered")],
+                           for k in TEMPLATE_PATHS],
         **_parity_stats(table),
         "per_source": _per_source(table, first, kept),
         "cached_rows": int((first & table.column("cached").to_numpy(zero_copy_only=False)).sum())

@@ -17,6 +17,7 @@ stored as its bitwise complement (``~id == -id - 1``); ``decode_signed`` undoes 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -86,9 +87,6 @@ class TokenizerInfo:
     def __getstate__(self):
         return {k: v for k, v in self.__dict__.items() if k not in ("_shared", "_vocabulary")}
 
-    FIELDS = ("path", "tokenizer_json", "bos", "eos", "pad", "chat_template", "special_strings", "vocab_size",
-              "special_map", "prefix_space")
-
     def save(self, url: str, so: dict | None = None) -> TokenizerFile:
         """Write the info (as the build uses it, added special tokens included) where every
         node reads it, and return the small reference the tokenizer actors are made with: an
@@ -98,9 +96,8 @@ class TokenizerInfo:
 
         fs, path = get_fs(url, so or {})
         with fs.open(path, "w") as f:
-            json.dump({k: getattr(self, k) for k in self.FIELDS}, f)
+            json.dump(dataclasses.asdict(self), f)  # the fields only (not the tokenizer built from them)
         return TokenizerFile(url)
-
 
     @property
     def specials(self) -> Specials:
@@ -112,7 +109,6 @@ class TokenizerInfo:
             if t is not None and self.token_to_id(t) is not None:
                 return self.token_to_id(t)
         raise TokenizerError(f"{self.path}: the tokenizer has neither a pad nor an eos token")
-
 
 
 @dataclass(frozen=True)

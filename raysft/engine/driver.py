@@ -136,6 +136,14 @@ def pick_encoder(cfg: BuildConfig, info, files, so) -> tuple[str, EncoderStats]:
     return enc.name, EncoderStats(enc.name, enc.version, why=why)
 
 
+def input_bytes(files) -> int:
+    """About how many bytes the inputs hold once decompressed (``COMPRESSED_RATIO`` a
+    compressed byte): what the object store and the parity sample are sized from."""
+    from .session import COMPRESSED_RATIO
+
+    return sum(f.size * (COMPRESSED_RATIO if f.compression else 1) for f in files)
+
+
 def start_with_encoder(cfg: BuildConfig, ex, info, files, so, chunks: int):
     """The engine's start (Ray's: mostly waiting for its processes) and the encoder's choice
     (~2 s to load fastokens and run the canary) at the same time."""
@@ -143,9 +151,7 @@ def start_with_encoder(cfg: BuildConfig, ex, info, files, so, chunks: int):
 
     with ThreadPoolExecutor(1, thread_name_prefix="encoder") as th:
         chosen = th.submit(pick_encoder, cfg, info, files, so)
-        from .session import COMPRESSED_RATIO
-
-        pool = ex.start(chunks, sum(f.size * (COMPRESSED_RATIO if f.compression else 1) for f in files))
+        pool = ex.start(chunks, input_bytes(files))
         encoder, enc_stats = chosen.result()
     return encoder, enc_stats, pool
 
@@ -171,7 +177,6 @@ def parity_rate(cfg: BuildConfig, info, files, chunks, so) -> int:
         return 0
     from ..parity import sample_rate
     from ..read import read_chunk
-    from .session import COMPRESSED_RATIO
 
     try:
         rows = next(iter(read_chunk(chunks[0], so, 256)))
@@ -184,8 +189,7 @@ def parity_rate(cfg: BuildConfig, info, files, chunks, so) -> int:
             row_bytes = sum(len(r) for r in rows.raw) / max(1, len(rows.raw))
     except Exception:  # noqa: BLE001 - a bad first chunk fails the build in its own stage
         row_bytes = 1024.0
-    total = sum(f.size * (COMPRESSED_RATIO if f.compression else 1) for f in files)
-    return sample_rate(total, row_bytes, cfg.parity_rows)
+    return sample_rate(input_bytes(files), row_bytes, cfg.parity_rows)
 
 
 def parity_result(cfg: BuildConfig, tot, every: int, files) -> dict | None:
@@ -892,8 +896,7 @@ def _build_with(ex, cfg, t0, so, info, files, chunks, layout, added, pad_id, out
         "vocab_size": info.vocab_size,
         "added_special_tokens": added,
         "pad_id": pad_id,
-        "max_sample_length": int(np.nonzero(hist_train)[0].max()),
-        **pack_shape(train),
+        **pack_shape(train),  # (max_sample_length, max_samples_per_pack, min_pack_targets)
         "unrepresentable": lossy,
         "rows_per_file": {files[s].url: int(c) for s, c in sorted(tot.rows_per_src.items())},
         "pack_fill": {str(t): int(c) * epochs for t, c in enumerate(train.plan.pack_fill()) if c},

@@ -89,17 +89,13 @@ def packing_metadata(stats: dict) -> dict:
     ``max_seqlen``: it is at least every real segment only with these counts."""
     packs, S = stats["packs"], stats["seq_length"]
     samples = stats["samples_written"]
-    fill = {int(k): v for k, v in stats.get("pack_fill", {}).items()}
-    least = stats.get("min_pack_targets")
-    if least is None:  # statistics of an older build: the least fill, less the most samples a pack holds
-        least = max(0, min(fill) - int(stats["max_samples_per_pack"])) if fill else 0
     return {
         "dataset_max_seqlen": max(0, int(stats["max_sample_length"]) - 1),
         "max_samples_per_bin": int(stats["max_samples_per_pack"]),
         "packing_factor": round(samples / packs, 2) if packs else 0.0,
         "packing_efficiency": round((stats["tokens"] - samples) / packs / S * 100, 2) if packs else 0.0,
         "pack_size": S,
-        "min_packed_seqlen": int(least),
+        "min_packed_seqlen": int(stats["min_pack_targets"]),
     }
 
 
