@@ -13,6 +13,7 @@ import sys
 from .config import BuildConfig
 from .encode import ENCODERS
 from .engine.executor import ENGINES
+from .errors import OneLineParser
 from .layouts import LAYOUTS, REGISTRY
 from .normalize import FORMATS, parse_map_keys
 from .parity import PARITY_MODES
@@ -50,7 +51,7 @@ def _layout_help() -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python -m raysft.build",
         description="Turn SFT records (Alpaca, ShareGPT, OpenAI messages) into packed Megatron datasets on Ray.",
         epilog=EXAMPLE,

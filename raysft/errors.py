@@ -17,6 +17,7 @@ to, not like a 300-line traceback.
 
 from __future__ import annotations
 
+import argparse
 import errno
 
 OK, BAD_INPUT, USAGE, STORAGE, CLUSTER, INTERNAL, INTERRUPTED = 0, 1, 2, 3, 4, 70, 130
@@ -102,6 +103,15 @@ def classify(e: BaseException) -> tuple[int, str]:
     if isinstance(inner, MemoryError):
         return CLUSTER, "out of memory"
     return INTERNAL, f"internal error ({name}): {msg} (rerun with --debug for the traceback)"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """The commands' argument parser: a usage error is one line (what is wrong, and where
+    ``--help`` is), exit 2, not argparse's usage block of every flag above it."""
+
+    def error(self, message: str):
+        name = self.prog.removeprefix("python -m ")
+        self.exit(USAGE, f"{name}: error: {message} (see: {self.prog} --help)\n")
 
 
 def _where(e: OSError) -> str:

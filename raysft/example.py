@@ -19,6 +19,8 @@ import random
 import shutil
 import sys
 
+from .errors import OneLineParser
+
 TOOLS = [
     {
         "name": "get_weather",
@@ -113,7 +115,7 @@ def write_example(root: str, rows: int = 400, seed: int = 0) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m raysft.example", description=__doc__,
+    p = OneLineParser(prog="python -m raysft.example", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dir", default="example", help="where to write the example (default: example/)")
     p.add_argument("--rows", type=int, default=400, help="Alpaca rows; ShareGPT and OpenAI get 1/4 and 1/2")

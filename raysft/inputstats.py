@@ -13,6 +13,7 @@ import argparse
 import numpy as np
 
 from .config import BuildConfig
+from .errors import OneLineParser
 from .normalize import FORMATS, parse_map_keys
 from .stats import length_summary, percentile_from_hist
 from .templates import TEMPLATE_NAMES
@@ -74,7 +75,7 @@ def report(t, candidates=CANDIDATES) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m raysft.stats", description=__doc__, epilog=EXAMPLE,
+    p = OneLineParser(prog="python -m raysft.stats", description=__doc__, epilog=EXAMPLE,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders or globs (local or s3://)")
     g = p.add_argument_group("tokenizer and template")

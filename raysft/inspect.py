@@ -13,6 +13,7 @@ import sys
 
 import numpy as np
 
+from .errors import OneLineParser
 from .fs import get_fs, join, storage_options
 from .layouts import get_layout
 from .provenance import read_provenance
@@ -122,7 +123,7 @@ def show_pack(ds: Dataset, pack: int, color: bool, file=None, mark: int | None =
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m raysft.inspect", description=__doc__, epilog=EXAMPLE,
+    p = OneLineParser(prog="python -m raysft.inspect", description=__doc__, epilog=EXAMPLE,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("output", help="a raysft output folder (local or s3://)")
     g = p.add_argument_group("what to show (one of)")

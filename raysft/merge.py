@@ -262,13 +262,26 @@ def _copy_s3(fs, sources: list[str], dest: str) -> list[int]:
         fs.call_s3("complete_multipart_upload", Bucket=bucket, Key=key, UploadId=uid,
                    MultipartUpload={"Parts": parts})
     except BaseException:
+        _abort_upload(fs, bucket, key, uid)
+        raise
+    fs.invalidate_cache(dest)
+    return sizes
+
+
+def _abort_upload(fs, bucket: str, key: str, uid: str, limit_s: float = 10.0) -> None:
+    """Abort a multipart upload (its parts would be kept, and billed), given ``limit_s``: the
+    error being raised may be the storage's own (a frozen endpoint), and must not wait on it."""
+    import threading
+
+    def abort() -> None:
         try:
             fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=uid)
         except Exception:  # noqa: BLE001 - the original error is the one to report
             pass
-        raise
-    fs.invalidate_cache(dest)
-    return sizes
+
+    t = threading.Thread(target=abort, name="raysft-abort-upload", daemon=True)
+    t.start()
+    t.join(limit_s)
 
 
 __all__ = ["MergeError", "merge_indexes", "merge_index_files", "merge_shards", "copy_into", "MergedIndex",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .errors import OneLineParser
 from .fs import get_fs, join, storage_options
 from .output import MANIFEST, SUCCESS, file_checksum, read_json, verified_manifest
 
@@ -63,7 +64,7 @@ def verify(out: str, so: dict | None = None, progress=None) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m raysft.verify", description=__doc__,
+    p = OneLineParser(prog="python -m raysft.verify", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("output", help="the dataset folder (local or s3://)")
     p.add_argument("--s3-endpoint-url", metavar="URL", help="an S3-compatible endpoint (MinIO, OSS)")

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -101,3 +102,34 @@ def test_a_stopped_head_monitor_never_fires():
     m.start()
     watch.HeadMonitor.stop_all()
     assert m not in watch.HeadMonitor.running and m._stop.is_set()
+
+
+def test_an_engines_idle_ticks_are_no_sign_of_life():
+    """The local engine yields on a timer while no chunk ends (for the progress line): a read
+    that hangs in every tokenizer process (a frozen endpoint, a stuck mount) must still stall
+    the tokenize stage, not be kept alive by the ticks."""
+    import types
+
+    from raysft.engine.driver import tokenize_and_measure
+    from raysft.engine.watch import Stalled, Watchdog
+
+    class Idle:
+        def task(self, fn, **kw):
+            return fn
+
+        def tokenized(self, chunks, kwargs, pool):
+            while True:
+                time.sleep(0.05)
+                yield None
+
+    totals = types.SimpleNamespace(chunks=[], rows=0)
+    blocks = types.SimpleNamespace(ex=Idle(), totals=totals, refs=[], add=None, collect=lambda wait: None)
+    t0 = time.time()
+    with pytest.raises(Stalled, match="the tokenize stage made no progress"):
+        with Watchdog(1.0) as w:
+            try:
+                tokenize_and_measure(blocks, [1, 2], {}, types.SimpleNamespace(stats_cpus=1), None, w)
+            except KeyboardInterrupt:
+                w.check()
+                raise
+    assert time.time() - t0 < 10

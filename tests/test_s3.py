@@ -1,5 +1,9 @@
 """Object storage through a real S3 endpoint (moto server) reached by the driver and the workers."""
 
+import subprocess
+import sys
+import time
+
 import boto3
 import pytest
 from helpers import build, file_bytes
@@ -149,3 +153,89 @@ def test_s3_commit_cut_at_any_step_is_finished_by_the_next_run(bucket, s3_endpoi
             assert now in (before, want), f"step {k}: a marked mix"
         assert Output(fs, root, f"s3://{root}").recover()
         assert state(root) == want, f"step {k}"
+
+
+# --------------------------------------------------------------------------- a frozen endpoint
+
+
+class FreezingProxy:
+    """A TCP proxy in front of the S3 endpoint that freezes (holds every connection open and
+    forwards nothing more, as a hung load balancer or a stopped MinIO does) at the first request
+    naming ``trigger``, or at once with ``trigger=""``."""
+
+    def __init__(self, endpoint: str, trigger: str):
+        import socket
+        import threading
+
+        host, port = endpoint.rsplit("/", 1)[-1].split(":")
+        self.target, self.trigger = (host, int(port)), trigger.encode()
+        self.frozen = threading.Event()
+        if not trigger:
+            self.frozen.set()
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import socket
+        import threading
+
+        while True:
+            try:
+                c, _ = self.sock.accept()
+                u = socket.create_connection(self.target)
+            except OSError:
+                return
+            for a, b in ((c, u), (u, c)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, a, b):
+        try:
+            while d := a.recv(65536):
+                if self.trigger and self.trigger in d:
+                    self.frozen.set()
+                while self.frozen.is_set():
+                    time.sleep(0.2)
+                b.sendall(d)
+        except OSError:
+            pass
+
+    def close(self):
+        self.sock.close()
+
+
+def _frozen_build(tmp_path, s3_endpoint, llama3_dir, trigger: str, engine: str, output: str):
+    proxy = FreezingProxy(s3_endpoint, trigger)
+    cmd = [sys.executable, "-m", "raysft.build", "--input", f"s3://{BUCKET}/raw/*.json", "--output", output,
+           "--tokenizer", llama3_dir, "--template", "llama3", "--engine", engine, "--stall-timeout", "6",
+           "--s3-endpoint-url", proxy.url, "--overwrite"]
+    t0 = time.time()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=150, start_new_session=True)
+    finally:
+        froze = proxy.frozen.is_set()
+        proxy.frozen.clear()
+        proxy.close()
+    return p, time.time() - t0, froze
+
+
+@pytest.mark.parametrize("trigger, stage, engine", [
+    ("shards/part-", "write", "local"),  # a shard writer's upload (in the driver's thread pool)
+    pytest.param("", "prepare", "local", marks=pytest.mark.slow),  # the first listing of the inputs
+    pytest.param("shards/part-", "write", "ray", marks=pytest.mark.slow),  # a Ray task's upload
+])
+def test_a_frozen_endpoint_fails_on_time_with_one_line(tmp_path, bucket, s3_endpoint, llama3_dir, trigger, stage,
+                                                       engine):
+    """An endpoint that stops answering (connections held open, no bytes: botocore would wait
+    out 60 s read timeouts with retries, ~5 min) stops the build within the stall timeout and
+    the cleanup's bound: one line naming the stage, exit 4, nothing committed."""
+    out = f"s3://{BUCKET}/frozen/{stage}-{engine}"
+    p, took, froze = _frozen_build(tmp_path, s3_endpoint, llama3_dir, trigger, engine, out)
+    assert froze
+    errors = [line for line in p.stderr.splitlines() if "error" in line.lower()]
+    assert p.returncode == 4, p.stderr[-2000:]
+    assert errors == [errors[0]] and f"the {stage} stage made no progress" in errors[0], errors
+    assert "Traceback" not in p.stderr
+    assert took < 6 + 15 + 10 + 20, took  # the timeout, the watchdog's tick and the bounded cleanup, start-up
+    listed = bucket.list_objects_v2(Bucket=BUCKET, Prefix=f"frozen/{stage}-{engine}/").get("Contents", [])
+    assert not [o["Key"] for o in listed if o["Key"].endswith("_SUCCESS")]

@@ -308,12 +308,13 @@ def tokenize_and_measure(blocks: Blocks, chunks: list, kwargs: dict, pool: Token
 
     ex = blocks.ex
     measure = ex.task(measure_block, num_cpus=pool.stats_cpus, num_returns=2)
-    watch.progress("tokenize", "the tokenizer actors' first block")
+    watch.progress("tokenize", "the first tokenized block: its chunk being read and tokenized")
     progress = Progress(len(chunks))
     for refs in ex.tokenized(chunks, kwargs, pool):
-        for ref in refs:
-            blocks.add(ref, measure, rejects_dir)
-        watch.progress("tokenize", f"tokenized blocks after {len(blocks.refs)}")
+        if refs is not None:  # None: the engine's timer tick (for the progress line), no sign of life
+            for ref in refs:
+                blocks.add(ref, measure, rejects_dir)
+            watch.progress("tokenize", f"tokenized blocks after {len(blocks.refs)}")
         blocks.collect(wait=False)
         progress.report(blocks.totals)
     watch.progress("stats", "the statistics of the last blocks")
@@ -491,8 +492,28 @@ def with_absolute_paths(cfg: BuildConfig) -> BuildConfig:
 
 
 def run(cfg: BuildConfig) -> dict:
+    """Build the dataset ``cfg`` asks for, under one watchdog from the first storage call to
+    the commit: any stage (listing inputs, probing the output, hashing for the cache, starting
+    the engine, tokenizing, writing, merging, committing) that shows no sign of life for
+    ``--stall-timeout`` seconds fails with one line naming it."""
     t0 = time.time()
     cfg = with_absolute_paths(cfg)
+    return watched(cfg, lambda watch: _run(cfg, t0, watch))
+
+
+def watched(cfg: BuildConfig, work):
+    """``work(watch)`` under the build's watchdog: a stall interrupts it and is raised as
+    :class:`Stalled` (one line, exit 4) instead of the interrupt."""
+    with Watchdog(cfg.stall_timeout) as watch:
+        try:
+            return work(watch)
+        except KeyboardInterrupt:
+            watch.check()
+            raise
+
+
+def _run(cfg: BuildConfig, t0: float, watch: Watchdog) -> dict:
+    watch.progress("prepare", "the tokenizer, the inputs' listing")
     so, info, files, chunks, sources, file_source = prepare(cfg)
     layout = get_layout(cfg.layout)
     added: list[str] = []
@@ -506,6 +527,7 @@ def run(cfg: BuildConfig) -> dict:
                     "ordinary tokens. Pass --add-special-tokens to add them (the extended tokenizer is saved "
                     "in OUTPUT/tokenizer/)", cfg.template, ", ".join(missing))
     pad_id = info.pad_id()
+    watch.progress("prepare", "the output's storage: its bucket, its state and its lock")
     out_fs, out_root = get_fs(cfg.output, so)
     check_bucket(out_fs, out_root, cfg.output, "--output")
     check_output_outside_inputs(cfg.output, [i for src in sources for i in src.inputs], files)
@@ -526,9 +548,9 @@ def run(cfg: BuildConfig) -> dict:
         log.info("inputs: %d files, %d chunks", len(files), len(chunks))
         old = out.prepare_tmp(manifest, cfg.resume)
         return _build(cfg, t0, so, info, files, chunks, layout, added, pad_id, out, lock, manifest, old, sources,
-                      file_source)
+                      file_source, watch)
     finally:
-        lock.release()
+        watch.bounded(lock.release, "releasing the output's lock")
 
 
 def check_output_outside_inputs(output: str, inputs: list[str], files) -> None:
@@ -631,7 +653,8 @@ def mixture(cfg: BuildConfig, tot, blocks: Blocks, sources: list, watch: Watchdo
 
 
 def cached_chunks(cfg: BuildConfig, so: dict, info, chunks: list, sources: list, file_source: list[int],
-                  threads: int, tail: int, stop_at_miss: bool = True) -> tuple[list, dict, bool] | None:
+                  threads: int, tail: int, stop_at_miss: bool = True,
+                  watch: Watchdog | None = None) -> tuple[list, dict, bool] | None:
     """With --cache: the chunks to run, each one's content digest, and whether every one has an
     entry in the cache (by name: an entry that then fails its checksum is tokenized again, as
     always). A chunk counts as cached whole or as its parts (``split_parts``), whichever is
@@ -668,7 +691,9 @@ def cached_chunks(cfg: BuildConfig, so: dict, info, chunks: list, sources: list,
     th = ThreadPoolExecutor(max(1, threads), thread_name_prefix="cache-check")
     try:
         run, digests, complete = [], {}, True
-        for got in th.map(forms, range(len(chunks)), chunks):
+        for i, got in enumerate(th.map(forms, range(len(chunks)), chunks)):
+            if watch is not None:
+                watch.progress("cache", f"the inputs hashed for the cache: chunk {i + 1} of {len(chunks)}")
             if got is None:
                 return None  # the rest need not be hashed: Ray's actors tokenize this one
             found, hit = got
@@ -682,7 +707,7 @@ def cached_chunks(cfg: BuildConfig, so: dict, info, chunks: list, sources: list,
 
 
 def _build(cfg, t0, so, info, files, chunks, layout, added, pad_id, out: Output, lock: OutputLock, manifest: dict,
-           old: dict | None, sources: list, file_source: list[int]) -> dict:
+           old: dict | None, sources: list, file_source: list[int], watch: Watchdog) -> dict:
     from .session import starts_ray
 
     digests = run = None
@@ -696,24 +721,25 @@ def _build(cfg, t0, so, info, files, chunks, layout, added, pad_id, out: Output,
         # the local engine hashes every chunk here once (its driver threads look entries up with
         # these digests); the Ray engine stops at the first miss, its actors hash the chunks
         found = cached_chunks(cfg, so, info, chunks, sources, file_source, local.cpus, 2 * workers,
-                              stop_at_miss=cfg.engine != "local")
+                              stop_at_miss=cfg.engine != "local", watch=watch)
         if found is not None:
             run, digests, complete = found
         if complete and cfg.engine == "ray":
             log.info("every chunk is in the tokenized cache (%s): nothing to tokenize, so no Ray instance is "
                      "started; this process does the work (--engine local's path, same bytes)", cfg.cache)
+    watch.progress("start", "the tokenizer and the engine")
     if not complete:
         info.shared()  # the tokenizer, built (and checked: one line if it is not valid) before any work
     ex = make_executor(cfg, "local" if digests is not None else None, digests)
     try:
         return _build_with(ex, cfg, t0, so, info, files, chunks, layout, added, pad_id, out, lock, manifest, old,
-                           sources, file_source, run)
+                           sources, file_source, watch, run)
     finally:
         ex.close()
 
 
 def _build_with(ex, cfg, t0, so, info, files, chunks, layout, added, pad_id, out: Output, lock: OutputLock,
-                manifest: dict, old: dict | None, sources: list, file_source: list[int],
+                manifest: dict, old: dict | None, sources: list, file_source: list[int], watch: Watchdog,
                 run: list | None = None) -> dict:
     out_fs, tmp = out.fs, out.tmp
     tmp_url = join(cfg.output, TMP)
@@ -722,81 +748,76 @@ def _build_with(ex, cfg, t0, so, info, files, chunks, layout, added, pad_id, out
     out_fs.makedirs(join(tmp, "rejects"), exist_ok=True)
     ex.check_storage(cfg, files, so, tmp_url)
     S = cfg.seq_length
-    with Watchdog(cfg.stall_timeout) as watch:
-        try:
-            parity_every = parity_rate(cfg, info, files, chunks, so)
-            kwargs = actor_kwargs(cfg, info, so, encoder, parity_every, sources, file_source)
-            if not ex.shared_memory:  # actors on other processes and nodes: the tokenizer by reference
-                kwargs["info"] = info.save(join(tmp_url, "tokenizer-info.json"), so)
-            blocks = Blocks(ex, S, cfg.on_bad_record == "fail", files, so)
-            t_stage = time.time()
-            tokenize_and_measure(blocks, run or split_tail(chunks, 2 * pool.workers), kwargs, pool,
-                                 join(tmp_url, "rejects"), watch)
-            timings = {"start": round(t_stage - t0, 2), "read+tokenize": round(time.time() - t_stage, 2)}
-            t_stage = time.time()
-            tot = blocks.totals
-            if tot.rejected and cfg.on_bad_record == "fail":
-                raise bad_record_error(tot, files, so)
-            hist_kept = stats_mod.add_hist(np.zeros(S + 1, dtype=np.int64),  # kept lengths are <= S
-                                           tot.hist_kept if tot.hist_kept is not None else np.zeros(1, np.int64))
-            enc_stats.rows_checked, enc_stats.mismatches, enc_stats.fallbacks = tot.encoder
-            parity = parity_result(cfg, tot, parity_every, files)
-            if int(hist_kept.sum()) == 0:
-                raise nothing_to_write(out, blocks, files, so, cfg, tot, manifest, lock)
-            timings["stats"] = round(time.time() - t_stage, 2)
-            t_stage = time.time()
+    parity_every = parity_rate(cfg, info, files, chunks, so)
+    kwargs = actor_kwargs(cfg, info, so, encoder, parity_every, sources, file_source)
+    if not ex.shared_memory:  # actors on other processes and nodes: the tokenizer by reference
+        kwargs["info"] = info.save(join(tmp_url, "tokenizer-info.json"), so)
+    blocks = Blocks(ex, S, cfg.on_bad_record == "fail", files, so)
+    t_stage = time.time()
+    tokenize_and_measure(blocks, run or split_tail(chunks, 2 * pool.workers), kwargs, pool,
+                         join(tmp_url, "rejects"), watch)
+    timings = {"start": round(t_stage - t0, 2), "read+tokenize": round(time.time() - t_stage, 2)}
+    t_stage = time.time()
+    tot = blocks.totals
+    if tot.rejected and cfg.on_bad_record == "fail":
+        raise bad_record_error(tot, files, so)
+    hist_kept = stats_mod.add_hist(np.zeros(S + 1, dtype=np.int64),  # kept lengths are <= S
+                                   tot.hist_kept if tot.hist_kept is not None else np.zeros(1, np.int64))
+    enc_stats.rows_checked, enc_stats.mismatches, enc_stats.fallbacks = tot.encoder
+    parity = parity_result(cfg, tot, parity_every, files)
+    if int(hist_kept.sum()) == 0:
+        raise nothing_to_write(out, blocks, files, so, cfg, tot, manifest, lock)
+    timings["stats"] = round(time.time() - t_stage, 2)
+    t_stage = time.time()
 
-            # ---- mixture and split (a pass over the blocks when anything is copied, sampled or held out)
-            sel, natural, sel_summaries, sel_runs = mixture(cfg, tot, blocks, sources, watch)
-            zeros = np.zeros(S + 1, dtype=np.int64)
-            if sel is None:
-                hist_train, hist_valid = hist_kept, zeros
-                train_parts = [(None, lambda k: ex.get(blocks.runs[k]))]
-                valid_parts: list = []
-                copies = 1
-            else:
-                hist_train = hist_valid = zeros
-                for sm in sel_summaries:
-                    hist_train = stats_mod.add_hist(hist_train, sm["hist_train"])
-                    hist_valid = stats_mod.add_hist(hist_valid, sm["hist_valid"])
-                copies = max(sm["copies"] for sm in sel_summaries)  # not every block's runs at once
-                train_parts = [({"selection": sel, "copy": c}, lambda k, c=c: ex.get(sel_runs[k]).get(c))
-                               for c in range(copies)]
-                valid_parts = [({"selection": sel, "valid": True}, lambda k: ex.get(sel_runs[k]).get("valid"))]
-            if int(hist_train.sum()) == 0:
-                raise BuildError("the mixture leaves no training sample (every source's amount is 0, or "
-                                 "--validation holds out every record)")
-            timings["mixture"] = round(time.time() - t_stage, 2)
-            t_stage = time.time()
+    # ---- mixture and split (a pass over the blocks when anything is copied, sampled or held out)
+    sel, natural, sel_summaries, sel_runs = mixture(cfg, tot, blocks, sources, watch)
+    zeros = np.zeros(S + 1, dtype=np.int64)
+    if sel is None:
+        hist_train, hist_valid = hist_kept, zeros
+        train_parts = [(None, lambda k: ex.get(blocks.runs[k]))]
+        valid_parts: list = []
+        copies = 1
+    else:
+        hist_train = hist_valid = zeros
+        for sm in sel_summaries:
+            hist_train = stats_mod.add_hist(hist_train, sm["hist_train"])
+            hist_valid = stats_mod.add_hist(hist_valid, sm["hist_valid"])
+        copies = max(sm["copies"] for sm in sel_summaries)  # not every block's runs at once
+        train_parts = [({"selection": sel, "copy": c}, lambda k, c=c: ex.get(sel_runs[k]).get(c))
+                       for c in range(copies)]
+        valid_parts = [({"selection": sel, "valid": True}, lambda k: ex.get(sel_runs[k]).get("valid"))]
+    if int(hist_train.sum()) == 0:
+        raise BuildError("the mixture leaves no training sample (every source's amount is 0, or "
+                         "--validation holds out every record)")
+    timings["mixture"] = round(time.time() - t_stage, 2)
+    t_stage = time.time()
 
-            # ---- plan (on what a pack of this layout may hold: pai keeps its last position free)
-            train = Packing(cfg, layout, hist_train, train_parts)
-            valid = Packing(cfg, layout, hist_valid, valid_parts) if int(hist_valid.sum()) else None
-            epochs = max(1, int(cfg.epochs))
-            digest = plan_digest(hist_train, cfg, train.num_shards, [sel, epochs, int(hist_valid.sum())])
-            reuse = _reusable(out_fs, tmp, old, digest, train.num_shards * epochs) if old is not None else {}
-            _write_json(out_fs, join(tmp, "manifest.json"), manifest | {"plan": digest})
-            timings["plan"] = round(time.time() - t_stage, 2)
-            t_stage = time.time()
+    # ---- plan (on what a pack of this layout may hold: pai keeps its last position free)
+    train = Packing(cfg, layout, hist_train, train_parts)
+    valid = Packing(cfg, layout, hist_valid, valid_parts) if int(hist_valid.sum()) else None
+    epochs = max(1, int(cfg.epochs))
+    digest = plan_digest(hist_train, cfg, train.num_shards, [sel, epochs, int(hist_valid.sum())])
+    reuse = _reusable(out_fs, tmp, old, digest, train.num_shards * epochs) if old is not None else {}
+    _write_json(out_fs, join(tmp, "manifest.json"), manifest | {"plan": digest})
+    timings["plan"] = round(time.time() - t_stage, 2)
+    t_stage = time.time()
 
-            # ---- assign + write shards (into _tmp/shards; the validation set into _tmp/valid/shards)
-            write_kw = {"tmp_dir": join(tmp_url, "shards"), "so": so, "layout": cfg.layout, "seq_length": S,
-                        "pad_id": pad_id, "token_dtype": token_dtype(sources, info.vocab_size)}
-            metas = []
-            for e in range(epochs):
-                metas += shuffle_and_write(blocks, train.parts, train.plan_ref(ex, epoch_seed(cfg.seed, e), e * train.packs),
-                                           train.num_shards, write_kw, reuse, watch, e * train.num_shards,
-                                           f"epoch {e + 1} shards" if epochs > 1 else "shards", train.ordered)
-            valid_metas = []
-            if valid is not None:
-                out_fs.makedirs(join(tmp, "valid", "shards"), exist_ok=True)
-                valid_metas = shuffle_and_write(blocks, valid.parts, valid.plan_ref(ex, cfg.seed), valid.num_shards,
-                                                write_kw | {"tmp_dir": join(tmp_url, "valid", "shards")}, {}, watch,
-                                                0, "validation shards", valid.ordered)
-            blocks.refs.clear()
-        except KeyboardInterrupt:
-            watch.check()
-            raise
+    # ---- assign + write shards (into _tmp/shards; the validation set into _tmp/valid/shards)
+    write_kw = {"tmp_dir": join(tmp_url, "shards"), "so": so, "layout": cfg.layout, "seq_length": S,
+                "pad_id": pad_id, "token_dtype": token_dtype(sources, info.vocab_size)}
+    metas = []
+    for e in range(epochs):
+        metas += shuffle_and_write(blocks, train.parts, train.plan_ref(ex, epoch_seed(cfg.seed, e), e * train.packs),
+                                   train.num_shards, write_kw, reuse, watch, e * train.num_shards,
+                                   f"epoch {e + 1} shards" if epochs > 1 else "shards", train.ordered)
+    valid_metas = []
+    if valid is not None:
+        out_fs.makedirs(join(tmp, "valid", "shards"), exist_ok=True)
+        valid_metas = shuffle_and_write(blocks, valid.parts, valid.plan_ref(ex, cfg.seed), valid.num_shards,
+                                        write_kw | {"tmp_dir": join(tmp_url, "valid", "shards")}, {}, watch,
+                                        0, "validation shards", valid.ordered)
+    blocks.refs.clear()
     if old is not None:
         log.info("resume: reused %d of %d shards", sum(bool(m.get("resumed")) for m in metas), len(metas))
     if [m["shard"] for m in metas] != list(range(train.num_shards * epochs)):
@@ -807,11 +828,13 @@ def _build_with(ex, cfg, t0, so, info, files, chunks, layout, added, pad_id, out
     # ---- merge (into _tmp), check, commit
     keeps_shards = getattr(layout, "keeps_shards", True) and not cfg.drop_shards
     present = layout.final_files() + list(OUTPUT_FILES)
+    watch.progress("merge", f"{len(metas)} shard(s) into one dataset")
     merged = _merge(out_fs, tmp, "", layout, metas, keeps_shards)
     if keeps_shards:
         present.append("shards")
     valid_stats = None
     if valid is not None:
+        watch.progress("merge", f"{len(valid_metas)} validation shard(s) into one dataset")
         vmerged = _merge(out_fs, tmp, "valid", layout, valid_metas, keeps_shards)
         if vmerged["packs"] != valid.packs:
             raise BuildError(f"internal check failed: {vmerged['packs']} validation packs written, plan has "
@@ -824,6 +847,7 @@ def _build_with(ex, cfg, t0, so, info, files, chunks, layout, added, pad_id, out
         save_tokenizer(out_fs, join(tmp, "tokenizer"), info)
         present.append("tokenizer")
     if blocks.rejects:
+        watch.progress("merge", "rejects.jsonl")
         write_rejects(out_fs, tmp, blocks, files, so)
         present.append("rejects.jsonl")
     timings["merge"] = round(time.time() - t_stage, 2)
@@ -909,6 +933,7 @@ def _build_with(ex, cfg, t0, so, info, files, chunks, layout, added, pad_id, out
     }
     result.update(layout.extra_stats(result))
     present += layout.write_extra(out_fs, tmp, result)
+    watch.progress("merge", "stats.json, the report and the layout's metadata")
     with out_fs.open(join(tmp, "stats.json"), "w") as f:
         json.dump(result, f, indent=2)
         f.write("\n")
@@ -918,6 +943,7 @@ def _build_with(ex, cfg, t0, so, info, files, chunks, layout, added, pad_id, out
 
     with out_fs.open(join(tmp, "report.html"), "w") as f:
         f.write(render_report(result))
+    watch.progress("commit", "the files moved to their final names")
     out.commit(present, manifest | {"plan": digest}, lock)
     print(stats_mod.format_summary(result), file=sys.stderr)
     print(f"output           {cfg.output}  ({time.time() - t0:.1f} s)", file=sys.stderr)
@@ -1070,18 +1096,19 @@ def _reusable(fs, tmp: str, old: dict, digest: str, num_shards: int) -> dict:
 
 def measure_inputs(cfg: BuildConfig) -> stats_mod.Totals:
     """Read and tokenize the inputs and return their statistics (no output written)."""
+    return watched(with_absolute_paths(cfg), _measure)
+
+
+def _measure(cfg: BuildConfig, watch: Watchdog) -> stats_mod.Totals:
+    watch.progress("prepare", "the tokenizer, the inputs' listing")
     so, info, files, chunks, sources, file_source = prepare(cfg)
+    watch.progress("start", "the tokenizer and the engine")
     ex = make_executor(cfg)
     try:
         encoder, _, pool = start_with_encoder(cfg, ex, info, files, so, len(chunks))
         blocks = Blocks(ex, cfg.seq_length, False, files, so)
-        with Watchdog(cfg.stall_timeout) as watch:
-            try:
-                tokenize_and_measure(blocks, split_tail(chunks, 2 * pool.workers),
-                                     actor_kwargs(cfg, info, so, encoder, 0, sources, file_source), pool, None, watch)
-            except KeyboardInterrupt:
-                watch.check()
-                raise
+        tokenize_and_measure(blocks, split_tail(chunks, 2 * pool.workers),
+                             actor_kwargs(cfg, info, so, encoder, 0, sources, file_source), pool, None, watch)
         return blocks.totals
     finally:
         ex.close()

@@ -2,8 +2,9 @@
 without Ray (``--engine local``).
 
 The driver (``raysft.engine.driver``) is written once against this small interface:
-``tokenized(...)`` runs the tokenizer actors' code over the read chunks and yields each
-non-empty tokenized block (a ref), ``task(fn)`` makes a function remote, and ``get``, ``wait``
+``tokenized(...)`` runs the tokenizer actors' code over the read chunks and yields the
+non-empty tokenized blocks (refs) as they come, or ``None`` for a tick in which none did (so the
+driver can log progress while nothing moves, without taking the tick for a sign of life), ``task(fn)`` makes a function remote, and ``get``, ``wait``
 and ``put`` move results, with Ray's meaning (a task's top-level arguments that are refs are
 resolved before it runs; ``num_returns=k`` gives k refs). Nothing here decides a byte of output:
 both engines run the same pure stages in the same order of blocks, so they write the same bytes.
@@ -247,6 +248,9 @@ class LocalExecutor:
                     pending[self._pool(pool, kwargs).submit(_tokenize_chunk, items[nxt])] = "tokenize"
                 nxt += 1
             done, _ = cf.wait(list(pending), timeout=1.0, return_when=cf.FIRST_COMPLETED)
+            if not done:
+                yield None  # a tick: the driver may log progress, but nothing moved
+                continue
             refs = []
             for f in done:
                 kind = pending.pop(f)
@@ -319,9 +323,14 @@ class LocalExecutor:
 
     def close(self) -> None:
         if self.procs is not None:
-            for p in list(getattr(self.procs, "_processes", {}).values()):
+            procs = list(getattr(self.procs, "_processes", {}).values())
+            for p in procs:
                 p.kill()  # an interrupted build: do not wait for chunks being tokenized
-            self.procs.shutdown(wait=False, cancel_futures=True)
+            for p in procs:
+                p.join(5)
+            # dead processes: the pool's manager ends at once, and frees its queues' semaphores
+            # (else the resource tracker warns of "leaked semaphore objects" at exit)
+            self.procs.shutdown(wait=all(not p.is_alive() for p in procs), cancel_futures=True)
             self.procs = None
         self.threads.shutdown(wait=False, cancel_futures=True)
         if self.spill is not None:

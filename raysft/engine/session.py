@@ -32,6 +32,10 @@ def init_ray(cfg, input_bytes: int = 0) -> None:
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
     with _keep_sigterm():
         if address:
+            from .watch import head_answers
+
+            if (silent := head_answers(address)) is not None:
+                raise ClusterError(f"cannot join the Ray cluster at {address}: {silent}")
             try:
                 ray.init(address=address, log_to_driver=True)
             except (ConnectionError, RuntimeError, ValueError) as e:

@@ -20,7 +20,7 @@ def _cluster_state() -> str:
 
     ray = sys.modules.get("ray")
     if ray is None or not ray.is_initialized():
-        return "no Ray cluster in this process"
+        return ""  # the local engine: no cluster to describe
     total, free = ray.cluster_resources(), ray.available_resources()
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     have = ", ".join(f"{int(n['Resources'].get('CPU', 0))} CPU" for n in nodes)
@@ -101,7 +101,7 @@ class Watchdog:
             if idle > self.stall_s:
                 self.fired = (f"the {self.stage} stage made no progress for {idle:.0f} s"
                               + (f" (waiting for {self.detail})" if self.detail else "")
-                              + f"; {waiting_for()}")
+                              + "".join(f"; {d}" for d in [waiting_for()] if d))
                 # a real signal, not interrupt_main's flag: it also wakes a main thread blocked
                 # in a wait (the local engine's futures, a storage call), where a flag is never read
                 if threading.main_thread().is_alive():
@@ -110,10 +110,53 @@ class Watchdog:
                     _thread.interrupt_main()
                 return
 
+    def bounded(self, fn, what: str, limit_s: float = 10.0):
+        """``fn()``; after a stall, in a thread given ``limit_s`` (cleanup such as releasing a
+        lock talks to the storage that may be what stalled: it must not hold the error back)."""
+        if not self.fired:
+            return fn()
+        t = threading.Thread(target=fn, name=f"raysft-cleanup: {what}", daemon=True)
+        t.start()
+        t.join(limit_s)
+        if t.is_alive():
+            import logging
+
+            logging.getLogger("raysft").warning("%s did not finish in %g s; left as it is", what, limit_s)
+        return None
+
     def check(self) -> None:
         """Raise the stall, if the watchdog fired (call where KeyboardInterrupt is caught)."""
         if self.fired:
             raise Stalled(self.fired)
+
+
+def answers(host: str, port: int, timeout_s: float = 2.0) -> bool:
+    """Whether anything accepts a TCP connection at ``host:port``."""
+    import socket
+
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
+def head_answers(address: str, tries: int = 4, every_s: float = 2.5) -> str | None:
+    """A cluster address (``host:port`` or ``ray://host:port``) probed before Ray is asked to
+    join it (Ray's own client waits ~10 minutes for a GCS that is not there): ``None`` when it
+    answers within ``tries`` probes, else the one line saying it does not. ``auto`` and forms
+    this cannot parse are left to Ray."""
+    rest = address.split("://", 1)[-1]
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return None
+    for k in range(tries):
+        if answers(host.strip("[]"), int(port)):
+            return None
+        if k + 1 < tries:
+            time.sleep(every_s)
+    return (f"nothing answers at {host}:{port} (tried for {(tries - 1) * every_s:.0f} s): is the head running "
+            "(`ray start --head`) and its port open from here?")
 
 
 HEAD_PROBE_S = 5.0  # how often the head is probed
@@ -152,13 +195,7 @@ class HeadMonitor:
             m.stop()
 
     def answers(self) -> bool:
-        import socket
-
-        try:
-            socket.create_connection((self.host, self.port), timeout=2.0).close()
-            return True
-        except OSError:
-            return False
+        return answers(self.host, self.port)
 
     def _run(self) -> None:
         misses = 0
