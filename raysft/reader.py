@@ -17,7 +17,9 @@ SFT dataset; this reader can, in a few lines of numpy (and a ``torch`` Dataset o
 ``PackedReader(out, pad_to=seq_length, pad_id=...)`` pads each pack to a fixed length: padding
 tokens are ``pad_id``, labels -100, position ids 0.., and ``cu_seqlens`` ends with one padding
 segment so its last entry is the padded length (as Megatron's ``PackedSeqParams`` expects).
-``torch_dataset(out, ...)`` wraps it in a ``torch.utils.data.Dataset`` of tensors.
+``torch_dataset(out, ...)`` wraps it in a ``torch.utils.data.Dataset`` of tensors;
+``torch_dataset(out, megatron_sft=True)`` gives Megatron-LM's ``--sft`` batch path its own
+``SFTDataset`` item shape (fixed-size ``cu_seqlens``), for any micro-batch size.
 
 Pure numpy + fsspec; torch only for ``torch_dataset``.
 """
@@ -60,8 +62,10 @@ def pack_tensors(samples: list[np.ndarray], pad_to: int | None = None, pad_id: i
         cu = np.concatenate([cu, [pad_to]]).astype(np.int32)
     elif pad_to is not None and pad_to < n:
         raise ValueError(f"a pack of {n} tokens does not fit pad_to={pad_to}")
+    # the longest segment the attention kernel sees, the padding segment included (a varlen kernel
+    # is sized by it: a segment longer than max_seqlen is computed wrong)
     return {"tokens": tokens, "labels": labels, "loss_mask": (labels != IGNORE).astype(np.float32),
-            "position_ids": position_ids, "cu_seqlens": cu, "max_seqlen": int(lengths.max()) if n else 0}
+            "position_ids": position_ids, "cu_seqlens": cu, "max_seqlen": int(np.diff(cu).max()) if len(cu) > 1 else 0}
 
 
 class PackedReader:
@@ -108,18 +112,47 @@ class PackedReader:
             yield self[i]
 
 
-def torch_dataset(out: str, pad_to: int | None = None, pad_id: int | None = None, **kw):
-    """A ``torch.utils.data.Dataset`` of packs (tensors), e.g. for a Megatron
-    ``train_valid_test_datasets_provider`` with ``--micro-batch-size 1``."""
+def megatron_sft_item(pack: dict, seq_length: int) -> dict:
+    """A pack (``pack_tensors`` padded to ``seq_length``) in the shape Megatron-LM's own
+    ``SFTDataset`` hands ``get_batch`` under ``--sft``: ``cu_seqlens`` right-filled with
+    ``seq_length`` to ``seq_length + 1`` entries, so ``default_collate`` stacks packs with any
+    number of samples into a micro-batch and Megatron's merge (which keeps each row up to its first
+    ``seq_length`` and offsets row ``k`` by ``k * seq_length``) recovers every boundary;
+    ``max_seqlen`` a 0-d tensor, as there."""
+    import torch
+
+    cu = pack["cu_seqlens"]
+    if len(pack["tokens"]) != seq_length or cu[-1] != seq_length:
+        raise ValueError(f"a pack of {len(pack['tokens'])} tokens is not padded to seq_length={seq_length}")
+    fixed = np.full(seq_length + 1, seq_length, np.int32)
+    fixed[:len(cu)] = cu
+    item = {k: torch.from_numpy(pack[k]) for k in ("tokens", "labels", "loss_mask", "position_ids")}
+    item["cu_seqlens"] = torch.from_numpy(fixed)
+    item["max_seqlen"] = torch.tensor(pack["max_seqlen"], dtype=torch.int32)
+    return item
+
+
+def torch_dataset(out: str, pad_to: int | None = None, pad_id: int | None = None, megatron_sft: bool = False,
+                  **kw):
+    """A ``torch.utils.data.Dataset`` of packs (tensors). ``megatron_sft=True``: each pack
+    padded to the build's pack capacity (or ``pad_to``) and shaped as Megatron-LM's
+    ``SFTDataset`` items (``megatron_sft_item``), for a ``train_valid_test_datasets_provider``
+    under ``--sft`` at any ``--micro-batch-size``; otherwise the packs as they are (micro-batch 1:
+    their ``cu_seqlens`` differ in length)."""
     import torch
 
     reader = PackedReader(out, pad_to, pad_id, **kw)
+    if megatron_sft and reader.pad_to is None:
+        reader.pad_to = int(reader.stats["pack_capacity"])
+    S = reader.pad_to
 
     class Packs(torch.utils.data.Dataset):
         def __len__(self):
             return len(reader)
 
         def __getitem__(self, i):
+            if megatron_sft:
+                return megatron_sft_item(reader[i], S)
             return {k: (torch.from_numpy(v) if isinstance(v, np.ndarray) else v) for k, v in reader[i].items()}
 
     return Packs()

@@ -68,11 +68,38 @@ def test_native_through_raysft_reader(built):
                 assert np.all(lab[a:b] == -100) and np.all(t[a:b] == stats["pad_id"])
                 continue
             got.append(check_segment(t, lab, lm, pos, int(a), int(b)))
-        assert p["max_seqlen"] == max(len(x) for x in r.samples(i))
+        assert p["max_seqlen"] == max(np.diff(cu))  # the padding segment too: a varlen kernel is sized by it
     assert full > 0, "the data must hold full packs"
     assert as_pairs(got) == as_pairs(want)
     ds = torch_dataset(str(out))
     assert torch.equal(ds[0]["tokens"], torch.from_numpy(PackedReader(str(out))[0]["tokens"]))
+
+
+@pytest.mark.parametrize("mbs", [2, 3])
+def test_native_through_megatron_lm_sft_batch_at_micro_batch_above_1(built, mbs):
+    """``torch_dataset(out, megatron_sft=True)`` under Megatron-LM's ``--sft`` batch path (its
+    collate and micro-batch flattening, trainers.megatron_sft_batch) at micro-batch 2 and 3:
+    every boundary survives the flattening, every sample's tokens, labels, loss and position ids
+    are as the input gives, padding trains nothing, and max_seqlen covers every segment."""
+    from raysft.reader import torch_dataset
+
+    out, stats, want = built("native")
+    ds = torch_dataset(str(out), megatron_sft=True)
+    assert len(ds) == stats["packs"]
+    got = []
+    for first in range(0, len(ds), mbs):
+        items = [ds[i] for i in range(first, min(first + mbs, len(ds)))]
+        b = trainers.megatron_sft_batch(items)
+        t, lab, lm, pos = (b[k][0].numpy() for k in ("tokens", "labels", "loss_mask", "position_ids"))
+        cu = b["cu_seqlens"].numpy()
+        assert len(t) == len(items) * S and cu[0] == 0 and cu[-1] == len(t)
+        assert int(b["max_seqlen"]) >= max(np.diff(cu))
+        for a, z in zip(cu[:-1], cu[1:]):
+            if np.all(lab[a:z] == -100) and np.all(t[a:z] == stats["pad_id"]) and (z % S == 0):
+                assert not lm[a:z].any()  # a row's padding segment
+                continue
+            got.append(check_segment(t, lab, lm, pos, int(a), int(z)))
+    assert as_pairs(got) == as_pairs(want)
 
 
 def test_pai_through_megatron_gpt_dataset_and_pai_batch(built, tmp_path):

@@ -8,8 +8,11 @@ import GPU-only libraries, so only the data modules are loaded, with the package
 skipped and XTuner's unrelated imports stubbed: its logger, registry and HF map functions,
 which the loading code does not call).
 
-Pai-Megatron-Patch and MindSpeed-LLM are not on PyPI: their batch functions are rewritten
-here from their sources (Pai-Megatron-Patch ``megatron_patch/data/utils.py``
+Pai-Megatron-Patch, MindSpeed-LLM and Megatron-LM's training side (``pretrain_gpt.py``, newer
+than the megatron-core on PyPI) are not on PyPI: their batch functions are rewritten
+here from their sources (Megatron-LM main d98e8a6 ``--sft``: ``default_collate`` of
+``megatron/training/datasets/sft_dataset.py`` items, then ``flatten_batch_for_packed_sequences``
+and ``_merge_cu_seqlens_across_micro_batch`` of ``megatron/core/utils.py``; (Pai-Megatron-Patch ``megatron_patch/data/utils.py``
 ``get_batch_on_this_tp_rank_idxmap_sft`` and ``get_ltor_position_ids_packed_seq``, and the
 ``cu_seqlens`` of ``megatron_patch/template/helper.py``; MindSpeed-LLM
 ``mindspeed_llm/tasks/preprocess/decoder_packed_mtf_dataset.py`` with ``--neat-pack``,
@@ -163,6 +166,32 @@ def pai_batch(tokens_2s, seq_length: int) -> dict:
     max_seqlen = torch.max(seqlens.max(), pid.max() + 1)
     return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "position_ids": position_ids,
             "num_seqs": num_seqs, "cu_seqlens": cu_seqlens, "max_seqlen": max_seqlen}
+
+
+# --------------------------------------------------------------------------- Megatron-LM --sft
+
+
+def megatron_sft_batch(items: list[dict]) -> dict:
+    """Megatron-LM's ``--sft`` batch path on CPU (TP and CP 1): the micro-batch collated by
+    torch's ``default_collate`` as its data loader does, then flattened into one packed
+    sequence: each row's ``cu_seqlens`` kept up to its first entry equal to the row length,
+    offset by ``row * row_length`` and joined without the later rows' leading zero; token
+    tensors reshaped to ``(1, rows * row_length)``; ``max_seqlen`` the rows' largest."""
+    import torch
+    from torch.utils.data import default_collate
+
+    batch = default_collate(items)
+    rows, length = batch["tokens"].shape
+    parts = []
+    for r in range(rows):
+        row = batch["cu_seqlens"][r]
+        hits = (row == length).nonzero(as_tuple=True)[0]
+        row = row[: hits[0].item() + 1] if hits.numel() else row
+        parts.append(row + r * length if r == 0 else row[1:] + r * length)
+    out = {k: batch[k].reshape(1, -1) for k in ("tokens", "labels", "loss_mask", "position_ids")}
+    out["cu_seqlens"] = torch.cat(parts).to(torch.int32)
+    out["max_seqlen"] = batch["max_seqlen"].max()
+    return out
 
 
 # --------------------------------------------------------------------------- MindSpeed-LLM
