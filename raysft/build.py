@@ -151,6 +151,11 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--no-pack", action="store_false", dest="pack", default=None, help="one sample per pack (no packing)"
     )
+    g.add_argument("--pad-to-multiple", type=int, metavar="N",
+                   help="pad each sample at its end with EOS tokens (no loss) so every length the trainer attends "
+                        "over is a multiple of N: context parallelism needs 2 x CP (x TP with sequence parallelism), "
+                        "Megatron-Bridge's pad_seq_to_mult. With --layout bridge the padded length less its last "
+                        "token is the multiple, and every sample gets at least one EOS (default 1: no padding)")
     g.add_argument("--overlong", choices=OVERLONG_POLICIES,
                    help="samples longer than --seq-length: drop (default), truncate (keep the prompt, cut the "
                         "answer) or split (cut at answer-turn ends)")
@@ -290,7 +295,8 @@ def config_from_args(argv: list[str] | None = None) -> BuildConfig:
                                  ("--s3-addressing-style", cfg.s3_addressing_style, (None, "auto", "virtual", "path"))):
         if value not in choices:
             parser().error(f"{name} must be one of {', '.join(c for c in choices if c)}, not {value!r}")
-    for name, value, least in (("--parity-rows", cfg.parity_rows, 1), ("--batch-size", cfg.batch_size, 1),
+    for name, value, least in (("--pad-to-multiple", cfg.pad_to_multiple, 1),
+                               ("--parity-rows", cfg.parity_rows, 1), ("--batch-size", cfg.batch_size, 1),
                                ("--num-shards", cfg.num_shards, 1), ("--tokenize-workers", cfg.tokenize_workers, 1),
                                ("--num-cpus", cfg.num_cpus, 1), ("--shard-tokens", cfg.shard_tokens, 1),
                                ("--chunk-bytes", cfg.chunk_bytes, 1)):

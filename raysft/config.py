@@ -21,6 +21,9 @@ class BuildConfig:
     seed: int = 1234
     on_bad_record: str = "fail"  # fail | skip
     overlong: str = "drop"  # drop | truncate | split
+    # each sample padded at its end with EOS (no loss) so that every length the trainer's attention
+    # sees is a multiple of N (context parallelism needs 2 x CP; raysft.samples.align_samples)
+    pad_to_multiple: int = 1
     overwrite: bool = False
     resume: bool = False
     trust_remote_code: bool = False

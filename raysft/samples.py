@@ -164,13 +164,48 @@ def _take_with(column: pa.ChunkedArray, rows: np.ndarray, at: list[int], values:
     return pa.chunked_array([*column.chunks, pa.array(extra, column.type)], column.type).take(pa.array(idx))
 
 
+class Align:
+    """``--pad-to-multiple``: each sample padded at its end with ``pad`` (an EOS id, stored
+    without loss) to ``aligned(n)`` tokens: the length the trainer attends over (``n - shift``,
+    ``shift`` the layout's ``label_shift``) a multiple of ``multiple``. Where the trainer drops
+    the last token (``shift`` 1: Megatron-Bridge), at least one EOS is added, so every token of
+    the sample is among its inputs (Bridge's context parallelism takes the trailing EOS tokens of
+    an input for padding: without one, a sample ending in EOS would lose it from its sequence)."""
+
+    def __init__(self, multiple: int, shift: int, pad: int):
+        self.m, self.shift, self.pad = int(multiple), int(shift), int(pad)
+
+    def aligned(self, n: np.ndarray) -> np.ndarray:
+        return -(-n // self.m) * self.m + self.shift
+
+    def fit(self, capacity: int) -> int:
+        """The longest sample whose aligned length fits ``capacity``."""
+        return (capacity - self.shift) // self.m * self.m
+
+    def apply(self, ids: pa.Array | pa.ChunkedArray, lengths: np.ndarray, kept: np.ndarray):
+        """(ids, lengths) with each kept row padded to its aligned length (no loss: ``~pad``)."""
+        new = np.where(kept, self.aligned(lengths.astype(np.int64)), 0)
+        old = np.where(kept, lengths, 0).astype(np.int64)
+        flat = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+        values = flat.flatten().to_numpy()
+        new_off = np.zeros(len(new) + 1, np.int64)
+        np.cumsum(new, out=new_off[1:])
+        old_off = np.zeros(len(old) + 1, np.int64)
+        np.cumsum(old, out=old_off[1:])
+        out = np.full(int(new_off[-1]), ~self.pad, np.int32)
+        out[np.repeat(new_off[:-1] - old_off[:-1], old) + np.arange(int(old_off[-1]))] = values
+        return (pa.ListArray.from_arrays(pa.array(new_off.astype(np.int32)), pa.array(out, pa.int32())),
+                np.where(kept, new, lengths).astype(lengths.dtype))
+
+
 def fit_records(enc: pa.Table, chunk: int, seq_length: int, overlong: str = "drop", chunk_hash: int = 0,
                 avoid_end: tuple[int, ...] = (), source: int = 0, builder: SampleBuilder | None = None,
-                cached: bool = False) -> pa.Table:
+                cached: bool = False, align: Align | None = None) -> pa.Table:
     """``ENCODED`` rows -> the stage's rows (see module doc): ``--overlong`` applied at
     ``seq_length``, run keys and ranks. ``builder``: for the marker cuts of overlong records
-    (needed only when ``cut_raw`` was kept)."""
-    S = seq_length
+    (needed only when ``cut_raw`` was kept). ``align``: ``--pad-to-multiple`` (records fitted so
+    that their padded length fits ``seq_length``)."""
+    S = seq_length if align is None else align.fit(seq_length)
     n_rec = enc.num_rows
     orig = enc.column("n").to_numpy()
     ok = orig >= 0
@@ -228,6 +263,8 @@ def fit_records(enc: pa.Table, chunk: int, seq_length: int, overlong: str = "dro
         message = _take_with(enc.column("message"), take, at, [f[1] for f in fix.values()])
         raw_rows = np.where(kept, -1, take)  # a kept row has no record in rejects.jsonl
         bad_raw = _take_with(enc.column("bad_raw"), raw_rows, at, [f[2] for f in fix.values()], b"")
+    if align is not None:
+        ids, lengths = align.apply(ids, lengths, kept)
     # a record's count on its one row; the pieces of a cut record count their own tokens
     loss_n = (enc.column("loss_n").to_numpy()[take] * kept).astype(np.int32)
     for i, (pieces, _) in fitted.items():

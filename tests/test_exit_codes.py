@@ -12,6 +12,8 @@ import gzip
 import json
 import signal
 import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -25,7 +27,11 @@ def cli(capsys):
     handler (the command installs its own) put back after."""
     saved = signal.getsignal(signal.SIGTERM)
 
-    def run(argv: list[str]):
+    def run(argv: list[str], fresh: bool = False):
+        if fresh:  # a process of its own: this one may hold a Ray instance already (init_ray keeps it)
+            p = subprocess.run([sys.executable, "-m", "raysft.build", *map(str, argv)], capture_output=True,
+                               text=True, timeout=300)
+            return p.returncode, [x for x in p.stderr.splitlines() if ": error: " in x], p.stderr
         try:
             code = build_cli.main([str(a) for a in argv])
         except SystemExit as e:  # argparse's own refusals end the command there
@@ -100,7 +106,7 @@ CLASSES = ["bad record", "bad input file", "missing input", "tokenizer", "usage:
 def test_each_failure_class_is_one_line_naming_where_with_its_exit_code(name, cli, tmp_path, shared_data,
                                                                         llama3_dir, monkeypatch):
     argv, code, names = _case(name, tmp_path, shared_data, llama3_dir, monkeypatch)
-    got, lines, err = cli(argv)
+    got, lines, err = cli(argv, fresh=name.startswith("cluster"))
     assert got == code, err[-2000:]
     assert len(lines) == 1, err[-2000:]
     for what in names:

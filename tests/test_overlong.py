@@ -78,3 +78,29 @@ def test_marker_cuts_on_a_real_tokenizer(llama3_info):
     assert unsafe.sum() > 0 and not unsafe[0] and not unsafe[len(enc.ids)]
     b = SampleBuilder(llama3_info, "chatml")
     assert set(b.markers) == {"<|im_start|>", "<|im_end|>"}
+
+
+def test_pad_to_multiple_aligns_every_kept_sample_with_untrained_eos():
+    """``--pad-to-multiple``'s rule on a block: each kept row padded at its end with ``~eos``
+    (no loss) to the multiple (Bridge: the length less its last token, with at least one EOS);
+    rejected rows untouched; records fitted so the padded length fits the pack."""
+    import pyarrow as pa
+
+    from raysft.samples import Align
+
+    eos = 7
+    rows = [np.arange(1, 6, dtype=np.int32), np.zeros(0, np.int32), np.arange(10, 18, dtype=np.int32)]
+    ids = pa.array([r.tolist() for r in rows], pa.list_(pa.int32()))
+    lengths = np.array([5, -1, 8], np.int32)
+    kept = np.array([True, False, True])
+    for shift, want in ((0, [8, 8]), (1, [9, 9])):
+        a = Align(4, shift, eos)
+        got_ids, got_len = a.apply(ids, lengths, kept)
+        assert got_len.tolist() == [want[0], -1, want[1]]
+        out = got_ids.to_pylist()
+        assert out[1] == []
+        for r, o in zip((rows[0], rows[2]), (out[0], out[2])):
+            assert o[:len(r)] == r.tolist() and set(o[len(r):]) <= {~eos}
+            assert (len(o) - shift) % 4 == 0 and (shift == 0 or len(o) > len(r))
+    assert Align(4, 1, eos).fit(512) == 508 and Align(8, 0, eos).fit(512) == 512
+    assert int(Align(4, 1, eos).aligned(np.int64(508))) == 509  # the longest fitted sample fits 512

@@ -234,3 +234,65 @@ def test_bridge_packed_dataset(built, tmp_path):
                 if not pad_cu:
                     got.append(np.where(loss, ids, ~ids))
     assert as_pairs(got) == as_pairs(want)
+
+
+@pytest.mark.parametrize("mult", [4, 8])
+def test_bridge_context_parallel_padding_keeps_every_real_token(tmp_path, shared_data, mult):
+    """``--pad-to-multiple`` under Megatron-Bridge's own collate with ``pad_seq_to_mult`` (its
+    context-parallel path): every sample's physical segment is a multiple, its logical segment
+    (Bridge stops it at the last non-EOS input) holds every real token of the sample, Qwen3's
+    closing ``<|im_end|>`` included (but the EOS a truncated piece may end with, which predicts
+    nothing), the EOS padding trains nothing, and the real samples are
+    what the input gives (fitted so their padded length fits the pack)."""
+    from raysft.samples import Align
+    from raysft.tokenize import load_tokenizer_info
+
+    qwen3 = str(shared_data.parent / "tokenizers" / "qwen3")
+    info = load_tokenizer_info(qwen3)
+    eos = info.token_to_id(info.eos)
+    inputs = [shared_data / n for n in INPUTS]
+    out = tmp_path / "out"
+    stats = build(out, inputs, qwen3, template="qwen3", seq_length=S, layout="bridge-npy", overlong="truncate",
+                  pad_to_multiple=mult, engine="local")
+    assert stats["pad_to_multiple"] == mult
+    align = Align(mult, 1, eos)
+    fitted = expected_fitted(info, inputs, template="qwen3", capacity=align.fit(S), overlong="truncate")
+    want = [np.concatenate([w, np.full(int(align.aligned(np.int64(len(w)))) - len(w), ~eos, np.int32)])
+            for w in fitted]
+    ends = [np.where(w[-2:] >= 0, w[-2:], ~w[-2:]) for w in fitted]
+    assert sum(e[0] == eos and e[1] != eos for e in ends) > 100, \
+        "samples ending in <|im_end|> then a newline: Bridge's rule drops that <|im_end|> without the padding"
+
+    class Tok:
+        eos_id = eod = eos
+
+    ds = trainers.bridge_packed_dataset_class()(
+        file_path=str(out / "data.npy"), tokenizer=Tok(), max_seq_length=S, pad_to_max_length=False,
+        prompt_template="{input} {output}", label_key="output", truncation_field="input", pad_seq_to_mult=mult)
+    got = []
+    for i in range(len(ds)):
+        item = ds[i]
+        inputs_total = len(item["input_ids"]) - (len(item["seq_boundaries"]) - 1)  # each sample less its last
+        b = ds.collate_fn([item])
+        t, lab, lm = (b[k][0].numpy() for k in ("tokens", "labels", "loss_mask"))
+        phys, logical = b["cu_seqlens"][0].numpy(), b["cu_seqlens_unpadded"][0].numpy()
+        phys = phys[: int(b["cu_seqlens_argmin"][0])] if (phys < 0).any() else phys
+        logical = logical[: len(phys)]
+        for (a, e), (la, le) in zip(zip(phys[:-1], phys[1:]), zip(logical[:-1], logical[1:])):
+            a, e, la, le = map(int, (a, e, la, le))
+            if a == e or a >= inputs_total:  # the padding of the pack to its length
+                assert not lm[a:e].any()
+                continue
+            assert (e - a) % mult == 0, "each physical segment a multiple of pad_seq_to_mult"
+            ids = np.concatenate([t[a:e], [lab[e - 1]]])
+            loss = np.concatenate([[False], lm[a:e] != 0])
+            assert ids[-1] == eos and not loss[-1], "at least one EOS of padding, untrained"
+            closing = e - a
+            while closing > 0 and t[a + closing - 1] == eos:
+                closing -= 1
+            # Bridge's logical segment ends at the last non-EOS input: with the padding's EOS
+            # after every sample, that is the sample's last real token but a closing EOS (a
+            # truncated piece may end with one; it predicts nothing); no trained label after it
+            assert le - la == closing and not lm[a + closing:e].any()
+            got.append(np.where(loss, ids, ~ids))
+    assert as_pairs(got) == as_pairs(want)

@@ -238,8 +238,23 @@ def actor_kwargs(cfg: BuildConfig, info, so: dict, encoder: str, parity_every: i
         "file_source": file_source, "cache": cfg.cache, "seq_length": layout.capacity(cfg.seq_length),
         "overlong": cfg.overlong, "so": so, "batch_size": cfg.batch_size, "encoder": encoder,
         "template_kwargs": cfg.template_kwargs, "max_chars": max_chars(cfg), "avoid_end": layout.avoid_end_ids,
-        "template_date": cfg.template_date, "parity_every": parity_every,
+        "template_date": cfg.template_date, "parity_every": parity_every, "align": alignment(cfg, info),
     }
+
+
+def alignment(cfg: BuildConfig, info) -> tuple | None:
+    """``--pad-to-multiple``'s (multiple, the layout's label shift, the EOS id it pads with), or
+    None; one line where it cannot be met."""
+    m = int(cfg.pad_to_multiple or 1)
+    if m <= 1:
+        return None
+    layout = get_layout(cfg.layout)
+    eos = info.token_to_id(info.eos) if info.eos is not None else None
+    if eos is None:
+        raise BuildError("--pad-to-multiple pads with the tokenizer's EOS token, and this tokenizer has none")
+    if (layout.capacity(cfg.seq_length) - layout.label_shift) // m * m < 1:
+        raise BuildError(f"--pad-to-multiple {m} leaves no room in a pack of --seq-length {cfg.seq_length}")
+    return m, layout.label_shift, eos
 
 
 def max_chars(cfg: BuildConfig) -> int | None:
@@ -417,7 +432,8 @@ def plan_single(hist: np.ndarray, seq_length: int) -> PackPlan:
 # Settings that change output bytes; execution knobs (workers, batch size, shards...) do not.
 FINGERPRINT_FLAGS = ("template", "format", "map_keys", "loss", "seq_length", "pack", "layout", "seed",
                      "on_bad_record", "overlong", "num_shards", "shard_tokens", "add_special_tokens", "template_kwargs",
-                     "template_date", "think_loss", "dataset", "chunk_bytes", "sources", "mix_unit", "epochs", "validation")
+                     "template_date", "think_loss", "dataset", "chunk_bytes", "sources", "mix_unit", "epochs", "validation",
+                     "pad_to_multiple")
 
 
 def fingerprint(cfg: BuildConfig, files, info) -> dict:
@@ -902,6 +918,7 @@ def _build_with(ex, cfg, t0, so, info, files, chunks, layout, added, pad_id, out
         "length": stats_mod.length_summary(tot.hist_all if tot.hist_all is not None else np.zeros(1)),
         "layout": cfg.layout,
         "pack_capacity": train.cap,
+        "pad_to_multiple": int(cfg.pad_to_multiple or 1),
         "tokenizer": cfg.tokenizer,
         "template": cfg.template,
         "template_kwargs": cfg.template_kwargs,
@@ -965,7 +982,7 @@ def pack_shape(p: Packing) -> dict:
 # what a split's own stats.json repeats of the build's: how it was made and how to read it
 SPLIT_KEYS = ("layout", "seq_length", "pack_capacity", "tokenizer", "template", "template_kwargs", "template_date",
               "think_loss", "loss_policy", "packed", "seed", "vocab_size", "added_special_tokens", "pad_id",
-              "mix_unit")
+              "mix_unit", "pad_to_multiple")
 
 
 def write_split(fs, root: str, layout, result: dict, split: Packing, figures: dict, files) -> None:

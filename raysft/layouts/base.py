@@ -105,6 +105,9 @@ class Layout:
     parts: ClassVar[tuple[str, ...]] = ("",)
     # token ids a sample must not end with (``--overlong truncate/split`` cut elsewhere)
     avoid_end_ids: ClassVar[tuple[int, ...]] = ()
+    # stored tokens of a sample beyond what the trainer attends over: Megatron-Bridge drops a
+    # sample's last token from its inputs (``--pad-to-multiple`` aligns what is left)
+    label_shift: ClassVar[int] = 0
 
     def capacity(self, seq_length: int) -> int:
         """Most tokens one pack may hold."""

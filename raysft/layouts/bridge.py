@@ -101,6 +101,7 @@ def packing_metadata(stats: dict) -> dict:
 
 class Bridge(Layout):
     name = "bridge"
+    label_shift = 1
     trainer = "Megatron-Bridge / NeMo 2 packed SFT (GPTSFTPackedParquetDataset)"
     summary = "Megatron-Bridge: data.idx.parquet (input_ids, rolled loss_mask, seq_start_id) + metadata"
 
