@@ -1113,7 +1113,8 @@ def _reusable(fs, tmp: str, old: dict, digest: str, num_shards: int) -> dict:
 
 def measure_inputs(cfg: BuildConfig) -> stats_mod.Totals:
     """Read and tokenize the inputs and return their statistics (no output written)."""
-    return watched(with_absolute_paths(cfg), _measure)
+    cfg = with_absolute_paths(cfg)
+    return watched(cfg, lambda watch: _measure(cfg, watch))
 
 
 def _measure(cfg: BuildConfig, watch: Watchdog) -> stats_mod.Totals:
