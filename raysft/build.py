@@ -188,7 +188,7 @@ def parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("execution")
     g.add_argument("--engine", choices=ENGINES,
-                   help="ray (default): Ray Data and Ray tasks, in-process or on the cluster of --ray-address; "
+                   help="ray (default): Ray actors and tasks, in-process or on the cluster of --ray-address; "
                         "local: this machine without Ray (tokenizer processes, one per CPU, and the driver's "
                         "threads) - no Ray start-up, object store or spill, for single-machine jobs and re-packs "
                         "from --cache; its blocks go to memory-mapped files under --spill-dir (~4.5 bytes a token). "

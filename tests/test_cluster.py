@@ -197,7 +197,7 @@ def two_nodes(tmp_path_factory):
     try:
         subprocess.run(head, env=env, check=True, capture_output=True, timeout=120)
         subprocess.run(worker, env=env, check=True, capture_output=True, timeout=120)
-        yield f"127.0.0.1:{gcs}", env
+        yield f"127.0.0.1:{gcs}", env, mgr2
     finally:
         stop_cluster(str(temp), ports)
         shutil.rmtree(temp, ignore_errors=True)
@@ -219,7 +219,7 @@ def _nodes_alive(address: str, env: dict) -> int:
 
 @pytest.mark.slow
 def test_two_node_cluster_one_chunk_input_and_s3_output(two_nodes, tmp_path, s3_endpoint, shared_data, llama3_dir):
-    address, env = two_nodes
+    address, env, _ = two_nodes
     deadline = time.time() + 60
     while _nodes_alive(address, env) < 2 and time.time() < deadline:
         time.sleep(1)
@@ -400,3 +400,63 @@ def test_a_build_whose_head_dies_exits_4_with_one_line(tmp_path):
     finally:
         stop_cluster(str(temp), ports)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def _kill_node(node_manager_port: int) -> int:
+    """SIGKILL the raylet of the node started with ``node_manager_port`` and every worker
+    process it started (a node lost as a preempted VM is); the number of processes killed."""
+    import signal
+
+    killed = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
+        except OSError:
+            continue
+        if f"--node_manager_port={node_manager_port}" in cmd or f"--node-manager-port={node_manager_port}" in cmd:
+            try:
+                os.killpg(int(pid), signal.SIGKILL) if os.getpgid(int(pid)) == int(pid) else None
+                os.kill(int(pid), signal.SIGKILL)
+                killed += 1
+            except OSError:
+                pass
+    return killed
+
+
+@pytest.mark.slow  # a `ray start` two-node cluster, one node killed under a build: CI's slow run
+def test_a_node_lost_while_the_writers_run_is_survived(two_nodes, tmp_path, shared_data, llama3_dir):
+    """The second node is killed the moment tokenizing ends, while the writers read the blocks
+    its actors made: the build finishes (lineage makes the lost blocks again on a restarted
+    actor) and writes the bytes a one-process build writes."""
+    address, env, worker_port = two_nodes
+    deadline = time.time() + 60
+    while _nodes_alive(address, env) < 2 and time.time() < deadline:
+        time.sleep(1)
+    inputs = sum((["--input", str(shared_data / n)] for n in ("alpaca_en_demo.json", "glaive_toolcall_en_demo.json",
+                                                             "alpaca_zh_demo.json")), [])
+    flags = ["--tokenizer", llama3_dir, "--template", "llama3", "--seq-length", "2048",
+             "--batch-size", "256", *inputs]
+    cmd = [sys.executable, "-m", "raysft.build", *flags, "--output", str(tmp_path / "out"), "--ray-address", address,
+           "--tokenize-workers", "4", "--stall-timeout", "240"]
+    p = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=ROOT)
+    lines, killed = [], 0
+    for line in p.stderr:
+        lines.append(line)
+        if not killed and "raysft: tokenize:" in line and " in " in line.split("rows/s")[-1]:
+            killed = _kill_node(worker_port)  # tokenizing is over: the write stage starts now
+    p.wait(timeout=600)
+    err = "".join(lines)
+    assert killed, "the second node was never killed: " + err[-2000:]
+    assert p.returncode == 0, err[-3000:]
+    deadline = time.time() + 90
+    while _nodes_alive(address, env) > 1 and time.time() < deadline:
+        time.sleep(2)
+    assert _nodes_alive(address, env) == 1  # the node was really lost (Ray marks it dead within ~30 s)
+    ref = tmp_path / "ref"
+    r = subprocess.run([sys.executable, "-m", "raysft.build", *flags, "--output", str(ref), "--engine", "local"],
+                       env=env, capture_output=True, text=True, timeout=400, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in ("data.bin", "data.idx"):
+        assert (tmp_path / "out" / name).read_bytes() == (ref / name).read_bytes(), name

@@ -231,7 +231,7 @@ def test_a_frozen_endpoint_fails_on_time_with_one_line(tmp_path, bucket, s3_endp
     the cleanup's bound: one line naming the stage, exit 4, nothing committed."""
     out = f"s3://{BUCKET}/frozen/{stage}-{engine}"
     p, took, froze = _frozen_build(tmp_path, s3_endpoint, llama3_dir, trigger, engine, out)
-    assert froze
+    assert froze, (p.returncode, p.stderr[-3000:])
     errors = [line for line in p.stderr.splitlines() if "error" in line.lower()]
     assert p.returncode == 4, p.stderr[-2000:]
     assert errors == [errors[0]] and f"the {stage} stage made no progress" in errors[0], errors

@@ -62,7 +62,7 @@ class TokenizeAndMask:
         if not cache:
             self.builder_for(0)  # with a cache, made (loading the tokenizer) only when needed
         if process:
-            # what exists now (Ray, Ray Data, the tokenizer) lives as long as the actor: keep it
+            # what exists now (Ray, the tokenizer) lives as long as the actor: keep it
             # out of the collector's full passes, which the records' many small objects trigger
             gc.freeze()
 
@@ -77,10 +77,11 @@ class TokenizeAndMask:
                                                       self.template_date, self.parity, s.get("think_loss", "auto"))
             return self.builders[source]
 
-    def __call__(self, chunks: dict):
-        for i in range(len(chunks["chunk"])):
-            c = Chunk.from_item({k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in chunks.items()})
-            yield from self.tokenize_chunk(c)
+    def blocks(self, item: dict):
+        """One chunk's non-empty blocks (the Ray engine's actor task: a streaming generator)."""
+        for table in self.tokenize_chunk(Chunk.from_item(item)):
+            if table.num_rows:
+                yield table
 
     def tokenize_chunk(self, c: Chunk):
         looked = self.lookup(c)

@@ -1,4 +1,5 @@
-"""The Ray driver: wires the pure stages into Ray Data and Ray tasks and runs them.
+"""The driver: wires the pure stages into the engine's actors and tasks (Ray's, or the local
+engine's processes and threads) and runs them.
 
 read+normalize+template+tokenize+mask (actor pool) -> stats (a task per block, reduced as it
 arrives) -> plan (driver, from histograms) -> slot assignment cut by shard (a task per block)
@@ -759,7 +760,8 @@ def _build_with(ex, cfg, t0, so, info, files, chunks, layout, added, pad_id, out
                 run: list | None = None) -> dict:
     out_fs, tmp = out.fs, out.tmp
     tmp_url = join(cfg.output, TMP)
-    encoder, enc_stats, pool = start_with_encoder(cfg, ex, info, files, so, len(chunks))
+    with watch.held("start", "the engine's start"):
+        encoder, enc_stats, pool = start_with_encoder(cfg, ex, info, files, so, len(chunks))
     out_fs.makedirs(join(tmp, "shards"), exist_ok=True)
     out_fs.makedirs(join(tmp, "rejects"), exist_ok=True)
     ex.check_storage(cfg, files, so, tmp_url)
@@ -1123,7 +1125,8 @@ def _measure(cfg: BuildConfig, watch: Watchdog) -> stats_mod.Totals:
     watch.progress("start", "the tokenizer and the engine")
     ex = make_executor(cfg)
     try:
-        encoder, _, pool = start_with_encoder(cfg, ex, info, files, so, len(chunks))
+        with watch.held("start", "the engine's start"):
+            encoder, _, pool = start_with_encoder(cfg, ex, info, files, so, len(chunks))
         blocks = Blocks(ex, cfg.seq_length, False, files, so)
         tokenize_and_measure(blocks, split_tail(chunks, 2 * pool.workers),
                              actor_kwargs(cfg, info, so, encoder, 0, sources, file_source), pool, None, watch)

@@ -37,41 +37,66 @@ class RayExecutor:
         self.cfg = cfg
 
     def start(self, chunks: int, input_bytes: int = 0):
-        from .session import init_ray, node_cpus, setup_data_context, size_pool
+        from .session import init_ray, node_cpus, size_pool
 
         init_ray(self.cfg, input_bytes)
         self._watch_head()
-        setup_data_context()
         nodes = node_cpus()
         pool = size_pool(nodes, self.cfg.tokenize_workers, chunks)
         log.info("tokenizer actors: %d, %d encoder thread(s) each (%d node(s), %d CPUs)", pool.workers,
                  pool.threads, len(nodes), sum(nodes))
         return pool
 
+    actors: list = []  # the tokenizer actors, alive until close(): what lineage re-runs lost blocks on
+
     def tokenized(self, chunks: list, actor_kwargs: dict, pool):
-        """The tokenizer actors over ``chunks`` (one actor task per chunk), through Ray Data:
-        each non-empty block's ref, as the blocks are made."""
-        import ray.data
+        """The tokenizer actors over ``chunks``, two chunks queued per actor (the second starts
+        the moment the first ends; the last chunks are cut small by ``split_tail``): each
+        actor task is a streaming generator of the chunk's non-empty blocks, yielded as they
+        are made. The actors are plain Ray actors whose constructor arguments are a few small
+        values passed inline (the tokenizer by its file under the output), restartable
+        (``max_restarts=-1``) with their tasks retried (``max_task_retries=-1``): a block lost
+        with its node later (while writers read it) is made again by lineage, on an actor Ray
+        restarts elsewhere; they live until ``close()``."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         from .actors import TokenizeAndMask
+        from .session import place_actors
 
-        ds = ray.data.from_items([c.to_item() for c in chunks], override_num_blocks=max(1, len(chunks)))
-        ds = ds.map_batches(
-            TokenizeAndMask,
-            fn_constructor_kwargs=actor_kwargs | {"threads": pool.threads},
-            batch_size=1,
-            batch_format="numpy",
-            # a second chunk queued per actor, so it starts the moment the first ends; the last
-            # chunks are cut small (split_tail), so a queued chunk delays the end by little
-            compute=ray.data.ActorPoolStrategy(size=pool.workers, max_tasks_in_flight_per_actor=2),
-            num_cpus=pool.actor_cpus,
-        )
-        for bundle in ds.iter_internal_ref_bundles():
-            if any(sl is not None for sl in getattr(bundle, "slices", None) or ()):
-                from ..errors import BuildError
+        # no CPUs reserved: the actors stay up (for lineage) while the writers run, and a
+        # reservation would hold the CPUs the writers need; how many run where is decided here
+        # instead (each node its share by CPUs, soft: a restarted actor may go to another node)
+        Actor = ray.remote(TokenizeAndMask)
+        kwargs = actor_kwargs | {"threads": pool.threads}
+        nodes = {n["NodeID"]: int(n["Resources"].get("CPU", 0)) for n in ray.nodes()
+                 if n.get("Alive") and n["Resources"].get("CPU")}
+        self.actors = [Actor.options(num_cpus=0, max_restarts=-1, max_task_retries=-1,
+                                     scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True))
+                       .remote(**kwargs) for node in place_actors(nodes, pool.workers, pool.actor_cpus)]
+        items = iter([c.to_item() for c in chunks])
+        running: dict = {}  # generator -> its actor
 
-                raise BuildError("internal error: Ray Data returned a partial block")  # never for map outputs
-            yield [ref for ref, meta in zip(bundle.block_refs, bundle.metadata) if meta.num_rows]
+        def submit(actor) -> None:
+            item = next(items, None)
+            if item is not None:
+                running[actor.blocks.options(num_returns="streaming").remote(item)] = actor
+
+        for actor in self.actors:
+            submit(actor)
+            submit(actor)
+        while running:
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
+            if not ready:
+                yield None  # a tick: the driver may log progress, but nothing moved
+                continue
+            refs = []
+            for gen in ready:
+                try:
+                    refs.append(next(gen))
+                except StopIteration:
+                    submit(running.pop(gen))
+            yield refs
 
     shared_memory = False  # tasks run in other processes, on other machines
 
@@ -115,6 +140,12 @@ class RayExecutor:
             self.head = HeadMonitor(address).start()
 
     def close(self) -> None:
+        if self.actors:
+            import ray
+
+            for actor in self.actors:
+                ray.kill(actor, no_restart=True)
+            self.actors = []
         if self.head is not None:
             self.head.stop()
             self.head = None

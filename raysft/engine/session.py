@@ -223,19 +223,20 @@ def size_pool(nodes: int | list[int], workers: int | None = None, chunks: int | 
     return TokenizePool(workers, threads, actor_cpus, stats_cpus)
 
 
+def place_actors(nodes: dict, workers: int, actor_cpus: float) -> list:
+    """The node of each of ``workers`` actors: one at a time to the node with the most CPUs
+    left (in units of ``actor_cpus``), so each node gets its share by its CPUs."""
+    left = dict(nodes)
+    out = []
+    for _ in range(workers):
+        node = max(left, key=lambda n: (left[n], str(n)))
+        out.append(node)
+        left[node] -= actor_cpus
+    return out
+
+
 def node_cpus() -> list[int]:
     """CPUs of each alive node of the cluster Ray is connected to."""
     import ray
 
     return [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU")]
-
-
-def setup_data_context() -> None:
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = True
-    ctx.execution_options.verbose_progress = False  # progress bars, not per-operator metric dumps
-    # Ray Data reads every map task's memory map (/proc smaps, ~5 ms for a 1 GB tokenizer actor)
-    # once a second for its own metrics; nothing here uses them
-    ctx.memory_usage_poll_interval_s = None

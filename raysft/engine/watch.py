@@ -5,6 +5,7 @@ satisfy, a lost node whose work Ray cannot place)."""
 from __future__ import annotations
 
 import _thread
+import contextlib
 import os
 import signal
 import threading
@@ -98,7 +99,7 @@ class Watchdog:
     def _run(self) -> None:
         while not self._stop.wait(min(5.0, self.stall_s / 4)):
             idle = time.monotonic() - self.last
-            if idle > self.stall_s:
+            if idle > self.stall_s and not self.holding:
                 self.fired = (f"the {self.stage} stage made no progress for {idle:.0f} s"
                               + (f" (waiting for {self.detail})" if self.detail else "")
                               + "".join(f"; {d}" for d in [waiting_for()] if d))
@@ -109,6 +110,21 @@ class Watchdog:
                 else:
                     _thread.interrupt_main()
                 return
+
+    @contextlib.contextmanager
+    def held(self, stage: str, detail: str = ""):
+        """A stage the watchdog does not time: one with its own bounds (Ray's start, retried
+        once and then failed by ``init_ray``; the head probed first), whose length depends on the
+        host's load rather than on progress. The clock restarts when it ends."""
+        self.progress(stage, detail)
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+            self.progress(stage, detail)
+
+    holding = False
 
     def bounded(self, fn, what: str, limit_s: float = 10.0):
         """``fn()``; after a stall, in a thread given ``limit_s`` (cleanup such as releasing a
