@@ -48,6 +48,7 @@ class TokenizeAndMask:
         # the driver ran the canary and logged its verdict; with a cache, the encoder loads
         # (~2 CPU-s) only once a chunk misses it
         self.encoder = Loading(encoder, info, parity=True, start=not cache)
+        self.encoder_mode = encoder
         self.parity = TemplateParity(info, parity_every, template_kwargs, template_date) if parity_every else None
         self.template_kwargs, self.max_chars, self.template_date = template_kwargs, max_chars, template_date
         self.builders: dict = {}
@@ -76,6 +77,24 @@ class TokenizeAndMask:
                                                       self.encoder, self.template_kwargs, self.max_chars,
                                                       self.template_date, self.parity, s.get("think_loss", "auto"))
             return self.builders[source]
+
+    def release(self) -> None:
+        """Tokenizing is over (the actor stays up only so lineage can re-run a lost chunk here):
+        free the encoder, the builders and their template plans, made again on first use as at
+        the start, so the actor's memory does not sit beside the writers'."""
+        from ..encode import Loading
+
+        with self._lock:
+            self.builders.clear()
+            self.encoder = Loading(self.encoder_mode, self.info, parity=True, start=False)
+        gc.unfreeze()
+        gc.collect()
+        try:  # hand the freed heap back to the system (glibc); elsewhere it is reused later
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
 
     def blocks(self, item: dict):
         """One chunk's non-empty blocks (the Ray engine's actor task: a streaming generator)."""

@@ -97,6 +97,8 @@ class RayExecutor:
                 except StopIteration:
                     submit(running.pop(gen))
             yield refs
+        for actor in self.actors:
+            actor.release.remote()  # their tokenizers' memory back before the writers start
 
     shared_memory = False  # tasks run in other processes, on other machines
 
