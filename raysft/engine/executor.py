@@ -30,6 +30,7 @@ import time
 log = logging.getLogger("raysft")
 
 ENGINES = ("ray", "local")
+ACTOR_RETRIES = 3  # restarts of a tokenizer actor, and retries of its tasks (lineage included)
 
 
 class RayExecutor:
@@ -54,10 +55,10 @@ class RayExecutor:
         the moment the first ends; the last chunks are cut small by ``split_tail``): each
         actor task is a streaming generator of the chunk's non-empty blocks, yielded as they
         are made. The actors are plain Ray actors whose constructor arguments are a few small
-        values passed inline (the tokenizer by its file under the output), restartable
-        (``max_restarts=-1``) with their tasks retried (``max_task_retries=-1``): a block lost
-        with its node later (while writers read it) is made again by lineage, on an actor Ray
-        restarts elsewhere; they live until ``close()``."""
+        values passed inline (the tokenizer by its file under the output), restartable with
+        their tasks retried (``ACTOR_RETRIES`` times: a node lost, not a chunk that kills its
+        actor every time): a block lost with its node later (while writers read it) is made
+        again by lineage, on an actor Ray restarts elsewhere; they live until ``close()``."""
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -71,7 +72,7 @@ class RayExecutor:
         kwargs = actor_kwargs | {"threads": pool.threads}
         nodes = {n["NodeID"]: int(n["Resources"].get("CPU", 0)) for n in ray.nodes()
                  if n.get("Alive") and n["Resources"].get("CPU")}
-        self.actors = [Actor.options(num_cpus=0, max_restarts=-1, max_task_retries=-1,
+        self.actors = [Actor.options(num_cpus=0, max_restarts=ACTOR_RETRIES, max_task_retries=ACTOR_RETRIES,
                                      scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True))
                        .remote(**kwargs) for node in place_actors(nodes, pool.workers, pool.actor_cpus)]
         items = iter([c.to_item() for c in chunks])
