@@ -10,26 +10,20 @@ import logging
 import os
 import sys
 
-from .config import BuildConfig
-from .encode import ENCODERS
-from .engine.executor import ENGINES
+from .config import (
+    ENCODERS,
+    ENGINES,
+    FORMATS,
+    MIX_UNITS,
+    OVERLONG_POLICIES,
+    PARITY_MODES,
+    THINK_LOSS,
+    BuildConfig,
+    SettingError,
+)
 from .errors import OneLineParser
 from .layouts import LAYOUTS, REGISTRY
-from .normalize import FORMATS, parse_map_keys
-from .parity import PARITY_MODES
-from .sources import MIX_UNITS
-from .templates import (
-    ALIASES,
-    LOSS_POLICIES,
-    TEMPLATE_NAMES,
-    THINK_LOSS,
-    TemplateError,
-    canonical_template,
-    unknown_kwargs,
-)
-from .tokenize import OVERLONG_POLICIES
-
-MAX_SEQ_LENGTH = 1 << 24  # the planner's arrays are indexed by length: 16M tokens is 128 MB of counts
+from .templates import ALIASES, TEMPLATE_NAMES
 
 EXAMPLE = """\
 example:
@@ -273,76 +267,19 @@ def load_config_file(path: str) -> dict:
 
 
 def config_from_args(argv: list[str] | None = None) -> BuildConfig:
+    """The build's settings from the flags over a job file's (``--config``), checked once by
+    ``BuildConfig.from_values`` (raysft.config: every choice and range): one line, exit 2."""
     args = parser().parse_args(argv)
-    cfg = BuildConfig()
     values = load_config_file(args.config) if args.config else {}
     values.update({k: v for k, v in vars(args).items() if v is not None and k in BuildConfig.field_names()})
-    for k, v in values.items():
-        setattr(cfg, k, v)
-    if isinstance(cfg.dataset, str):
-        cfg.dataset = _names(cfg.dataset)
-    if isinstance(cfg.map_keys, (str, dict)):
-        cfg.map_keys = parse_map_keys(cfg.map_keys)
-    missing = [f"--{n}" for n, v in (("input", cfg.inputs or cfg.sources), ("tokenizer", cfg.tokenizer),
-                                      ("output", cfg.output)) if not v]
+    missing = [f"--{n}" for n, v in (("input", values.get("inputs") or values.get("sources")),
+                                      ("tokenizer", values.get("tokenizer")), ("output", values.get("output"))) if not v]
     if missing:
         parser().error(f"missing {', '.join(missing)}")
-    if not 2 <= cfg.seq_length <= MAX_SEQ_LENGTH:
-        parser().error(f"--seq-length must be from 2 to {MAX_SEQ_LENGTH:,} (a sample's most tokens)")
-    for name, value, choices in (("--overlong", cfg.overlong, OVERLONG_POLICIES),
-                                 ("--on-bad-record", cfg.on_bad_record, ("fail", "skip")),
-                                 ("--encoder", cfg.encoder, ENCODERS), ("--format", cfg.format, FORMATS),
-                                 ("--s3-addressing-style", cfg.s3_addressing_style, (None, "auto", "virtual", "path"))):
-        if value not in choices:
-            parser().error(f"{name} must be one of {', '.join(c for c in choices if c)}, not {value!r}")
-    for name, value, least in (("--pad-to-multiple", cfg.pad_to_multiple, 1),
-                               ("--parity-rows", cfg.parity_rows, 1), ("--batch-size", cfg.batch_size, 1),
-                               ("--num-shards", cfg.num_shards, 1), ("--tokenize-workers", cfg.tokenize_workers, 1),
-                               ("--num-cpus", cfg.num_cpus, 1), ("--shard-tokens", cfg.shard_tokens, 1),
-                               ("--chunk-bytes", cfg.chunk_bytes, 1)):
-        if value is not None and value < least:
-            parser().error(f"{name} must be at least {least}, not {value}")
     try:
-        cfg.template = canonical_template(str(cfg.template))
-    except TemplateError as e:
-        parser().error(f"--template: {e}")
-    if cfg.think_loss not in THINK_LOSS:
-        parser().error(f"--think-loss must be one of {', '.join(THINK_LOSS)}")
-    if cfg.loss not in LOSS_POLICIES:
-        parser().error(f"loss policy must be one of {', '.join(LOSS_POLICIES)}")
-    if cfg.layout not in LAYOUTS:
-        parser().error(f"--layout must be one of {', '.join(LAYOUTS)}")
-    if cfg.mix_unit not in MIX_UNITS:
-        parser().error(f"mix_unit must be one of {', '.join(MIX_UNITS)}")
-    if not isinstance(cfg.epochs, int) or cfg.epochs < 1:
-        parser().error("--epochs must be a whole number >= 1")
-    if not isinstance(cfg.sources, list):
-        parser().error("sources must be a list of mappings (each with at least 'input')")
-    if cfg.validation is not None:
-        cfg.validation = str(cfg.validation)
-        from .sources import SourceError, Validation
-
-        try:
-            Validation.parse(cfg.validation)
-        except SourceError as e:
-            parser().error(str(e))
-    if cfg.engine not in ENGINES:
-        parser().error(f"engine must be one of {', '.join(ENGINES)}")
-    if cfg.engine == "local" and cfg.ray_address:
-        parser().error("--engine local runs without Ray: it takes no --ray-address")
-    if cfg.parity not in PARITY_MODES:
-        parser().error(f"parity must be one of {', '.join(PARITY_MODES)}")
-    if cfg.stall_timeout == 0:
-        cfg.stall_timeout = None
-    if isinstance(cfg.template_kwargs, str):
-        try:
-            cfg.template_kwargs = _json_object(cfg.template_kwargs)
-        except argparse.ArgumentTypeError as e:
-            parser().error(f"--template-kwargs {e}")
-    why = unknown_kwargs(cfg.template, cfg.template_kwargs if isinstance(cfg.template_kwargs, dict) else None)
-    if why:
-        parser().error(why)
-    return cfg
+        return BuildConfig.from_values(values)
+    except SettingError as e:
+        parser().error(str(e))
 
 
 def main(argv: list[str] | None = None) -> int:

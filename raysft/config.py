@@ -1,11 +1,43 @@
-"""Build settings: one dataclass shared by the CLI, config files and the pipeline."""
+"""Build settings: one frozen dataclass shared by the CLI, job files and the pipeline, and the
+one home of every setting's choices, defaults and ranges. ``BuildConfig.from_values`` makes a
+checked one from any source (flags, a job file, a program); ``check`` is what it runs, and the
+driver runs it again on a config a program made. The modules that act on a setting import its
+choices from here (this module imports nothing of raysft at its top: no import circles)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
+
+# every setting's choices (the layouts' are their registry's: raysft.layouts.LAYOUTS)
+FORMATS = ("auto", "alpaca", "sharegpt", "openai", "text")
+LOSS_POLICIES = ("assistant", "last", "all")
+THINK_LOSS = ("auto", "train", "mask")
+OVERLONG_POLICIES = ("drop", "truncate", "split")
+ON_BAD_RECORD = ("fail", "skip")
+ENCODERS = ("auto", "fastokens", "hf")
+PARITY_MODES = ("off", "report", "strict")
+MIX_UNITS = ("loss_tokens", "samples", "tokens")
+ENGINES = ("ray", "local")
+S3_ADDRESSING = ("auto", "virtual", "path")
+MAX_SEQ_LENGTH = 1 << 24  # the planner's arrays are indexed by length: 16M tokens is 128 MB of counts
+
+# field -> (its flag, its choices)
+CHOICES = {
+    "format": ("--format", FORMATS), "loss": ("loss policy", LOSS_POLICIES), "think_loss": ("--think-loss", THINK_LOSS),
+    "overlong": ("--overlong", OVERLONG_POLICIES), "on_bad_record": ("--on-bad-record", ON_BAD_RECORD),
+    "encoder": ("--encoder", ENCODERS), "parity": ("--parity", PARITY_MODES), "mix_unit": ("mix_unit", MIX_UNITS),
+    "engine": ("--engine", ENGINES), "s3_addressing_style": ("--s3-addressing-style", S3_ADDRESSING),
+}
+# field -> its least value (None: unset, the default applies)
+AT_LEAST = {"pad_to_multiple": 1, "parity_rows": 1, "batch_size": 1, "num_shards": 1, "tokenize_workers": 1,
+            "num_cpus": 1, "shard_tokens": 1, "chunk_bytes": 1, "epochs": 1}
 
 
-@dataclass
+class SettingError(ValueError):
+    """A setting's value is not one it takes: one line, exit 2 (usage)."""
+
+
+@dataclass(frozen=True)
 class BuildConfig:
     inputs: list[str] = field(default_factory=list)
     output: str = ""
@@ -88,3 +120,74 @@ class BuildConfig:
     @classmethod
     def field_names(cls) -> set[str]:
         return {f.name for f in fields(cls)}
+
+    @classmethod
+    def from_values(cls, values: dict) -> BuildConfig:
+        """A checked config from field values as a user gives them (a job file's or the CLI's):
+        comma lists, ``--map-keys`` text, peer template names, JSON text, a count-or-fraction
+        validation and a zero stall timeout normalized first."""
+        from .normalize import parse_map_keys
+        from .templates import TemplateError, canonical_template
+
+        v = dict(values)
+        if isinstance(v.get("dataset"), str):
+            v["dataset"] = [n.strip() for n in v["dataset"].split(",") if n.strip()] or None
+        if isinstance(v.get("map_keys"), (str, dict)):
+            v["map_keys"] = parse_map_keys(v["map_keys"])
+        if "template" in v:
+            try:
+                v["template"] = canonical_template(str(v["template"]))
+            except TemplateError as e:
+                raise SettingError(f"--template: {e}") from None
+        if v.get("validation") is not None:
+            v["validation"] = str(v["validation"])
+        if v.get("stall_timeout") == 0:
+            v["stall_timeout"] = None
+        if isinstance(v.get("template_kwargs"), str):
+            import json
+
+            try:
+                v["template_kwargs"] = json.loads(v["template_kwargs"])
+            except json.JSONDecodeError as e:
+                raise SettingError(f"--template-kwargs not valid JSON: {e}") from None
+        cfg = cls(**v)
+        cfg.check()
+        return cfg
+
+    def check(self) -> BuildConfig:
+        """Every setting within its choices and range (one line naming the flag otherwise)."""
+        from .layouts import LAYOUTS
+        from .templates import unknown_kwargs
+
+        if not isinstance(self.seq_length, int) or not 2 <= self.seq_length <= MAX_SEQ_LENGTH:
+            raise SettingError(f"--seq-length must be from 2 to {MAX_SEQ_LENGTH:,} (a sample's most tokens)")
+        for name, (flag, choices) in {**CHOICES, "layout": ("--layout", LAYOUTS)}.items():
+            value = getattr(self, name)
+            if value not in choices and not (value is None and name == "s3_addressing_style"):
+                raise SettingError(f"{flag} must be one of {', '.join(choices)}, not {value!r}")
+        for name, least in AT_LEAST.items():
+            value = getattr(self, name)
+            flag = f"--{name.replace('_', '-')}"
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise SettingError(f"{flag} must be a whole number, not {value!r}")
+            if value is not None and value < least:
+                raise SettingError(f"{flag} must be at least {least}, not {value!r}")
+        if not isinstance(self.sources, list):
+            raise SettingError("sources must be a list of mappings (each with at least 'input')")
+        if self.validation is not None:
+            from .sources import SourceError, Validation
+
+            try:
+                Validation.parse(str(self.validation))
+            except SourceError as e:
+                raise SettingError(str(e)) from None
+        if self.engine == "local" and self.ray_address:
+            raise SettingError("--engine local runs without Ray: it takes no --ray-address")
+        if not isinstance(self.template_kwargs, dict):
+            raise SettingError("--template-kwargs must be a JSON object")
+        if why := unknown_kwargs(self.template, self.template_kwargs):
+            raise SettingError(why)
+        return self
+
+    def replace(self, **changes) -> BuildConfig:
+        return replace(self, **changes)

@@ -35,9 +35,10 @@ from itertools import chain
 
 import numpy as np
 
+from .config import ENCODERS
+
 log = logging.getLogger("raysft")
 
-ENCODERS = ("auto", "fastokens", "hf")
 PARITY_EVERY = 100  # rows of every 100 (by hash) are encoded by both encoders and compared
 
 

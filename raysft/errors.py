@@ -58,6 +58,7 @@ def _first_line(e: BaseException) -> str:
 
 def classify(e: BaseException) -> tuple[int, str]:
     """(exit code, one line) for an exception that ended a command."""
+    from .config import SettingError
     from .encode import EncoderError
     from .engine.session import ClusterError
     from .engine.storage import StorageRuleError
@@ -69,6 +70,8 @@ def classify(e: BaseException) -> tuple[int, str]:
     from .templates import TemplateError
     from .tokenize import TokenizerError
 
+    if isinstance(e, SettingError):
+        return USAGE, _first_line(e)
     if isinstance(e, KeyboardInterrupt):
         return INTERRUPTED, "interrupted: nothing was committed to the output; rerun with --resume to continue"
     inner = _unwrap(e)

@@ -56,7 +56,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-FORMATS = ("auto", "alpaca", "sharegpt", "openai", "text")
+from .config import FORMATS
 
 SYSTEM, USER, ASSISTANT, TOOL = "system", "user", "assistant", "tool"
 

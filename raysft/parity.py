@@ -22,7 +22,6 @@ import zlib
 import numpy as np
 
 UNCHECKED, MATCH, MISMATCH, REFUSED = 0, 1, 2, 3
-PARITY_MODES = ("off", "report", "strict")
 
 
 def picked(raw: bytes, every: int) -> bool:

@@ -36,8 +36,6 @@ import numpy as np
 from .pack import mix64  # the one splitmix64 finalizer (slot shuffles use it too)
 from .samples import kept_mask
 
-MIX_UNITS = ("loss_tokens", "samples", "tokens")
-
 
 class SourceError(ValueError):
     """A source or mixture specification that cannot be used (one line)."""

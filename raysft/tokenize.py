@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .config import OVERLONG_POLICIES
 from .templates import Rendered, Specials
 
 
@@ -580,7 +581,6 @@ class SampleBuilder:
         return ids, e.reasons, e.messages
 
 
-OVERLONG_POLICIES = ("drop", "truncate", "split")
 
 
 def turn_ends(signed: np.ndarray) -> np.ndarray:

@@ -514,7 +514,7 @@ def run(cfg: BuildConfig) -> dict:
     the engine, tokenizing, writing, merging, committing) that shows no sign of life for
     ``--stall-timeout`` seconds fails with one line naming it."""
     t0 = time.time()
-    cfg = with_absolute_paths(cfg)
+    cfg = with_absolute_paths(cfg.check())  # a program's config is checked as the CLI's is
     return watched(cfg, lambda watch: _run(cfg, t0, watch))
 
 

@@ -27,9 +27,10 @@ import logging
 import os
 import time
 
+from ..config import ENGINES
+
 log = logging.getLogger("raysft")
 
-ENGINES = ("ray", "local")
 ACTOR_RETRIES = 3  # restarts of a tokenizer actor, and retries of its tasks (lineage included)
 
 

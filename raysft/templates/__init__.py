@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import datetime
 
+from ..config import LOSS_POLICIES, THINK_LOSS
 from ..normalize import ASSISTANT, Conversation, Message
 from . import chatml, deepseek, glm4, internlm2, llama, mistral
 from .base import ABSENT, Builtin, Piece, Rendered, Specials, TemplateError, to_hf_messages
 from .jinja import DEFAULT_DATE, JinjaTemplate
 
-LOSS_POLICIES = ("assistant", "last", "all")
 FAMILIES = (llama, chatml, mistral, internlm2, deepseek, glm4)
 BUILTINS: dict[str, Builtin] = {name: b for fam in FAMILIES for name, b in fam.FAMILY.items()}
 # The special tokens each built-in writes (--add-special-tokens adds those a tokenizer lacks).
@@ -40,7 +40,6 @@ ALIASES = {
     "deepseekv31": "deepseek-v3.1", "deepseek_v3.1": "deepseek-v3.1", "llama-3": "llama3", "llama3_1": "llama3.1",
     "llama-3.1": "llama3.1", "llama-2": "llama2", "glm-4": "glm4", "chatglm4": "glm4",
 }
-THINK_LOSS = ("auto", "train", "mask")
 # reasoning blocks --think-loss acts on: (opening, closing) markers
 THINK_MARKERS = (("<think>", "</think>"), ("<seed:think>", "</seed:think>"), ("[THINK]", "[/THINK]"),
                  ("<|begin_of_thought|>", "<|end_of_thought|>"))
