@@ -99,8 +99,14 @@ def classify(e: BaseException) -> tuple[int, str]:
     if name in ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
                 "ClientError", "NoSuchBucket", "ClientConnectorError", "ServerDisconnectedError"):
         return STORAGE, f"object storage error: {msg}"
-    if name in ("ActorDiedError", "RayActorError", "WorkerCrashedError", "NodeDiedError", "ObjectLostError",
-                "OwnerDiedError", "ObjectReconstructionFailedError", "RaySystemError", "GetTimeoutError",
+    if name.startswith(("ObjectLost", "OwnerDied", "ObjectReconstructionFailed", "ObjectFetchTimedOut",
+                        "ReferenceCountingAssertion")):
+        # Ray's own text here is about Ray's internals (and asks to file an issue with Ray)
+        return CLUSTER, (f"the cluster lost data it could not make again ({name}): a node or process holding "
+                         "tokenized blocks was lost and Ray could not re-run what made them; nothing was "
+                         "committed to the output: rerun with --resume")
+    if name in ("ActorDiedError", "RayActorError", "WorkerCrashedError", "NodeDiedError",
+                "RaySystemError", "GetTimeoutError",
                 "ActorUnavailableError", "OutOfMemoryError"):
         return CLUSTER, f"the cluster lost work it could not redo ({name}): {msg}"
     if isinstance(inner, MemoryError):

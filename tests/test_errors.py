@@ -23,6 +23,12 @@ def _ray_wrapped(e: BaseException) -> BaseException:
     return RayTaskError("write_parts", tb, e)
 
 
+def _ray_error(name: str) -> BaseException:
+    import ray.exceptions
+
+    return getattr(ray.exceptions, name)("ab" * 14, "", "")
+
+
 def _cases():
     import botocore.exceptions as bx
 
@@ -33,12 +39,14 @@ def _cases():
         (bx.NoCredentialsError(), errors.STORAGE, "no storage credentials on a worker or the driver"),
         (bx.EndpointConnectionError(endpoint_url="http://minio:9000/b"), errors.STORAGE, "object storage error"),
         (MemoryError(), errors.CLUSTER, "out of memory"),
+        (_ray_error("ObjectReconstructionFailedError"), errors.CLUSTER, "lost data it could not make again"),
+        (_ray_error("OwnerDiedError"), errors.CLUSTER, "rerun with --resume"),
         (KeyboardInterrupt(), errors.INTERRUPTED, "interrupted"),
         (ZeroDivisionError("division by zero"), errors.INTERNAL, "internal error (ZeroDivisionError)"),
     ]
 
 
-@pytest.mark.parametrize("k", range(7))
+@pytest.mark.parametrize("k", range(9))
 @pytest.mark.parametrize("wrapped", [False, True])
 def test_faults_are_one_line_with_their_exit_code(k, wrapped):
     e, code, text = _cases()[k]
