@@ -50,6 +50,7 @@ class RayExecutor:
         return pool
 
     actors: list = []  # the tokenizer actors, alive until close(): what lineage re-runs lost blocks on
+    released: list = []  # their release() tasks
 
     def tokenized(self, chunks: list, actor_kwargs: dict, pool):
         """The tokenizer actors over ``chunks``, two chunks queued per actor (the second starts
@@ -99,8 +100,9 @@ class RayExecutor:
                 except StopIteration:
                     submit(running.pop(gen))
             yield refs
-        for actor in self.actors:
-            actor.release.remote()  # their tokenizers' memory back before the writers start
+        # their tokenizers' memory back before the writers start (awaited in close(): an actor
+        # killed in the middle of it would have Ray log the task's failure)
+        self.released = [actor.release.options(max_task_retries=0).remote() for actor in self.actors]
 
     shared_memory = False  # tasks run in other processes, on other machines
 
@@ -147,9 +149,11 @@ class RayExecutor:
         if self.actors:
             import ray
 
+            if self.released:
+                ray.wait(self.released, num_returns=len(self.released), timeout=10)
             for actor in self.actors:
                 ray.kill(actor, no_restart=True)
-            self.actors = []
+            self.actors, self.released = [], []
         if self.head is not None:
             self.head.stop()
             self.head = None
