@@ -69,21 +69,33 @@ def stop_cluster(marker: str, ports: list[int]) -> None:
 
 @pytest.fixture()
 def head(tmp_path_factory):
+    """A two-node `ray start` cluster with its dashboard (the job API): a head and a second
+    node, 2 CPUs each, on this machine, with their own temp dir and ports, stopped by PID."""
     temp = Path("/tmp") / f"raysft-head-{os.getpid()}-{free_port()}"
-    ports = free_ports(4)
-    gcs, dash, client, agent = ports
+    ports = free_ports(7)
+    gcs, dash, client, agent, mgr2, om2, agent2 = ports
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
     cmd = [
         RAY, "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
         f"--dashboard-agent-listen-port={agent}", "--num-cpus=2", f"--temp-dir={temp}", "--disable-usage-stats",
         "--include-dashboard=true",
     ]
+    # the second node's own temp dir, as a real node's own disk: its runtime-env agent unpacks
+    # (and removes) the job's working_dir there, not under the head's job driver
+    worker = [RAY, "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=2", f"--node-manager-port={mgr2}",
+              f"--object-manager-port={om2}", f"--dashboard-agent-listen-port={agent2}", "--disable-usage-stats",
+              f"--temp-dir={temp}-node2"]
     try:
         subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
+        subprocess.run(worker, env=env, check=True, capture_output=True, timeout=120)
+        deadline = time.time() + 60
+        while _nodes_alive(f"127.0.0.1:{gcs}", env) < 2 and time.time() < deadline:
+            time.sleep(1)
         yield f"http://127.0.0.1:{dash}", env
     finally:
         stop_cluster(str(temp), ports)
         shutil.rmtree(temp, ignore_errors=True)
+        shutil.rmtree(f"{temp}-node2", ignore_errors=True)
 
 
 @pytest.mark.slow  # a `ray start` cluster of its own: the cluster tests run in CI's slow run
@@ -103,6 +115,7 @@ def test_ray_job_submit_end_to_end(head, tmp_path):
     r = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "succeeded" in (r.stdout + r.stderr)
+    assert "(2 node(s), 4 CPUs)" in r.stdout + r.stderr  # the job ran on both nodes
     stats = json.loads((out / "stats.json").read_text())
     assert stats["rows_read"] == 80 + 20 + 40 == stats["samples_written"]
     assert (out / "data.bin").stat().st_size == stats["tokens"] * 4
@@ -133,6 +146,7 @@ def test_the_cron_script_exits_with_the_jobs_own_code(head, tmp_path):
     r = subprocess.run(cron, env=run_env, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "SUCCEEDED (exit 0)" in r.stdout and (tmp_path / "out" / "_SUCCESS").exists()
+    assert "(2 node(s), 4 CPUs)" in r.stdout  # on both nodes
     assert json.loads((tmp_path / "out" / "stats.json").read_text())["rows_read"] == 40 + 10 + 20 and ex
     # a build that fails on bad input: the job's own exit code 1, with its one line in the log
     r = subprocess.run([*cron, "--input", "/nonexistent/*.jsonl"], env=run_env, capture_output=True, text=True,
