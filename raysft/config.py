@@ -6,7 +6,7 @@ choices from here (this module imports nothing of raysft at its top: no import c
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 
 # every setting's choices (the layouts' are their registry's: raysft.layouts.LAYOUTS)
 FORMATS = ("auto", "alpaca", "sharegpt", "openai", "text")
@@ -54,7 +54,7 @@ class BuildConfig:
     on_bad_record: str = "fail"  # fail | skip
     overlong: str = "drop"  # drop | truncate | split
     # each sample padded at its end with EOS (no loss) so that every length the trainer's attention
-    # sees is a multiple of N (context parallelism needs 2 x CP; raysft.samples.align_samples)
+    # sees is a multiple of N (context parallelism needs 2 x CP; raysft.samples.Align)
     pad_to_multiple: int = 1
     overwrite: bool = False
     resume: bool = False
@@ -188,6 +188,3 @@ class BuildConfig:
         if why := unknown_kwargs(self.template, self.template_kwargs):
             raise SettingError(why)
         return self
-
-    def replace(self, **changes) -> BuildConfig:
-        return replace(self, **changes)

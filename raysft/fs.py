@@ -56,3 +56,15 @@ def full_url(fs, path: str, like: str) -> str:
         proto = like.split("://", 1)[0]
         return f"{proto}://{path}"
     return path
+
+
+def call_within(fn, limit_s: float, name: str) -> bool:
+    """``fn()`` in a daemon thread given ``limit_s`` seconds; whether it finished. For the
+    clean-up storage calls an error path makes (a lock's release, an upload's abort): the storage
+    may be what failed or froze, and the error must not wait on it."""
+    import threading
+
+    t = threading.Thread(target=fn, name=name, daemon=True)
+    t.start()
+    t.join(limit_s)
+    return not t.is_alive()

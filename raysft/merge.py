@@ -271,7 +271,7 @@ def _copy_s3(fs, sources: list[str], dest: str) -> list[int]:
 def _abort_upload(fs, bucket: str, key: str, uid: str, limit_s: float = 10.0) -> None:
     """Abort a multipart upload (its parts would be kept, and billed), given ``limit_s``: the
     error being raised may be the storage's own (a frozen endpoint), and must not wait on it."""
-    import threading
+    from .fs import call_within
 
     def abort() -> None:
         try:
@@ -279,9 +279,7 @@ def _abort_upload(fs, bucket: str, key: str, uid: str, limit_s: float = 10.0) ->
         except Exception:  # noqa: BLE001 - the original error is the one to report
             pass
 
-    t = threading.Thread(target=abort, name="raysft-abort-upload", daemon=True)
-    t.start()
-    t.join(limit_s)
+    call_within(abort, limit_s, "raysft-abort-upload")
 
 
 __all__ = ["MergeError", "merge_indexes", "merge_index_files", "merge_shards", "copy_into", "MergedIndex",

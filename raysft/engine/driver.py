@@ -33,6 +33,7 @@ from ..merge import copy_into
 from ..output import MANIFEST, TMP, Output, OutputError, OutputLock
 from ..pack import PackPlan, RunOffsets, plan_bfd, slot_table
 from ..read import LineCounter, check_bucket, describe_position, expand_inputs, plan_chunks, split_tail
+from ..samples import Align
 from ..templates import MARKERS, Template, TemplateError
 from ..tokenize import add_special_tokens, load_tokenizer_info, missing_markers, save_tokenizer
 from .executor import LocalExecutor, make_executor
@@ -253,7 +254,7 @@ def alignment(cfg: BuildConfig, info) -> tuple | None:
     eos = info.token_to_id(info.eos) if info.eos is not None else None
     if eos is None:
         raise BuildError("--pad-to-multiple pads with the tokenizer's EOS token, and this tokenizer has none")
-    if (layout.capacity(cfg.seq_length) - layout.label_shift) // m * m < 1:
+    if Align(m, layout.label_shift, eos).fit(layout.capacity(cfg.seq_length)) < 1:
         raise BuildError(f"--pad-to-multiple {m} leaves no room in a pack of --seq-length {cfg.seq_length}")
     return m, layout.label_shift, eos
 

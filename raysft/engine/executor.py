@@ -43,10 +43,10 @@ class RayExecutor:
 
         init_ray(self.cfg, input_bytes)
         self._watch_head()
-        nodes = node_cpus()
-        pool = size_pool(nodes, self.cfg.tokenize_workers, chunks)
+        self.nodes = node_cpus()  # what the actors are sized for and placed on
+        pool = size_pool(list(self.nodes.values()), self.cfg.tokenize_workers, chunks)
         log.info("tokenizer actors: %d, %d encoder thread(s) each (%d node(s), %d CPUs)", pool.workers,
-                 pool.threads, len(nodes), sum(nodes))
+                 pool.threads, len(self.nodes), sum(self.nodes.values()))
         return pool
 
     actors: list = []  # the tokenizer actors, alive until close(): what lineage re-runs lost blocks on
@@ -72,11 +72,9 @@ class RayExecutor:
         # instead (each node its share by CPUs, soft: a restarted actor may go to another node)
         Actor = ray.remote(TokenizeAndMask)
         kwargs = actor_kwargs | {"threads": pool.threads}
-        nodes = {n["NodeID"]: int(n["Resources"].get("CPU", 0)) for n in ray.nodes()
-                 if n.get("Alive") and n["Resources"].get("CPU")}
         self.actors = [Actor.options(num_cpus=0, max_restarts=ACTOR_RETRIES, max_task_retries=ACTOR_RETRIES,
                                      scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True))
-                       .remote(**kwargs) for node in place_actors(nodes, pool.workers, pool.actor_cpus)]
+                       .remote(**kwargs) for node in place_actors(self.nodes, pool.workers, pool.actor_cpus)]
         items = iter([c.to_item() for c in chunks])
         running: dict = {}  # generator -> its actor
 

@@ -235,8 +235,9 @@ def place_actors(nodes: dict, workers: int, actor_cpus: float) -> list:
     return out
 
 
-def node_cpus() -> list[int]:
-    """CPUs of each alive node of the cluster Ray is connected to."""
+def node_cpus() -> dict:
+    """CPUs of each alive node of the cluster Ray is connected to, by node id."""
     import ray
 
-    return [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU")]
+    return {n["NodeID"]: int(n["Resources"]["CPU"]) for n in ray.nodes()
+            if n.get("Alive") and n["Resources"].get("CPU")}

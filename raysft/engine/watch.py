@@ -131,10 +131,9 @@ class Watchdog:
         lock talks to the storage that may be what stalled: it must not hold the error back)."""
         if not self.fired:
             return fn()
-        t = threading.Thread(target=fn, name=f"raysft-cleanup: {what}", daemon=True)
-        t.start()
-        t.join(limit_s)
-        if t.is_alive():
+        from ..fs import call_within
+
+        if not call_within(fn, limit_s, f"raysft-cleanup: {what}"):
             import logging
 
             logging.getLogger("raysft").warning("%s did not finish in %g s; left as it is", what, limit_s)
