@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 from collections import Counter
 from pathlib import Path
 
@@ -82,3 +83,21 @@ def as_pairs(samples) -> list[tuple[bytes, bytes]]:
         s = np.asarray(s, np.int64)
         out.append((np.where(s >= 0, s, ~s).astype(np.int64).tobytes(), (s >= 0).tobytes()))
     return sorted(out)
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports: all bound at once, so the system cannot hand one out twice (one
+    at a time, a port just closed can come back at once: a `ray start` given the same port for
+    two servers fails)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()

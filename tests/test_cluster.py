@@ -8,7 +8,6 @@ every Ray instance on the host, the test session's included).
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -17,32 +16,15 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import ROOT
+from helpers import free_port, free_ports
 
 from raysft.example import write_example
 
 RAY = str(Path(sys.executable).parent / "ray")
 
 
-def free_port() -> int:
-    return free_ports(1)[0]
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free ports: all bound at once, so the system cannot hand one out twice (one
-    at a time, a port just closed can come back at once: a `ray start` given the same port for
-    two servers fails)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def stop_cluster(marker: str, ports: list[int]) -> None:
-    keys = [marker, *(f":{p}" for p in ports), *(f"={p}" for p in ports)]
+def cluster_processes(keys: list[str]) -> set:
+    """Processes whose command line holds one of ``keys``, and all their children."""
     roots = []
     for p in psutil.process_iter(["cmdline"]):
         cmd = " ".join(p.info["cmdline"] or [])
@@ -54,6 +36,11 @@ def stop_cluster(marker: str, ports: list[int]) -> None:
             procs.update(p.children(recursive=True))
         except psutil.NoSuchProcess:
             pass
+    return procs
+
+
+def stop_cluster(marker: str, ports: list[int]) -> None:
+    procs = cluster_processes([marker, *(f":{p}" for p in ports), *(f"={p}" for p in ports)])
     for p in procs:
         try:
             p.terminate()
@@ -417,25 +404,16 @@ def test_a_build_whose_head_dies_exits_4_with_one_line(tmp_path):
 
 
 def _kill_node(node_manager_port: int) -> int:
-    """SIGKILL the raylet of the node started with ``node_manager_port`` and every worker
-    process it started (a node lost as a preempted VM is); the number of processes killed."""
-    import signal
-
+    """SIGKILL the raylet of the node started with ``node_manager_port`` and every process it
+    started (a node lost as a preempted VM is); the number of processes killed."""
     killed = 0
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
+    for p in cluster_processes([f"--node_manager_port={node_manager_port}",
+                                f"--node-manager-port={node_manager_port}"]):
         try:
-            cmd = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
-        except OSError:
-            continue
-        if f"--node_manager_port={node_manager_port}" in cmd or f"--node-manager-port={node_manager_port}" in cmd:
-            try:
-                os.killpg(int(pid), signal.SIGKILL) if os.getpgid(int(pid)) == int(pid) else None
-                os.kill(int(pid), signal.SIGKILL)
-                killed += 1
-            except OSError:
-                pass
+            p.kill()
+            killed += 1
+        except psutil.NoSuchProcess:
+            pass
     return killed
 
 

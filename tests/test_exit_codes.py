@@ -11,11 +11,11 @@ from __future__ import annotations
 import gzip
 import json
 import signal
-import socket
 import subprocess
 import sys
 
 import pytest
+from helpers import free_port
 
 from raysft import build as build_cli
 from raysft import errors
@@ -45,12 +45,6 @@ def cli(capsys):
 
 def _rows(shared_data, n: int = 6) -> list[dict]:
     return json.loads((shared_data / "alpaca_en_demo.json").read_text())[:n]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _case(name: str, tmp_path, shared_data, llama3_dir, monkeypatch) -> tuple[list, int, list[str]]:
@@ -85,7 +79,7 @@ def _case(name: str, tmp_path, shared_data, llama3_dir, monkeypatch) -> tuple[li
         out.write_text("not a folder")
         return ["--input", good, *base], errors.STORAGE, [str(out)]
     if name == "cluster: nothing at --ray-address":
-        port = _free_port()
+        port = free_port()
         argv = ["--input", good, *base, "--engine", "ray", "--ray-address", f"127.0.0.1:{port}"]
         return argv, errors.CLUSTER, [f"127.0.0.1:{port}", "nothing answers"]
     if name == "internal":

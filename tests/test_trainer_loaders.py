@@ -186,6 +186,12 @@ def test_xtuner_intern_repo_loader(built):
             assert labels[c] == -100 and pos[c] == 0
 
 
+def bridge_sample(tokens, labels, loss_mask, a: int, e: int):
+    """A sample's tokens and loss from a segment of Bridge's batch: its inputs, then the last
+    label (the sample's last token); loss on a token where the position before it has loss."""
+    return (np.concatenate([tokens[a:e], [labels[e - 1]]]), np.concatenate([[False], loss_mask[a:e] != 0]))
+
+
 def test_bridge_packed_dataset(built, tmp_path):
     out_npy, stats, want = built("bridge-npy")
     out_pq, stats_pq, _ = built("bridge")
@@ -228,8 +234,7 @@ def test_bridge_packed_dataset(built, tmp_path):
                     assert not lm[a:e].any()
                     continue
                 assert np.array_equal(pos[a:e], np.arange(e - a))
-                ids = np.concatenate([t[a:e], [lab[e - 1]]])
-                loss = np.concatenate([[False], lm[a:e] != 0])
+                ids, loss = bridge_sample(t, lab, lm, a, e)
                 assert np.array_equal(lab[a:e][lm[a:e] != 0], ids[1:][loss[1:]])
                 if not pad_cu:
                     got.append(np.where(loss, ids, ~ids))
@@ -284,8 +289,7 @@ def test_bridge_context_parallel_padding_keeps_every_real_token(tmp_path, shared
                 assert not lm[a:e].any()
                 continue
             assert (e - a) % mult == 0, "each physical segment a multiple of pad_seq_to_mult"
-            ids = np.concatenate([t[a:e], [lab[e - 1]]])
-            loss = np.concatenate([[False], lm[a:e] != 0])
+            ids, loss = bridge_sample(t, lab, lm, a, e)
             assert ids[-1] == eos and not loss[-1], "at least one EOS of padding, untrained"
             closing = e - a
             while closing > 0 and t[a + closing - 1] == eos:
