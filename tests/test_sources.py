@@ -86,6 +86,21 @@ def test_validation_spec_and_keys():
     thr = count_threshold([keys[:400], keys[300:]], 10)
     assert (keys < thr).sum() == 10
     assert Selection((1,), (0.0,), 1).trivial and not Selection((1,), (0.0,), 1, 0.1).trivial
+
+
+def test_validation_count_from_a_single_block_holds_out_exactly_that_many():
+    """Each block sends its count + 1 smallest keys: a block with more records than the count
+    (one JSON array file, one block) is not taken for one that holds exactly the count (which held
+    out every record: "the mixture leaves no training sample")."""
+    import pyarrow as pa
+
+    from raysft.engine.tasks import smallest_keys
+
+    hashes = np.arange(60, dtype=np.int64) * 7919
+    table = pa.table({"reason": [""] * 60, "piece": np.zeros(60, np.int32), "rec_hash": hashes})
+    thr = count_threshold([smallest_keys(table, 5, 3)], 5)
+    assert (valid_key(hashes, 3) < thr).sum() == 5
+    assert count_threshold([smallest_keys(table.slice(0, 5), 5, 3)], 5) > 1  # exactly 5 records: all of them
     assert not Selection((2,), (0.0,), 1).trivial and not Selection((0,), (0.5,), 1).trivial
 
 

@@ -144,12 +144,14 @@ def amounts_task(table: pa.Table, seed: int, valid_below: float | None, unit: st
 
 
 def smallest_keys(table: pa.Table, count: int, seed: int) -> np.ndarray:
-    """``--validation COUNT``: the block's ``count`` smallest distinct record keys (kept records)."""
+    """``--validation COUNT``: the block's ``count + 1`` smallest distinct record keys (kept
+    records): one more than asked, so that the driver can tell a block of exactly ``count``
+    records from one with more."""
     from ..sources import valid_key
 
     kept = kept_mask(table).to_numpy(zero_copy_only=False) & (table.column("piece").to_numpy() == 0)
     keys = np.unique(valid_key(table.column("rec_hash").to_numpy()[kept], seed))
-    return keys[:count]
+    return keys[: count + 1]
 
 
 def feed_digest(chunk: np.ndarray, chunk_hash: np.ndarray) -> str:
