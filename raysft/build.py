@@ -47,7 +47,8 @@ def _layout_help() -> str:
 def parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="python -m raysft.build",
-        description="Turn SFT records (Alpaca, ShareGPT, OpenAI messages) into packed Megatron datasets on Ray.",
+        description="Turn SFT records (Alpaca, ShareGPT, OpenAI messages, plain text) or preference pairs "
+                    "(chosen/rejected) into packed Megatron-family datasets on Ray.",
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -73,7 +74,8 @@ def parser() -> argparse.ArgumentParser:
                         "folder and that holds SFT records")
     g.add_argument("--mix-unit", choices=MIX_UNITS,
                    help="what source shares and budgets count (default loss_tokens: supervised tokens)")
-    g.add_argument("--format", choices=FORMATS, help="record layout (default: auto, detected per record)")
+    g.add_argument("--format", choices=FORMATS, help="record layout (default: auto, detected per record); a record "
+                   "with chosen and rejected is a preference pair in any of them (a build is all SFT or all pairs)")
     g.add_argument(
         "--map-keys", metavar="JSON", help='rename input fields, e.g. \'{"prompt": "question", "response": "answer"}\''
     )
@@ -152,7 +154,8 @@ def parser() -> argparse.ArgumentParser:
                         "token is the multiple, and every sample gets at least one EOS (default 1: no padding)")
     g.add_argument("--overlong", choices=OVERLONG_POLICIES,
                    help="samples longer than --seq-length: drop (default), truncate (keep the prompt, cut the "
-                        "answer) or split (cut at answer-turn ends)")
+                        "answer) or split (cut at answer-turn ends). A preference pair (both sides in one pack) is "
+                        "dropped, or under truncate each side's response is cut; it is never split")
     g.add_argument("--layout", choices=LAYOUTS, help="output layout for the trainer that reads it (default native). "
                    + _layout_help())
     g.add_argument("--epochs", type=int, metavar="N",

@@ -34,7 +34,7 @@ from .output import is_local
 
 log = logging.getLogger("raysft")
 DIGEST = 16
-FORMAT = 2  # of an entry (in every key: entries of another format are never looked at)
+FORMAT = 3  # of an entry (in every key: entries of another format are never looked at); 3: preference pairs
 
 
 def chunk_key(digest: int, pieces: list[tuple], context: str) -> str:

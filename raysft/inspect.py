@@ -2,7 +2,8 @@
 
 Prints a pack's samples decoded, with the tokens that carry loss marked (green on a terminal,
 ``[[...]]`` when piped), each sample's length and source, and where position ids restart.
-Works on every layout and on s3:// outputs.
+A preference-pair build shows each pair: its prompt once, then the chosen and the rejected
+response one under the other. Works on every layout and on s3:// outputs.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 
 from .errors import OneLineParser
 from .fs import get_fs, join, storage_options
-from .layouts import get_layout
+from .layouts import layout_of
 from .provenance import read_provenance
 
 EXAMPLE = """\
@@ -32,7 +33,8 @@ class Dataset:
         self.fs, self.root = get_fs(out, so)
         with self.fs.open(join(self.root, "stats.json"), "r") as f:
             self.stats = json.load(f)
-        self.layout = get_layout(self.stats["layout"])
+        self.layout = layout_of(self.stats)
+        self.pairs = bool(self.stats.get("pairs"))
         self.num_packs = self.layout.num_packs(self.fs, self.root)
         self.prov = read_provenance(self.fs, self.root)
         with self.fs.open(join(self.root, "inputs.json"), "r") as f:
@@ -88,7 +90,8 @@ class Dataset:
         # provenance is in output order, pack by pack: the sample's index in its pack follows
         first = int(hits[0])
         pack = int(self.prov["pack"][first])
-        return pack, first - int(np.searchsorted(self.prov["pack"], pack))
+        unit = first - int(np.searchsorted(self.prov["pack"], pack))
+        return pack, 2 * unit if self.pairs else unit  # a pair's provenance is one entry, its samples two
 
 
 def render_tokens(tok, ids: np.ndarray, loss: np.ndarray, color: bool) -> str:
@@ -112,6 +115,9 @@ def show_pack(ds: Dataset, pack: int, color: bool, file=None, mark: int | None =
     S = ds.stats["seq_length"]
     print(f"pack {pack} of {ds.num_packs}: {len(samples)} samples, {total} tokens of {S} "
           f"({total / S:.1%} full), layout {ds.stats['layout']}", file=file)
+    if ds.pairs:
+        show_pairs(ds, samples, prov, color, file, mark)
+        return
     pos = 0
     for k, (ids, loss) in enumerate(samples):
         src = ds.describe(prov[k]) if k < len(prov) else "?"
@@ -120,6 +126,27 @@ def show_pack(ds: Dataset, pack: int, color: bool, file=None, mark: int | None =
               file=file)
         print(render_tokens(ds.tok, ids, loss, color), file=file)
         pos += len(ids)
+
+
+def show_pairs(ds: Dataset, samples: list, prov, color: bool, file, mark: int | None) -> None:
+    """A pair build's pack: per pair, the shared prompt once, then each side's response."""
+    pos = 0
+    for k in range(0, len(samples), 2):
+        (c_ids, c_loss), (r_ids, r_loss) = samples[k], samples[k + 1]
+        src = ds.describe(prov[k // 2]) if k // 2 < len(prov) else "?"
+        starts = [int(np.argmax(loss)) if loss.any() else len(ids) for ids, loss in samples[k : k + 2]]
+        same = starts[0] == starts[1] and np.array_equal(c_ids[: starts[0]], r_ids[: starts[1]])
+        print(f"\n══ pair {k // 2}: chosen {len(c_ids)} tokens ({int(c_loss.sum())} with loss), rejected {len(r_ids)} "
+              f"({int(r_loss.sum())}), tokens {pos}..{pos + len(c_ids) + len(r_ids) - 1} of the pack — {src}"
+              + ("   <== requested" if mark == k else ""), file=file)
+        if same:
+            print(f"── prompt ({starts[0]} tokens, the same on both sides, no loss)", file=file)
+            print(render_tokens(ds.tok, c_ids[: starts[0]], c_loss[: starts[0]], color), file=file)
+        for name, (ids, loss), at in (("chosen", samples[k], starts[0]), ("rejected", samples[k + 1], starts[1])):
+            cut = at if same else 0
+            print(f"── {name}" + (" (after the prompt)" if same else " (whole sample)"), file=file)
+            print(render_tokens(ds.tok, ids[cut:], loss[cut:], color), file=file)
+        pos += len(c_ids) + len(r_ids)
 
 
 def main(argv: list[str] | None = None) -> int:

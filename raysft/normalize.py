@@ -34,7 +34,7 @@ parameters}``). Tool-call arguments given as a JSON string are parsed to the obj
 LLaMA-Factory allow), e.g. ``{"prompt": "question", "response": "answer"}``, and takes their
 nested role tags: ``{"messages": "conversations", "tags": {"role_tag": "role", ...}}``.
 
-Rules every format shares (the README lists them beside the rejects they replace):
+Rules every format shares (docs/inputs.md lists them beside the rejects they replace):
 
 * A tool-call-only assistant turn (calls, no text: a ShareGPT ``function_call`` turn, an
   OpenAI message with ``tool_calls`` and null, empty or absent content, a LLaMA-Factory turn of
@@ -70,12 +70,13 @@ KEY_ALIASES = {
     "messages": ("messages", "conversations"),
     "tools": ("tools",),
     "text": ("text",),
+    "chosen": ("chosen",),
+    "rejected": ("rejected",),
 }
 # LLaMA-Factory's / MindSpeed's role tags (ShareGPT and OpenAI-style turns), given flat or under "tags"
 TAGS = ("role_tag", "content_tag", "user_tag", "assistant_tag", "observation_tag", "function_tag", "system_tag")
 # LLaMA-Factory column names raysft has no use for in a text-only SFT build: an explicit error
-UNSUPPORTED_KEYS = {"chosen": "preference pairs", "rejected": "preference pairs", "kto_tag": "KTO labels",
-                    "images": "images", "videos": "videos", "audios": "audio"}
+UNSUPPORTED_KEYS = {"kto_tag": "KTO labels", "images": "images", "videos": "videos", "audios": "audio"}
 
 SHAREGPT_ROLES = {
     "human": USER,
@@ -156,7 +157,7 @@ def parse_map_keys(spec: str | dict | None) -> dict[str, str]:
     out = {}
     for key, source in flat.items():
         if key in UNSUPPORTED_KEYS:
-            raise ValueError(f"--map-keys: {key!r} names {UNSUPPORTED_KEYS[key]}, which an SFT build does not read")
+            raise ValueError(f"--map-keys: {key!r} names {UNSUPPORTED_KEYS[key]}, which raysft does not read")
         if not isinstance(source, str):
             raise ValueError(f"--map-keys: the value of {key!r} must be a string (a field or tag name)")
         canon = key if key in TAGS else next((c for c, names in KEY_ALIASES.items() if key in names), None)
@@ -201,12 +202,25 @@ class Document:
     text: str
 
 
-def normalize(record: Any, fmt: str = "auto", keys: dict[str, str] | None = None) -> Conversation | Document:
-    """Turn one decoded record into a validated conversation (or a plain-text document), or
-    raise :class:`RecordError`."""
+@dataclass
+class Pair:
+    """A preference record: one prompt and two responses. ``chosen`` and ``rejected`` are whole
+    conversations (the prompt, then that response) whose first ``prompt`` messages are the
+    shared prompt; those never carry loss."""
+
+    chosen: Conversation
+    rejected: Conversation
+    prompt: int
+
+
+def normalize(record: Any, fmt: str = "auto", keys: dict[str, str] | None = None) -> Conversation | Document | Pair:
+    """Turn one decoded record into a validated conversation, a plain-text document or a
+    preference pair (a record with ``chosen`` and ``rejected``), or raise :class:`RecordError`."""
     keys = keys or {}
     if not isinstance(record, dict):
         raise RecordError("not_an_object", f"record is a {type(record).__name__}, not a JSON object")
+    if keys.get("chosen", "chosen") in record or keys.get("rejected", "rejected") in record:
+        return _pair(record, fmt, keys)
     if fmt == "auto":
         fmt = detect_format(record, keys)
     if fmt == "text":
@@ -216,6 +230,10 @@ def normalize(record: Any, fmt: str = "auto", keys: dict[str, str] | None = None
         if type(value) is not str:
             value = _text(value, f"'{name}'")
         return Document(value)
+    return _conversation(record, fmt, keys)
+
+
+def _conversation(record: dict, fmt: str, keys: dict[str, str]) -> Conversation:
     if fmt == "alpaca":
         conv = _from_alpaca(record, keys)
     elif fmt == "sharegpt":
@@ -236,6 +254,100 @@ def normalize(record: Any, fmt: str = "auto", keys: dict[str, str] | None = None
             m.content = None
     validate(conv)
     return conv
+
+
+# --------------------------------------------------------------------------- preference pairs
+
+
+def _pair(record: dict, fmt: str, keys: dict[str, str]) -> Pair:
+    """A preference record in the forms users have (docs/pairs.md):
+
+    * LLaMA-Factory Alpaca: ``instruction``/``input`` (+ ``system``, ``history``) and ``chosen``/
+      ``rejected`` answers (strings);
+    * LLaMA-Factory ShareGPT / OpenAI: ``conversations`` or ``messages`` (the prompt, ending on a
+      user turn) and ``chosen``/``rejected`` turns (an object, a list of them, or a string);
+    * TRL: ``prompt`` (a list of messages, or a string) and ``chosen``/``rejected`` (lists of
+      messages, or strings); or, with no prompt, ``chosen``/``rejected`` as whole conversations
+      (the implicit prompt: the messages they share).
+
+    Each side is normalized as a conversation of its own; the prompt is the messages both sides
+    begin with (up to the first assistant turn where they differ)."""
+    cname, chosen = _get(record, keys, "chosen")
+    rname, rejected = _get(record, keys, "rejected")
+    if chosen is None or rejected is None:
+        raise RecordError("missing_field", f"a preference record needs both '{cname}' and '{rname}' "
+                          f"(no '{cname if chosen is None else rname}')")
+    rest = {k: v for k, v in record.items() if k not in (cname, rname)}
+    sides = [_side(rest, _maybe_json(v), fmt, keys, f"'{n}'") for v, n in ((chosen, cname), (rejected, rname))]
+    a, b = sides[0].messages, sides[1].messages
+    k = 0
+    while k < min(len(a), len(b)) and a[k] == b[k]:
+        k += 1
+    if k == len(a) and k == len(b):
+        raise RecordError("same_response", f"'{cname}' and '{rname}' are the same response")
+    while k > 0 and not (k < len(a) and k < len(b) and a[k].role == ASSISTANT and b[k].role == ASSISTANT):
+        k -= 1
+    if k == 0:
+        raise RecordError("no_prompt", f"'{cname}' and '{rname}' share no prompt ending on a user turn")
+    for conv in sides:
+        for m in conv.messages[:k]:
+            m.loss = False  # the prompt: the same on both sides, never trained
+    return Pair(sides[0], sides[1], k)
+
+
+def _side(rest: dict, response: Any, fmt: str, keys: dict[str, str], what: str) -> Conversation:
+    """One side of a pair as a whole conversation: the record's prompt, then ``response``."""
+    mname = keys.get("messages")
+    for name in ([mname] if mname else []) + ["messages", "conversations"]:
+        if name in rest:  # ShareGPT / OpenAI prompt turns
+            turns = _maybe_json(rest[name])
+            if not isinstance(turns, list):
+                raise RecordError("bad_type", f"'{name}' must be a list of turns")
+            if fmt == "auto":
+                fmt = "openai" if not turns or _turns_look_like_openai(turns) else "sharegpt"
+            return _conversation({**rest, name: turns + _turns(response, fmt, keys, what)}, fmt,
+                                 dict(keys, messages=name))
+    pname = keys.get("prompt", "instruction")
+    if pname in rest or ("prompt" in rest and fmt in ("auto", "alpaca") and "prompt" not in keys):
+        prompt = rest.get(pname, rest.get("prompt"))
+        if isinstance(_maybe_json(prompt), list):  # TRL conversational: a list of messages
+            return _conversation({**rest, "messages": _maybe_json(prompt) + _turns(response, "openai", keys, what)},
+                                 "openai", {k: v for k, v in keys.items() if k != "messages"})
+        if pname not in rest:  # TRL standard: the prompt is the user's text
+            rest = {**{k: v for k, v in rest.items() if k != "prompt"}, "instruction": prompt}
+            keys = {k: v for k, v in keys.items() if k != "prompt"}
+        answer = response if isinstance(response, str) else _text(_only_content(response, what), what)
+        return _conversation({**rest, keys.get("response", "output"): answer}, "alpaca", keys)
+    if isinstance(response, list):  # implicit prompt: each side a whole conversation
+        fmt = "openai" if _turns_look_like_openai(response) or not response else "sharegpt"
+        return _conversation({**rest, "messages": response}, fmt, dict(keys, messages="messages"))
+    raise RecordError("missing_field", "a preference record needs a prompt ('instruction', 'prompt', 'messages' or "
+                      f"'conversations'), or {what} as a whole conversation")
+
+
+def _turns(response: Any, fmt: str, keys: dict[str, str], what: str) -> list:
+    """A response as turns in the prompt's dialect: a string becomes one assistant turn."""
+    if isinstance(response, str):
+        if fmt == "sharegpt":
+            return [{keys.get("role_tag", "from"): keys.get("assistant_tag", "gpt"),
+                     keys.get("content_tag", "value"): response}]
+        return [{keys.get("role_tag", "role"): ASSISTANT, keys.get("content_tag", "content"): response}]
+    if isinstance(response, dict):
+        return [response]
+    if isinstance(response, list) and response:
+        return response
+    raise RecordError("bad_type", f"{what} must be a response: a string, a turn or a list of turns")
+
+
+def _only_content(response: Any, what: str) -> Any:
+    """The text of a one-turn response given as a turn (or a list of one) to an Alpaca prompt."""
+    if isinstance(response, list) and len(response) == 1:
+        response = response[0]
+    if isinstance(response, dict):
+        for k in ("content", "value", "text"):
+            if k in response:
+                return response[k]
+    raise RecordError("bad_type", f"{what} must be a string answer for an instruction prompt")
 
 
 def _get(record: dict, keys: dict[str, str], canon: str, default_name: str | None = None):

@@ -100,7 +100,7 @@ def _is_s3(fs) -> bool:
     return getattr(fs, "protocol", None) in ("s3", ("s3", "s3a")) and hasattr(fs, "call_s3")
 
 
-def _write_json(fs, path: str, obj) -> None:
+def write_json(fs, path: str, obj) -> None:
     """Write JSON whole: local files through a temporary name and a rename; an object store
     put is atomic already."""
     data = json.dumps(obj, indent=2, sort_keys=True)
@@ -288,7 +288,7 @@ class OutputLock:
             return
         self.info["heartbeat"] = time.time()
         if is_local(self.fs):
-            _write_json(self.fs, self.path, self.info)
+            write_json(self.fs, self.path, self.info)
         else:
             with self.fs.open(self.path, "wb") as f:
                 f.write(json.dumps(self.info).encode())
@@ -432,12 +432,12 @@ class Output:
                 raise OutputError(f"refusing to write {join(self.url, rel)}: a symbolic link on its way leads out of "
                                   "the output folder")
         self.check_names([*new, MANIFEST], owned)
-        _write_json(self.fs, join(self.tmp, MANIFEST), manifest)
+        write_json(self.fs, join(self.tmp, MANIFEST), manifest)
         old = owned - set(new) - {MANIFEST}
         journal = {"new": sorted(new) + [MANIFEST], "remove": sorted(old), "success": success}
         if lock is not None:
             lock.verify()
-        _write_json(self.fs, join(self.tmp, JOURNAL), journal)
+        write_json(self.fs, join(self.tmp, JOURNAL), journal)
         self._apply(journal)
 
     def _apply(self, journal: dict) -> None:
@@ -484,7 +484,7 @@ class Output:
             if resume:
                 log.info("resume: no interrupted run found, starting from scratch")
             self.fs.makedirs(self.tmp, exist_ok=True)
-            _write_json(self.fs, path, manifest)
+            write_json(self.fs, path, manifest)
             return None
         if resume:
             old = read_json(self.fs, path)
@@ -499,11 +499,11 @@ class Output:
                 raise OutputError(f"cannot resume: {', '.join(diff)} changed since the interrupted run; rerun "
                                   "without --resume to start over")
             log.info("resume: continuing the interrupted run in %s", join(self.url, TMP))
-            _write_json(self.fs, path, manifest)
+            write_json(self.fs, path, manifest)
             return old
         self.fs.rm(self.tmp, recursive=True)  # raysft's own (check_writable refused any other)
         self.fs.makedirs(self.tmp, exist_ok=True)
-        _write_json(self.fs, path, manifest)
+        write_json(self.fs, path, manifest)
         return None
 
 

@@ -17,6 +17,17 @@ SFT dataset; this reader can, in a few lines of numpy (and a ``torch`` Dataset o
 ``PackedReader(out, pad_to=seq_length, pad_id=...)`` pads each pack to a fixed length: padding
 tokens are ``pad_id``, labels -100, position ids 0.., and ``cu_seqlens`` ends with one padding
 segment so its last entry is the padded length (as Megatron's ``PackedSeqParams`` expects).
+A preference-pair build (stats.json ``pairs``) packs each pair's chosen and rejected samples
+side by side, chosen first; each pack then also gives, per segment (sample)::
+
+    p["pair_index"]    # int32 [samples]: which pair of the pack the segment belongs to (0, 0, 1, 1, ...)
+    p["side"]          # int8 [samples]: 0 chosen, 1 rejected
+
+and ``packs.pair_batch(17)`` gives the DPO view of a pack: ``{"chosen": ..., "rejected": ...}``,
+each one row of that side's samples (the tensors above), pair ``k`` being segment ``k`` of both
+rows: the per-segment sums of log-probabilities (over ``cu_seqlens``) of the two rows, taken
+side by side, are each pair's chosen and rejected scores.
+
 ``torch_dataset(out, ...)`` wraps it in a ``torch.utils.data.Dataset`` of tensors;
 ``torch_dataset(out, megatron_sft=True)`` gives Megatron-LM's ``--sft`` batch path its own
 ``SFTDataset`` item shape (fixed-size ``cu_seqlens``), for any micro-batch size.
@@ -92,6 +103,7 @@ class PackedReader:
         if size != need:
             raise VerifyError(f"{out}: data.bin has {size:,} bytes, its index needs {need:,} (cut short or replaced)")
         self.docs = self.dataset.index.document_indices
+        self.pairs = bool(self.stats.get("pairs"))
         self.pad_to = pad_to
         self.pad_id = self.stats.get("pad_id", 0) if pad_id is None else pad_id
 
@@ -105,7 +117,22 @@ class PackedReader:
         return [self.dataset[k] for k in range(int(self.docs[i]), int(self.docs[i + 1]))]
 
     def __getitem__(self, i: int) -> dict:
-        return pack_tensors(self.samples(i), self.pad_to, self.pad_id)
+        samples = self.samples(i)
+        out = pack_tensors(samples, self.pad_to, self.pad_id)
+        if self.pairs:
+            n = len(samples)
+            out["pair_index"] = (np.arange(n) // 2).astype(np.int32)
+            out["side"] = (np.arange(n) % 2).astype(np.int8)
+        return out
+
+    def pair_batch(self, i: int) -> dict:
+        """A preference-pair build's pack ``i`` as two rows, ``chosen`` and ``rejected`` (each
+        ``pack_tensors`` of that side's samples in pair order, padded to ``pad_to`` if set)."""
+        if not self.pairs:
+            raise ValueError("pair_batch reads a preference-pair build; this output holds SFT samples")
+        samples = self.samples(i)
+        return {"chosen": pack_tensors(samples[0::2], self.pad_to, self.pad_id),
+                "rejected": pack_tensors(samples[1::2], self.pad_to, self.pad_id)}
 
     def __iter__(self):
         for i in range(len(self)):

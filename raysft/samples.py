@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .tokenize import SampleBuilder, fit_overlong, loss_counts
+from .tokenize import SampleBuilder, fit_overlong, fit_pair, loss_counts
 
 PIECES = 1 << 16  # record ordinal = idx * PIECES + piece: a split record's pieces stay in order
 
@@ -42,6 +42,7 @@ SCHEMA = pa.schema([
     ("source", pa.int16()),  # the record's source (raysft.sources), by position in the build's list
     ("rec_hash", pa.int64()),  # 64 bits of the record's content (mixture and validation picks)
     ("cached", pa.bool_()),  # read from the tokenized cache (raysft.cache), not tokenized
+    ("chosen_n", pa.int32()),  # a preference pair (one row): its chosen side's tokens, then the rejected's; else 0
 ])
 
 # The tokenize stage's cacheable half (one row per record, before --overlong and --seq-length
@@ -54,7 +55,7 @@ ENCODED = pa.schema([
     ("loss_n", pa.int32()), ("ids", pa.list_(pa.int32())), ("reason", pa.string()), ("message", pa.string()),
     ("bad_raw", pa.binary()), ("cut_raw", pa.binary()), ("rec_hash", pa.int64()), ("tpl_parity", pa.int8()),
     ("enc_checked", pa.int32()), ("enc_mismatch", pa.int32()), ("enc_fallback", pa.int32()),
-    ("tpl_planned", pa.int32()), ("tpl_rendered", pa.int32()),
+    ("tpl_planned", pa.int32()), ("tpl_rendered", pa.int32()), ("chosen_n", pa.int32()),
 ])
 
 
@@ -153,6 +154,7 @@ def encode_records(builder: SampleBuilder, raws: list[bytes], errors: list[str],
         "enc_fallback": pa.array(_on_first(n, getattr(e.batch, "fallback_rows", 0))),
         "tpl_planned": pa.array(_on_first(n, e.planned)),
         "tpl_rendered": pa.array(_on_first(n, e.rendered)),
+        "chosen_n": pa.array((e.first if e.first is not None else np.zeros(n)).astype(np.int32)),
     }, schema=ENCODED.with_metadata({"keep_over": str(int(keep_over))}))
 
 
@@ -200,16 +202,24 @@ class Align:
 
 def fit_records(enc: pa.Table, chunk: int, seq_length: int, overlong: str = "drop", chunk_hash: int = 0,
                 avoid_end: tuple[int, ...] = (), source: int = 0, builder: SampleBuilder | None = None,
-                cached: bool = False, align: Align | None = None) -> pa.Table:
+                cached: bool = False, align: Align | None = None, pair_limits: tuple[int, int] | None = None
+                ) -> pa.Table:
     """``ENCODED`` rows -> the stage's rows (see module doc): ``--overlong`` applied at
     ``seq_length``, run keys and ranks. ``builder``: for the marker cuts of overlong records
     (needed only when ``cut_raw`` was kept). ``align``: ``--pad-to-multiple`` (records fitted so
-    that their padded length fits ``seq_length``)."""
+    that their padded length fits ``seq_length``). ``pair_limits``: the most tokens of a
+    preference pair, both sides together and each side (``Layout.pair_limits``; default
+    ``seq_length`` for both)."""
     S = seq_length if align is None else align.fit(seq_length)
+    total, side = pair_limits or (S, S)
     n_rec = enc.num_rows
     orig = enc.column("n").to_numpy()
     ok = orig >= 0
     lengths_rec = np.where(ok, orig, 0).astype(np.int64)
+    chosen_n = (enc.column("chosen_n").to_numpy().astype(np.int64) if "chosen_n" in enc.column_names
+                else np.zeros(n_rec, np.int64))
+    pair = chosen_n > 0
+    chosen_rec = chosen_n.copy()  # as encoded (a truncated pair's own count changes)
     col = enc.column("ids")
     # the tokens back to back, without a copy where they are one chunk (a cache entry's slice)
     values = ((col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()).flatten().to_numpy()
@@ -218,7 +228,12 @@ def fit_records(enc: pa.Table, chunk: int, seq_length: int, overlong: str = "dro
     rows_of = np.ones(n_rec, dtype=np.int64)
     fitted: dict[int, tuple[list[np.ndarray], str]] = {}
     cut_raw = enc.column("cut_raw")
-    for i in np.flatnonzero(ok & (lengths_rec > S)).tolist():
+    for i in np.flatnonzero(ok & pair & ((lengths_rec > total) | (np.maximum(chosen_n, lengths_rec - chosen_n) > side))
+                            ).tolist():
+        tokens, chosen_n[i], why = fit_pair(values[ends[i] - lengths_rec[i] : ends[i]], int(chosen_n[i]), total, side,
+                                            overlong)
+        fitted[i] = ([tokens] if tokens is not None else [], why)
+    for i in np.flatnonzero(ok & ~pair & (lengths_rec > S)).tolist():
         arr = values[ends[i] - lengths_rec[i] : ends[i]]
         unsafe = cut_unsafe(builder, cut_raw[i].as_py(), arr, avoid_end) if overlong != "drop" else None
         fitted[i] = fit_overlong(arr, S, overlong, unsafe)
@@ -252,7 +267,9 @@ def fit_records(enc: pa.Table, chunk: int, seq_length: int, overlong: str = "dro
             else:
                 kept[first_row[i]] = False
                 # a dropped overlong record is listed in rejects.jsonl with its record
-                fix[int(first_row[i])] = (why, f"{lengths_rec[i]} tokens > seq-length {S}", cut_raw[i].as_py() or b"")
+                limit = f"seq-length {S}" if not pair[i] else \
+                    f"a pair's limit ({total} together, {side} a side; chosen {chosen_rec[i]}, rejected {lengths_rec[i] - chosen_rec[i]})"
+                fix[int(first_row[i])] = (why, f"{lengths_rec[i]} tokens > {limit}", cut_raw[i].as_py() or b"")
                 segments.append(pa.array([[]], listed.type))
         if n_rec > done:
             segments.append(listed.slice(done))
@@ -307,4 +324,5 @@ def fit_records(enc: pa.Table, chunk: int, seq_length: int, overlong: str = "dro
         "source": pa.array(np.full(n, source, np.int16)),
         "rec_hash": pa.array(enc.column("rec_hash").to_numpy()[take]),
         "cached": pa.array(np.full(n, cached, bool)),
+        "chosen_n": pa.array((chosen_n[take] * kept).astype(np.int32)),
     }, schema=SCHEMA)

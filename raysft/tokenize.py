@@ -5,7 +5,7 @@ rendered conversation in one pass, with ``add_special_tokens=False`` because the
 already wrote BOS and every marker: this is what ``apply_chat_template(..., tokenize=True)``
 gives and what the model sees when served.
 
-Loss mask rule (documented in the README): a token carries loss iff any character it covers
+Loss mask rule (documented in docs/inputs.md): a token carries loss iff any character it covers
 lies inside a loss span, so a token that straddles a span boundary carries loss and every
 character of an answer is inside some loss-bearing token; a sample's first token never
 carries loss (nothing in the sample precedes it). ``raysft.encode`` maps spans to tokens,
@@ -356,6 +356,7 @@ class Encoded:
     parity: np.ndarray | None = None  # int8 per record: the chat-template parity outcome (raysft.parity)
     planned: int = 0  # --template auto: conversations replayed from render plans
     rendered: int = 0  # --template auto: conversations rendered
+    first: np.ndarray | None = None  # int64 per record: a preference pair's chosen tokens (0: not a pair)
 
 
 def _reject_reason(e: BaseException) -> tuple[str, str]:
@@ -449,8 +450,9 @@ class SampleBuilder:
     def render(self, raws: list[bytes], errors: list[str] | None, reasons: list[str], messages: list[str],
                docs: list[tuple[int, str]] | None = None) -> tuple[list[Rendered], list[int]]:
         """Decode, normalize and render records; failures go to reasons/messages, plain-text
-        documents (``format: text``) to ``docs`` as (record, text)."""
-        from .normalize import Document, RecordError, normalize
+        documents (``format: text``) to ``docs`` as (record, text). A preference pair renders
+        as two conversations, chosen then rejected, both placed at its record."""
+        from .normalize import Document, Pair, RecordError, normalize
 
         rendered: list[Rendered] = []
         where: list[int] = []
@@ -478,14 +480,17 @@ class SampleBuilder:
                     else:
                         docs.append((i, sample.text))
                     continue
-                r = template.render(sample)
-                if not r.text.isascii():
-                    r.text.encode("utf-8")  # a lone surrogate ("\ud83d") is valid JSON, not text
-                if max_chars is not None and len(r.text) > max_chars:
-                    reasons[i], messages[i] = "overlong", f"rendered text of {len(r.text):,} characters"
+                sides = [template.render(c) for c in ((sample.chosen, sample.rejected) if type(sample) is Pair
+                                                      else (sample,))]
+                for r in sides:
+                    if not r.text.isascii():
+                        r.text.encode("utf-8")  # a lone surrogate ("\ud83d") is valid JSON, not text
+                chars = sum(len(r.text) for r in sides)
+                if max_chars is not None and chars > max_chars:
+                    reasons[i], messages[i] = "overlong", f"rendered text of {chars:,} characters"
                     continue
-                rendered.append(r)
-                where.append(i)
+                rendered += sides
+                where += [i] * len(sides)
             except RecordError as e:
                 reasons[i], messages[i] = e.reason, e.message
             except (UnicodeError, RecursionError) as e:
@@ -503,37 +508,52 @@ class SampleBuilder:
         paths = self.template.render_paths() if self.template is not None else (0, 0)
         rendered, where = self.render(raws, errors, reasons, messages, docs)
         b = self.encoder.encode([r.text for r in rendered], [r.spans for r in rendered])
-        values, lengths, loss_n, ok = self._kept(b, where, n, reasons, messages)
+        values, lengths, loss_n, ok, first = self._kept(b, where, n, reasons, messages)
         if docs:
             values, b = self._with_documents(values, lengths, loss_n, ok, b, docs)
         after = self.template.render_paths() if self.template is not None else (0, 0)
-        return Encoded(values, lengths, loss_n, ok, reasons, messages, b, self._parity(raws, values, lengths, ok),
-                       after[0] - paths[0], after[1] - paths[1])
+        return Encoded(values, lengths, loss_n, ok, reasons, messages, b,
+                       self._parity(raws, values, lengths, ok, first), after[0] - paths[0], after[1] - paths[1], first)
 
     @staticmethod
     def _kept(b, where: list[int], n: int, reasons: list[str], messages: list[str]):
-        """The encoded conversations placed at their records (``where``): signed tokens back to
-        back, tokens, loss tokens and kept flag per record; an empty or loss-free sample is
-        rejected, with its reason."""
+        """The encoded conversations placed at their records (``where``; a preference pair's two
+        sides, chosen then rejected, at the same record): signed tokens back to back, tokens,
+        loss tokens, kept flag and chosen tokens (a pair; else 0) per record; a record with an
+        empty or loss-free conversation is rejected, with its reason."""
         values, counts, loss = b.values, b.lengths, b.loss
         lengths = np.zeros(n, dtype=np.int64)
         loss_n = np.zeros(n, dtype=np.int64)
+        first = np.zeros(n, dtype=np.int64)
         ok = np.zeros(n, dtype=bool)
         if where:
             at = np.asarray(where, dtype=np.int64)
+            paired = np.zeros(len(at), dtype=bool)
+            paired[1:] = at[1:] == at[:-1]
+            paired[:-1] |= paired[1:]
             good = (counts > 0) & (loss > 0)
+            bad = np.zeros(n, dtype=bool)
             for j in np.flatnonzero(~good).tolist():
                 i = where[j]
+                if bad[i]:
+                    continue
+                bad[i] = True
+                side = ("the rejected response" if j and where[j - 1] == i else "the chosen response") \
+                    if paired[j] else "the sample"
                 if counts[j] == 0:
-                    reasons[i], messages[i] = "empty_sample", "the rendered conversation has no tokens"
+                    reasons[i], messages[i] = "empty_sample", f"the rendered conversation of {side} has no tokens"
                 else:
-                    reasons[i], messages[i] = "all_masked", "no token of the sample carries loss"
-            if not good.all():
-                values = values[np.repeat(good, counts)]
-            lengths[at[good]] = counts[good]
-            loss_n[at[good]] = loss[good]
-            ok[at[good]] = True
-        return values, lengths, loss_n, ok
+                    reasons[i], messages[i] = "all_masked", f"no token of {side} carries loss"
+            keep = ~bad[at]
+            if not keep.all():
+                values = values[np.repeat(keep, counts)]
+            at, counts, loss, paired = at[keep], counts[keep], loss[keep], paired[keep]
+            lengths[:] = np.bincount(at, weights=counts, minlength=n)
+            loss_n[:] = np.bincount(at, weights=loss, minlength=n)
+            ok[at] = True
+            chosen = paired & np.concatenate([[True], at[1:] != at[:-1]]) if len(at) else paired
+            first[at[chosen]] = counts[chosen]
+        return values, lengths, loss_n, ok, first
 
     def _with_documents(self, values, lengths, loss_n, ok, conv, docs):
         """Plain-text documents put beside the batch's conversations (``lengths``, ``loss_n``
@@ -554,9 +574,11 @@ class SampleBuilder:
         return values, Batch(values, lengths[ok], loss_n[ok], conv.parity_rows + plain.parity_rows,
                              conv.parity_mismatches + plain.parity_mismatches, conv.fallback_rows + plain.fallback_rows)
 
-    def _parity(self, raws, values, lengths, ok) -> np.ndarray | None:
-        """The chat-template parity outcome of each picked record that was written."""
-        from .parity import picked
+    def _parity(self, raws, values, lengths, ok, first) -> np.ndarray | None:
+        """The chat-template parity outcome of each picked record that was written (a pair's
+        is the worse of its two sides')."""
+        from .normalize import Document, Pair, normalize
+        from .parity import MATCH, MISMATCH, REFUSED, picked
 
         p = self.parity
         if p is None:
@@ -565,12 +587,18 @@ class SampleBuilder:
         ends = np.cumsum(lengths)
         for i in np.flatnonzero(ok).tolist():
             if picked(raws[i], p.every):
-                from .normalize import Conversation, normalize
-
-                conv = normalize(json_loads(raws[i]), self.fmt, self.keys)
-                if type(conv) is Conversation:  # a plain-text document has no template to check
-                    out[i] = p.check(raws[i], conv, values[ends[i] - lengths[i] : ends[i]],
-                                     self.template.messages(conv))
+                sample = normalize(json_loads(raws[i]), self.fmt, self.keys)
+                if type(sample) is Document:  # a plain-text document has no template to check
+                    continue
+                tokens = values[ends[i] - lengths[i] : ends[i]]
+                if type(sample) is Pair:
+                    k = int(first[i])
+                    sides = [(raws[i] + b"\0chosen", sample.chosen, tokens[:k]),
+                             (raws[i] + b"\0rejected", sample.rejected, tokens[k:])]
+                else:
+                    sides = [(raws[i], sample, tokens)]
+                got = {p.check(key, conv, ids, self.template.messages(conv)) for key, conv, ids in sides}
+                out[i] = MISMATCH if MISMATCH in got else REFUSED if REFUSED in got else MATCH
         return out
 
     def __call__(self, raws: list[bytes], errors: list[str] | None = None):
@@ -653,3 +681,33 @@ def fit_overlong(signed: np.ndarray, seq_length: int, policy: str,
             pieces.append(piece)
         start = stop
     return pieces, ("" if pieces else "overlong")
+
+
+def fit_pair(signed: np.ndarray, chosen: int, total: int, side: int, policy: str) -> tuple[np.ndarray | None, int, str]:
+    """Apply ``--overlong`` to a preference pair (its chosen tokens, ``chosen`` of them, then its
+    rejected tokens) that does not fit: both sides together at most ``total`` tokens, each at
+    most ``side``. A pair is one unit: it is never split.
+
+    * ``drop``: dropped (reason ``overlong``);
+    * ``truncate``: each side keeps its first tokens (the prompt whole, the response cut at its
+      end, as MindSpeed-LLM and LLaMA-Factory cut pairs): a side that fits in half the room
+      stays whole and the other takes the rest, else each gets half; dropped
+      (``overlong_prompt``) when a side keeps no loss-bearing token;
+    * ``split``: a pair is never split: one that does not fit is dropped, as under ``drop``.
+
+    Returns (tokens, chosen tokens, "") or (None, 0, reason)."""
+    c, r = chosen, len(signed) - chosen
+    if c + r <= total and max(c, r) <= side:
+        return signed, chosen, ""
+    if policy != "truncate":
+        return None, 0, "overlong"
+    room = min(total, 2 * side)
+    half = room // 2
+    if min(c, r) <= half:
+        c2, r2 = (c, min(r, room - c, side)) if c <= r else (min(c, room - r, side), r)
+    else:
+        c2, r2 = room - half, half
+    kept_c, kept_r = signed[:c2], signed[c : c + r2]
+    if not (kept_c >= 0).any() or not (kept_r >= 0).any():
+        return None, 0, "overlong_prompt"
+    return np.concatenate([kept_c, kept_r]), c2, ""

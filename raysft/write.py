@@ -39,10 +39,20 @@ def slices(lengths: np.ndarray, packs: np.ndarray, per_pack: int | None, budget:
     return cuts
 
 
+def split_pairs(lengths: np.ndarray, packs: np.ndarray, chosen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Preference pairs (one unit each: ``chosen`` tokens, then the rejected side's) -> two
+    samples each, chosen then rejected, in the same pack."""
+    if not (chosen > 0).all() or (chosen >= lengths).any():
+        raise ValueError("a pair build holds a unit that is not a pair of two non-empty samples")
+    return np.stack([chosen, lengths - chosen], axis=1).reshape(-1), np.repeat(packs, 2)
+
+
 def write_ordered(fs, prefix: str, layout: Layout, seq_length: int, pad_id: int, flat,
-                  lengths: np.ndarray, packs: np.ndarray, token_dtype: str = "int32") -> dict:
+                  lengths: np.ndarray, packs: np.ndarray, token_dtype: str = "int32",
+                  chosen: np.ndarray | None = None) -> dict:
     """Samples in output order -> the shard; its meta. ``flat``: their signed tokens back to
-    back, or a :class:`Gather` that gives them a slice of samples at a time."""
+    back, or a :class:`Gather` that gives them a slice of samples at a time. ``chosen``: a
+    preference-pair build's chosen tokens per unit (each unit written as its two samples)."""
     lengths = np.asarray(lengths, np.int64)
     packs = np.asarray(packs, np.int64)
     writer = layout.writer(fs, prefix, seq_length, pad_id, token_dtype)
@@ -52,7 +62,10 @@ def write_ordered(fs, prefix: str, layout: Layout, seq_length: int, pad_id: int,
     for lo, hi in zip(cuts[:-1], cuts[1:]):
         if hi > lo:
             tokens = flat(lo, hi) if isinstance(flat, Gather) else flat[bounds[lo] : bounds[hi]]
-            p = Placement(tokens, lengths[lo:hi], packs[lo:hi])
+            if chosen is None:
+                p = Placement(tokens, lengths[lo:hi], packs[lo:hi])
+            else:
+                p = Placement(tokens, *split_pairs(lengths[lo:hi], packs[lo:hi], np.asarray(chosen[lo:hi], np.int64)))
             lossy.update(layout.unrepresentable(p))
             writer.write(p)
     return writer.close() | {"unrepresentable": dict(lossy)}
@@ -132,10 +145,11 @@ def column_of(parts: list, rows: list[np.ndarray], name: str) -> np.ndarray:
 
 
 def write_shard(fs, prefix: str, layout: Layout, seq_length: int, pad_id: int, parts: list,
-                shard: int | None = None, token_dtype: str = "int32") -> dict:
+                shard: int | None = None, token_dtype: str = "int32", pairs: bool = False) -> dict:
     """Assigned samples (tables with columns ``ids``, ``out_pack``, ``pos``, ``shard`` and the
     provenance columns) -> shard ``shard``'s files and ``prefix.prov``; its meta. The parts may
-    hold other shards' rows (``shard`` -1: not in this packing): only this shard's are read."""
+    hold other shards' rows (``shard`` -1: not in this packing): only this shard's are read.
+    ``pairs``: a preference-pair build (column ``chosen_n``: each unit is two samples)."""
     rows = shard_rows(parts, shard)
     out_pack, pos = column_of(parts, rows, "out_pack"), column_of(parts, rows, "pos")
     order = order_samples(out_pack, pos)
@@ -143,4 +157,6 @@ def write_shard(fs, prefix: str, layout: Layout, seq_length: int, pad_id: int, p
     with fs.open(prefix + ".prov", "wb") as f:
         f.write(prov.tobytes())
     gather = Gather.of(parts, rows, order)
-    return write_ordered(fs, prefix, layout, seq_length, pad_id, gather, gather.length, out_pack[order], token_dtype)
+    chosen = column_of(parts, rows, "chosen_n")[order] if pairs else None
+    return write_ordered(fs, prefix, layout, seq_length, pad_id, gather, gather.length, out_pack[order], token_dtype,
+                         chosen)

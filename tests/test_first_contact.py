@@ -86,7 +86,7 @@ def test_map_keys_take_nested_tags_and_dataset_info_columns():
                   keys)
     assert parse_map_keys({"columns": {"prompt": "question", "response": "answer"}}) == {
         "prompt": "question", "response": "answer"}
-    for bad in ('{"tags": ["role"]}', '{"chosen": "c"}', '{"tags": {"role_tag": 1}}', '{"bogus": "x"}'):
+    for bad in ('{"tags": ["role"]}', '{"kto_tag": "k"}', '{"tags": {"role_tag": 1}}', '{"bogus": "x"}'):
         with pytest.raises(ValueError):
             parse_map_keys(bad)
 
@@ -226,7 +226,8 @@ def test_a_llamafactory_data_folder_builds_with_default_flags(lf_folder, tmp_pat
     assert stats["rows_read"] == 999 + 1000 + 300 + 30 and stats["rejected"] == {} and stats["dropped"] == {}
     assert [s["name"] for s in stats["sources"]] == ["alpaca_en_demo", "alpaca_zh_demo", "glaive_toolcall_en_demo",
                                                      "wiki_demo"]
-    assert "entry dpo_zh_demo is not built: preference pairs (ranking: true) are not SFT records" in err
+    assert ("entry dpo_zh_demo is not built: preference pairs (ranking: true): pick them with --dataset to build a "
+            "pair dataset") in err
     assert stats["parity"]["mismatched"] == 0 and stats["parity"]["refused_by_template"] == 0
 
 

@@ -1,7 +1,10 @@
 """The trainers' own data-loading code, for the layout tests.
 
 Where the trainer is on PyPI its code runs as published: megatron-core's ``GPTDataset``
-(installed), Megatron-Bridge's ``GPTSFTPackedDataset`` and XTuner's ``intern_repo`` module
+(installed), LLaMA-Factory's ``get_dataset`` and collators (its version check off:
+``DISABLE_VERSION_CHECK``, as its error message offers, because this environment's
+``transformers`` is newer than it lists; ``torchaudio``, which only its audio plugin uses, is a
+stub), Megatron-Bridge's ``GPTSFTPackedDataset`` and XTuner's ``intern_repo`` module
 (installed with ``--no-deps`` by ``scripts/setup.sh`` into ``.venv/trainers``, with the
 ``datasets`` 3.x release XTuner's code was written for: their package ``__init__`` files
 import GPU-only libraries, so only the data modules are loaded, with the package ``__init__``
@@ -43,7 +46,7 @@ def _stub_package(name: str, path: Path) -> None:
 
 
 def _site() -> Path:
-    if not (TRAINERS / "megatron" / "bridge").exists() or not (TRAINERS / "xtuner").exists():
+    if not all((TRAINERS / p).exists() for p in ("megatron/bridge", "xtuner", "llamafactory")):
         import pytest
 
         pytest.fail(f"trainer packages not found in {TRAINERS}: run scripts/setup.sh")
@@ -78,6 +81,19 @@ def xtuner_intern_repo():
             m.__dict__.update(attrs)
             sys.modules[name] = m
     return importlib.import_module("xtuner.dataset.intern_repo")
+
+
+def llamafactory_data():
+    """LLaMA-Factory's ``llamafactory.data`` and ``llamafactory.hparams`` (PyPI llamafactory)."""
+    import importlib.machinery
+
+    _site()
+    os.environ.setdefault("DISABLE_VERSION_CHECK", "1")
+    if "torchaudio" not in sys.modules:
+        m = types.ModuleType("torchaudio")
+        m.__spec__ = importlib.machinery.ModuleSpec("torchaudio", None)
+        sys.modules["torchaudio"] = m
+    return importlib.import_module("llamafactory.data"), importlib.import_module("llamafactory.hparams")
 
 
 class MegatronTokenizerStub:

@@ -29,7 +29,8 @@ class TokenizeAndMask:
                  overlong: str = "drop", threads: int = 1, so: dict | None = None, batch_size: int = 16384,
                  encoder: str = "auto", template_kwargs: dict | None = None, max_chars: int | None = None,
                  avoid_end: tuple[int, ...] = (), template_date: str | None = None, parity_every: int = 0,
-                 cache: str | None = None, process: bool = True, align: tuple | None = None):
+                 cache: str | None = None, process: bool = True, align: tuple | None = None,
+                 pair_limits: tuple[int, int] | None = None):
         """``process``: this object has a process to itself (an actor, a tokenizer process);
         False for the local engine's cache lookups in the driver's threads."""
         if process:
@@ -58,6 +59,7 @@ class TokenizeAndMask:
         self.batch_size = batch_size
         self.avoid_end = tuple(avoid_end)
         self.align = Align(*align) if align else None  # --pad-to-multiple: (multiple, shift, pad id)
+        self.pair_limits = tuple(pair_limits) if pair_limits else None  # a preference pair's most tokens
         self.cache = Cache(cache, self.so) if cache else None
         self._lock = threading.Lock()
         if not cache:
@@ -134,7 +136,8 @@ class TokenizeAndMask:
         srcs = self._srcs(c)
         enc = enc.set_column(0, "src", pa.array(srcs[enc.column("src").to_numpy()]))
         return [fit_records(enc.slice(start, self.batch_size), c.chunk, S, self.overlong, digested[0],
-                            self.avoid_end, source, builder, cached=True, align=self.align)
+                            self.avoid_end, source, builder, cached=True, align=self.align,
+                            pair_limits=self.pair_limits)
                 for start in range(0, max(enc.num_rows, 1), self.batch_size)], key, digested
 
     @staticmethod
@@ -156,7 +159,7 @@ class TokenizeAndMask:
             if key is not None:
                 parts.append(enc)
             yield fit_records(enc, c.chunk, S, self.overlong, rows.digest, self.avoid_end, source, builder,
-                              align=self.align)
+                              align=self.align, pair_limits=self.pair_limits)
         if key is not None and parts:
             enc = pa.concat_tables(parts)
             local = np.searchsorted(self._srcs(c), enc.column("src").to_numpy()).astype(np.int32)

@@ -30,7 +30,7 @@ from ..errors import BuildError
 from ..fs import absolute, get_fs, join, storage_options
 from ..layouts import get_layout
 from ..merge import copy_into
-from ..output import MANIFEST, TMP, Output, OutputError, OutputLock
+from ..output import MANIFEST, TMP, Output, OutputError, OutputLock, write_json
 from ..pack import PackPlan, RunOffsets, plan_bfd, slot_table
 from ..read import LineCounter, check_bucket, describe_position, expand_inputs, plan_chunks, split_tail
 from ..samples import Align
@@ -241,6 +241,7 @@ def actor_kwargs(cfg: BuildConfig, info, so: dict, encoder: str, parity_every: i
         "overlong": cfg.overlong, "so": so, "batch_size": cfg.batch_size, "encoder": encoder,
         "template_kwargs": cfg.template_kwargs, "max_chars": max_chars(cfg), "avoid_end": layout.avoid_end_ids,
         "template_date": cfg.template_date, "parity_every": parity_every, "align": alignment(cfg, info),
+        "pair_limits": layout.pair_limits(cfg.seq_length),
     }
 
 
@@ -263,7 +264,9 @@ def max_chars(cfg: BuildConfig) -> int | None:
     """Rendered texts longer than this cannot fit ``--seq-length`` under ``--overlong drop``
     (no token of a byte-level tokenizer stands for more than ``MAX_TOKEN_CHARS`` characters):
     they are dropped before they are encoded."""
-    return get_layout(cfg.layout).capacity(cfg.seq_length) * MAX_TOKEN_CHARS if cfg.overlong == "drop" else None
+    layout = get_layout(cfg.layout)
+    most = max(layout.capacity(cfg.seq_length), layout.pair_limits(cfg.seq_length)[0])
+    return most * MAX_TOKEN_CHARS if cfg.overlong == "drop" else None
 
 
 MAX_TOKEN_CHARS = 1024
@@ -378,7 +381,7 @@ def shuffle_and_write(blocks: Blocks, parts: list, plan_ref, num_shards: int, wr
     ex = blocks.ex
     shared = getattr(ex, "shared_memory", False)
     split = ex.task(assign_block) if shared else ex.task(partition_block, num_returns=num_shards)
-    offsets = RunOffsets(1 if ordered else write_kw["seq_length"])
+    offsets = RunOffsets(1 if ordered else write_kw.get("cap") or write_kw["seq_length"])
     order = sorted(range(len(blocks.refs)), key=lambda k: blocks.keys[k])
     cut = []
     for pick, runs_of in parts:
@@ -597,14 +600,16 @@ def check_output_outside_inputs(output: str, inputs: list[str], files) -> None:
 
 class Packing:
     """One packed dataset this build writes (the training set, or the validation set): its
-    plan and the parts its samples come from."""
+    plan and the parts its samples come from. ``pairs``: units are preference pairs (packed by
+    pair, or one pair per pack where the layout's trainer reads them unpacked)."""
 
-    def __init__(self, cfg: BuildConfig, layout, hist: np.ndarray, parts: list):
+    def __init__(self, cfg: BuildConfig, layout, hist: np.ndarray, parts: list, pairs: bool = False):
         S = cfg.seq_length
         self.hist = hist
-        cap = layout.capacity(S)
-        hist_plan = hist if cap == S else _capacity_check(hist, cap, layout)
-        self.plan = plan_bfd(hist_plan, cap) if cfg.pack else plan_single(hist_plan, cap)
+        cap = layout.pair_limits(S)[0] if pairs else layout.capacity(S)
+        hist_plan = hist if len(hist) == cap + 1 else _capacity_check(hist, cap, layout)
+        pack = cfg.pack and (layout.packs_pairs or not pairs)
+        self.plan = plan_bfd(hist_plan, cap) if pack else plan_single(hist_plan, cap)
         self.ordered = not cfg.pack  # --no-pack: samples in input order, as preprocess_data.py writes them
         self.plan.seq_length = cap
         self.cap = cap
@@ -780,7 +785,10 @@ def _build_with(ex, cfg, t0, so, info, files, chunks, layout, added, pad_id, out
     tot = blocks.totals
     if tot.rejected and cfg.on_bad_record == "fail":
         raise bad_record_error(tot, files, so)
-    hist_kept = stats_mod.add_hist(np.zeros(S + 1, dtype=np.int64),  # kept lengths are <= S
+    pairs = pair_build(cfg, layout, tot)
+    layout = layout.form(pairs, cfg.pack)
+    most = layout.pair_limits(S)[0] if pairs else S  # the longest unit kept
+    hist_kept = stats_mod.add_hist(np.zeros(most + 1, dtype=np.int64),
                                    tot.hist_kept if tot.hist_kept is not None else np.zeros(1, np.int64))
     enc_stats.rows_checked, enc_stats.mismatches, enc_stats.fallbacks = tot.encoder
     parity = parity_result(cfg, tot, parity_every, files)
@@ -791,7 +799,7 @@ def _build_with(ex, cfg, t0, so, info, files, chunks, layout, added, pad_id, out
 
     # ---- mixture and split (a pass over the blocks when anything is copied, sampled or held out)
     sel, natural, sel_summaries, sel_runs = mixture(cfg, tot, blocks, sources, watch)
-    zeros = np.zeros(S + 1, dtype=np.int64)
+    zeros = np.zeros(most + 1, dtype=np.int64)
     if sel is None:
         hist_train, hist_valid = hist_kept, zeros
         train_parts = [(None, lambda k: ex.get(blocks.runs[k]))]
@@ -813,18 +821,19 @@ def _build_with(ex, cfg, t0, so, info, files, chunks, layout, added, pad_id, out
     t_stage = time.time()
 
     # ---- plan (on what a pack of this layout may hold: pai keeps its last position free)
-    train = Packing(cfg, layout, hist_train, train_parts)
-    valid = Packing(cfg, layout, hist_valid, valid_parts) if int(hist_valid.sum()) else None
+    train = Packing(cfg, layout, hist_train, train_parts, pairs)
+    valid = Packing(cfg, layout, hist_valid, valid_parts, pairs) if int(hist_valid.sum()) else None
     epochs = max(1, int(cfg.epochs))
     digest = plan_digest(hist_train, cfg, train.num_shards, [sel, epochs, int(hist_valid.sum())])
     reuse = _reusable(out_fs, tmp, old, digest, train.num_shards * epochs) if old is not None else {}
-    _write_json(out_fs, join(tmp, "manifest.json"), manifest | {"plan": digest})
+    write_json(out_fs, join(tmp, "manifest.json"), manifest | {"plan": digest})
     timings["plan"] = round(time.time() - t_stage, 2)
     t_stage = time.time()
 
     # ---- assign + write shards (into _tmp/shards; the validation set into _tmp/valid/shards)
     write_kw = {"tmp_dir": join(tmp_url, "shards"), "so": so, "layout": cfg.layout, "seq_length": S,
-                "pad_id": pad_id, "token_dtype": token_dtype(sources, info.vocab_size)}
+                "pad_id": pad_id, "token_dtype": token_dtype(sources, info.vocab_size), "pairs": pairs,
+                "packed": cfg.pack, "cap": train.cap}
     metas = []
     for e in range(epochs):
         metas += shuffle_and_write(blocks, train.parts, train.plan_ref(ex, epoch_seed(cfg.seed, e), e * train.packs),
@@ -845,7 +854,7 @@ def _build_with(ex, cfg, t0, so, info, files, chunks, layout, added, pad_id, out
     t_stage = time.time()
 
     # ---- merge (into _tmp), check, commit
-    keeps_shards = getattr(layout, "keeps_shards", True) and not cfg.drop_shards
+    keeps_shards = layout.keeps_shards and not cfg.drop_shards
     present = layout.final_files() + list(OUTPUT_FILES)
     watch.progress("merge", f"{len(metas)} shard(s) into one dataset")
     merged = _merge(out_fs, tmp, "", layout, metas, keeps_shards)
@@ -874,11 +883,10 @@ def _build_with(ex, cfg, t0, so, info, files, chunks, layout, added, pad_id, out
 
     P = train.packs
     tokens = train.tokens * epochs
-    samples = train.samples * epochs
+    samples = train.samples * epochs * (2 if pairs else 1)  # a pair is two samples (its sides)
     if merged["packs"] != P * epochs:
         raise BuildError(f"internal check failed: {merged['packs']} packs written, plan has {P * epochs}")
-    if merged.get("samples") is not None and merged["samples"] != samples and layout.name in ("native", "xtuner",
-                                                                                               "bridge", "bridge-npy"):
+    if merged.get("samples") is not None and merged["samples"] != samples and layout.counts_samples:
         raise BuildError(f"internal check failed: {merged['samples']} samples written for {samples}")
     rejected, dropped = tot.rejected, dict(tot.dropped)
     rows_written = tot.rows_written
@@ -913,6 +921,8 @@ def _build_with(ex, cfg, t0, so, info, files, chunks, layout, added, pad_id, out
         "overlong": {"policy": cfg.overlong, "rows_kept": tot.overlong_kept},
         "tokens": tokens,
         "loss_tokens": loss_tokens,
+        **({"pairs": pair_figures(train.samples * epochs, tokens, tot, sel_summaries, epochs)
+                     | {"packed": bool(cfg.pack and layout.packs_pairs)}} if pairs else {}),
         # what was written, all epochs (each epoch packed on its own: its bound is per epoch)
         **stats_mod.packing_figures(train.tokens, P, S, epochs),
         "epochs": epochs,
@@ -968,6 +978,32 @@ def _build_with(ex, cfg, t0, so, info, files, chunks, layout, added, pad_id, out
     print(stats_mod.format_summary(result), file=sys.stderr)
     print(f"output           {cfg.output}  ({time.time() - t0:.1f} s)", file=sys.stderr)
     return result
+
+
+def pair_build(cfg: BuildConfig, layout, tot) -> bool:
+    """Whether this build writes preference pairs (every kept record is a pair); one line where
+    its records mix pairs and SFT samples, or its settings cannot hold pairs."""
+    if not tot.pairs:
+        return False
+    if tot.pairs != tot.samples:
+        raise BuildError(f"the inputs hold {tot.pairs:,} preference pairs and {tot.samples - tot.pairs:,} SFT samples: "
+                         "build them as two datasets (a pair build writes every record as a chosen and a rejected "
+                         "sample)")
+    if not layout.pairs:
+        from ..layouts import PAIR_LAYOUTS
+
+        raise BuildError(f"--layout {layout.name} has no form for preference pairs; use one of "
+                         f"{', '.join(PAIR_LAYOUTS)}")
+    if int(cfg.pad_to_multiple or 1) > 1:
+        raise BuildError("--pad-to-multiple is for SFT samples; a preference-pair build takes none")
+    return True
+
+
+def pair_figures(pairs: int, tokens: int, tot, sel_summaries, epochs: int) -> dict:
+    """stats.json's ``pairs``: pairs written (all epochs) and their tokens per side."""
+    chosen = (sum(sm.get("chosen_tokens", 0) for sm in sel_summaries) if sel_summaries is not None
+              else tot.chosen_tokens) * epochs
+    return {"written": pairs, "chosen_tokens": chosen, "rejected_tokens": tokens - chosen}
 
 
 def pack_shape(p: Packing) -> dict:
@@ -1074,12 +1110,9 @@ def nothing_to_write(out: Output, blocks: Blocks, files, so, cfg, tot, manifest:
                    "failed": "every record was rejected or dropped", "tokenizer": cfg.tokenizer,
                    "template": cfg.template, "layout": cfg.layout, "seq_length": cfg.seq_length}, f, indent=2)
     out.commit(present, manifest, lock, success=False)
-    return BuildError(f"no sample left to write: every record was rejected or dropped ({_reasons(tot.reasons)}); "
+    return BuildError(f"no sample left to write: every record was rejected or dropped "
+                      f"({stats_mod.format_reasons(tot.reasons)}); "
                       f"see {join(cfg.output, 'rejects.jsonl')}")
-
-
-def _reasons(d: dict) -> str:
-    return ", ".join(f"{k}: {v:,}" for k, v in sorted(d.items()))
 
 
 def _capacity_check(hist: np.ndarray, cap: int, layout) -> np.ndarray:
@@ -1087,12 +1120,6 @@ def _capacity_check(hist: np.ndarray, cap: int, layout) -> np.ndarray:
     if hist[cap + 1 :].any():
         raise BuildError(f"internal error: samples of more than {cap} tokens reached layout {layout.name}")
     return hist[: cap + 1]
-
-
-def _write_json(fs, path, obj) -> None:
-    from ..output import _write_json as w
-
-    w(fs, path, obj)
 
 
 def _reusable(fs, tmp: str, old: dict, digest: str, num_shards: int) -> dict:

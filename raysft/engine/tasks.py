@@ -82,7 +82,7 @@ def assign_block(table: pa.Table, plan: dict, run_offsets: dict, pick: dict | No
         "shard": pa.array(shard), "out_pack": pa.array(pack), "pos": pa.array(at),
         "ids": table.column("ids"), "src": table.column("src"), "piece": table.column("piece"),
         "row": table.column("row"), "offset": table.column("offset"), "chunk": table.column("chunk"),
-        "chunk_hash": table.column("chunk_hash"),
+        "chunk_hash": table.column("chunk_hash"), "chosen_n": table.column("chosen_n"),
     })
 
 
@@ -128,6 +128,7 @@ def select_block(table: pa.Table, selection) -> tuple[dict, dict]:
         "per_source": per_source,
         "valid": [int((first & valid).sum()), int(valid.sum()), int(n[valid].sum()), int(loss[valid].sum())],
         "not_sampled": int((first & kept & ~valid & ~train).sum()),
+        "chosen_tokens": int((m * table.column("chosen_n").to_numpy().astype(np.int64))[train].sum()),
         "rows_written": int((first & kept & (valid | train)).sum()),
         "copies": int(m.max()) if len(m) else 0,  # the training copies this block has runs for
     }
@@ -163,12 +164,15 @@ def feed_digest(chunk: np.ndarray, chunk_hash: np.ndarray) -> str:
 
 
 def write_parts(shard: int, *parts: pa.Table, tmp_dir: str, so: dict, layout: str, seq_length: int, pad_id: int,
-                reuse: dict | None = None, rows_of: int = 0, token_dtype: str = "int32") -> dict:
+                reuse: dict | None = None, rows_of: int = 0, token_dtype: str = "int32", pairs: bool = False,
+                packed: bool = True, cap: int = 0) -> dict:
     """Shuffle, reduce side (one task per shard): the rows of shard ``rows_of`` of the packing
     (the parts' ``shard`` column) -> shard ``shard`` of the output. The parts: each block's
     cut for this shard (``--engine ray``), or every assigned block, read in place (``--engine
     local``). ``reuse``: the meta of this shard from an interrupted run, kept when the chunks
-    feeding it are the same content (``--resume``)."""
+    feeding it are the same content (``--resume``). ``pairs``, ``packed``: the layout's form
+    (``Layout.form``: a pair build writes each unit as its two samples). ``cap``: the plan's most tokens
+    per unit (read by the driver, not here)."""
     from .. import output
     from ..write import column_of, shard_rows
 
@@ -177,10 +181,10 @@ def write_parts(shard: int, *parts: pa.Table, tmp_dir: str, so: dict, layout: st
     digest = feed_digest(column_of(parts, rows, "chunk"), column_of(parts, rows, "chunk_hash"))
     fs, root = get_fs(tmp_dir, so)
     prefix = join(root, f"part-{shard:05d}")
-    lay = get_layout(layout)
+    lay = get_layout(layout).form(pairs, packed)
     if reuse is not None and reuse.get("feed") == digest and output.shard_complete(fs, prefix, lay, reuse):
         return reuse | {"shard": shard, "resumed": True}
-    meta = write_shard(fs, prefix, lay, seq_length, pad_id, parts, rows_of, token_dtype)
+    meta = write_shard(fs, prefix, lay, seq_length, pad_id, parts, rows_of, token_dtype, pairs)
     meta = meta | {"shard": shard, "feed": digest}
     with fs.open(prefix + ".meta.json", "w") as f:  # written last: the shard is complete
         json.dump(meta, f)

@@ -63,6 +63,10 @@ class Placement:
         return np.arange(len(self.flat), dtype=np.int64) - pack_first[self.token_row]
 
     @cached_property
+    def token_pos_in_sample(self) -> np.ndarray:
+        return np.arange(len(self.flat), dtype=np.int64) - np.repeat(self.starts, self.lengths)
+
+    @cached_property
     def sample_no(self) -> np.ndarray:
         """Position of each sample in its pack (0, 1, 2...)."""
         n = len(self.packs)
@@ -99,7 +103,7 @@ class Layout:
     """One output layout: its files, what a pack may hold, how it is encoded, merged and read."""
 
     name: ClassVar[str]
-    trainer: ClassVar[str]  # which trainer reads it (README, --help)
+    trainer: ClassVar[str]  # which trainer reads it (README, docs/output.md, --help)
     summary: ClassVar[str]  # one line for --help
     # the merged dataset's files under the output folder (a prefix may stand for several)
     parts: ClassVar[tuple[str, ...]] = ("",)
@@ -108,10 +112,39 @@ class Layout:
     # stored tokens of a sample beyond what the trainer attends over: Megatron-Bridge drops a
     # sample's last token from its inputs (``--pad-to-multiple`` aligns what is left)
     label_shift: ClassVar[int] = 0
+    # the shards stay beside the merged dataset (data_order.txt lists them); False: the trainer
+    # would read them as data (XTuner reads every .bin of the folder) or they repeat it whole
+    keeps_shards: ClassVar[bool] = True
+    # the merge's "samples" count is the samples written (checked against the plan); False where
+    # it counts something else (one sequence per pack, one per pair)
+    counts_samples: ClassVar[bool] = True
+    # holds preference pairs (chosen and rejected side by side); a pair build with another
+    # layout is refused with one line
+    pairs: ClassVar[bool] = False
+    # a pair build packs pairs (False: one pair per pack, as the trainer reads them unpacked)
+    packs_pairs: ClassVar[bool] = True
 
     def capacity(self, seq_length: int) -> int:
         """Most tokens one pack may hold."""
         return seq_length
+
+    def form(self, pairs: bool, packed: bool) -> Layout:
+        """The layout as a build with these settings writes it: a preference-pair build's pair
+        form (``for_pairs``); ``packed`` False is ``--no-pack`` (layouts whose rows differ
+        unpacked say so)."""
+        return self.for_pairs() if pairs else self
+
+    def for_pairs(self) -> Layout:
+        """This layout's form for a preference-pair build (each pair's chosen then rejected
+        sample, side by side in one pack)."""
+        if not self.pairs:
+            raise ValueError(f"--layout {self.name} has no form for preference pairs")
+        return self
+
+    def pair_limits(self, seq_length: int) -> tuple[int, int]:
+        """Most tokens of one preference pair: both sides together, and each side."""
+        cap = self.capacity(seq_length)
+        return cap, cap
 
     def stored_per_pack(self, seq_length: int) -> int | None:
         """Values stored per pack when packs are padded to a fixed size (None: unpadded)."""

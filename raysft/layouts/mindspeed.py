@@ -16,6 +16,8 @@ every EOS token instead, which splits multi-turn samples at each turn."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 
 from ..indexed import Index
@@ -26,9 +28,15 @@ PARTS = ("packed_input_ids_document", "packed_labels_document", "packed_attentio
 
 class MindSpeed(IndexedLayout):
     name = "mindspeed"
+    counts_samples = False  # its merge counts sequences: one per pack
     trainer = "MindSpeed-LLM packed fine-tuning"
     summary = "MindSpeed-LLM: input ids, unshifted labels and segment ids per pack (neat pack)"
     parts = tuple("_" + p for p in PARTS)
+
+    pairs = True
+
+    def for_pairs(self):
+        return MindSpeedPairs()
 
     def stored_per_pack(self, seq_length):
         return 3 * seq_length
@@ -49,3 +57,73 @@ class MindSpeed(IndexedLayout):
     def read_pack(self, fs, root, stats, pack):
         ids, labels, segments = (r[pack] for r in self.readers(fs, root))
         return [(ids[segments == k], labels[segments == k] != IGNORE) for k in range(1, int(segments.max()) + 1)]
+
+
+PAIR_PARTS = ("packed_chosen_input_ids_document", "packed_chosen_labels_document",
+              "packed_rejected_input_ids_document", "packed_rejected_labels_document")
+
+
+class MindSpeedPairs(IndexedLayout):
+    """A preference-pair build in MindSpeed-LLM's pairwise form (what its
+    ``AlpacaStylePairwiseHandler`` writes, read with ``--is-pairwise-dataset``):
+    ``data_packed_{chosen,rejected}_{input_ids,labels}_document``, one pair per document, one
+    sequence each, unpadded; labels *unshifted* (the id where the token trains, -100 on the
+    prompt).
+
+    MindSpeed recomputes a pair's labels when it reads it (``_cut_pairwise_token``): the prompt
+    is the chosen side's tokens before its first label, and every token after it, on both
+    sides, is trained. The labels written are exactly those; where raysft's own mask differs
+    (a token after the first trained one that the template marks as untrained, such as the
+    newline after a closing marker; a rejected side whose prompt tokenizes to another length)
+    the difference is counted in ``unrepresentable``. Each side fits ``seq_length`` (so
+    MindSpeed cuts nothing), both together up to twice it."""
+
+    name = "mindspeed"
+    counts_samples = False  # its merge counts sequences: one per pack (pair)
+    trainer = "MindSpeed-LLM DPO / reward model training (--is-pairwise-dataset)"
+    summary = "MindSpeed-LLM pairwise: chosen and rejected input ids and labels, one pair per item"
+    parts = tuple("_" + p for p in PAIR_PARTS)
+    pairs = True
+    packs_pairs = False
+
+    def pair_limits(self, seq_length):
+        return 2 * seq_length, seq_length
+
+    @staticmethod
+    def _sides(p: Placement):
+        if len(p.lengths) % 2 or (p.num_packs and (p.sample_no.max() > 1 or (p.sample_no[1::2] != 1).any())):
+            raise ValueError("a pairwise pack holds one pair: its chosen and its rejected sample")
+        return np.arange(0, len(p.lengths), 2), np.arange(1, len(p.lengths), 2)
+
+    @staticmethod
+    def _trained(p: Placement, chosen: np.ndarray) -> np.ndarray:
+        """Per token: whether MindSpeed trains it (after the pair's prompt, as its chosen side
+        gives it)."""
+        loss = p.loss
+        prompt = np.zeros(len(p.lengths), np.int64)
+        for k in chosen.tolist():
+            hit = np.flatnonzero(loss[p.starts[k] : p.ends[k]])
+            prompt[k] = prompt[k + 1] = hit[0] if len(hit) else p.lengths[k]
+        return p.token_pos_in_sample >= np.repeat(prompt, p.lengths)
+
+    def encode(self, p: Placement, seq_length: int, pad_id: int) -> list[tuple[np.ndarray, Index]]:
+        chosen, rejected = self._sides(p)
+        ids = p.ids
+        labels = np.where(self._trained(p, chosen), ids, IGNORE).astype(np.int32)
+        out = []
+        for side in (chosen, rejected):
+            take = np.concatenate([np.arange(p.starts[k], p.ends[k]) for k in side.tolist()]) if len(side) \
+                else np.zeros(0, np.int64)
+            index = Index(np.dtype(np.int32), p.lengths[side].astype(np.int32), np.arange(len(side) + 1, dtype=np.int64))
+            out += [(ids[take].astype(np.int32), index), (labels[take], index)]
+        return out
+
+    def unrepresentable(self, p: Placement) -> Counter:
+        chosen, _ = self._sides(p)
+        differ = int((self._trained(p, chosen) != p.loss).sum())
+        return Counter({"a token's loss as raysft's mask has it (MindSpeed trains every token after a pair's "
+                        "prompt)": differ} if differ else {})
+
+    def read_pack(self, fs, root, stats, pack):
+        c_ids, c_labels, r_ids, r_labels = (r[pack] for r in self.readers(fs, root))
+        return [(c_ids, c_labels != IGNORE), (r_ids, r_labels != IGNORE)]

@@ -16,6 +16,9 @@ class Native(IndexedLayout):
     trainer = "Megatron-LM / NeMo-style loaders through raysft.reader (cu_seqlens, position ids per sample)"
     summary = "one sequence per sample, one document per pack, loss in the sign bit (default)"
     plain_ids = True  # a plain-text build: Megatron's preprocess_data.py files, byte for byte (--no-pack)
+    # preference pairs: packed by pair, each pair's chosen and rejected samples adjacent (chosen
+    # first); raysft.reader gives each segment's pair and side
+    pairs = True
 
     def encode(self, p: Placement, seq_length: int, pad_id: int) -> list[tuple[np.ndarray, Index]]:
         p.check_capacity(seq_length)

@@ -31,6 +31,7 @@ from .base import IGNORE, IndexedLayout, Placement, fixed_index
 
 class Pai(IndexedLayout):
     name = "pai"
+    counts_samples = False  # its merge counts sequences: one per pack
     trainer = "Pai-Megatron-Patch SFT with sequence packing"
     summary = "Pai-Megatron-Patch: [input ids | shifted labels] per pack, sample ends as -1-id"
 

@@ -12,12 +12,13 @@ Pure (fsspec + json), no engine. What an entry says, as LLaMA-Factory reads it:
   ``response`` (LLaMA-Factory's pretraining entries, ``wiki_demo``: ``{"prompt": "text"}``) is
   plain text (``format: text``);
 * ``tags``: ShareGPT role names (``role_tag``, ``content_tag``, ``user_tag``, ...);
-* ``ranking``, ``kto_tag``, ``images``/``videos``/``audios``: preference, KTO and multimodal
-  data, which a text SFT build does not read.
+* ``ranking: true``: preference pairs (``chosen``/``rejected`` columns), built as a pair
+  dataset when picked with ``--dataset`` (a build is either SFT or pairs);
+* ``kto_tag``, ``images``/``videos``/``audios``: KTO and multimodal data, which raysft does not
+  read.
 
-``--dataset a,b`` picks entries by name (as LLaMA-Factory's ``dataset:``); without it every entry
-whose file is in the folder and that an SFT build can read is built, and the others are named in
-one log line each. A ``datasets`` ``save_to_disk`` folder also holds a ``dataset_info.json``
+``--dataset a,b`` picks entries by name (as LLaMA-Factory's ``dataset:``); without it every SFT
+entry whose file is in the folder is built, and the others are named in one log line each. A ``datasets`` ``save_to_disk`` folder also holds a ``dataset_info.json``
 (with its ``state.json``): that is a saved dataset, read as its Arrow files, not a registry.
 """
 
@@ -35,8 +36,7 @@ REGISTRY = "dataset_info.json"
 ABSENT = " "  # ends the reason of an entry whose data is not in the folder
 HUB_KEYS = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
 FORMATTING = {"alpaca": "alpaca", "sharegpt": "sharegpt", "openai": "openai"}
-NOT_SFT = {"ranking": "preference pairs (ranking: true)", "kto_tag": "KTO data (kto_tag)", "images": "images",
-           "videos": "videos", "audios": "audio"}
+NOT_READ = {"kto_tag": "KTO data (kto_tag)", "images": "images", "videos": "videos", "audios": "audio"}
 
 
 def read_registry(path: str, so: dict | None = None) -> dict | None:
@@ -78,7 +78,7 @@ def registry_sources(folder: str, registry: dict, picked: list[str] | None, defa
     out, absent = [], 0
     for name in picked or list(registry):
         entry = registry[name]
-        why = _unreadable(entry, fs, root)
+        why = _unreadable(entry, fs, root, bool(picked))
         if why:
             if picked:
                 raise SourceError(f"--dataset {name}: {why.strip()}")
@@ -96,17 +96,20 @@ def registry_sources(folder: str, registry: dict, picked: list[str] | None, defa
     return out
 
 
-def _unreadable(entry: dict, fs, root: str) -> str:
-    """Why an SFT build cannot read this entry ("" when it can)."""
+def _unreadable(entry: dict, fs, root: str, picked: bool = False) -> str:
+    """Why this build does not read this entry ("" when it does): preference pairs only when
+    picked by name."""
     if "file_name" not in entry:
         hub = next((k for k in HUB_KEYS if k in entry), None)
         return f"it names a hub dataset ({hub}); raysft reads local or object-store files only{ABSENT}" if hub \
             else "it has no file_name"
     if not isinstance(entry["file_name"], str):
         return "its file_name is not a string"
-    for key, what in NOT_SFT.items():
+    for key, what in NOT_READ.items():
         if entry.get(key) or (entry.get("columns") or {}).get(key):
-            return f"{what} are not SFT records"
+            return f"{what}, which raysft does not read"
+    if entry.get("ranking") and not picked:
+        return "preference pairs (ranking: true): pick them with --dataset to build a pair dataset"
     fmt = entry.get("formatting", "alpaca")
     if fmt not in FORMATTING:
         return f"formatting {fmt!r} is not one of {', '.join(FORMATTING)}"

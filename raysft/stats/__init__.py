@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .pack import unique_rows
+from ..pack import unique_rows
 
 PERCENTILES = {"p25": 25, "p50": 50, "p75": 75, "p99": 99}
 
@@ -88,13 +88,19 @@ def format_summary(stats: dict) -> str:
         f"+ {drop:,} dropped",
         f"tokens           {stats['tokens']:>12,}  (loss-bearing {stats['loss_tokens']:,})",
     ]
-    if stats.get("packs"):
+    pairs = stats.get("pairs")
+    if pairs:
+        lines.insert(2, f"pairs written    {pairs['written']:>12,}  (chosen side {pairs['chosen_tokens']:,} tokens, "
+                        f"rejected side {pairs['rejected_tokens']:,}; a pair's two samples side by side in one pack)")
+    if pairs and not pairs.get("packed", True):
+        lines.append(f"packs            {stats['packs']:>12,}  one pair each (the trainer reads pairs unpacked)")
+    elif stats.get("packs"):
         lines.append(
             f"packs            {stats['packs']:>12,}  of {stats['seq_length']} tokens, lower bound "
             f"{stats['lower_bound_packs']:,}, efficiency {stats['packing_efficiency']:.2%}"
         )
     lines.append(
-        f"sample length    mean {L['mean']:.1f}  std {L['std']:.1f}  min {L['min']}  p50 {L['p50']:g}  "
+        f"{'pair length   ' if pairs else 'sample length '}   mean {L['mean']:.1f}  std {L['std']:.1f}  min {L['min']}  p50 {L['p50']:g}  "
         f"p99 {L['p99']:g}  max {L['max']}"
     )
     if stats.get("epochs", 1) > 1:
@@ -136,15 +142,13 @@ def _why_more(stats: dict) -> str:
     return ", ".join(why) or f"--overlong {stats['overlong']['policy']}"
 
 
+def format_reasons(d: dict) -> str:
+    """Counts by reason, one line: ``overlong: 3, role_order: 1``."""
+    return ", ".join(f"{k}: {v:,}" for k, v in sorted(d.items()))
+
+
 def _reasons(d: dict) -> str:
-    return "(" + ", ".join(f"{k}: {v:,}" for k, v in sorted(d.items())) + ")"
-
-
-if __name__ == "__main__":  # python -m raysft.stats: the input-statistics command
-    from .build import exit_now
-    from .inputstats import main
-
-    exit_now(main())
+    return f"({format_reasons(d)})"
 
 
 # --------------------------------------------------------------------------- per block
@@ -168,7 +172,7 @@ def block_stats(table, seq_length: int) -> tuple[dict, dict]:
     the block (``block_rejects``)."""
     from collections import Counter
 
-    from .samples import TEMPLATE_PATHS, kept_mask
+    from ..samples import TEMPLATE_PATHS, kept_mask
 
     n = table.column("n").to_numpy()
     orig_n = table.column("orig_n").to_numpy()
@@ -200,6 +204,9 @@ def block_stats(table, seq_length: int) -> tuple[dict, dict]:
         "hist_all": np.bincount(orig_n[measured].astype(np.int64)) if measured.any() else np.zeros(1, np.int64),
         "hist_kept": np.bincount(lk) if len(lk) else np.zeros(1, np.int64),
         "loss_tokens": int(table.column("loss_n").to_numpy()[kept].sum()),
+        # preference pairs kept (one row each) and their chosen sides' tokens
+        "pairs": int((table.column("chosen_n").to_numpy()[kept] > 0).sum()),
+        "chosen_tokens": int(table.column("chosen_n").to_numpy()[kept].astype(np.int64).sum()),
         "reasons": reasons,
         "first_bad": first_bad,
         "encoder": [int(table.column(k).to_numpy().sum()) for k in ("enc_checked", "enc_mismatch", "enc_fallback")],
@@ -233,7 +240,7 @@ def _per_source(table, first: np.ndarray, kept: np.ndarray) -> dict:
 
 def _parity_stats(table) -> dict:
     """Chat-template parity outcomes of a block (raysft.parity) and its first failures."""
-    from .parity import MISMATCH, REFUSED, UNCHECKED
+    from ..parity import MISMATCH, REFUSED, UNCHECKED
 
     if "tpl_parity" not in table.column_names:
         return {}
@@ -248,7 +255,7 @@ def _parity_stats(table) -> dict:
 def block_rejects(table) -> list[dict]:
     """The rejected and dropped rows of a block, as ``rejects.jsonl`` wants them (the record
     cut to 4 KB), in input order."""
-    from .samples import kept_mask
+    from ..samples import kept_mask
 
     bad = np.flatnonzero(~kept_mask(table).to_numpy(zero_copy_only=False))
     if not len(bad):
@@ -274,6 +281,7 @@ class Totals:
         from collections import Counter
 
         self.rows = self.rows_written = self.samples = self.overlong_kept = self.loss_tokens = 0
+        self.pairs = self.chosen_tokens = 0
         self.rows_per_src: Counter = Counter()
         self.hist_all: np.ndarray | None = None
         self.hist_kept: np.ndarray | None = None
@@ -288,8 +296,8 @@ class Totals:
         self.cached_rows = 0
 
     def add(self, s: dict) -> None:
-        for k in ("rows", "rows_written", "samples", "overlong_kept", "loss_tokens"):
-            setattr(self, k, getattr(self, k) + s[k])
+        for k in ("rows", "rows_written", "samples", "overlong_kept", "loss_tokens", "pairs", "chosen_tokens"):
+            setattr(self, k, getattr(self, k) + s.get(k, 0))
         self.rows_per_src.update(s["rows_per_src"])
         self.hist_all = add_hist(self.hist_all, s["hist_all"])
         self.hist_kept = add_hist(self.hist_kept, s["hist_kept"])
