@@ -5,7 +5,7 @@
 #
 # usage: jobs/cron_submit.sh CONFIG.yaml [extra raysft.build flags...]
 # env:   RAY_ADDRESS     dashboard address of the cluster (default http://127.0.0.1:8265)
-#        RAY_AUTH_MODE   must match the cluster's setting (see README, "Running on a cluster")
+#        RAY_AUTH_MODE   must match the cluster's setting (see docs/cluster.md)
 #        WORKING_DIR     code to ship with the job (default: this repository); the paths the
 #                        job file names (e.g. --tokenizer example/tokenizer) are uploaded with it
 #        PYTHON          the interpreter with raysft and ray[default] (default: python3)

@@ -33,7 +33,7 @@ BUILTINS: dict[str, Builtin] = {name: b for fam in FAMILIES for name, b in fam.F
 MARKERS: dict[str, tuple[str, ...]] = {name: b.markers for name, b in BUILTINS.items()}
 TEMPLATE_NAMES = (*BUILTINS, "auto")
 # The names LLaMA-Factory (``template:``) and MindSpeed-LLM (``--prompt-type``) give the formats
-# raysft has built in: each maps to the built-in that writes the same text (README: "Templates").
+# raysft has built in: each maps to the built-in that writes the same text (docs/inputs.md, "Templates").
 ALIASES = {
     "qwen": "qwen2", "qwen2.5": "qwen2", "qwen2_5": "qwen2", "intern2": "internlm2", "internlm": "internlm2",
     "deepseek3": "deepseek-v3", "deepseekv3": "deepseek-v3", "deepseek_v3": "deepseek-v3",
@@ -58,7 +58,7 @@ def canonical_template(name: str) -> str:
     close = difflib.get_close_matches(name, known, n=4, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     raise TemplateError(f"unknown template {name!r}{hint} (built-ins: {', '.join(TEMPLATE_NAMES)}; "
-                        "LLaMA-Factory/MindSpeed names: see the README's template table)")
+                        "LLaMA-Factory/MindSpeed names: see the template table of docs/inputs.md)")
 
 
 def unknown_kwargs(name: str, kwargs: dict | None) -> str | None:
