@@ -134,7 +134,7 @@ def test_dockerfile_copies_existing_paths():
 def test_every_output_affecting_setting_has_a_flag():
     """Each setting that changes output bytes can be given on the command line (one was lost
     once: --add-special-tokens existed in the config and the driver but not in the CLI)."""
-    from raysft.engine.driver import FINGERPRINT_FLAGS
+    from raysft.engine.prepare import FINGERPRINT_FLAGS
 
     flags = {a.dest for a in parser()._actions}
     internal = {"shard_tokens", "chunk_bytes"}  # sizes the tests and benchmarks set, not users

@@ -110,6 +110,23 @@ def test_engine_flag(tmp_path):
         config_from_args(base + ["--engine", "spark"])
 
 
+def test_both_engines_are_executors_the_stages_are_written_against(tmp_path):
+    from raysft.config import BuildConfig
+    from raysft.engine.executor import Executor, LocalExecutor, RayExecutor, make_executor
+
+    cfg = BuildConfig(inputs=["x.jsonl"], output=str(tmp_path / "o"), tokenizer="t")
+    for cls in (RayExecutor, LocalExecutor):
+        missing = [name for name in ("start", "tokenized", "task", "get", "wait", "put", "check_storage", "close",
+                                     "shared_memory") if not hasattr(cls, name)]
+        assert not missing, (cls.__name__, missing)
+    ex = make_executor(cfg, "local")
+    try:
+        assert isinstance(ex, Executor) and ex.shared_memory
+    finally:
+        ex.close()
+    assert isinstance(RayExecutor(cfg), Executor) and not RayExecutor.shared_memory
+
+
 def _no_actor(kwargs, spill):  # for the test below: a tokenizer process with nothing to load
     pass
 
@@ -188,7 +205,8 @@ def test_cached_chunks_need_every_entry_whatever_the_worker_count(tmp_path, inpu
     that cut the last chunks for two workers serves a run that would cut them for one or for
     eight, and the chunks it hands on are the ones the entries were made of."""
     from raysft.config import BuildConfig
-    from raysft.engine.driver import cached_chunks, prepare, run
+    from raysft.engine.driver import run
+    from raysft.engine.prepare import cached_chunks, prepare
     from raysft.read import split_tail
 
     cache = tmp_path / "cache"

@@ -118,7 +118,7 @@ def test_an_engines_idle_ticks_are_no_sign_of_life():
     the tokenize stage, not be kept alive by the ticks."""
     import types
 
-    from raysft.engine.driver import tokenize_and_measure
+    from raysft.engine.measure import tokenize_and_measure
     from raysft.engine.watch import Stalled, Watchdog
 
     class Idle:

@@ -86,7 +86,7 @@ def _case(name: str, tmp_path, shared_data, llama3_dir, monkeypatch) -> tuple[li
         def bug(*a, **k):
             raise ZeroDivisionError("division by zero")
 
-        monkeypatch.setattr("raysft.engine.driver.plan_bfd", bug)
+        monkeypatch.setattr("raysft.engine.plan.plan_bfd", bug)
         return ["--input", good, *base], errors.INTERNAL, ["internal error (ZeroDivisionError)", "--debug"]
     raise AssertionError(name)
 

@@ -81,7 +81,7 @@ def test_build_reports_parity_and_strict_fails(tmp_path, ray_session, shared_dat
 
 def test_parity_off_or_without_a_chat_template(qwen3):
     from raysft.config import BuildConfig
-    from raysft.engine.driver import parity_rate, parity_result
+    from raysft.engine.measure import parity_rate, parity_result
 
     cfg = BuildConfig(parity="off")
     assert parity_rate(cfg, qwen3, [], [object()], {}) == 0
@@ -115,7 +115,7 @@ def test_the_sample_is_the_size_asked_for_on_pretty_printed_json(tmp_path, share
     """A pretty-printed JSON array takes two to three times its records' compact bytes: the
     rate is judged by the bytes a record takes in the file."""
     from raysft.config import BuildConfig
-    from raysft.engine.driver import parity_rate
+    from raysft.engine.measure import parity_rate
     from raysft.read import expand_inputs, plan_chunks
 
     records = json.loads((shared_data / "alpaca_en_demo.json").read_text()) * 4

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from raysft.config import BuildConfig
-from raysft.engine.driver import with_absolute_paths
+from raysft.engine.prepare import with_absolute_paths
 
 ROOT = Path(__file__).resolve().parents[1]
 QWEN3 = ROOT.parent / "shared" / "tokenizers" / "qwen3"

@@ -26,12 +26,37 @@ import concurrent.futures as cf
 import logging
 import os
 import time
+from collections.abc import Callable, Iterator
+from typing import Protocol, runtime_checkable
 
 from ..config import ENGINES
 
 log = logging.getLogger("raysft")
 
 ACTOR_RETRIES = 3  # restarts of a tokenizer actor, and retries of its tasks (lineage included)
+
+
+@runtime_checkable
+class Executor(Protocol):
+    """What the stages ask of an engine (module doc); ``RayExecutor`` and ``LocalExecutor``."""
+
+    shared_memory: bool  # tasks share the driver's memory: writers read blocks in place
+
+    def start(self, chunks: int, input_bytes: int = 0): ...  # the tokenizer pool's size (TokenizePool)
+
+    def tokenized(self, chunks: list, actor_kwargs: dict, pool) -> Iterator[list | None]: ...
+
+    def task(self, fn, num_cpus: float = 1, num_returns: int = 1) -> Callable: ...
+
+    def get(self, refs): ...
+
+    def wait(self, refs: list, num_returns: int = 1, timeout: float | None = None) -> tuple[list, list]: ...
+
+    def put(self, obj): ...
+
+    def check_storage(self, cfg, files, so, tmp_url) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class RayExecutor:
