@@ -21,7 +21,7 @@ from .config import (
     BuildConfig,
     SettingError,
 )
-from .errors import OneLineParser
+from .errors import OneLineParser, classify
 from .layouts import LAYOUTS, REGISTRY
 from .templates import ALIASES, TEMPLATE_NAMES
 
@@ -293,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"raysft.build: error: {e}", file=sys.stderr)
         return 2
+
+    # the engine and the stages (pyarrow, the encoders) load only when a build runs: --help and
+    # a usage error answer at once
     from .engine.driver import run
     from .engine.session import stop_ray
 
@@ -302,8 +305,6 @@ def main(argv: list[str] | None = None) -> int:
 def guarded(prog: str, work, cleanup, debug: bool = False) -> int:
     """Run a command's work: one error line and its exit code on failure (see raysft.errors)."""
     import signal
-
-    from .errors import classify
 
     def on_term(signum, frame):
         raise KeyboardInterrupt

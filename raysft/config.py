@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
+from .errors import USAGE
+
 # every setting's choices (the layouts' are their registry's: raysft.layouts.LAYOUTS)
 FORMATS = ("auto", "alpaca", "sharegpt", "openai", "text")
 LOSS_POLICIES = ("assistant", "last", "all")
@@ -35,6 +37,8 @@ AT_LEAST = {"pad_to_multiple": 1, "parity_rows": 1, "batch_size": 1, "num_shards
 
 class SettingError(ValueError):
     """A setting's value is not one it takes: one line, exit 2 (usage)."""
+
+    exit_code = USAGE
 
 
 @dataclass(frozen=True)
@@ -126,6 +130,7 @@ class BuildConfig:
         """A checked config from field values as a user gives them (a job file's or the CLI's):
         comma lists, ``--map-keys`` text, peer template names, JSON text, a count-or-fraction
         validation and a zero stall timeout normalized first."""
+        # (the registries import this module's choices: imported here, see check)
         from .normalize import parse_map_keys
         from .templates import TemplateError, canonical_template
 
@@ -156,6 +161,8 @@ class BuildConfig:
 
     def check(self) -> BuildConfig:
         """Every setting within its choices and range (one line naming the flag otherwise)."""
+        # the registries (layouts, templates, sources) import this module's choices: they are
+        # consulted when a config is checked, not when this module is imported
         from .layouts import LAYOUTS
         from .templates import unknown_kwargs
 
@@ -175,7 +182,7 @@ class BuildConfig:
         if not isinstance(self.sources, list):
             raise SettingError("sources must be a list of mappings (each with at least 'input')")
         if self.validation is not None:
-            from .sources import SourceError, Validation
+            from .sources import SourceError, Validation  # (a registry module, see check)
 
             try:
                 Validation.parse(str(self.validation))

@@ -36,6 +36,7 @@ from itertools import chain
 import numpy as np
 
 from .config import ENCODERS
+from .errors import BAD_INPUT
 
 log = logging.getLogger("raysft")
 
@@ -44,6 +45,8 @@ PARITY_EVERY = 100  # rows of every 100 (by hash) are encoded by both encoders a
 
 class EncoderError(ValueError):
     """An encoder that was asked for and cannot be used."""
+
+    exit_code = BAD_INPUT
 
 
 # --------------------------------------------------------------------------- token bytes

@@ -26,6 +26,8 @@ OK, BAD_INPUT, USAGE, STORAGE, CLUSTER, INTERNAL, INTERRUPTED = 0, 1, 2, 3, 4, 7
 class BuildError(RuntimeError):
     """A failure to report as one clear line (bad input, bad settings): exit 1."""
 
+    exit_code = BAD_INPUT
+
 
 def _unwrap(e: BaseException) -> BaseException:
     seen = 0
@@ -57,34 +59,16 @@ def _first_line(e: BaseException) -> str:
 
 
 def classify(e: BaseException) -> tuple[int, str]:
-    """(exit code, one line) for an exception that ended a command."""
-    from .config import SettingError
-    from .encode import EncoderError
-    from .engine.session import ClusterError
-    from .engine.storage import StorageRuleError
-    from .engine.watch import Stalled
-    from .merge import MergeError
-    from .output import OutputError
-    from .read import InputError, StorageUnavailable
-    from .sources import SourceError
-    from .templates import TemplateError
-    from .tokenize import TokenizerError
-
-    if isinstance(e, SettingError):
-        return USAGE, _first_line(e)
+    """(exit code, one line) for an exception that ended a command. raysft's own errors say their
+    code (``exit_code``, declared beside each in its module); the rest are classed here."""
     if isinstance(e, KeyboardInterrupt):
         return INTERRUPTED, "interrupted: nothing was committed to the output; rerun with --resume to continue"
     inner = _unwrap(e)
     name = type(inner).__name__
     msg = _first_line(inner)
-    if isinstance(inner, StorageUnavailable):
-        return STORAGE, msg
-    if isinstance(inner, (BuildError, InputError, TemplateError, TokenizerError, EncoderError, SourceError)):
-        return BAD_INPUT, msg
-    if isinstance(inner, (OutputError, MergeError, StorageRuleError)):
-        return STORAGE, msg
-    if isinstance(inner, (ClusterError, Stalled)):
-        return CLUSTER, msg
+    code = getattr(inner, "exit_code", None)
+    if isinstance(code, int):
+        return code, msg
     if isinstance(inner, OSError):
         if inner.errno == errno.ENOSPC:
             return STORAGE, f"no space left on the device{_where(inner)}"

@@ -19,6 +19,7 @@ import random
 import shutil
 import sys
 
+from .build import main as build_main
 from .errors import OneLineParser
 
 TOOLS = [
@@ -135,7 +136,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_build:
         return 0
     print("running: python -m raysft.build " + " ".join(build_args), file=sys.stderr)
-    from .build import main as build_main
 
     return build_main(build_args)
 

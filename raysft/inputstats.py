@@ -12,9 +12,13 @@ import argparse
 
 import numpy as np
 
+from .build import guarded
 from .config import BuildConfig
+from .engine.driver import measure_inputs
+from .engine.session import stop_ray
 from .errors import OneLineParser
 from .normalize import FORMATS, parse_map_keys
+from .pack import plan_bfd
 from .stats import length_summary, percentile_from_hist
 from .templates import TEMPLATE_NAMES
 
@@ -29,8 +33,6 @@ def pack_table(hist: np.ndarray, candidates=CANDIDATES, capacity=lambda S: S) ->
     """Per candidate seq-length: the samples and tokens that fit (``--overlong drop``), the
     packs best-fit-decreasing makes of them (the build's planner, on the histogram: no
     writing) and the lower bound."""
-    from .pack import plan_bfd
-
     hist = np.asarray(hist, dtype=np.int64)
     lengths = np.arange(len(hist))
     total = int(np.dot(lengths, hist)) or 1
@@ -98,9 +100,6 @@ def main(argv: list[str] | None = None) -> int:
         candidates = tuple(int(x) for x in args.seq_lengths.split(",")) if args.seq_lengths else CANDIDATES
     except ValueError:
         p.error("--seq-lengths takes integers separated by commas")
-    from .build import guarded
-    from .engine.driver import measure_inputs
-    from .engine.session import stop_ray
 
     def work():
         print(report(measure_inputs(cfg), candidates))

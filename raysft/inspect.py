@@ -18,6 +18,8 @@ from .errors import OneLineParser
 from .fs import get_fs, join, storage_options
 from .layouts import layout_of
 from .provenance import read_provenance
+from .read import line_number
+from .tokenize import load_tokenizer_info
 
 EXAMPLE = """\
 examples:
@@ -39,7 +41,6 @@ class Dataset:
         self.prov = read_provenance(self.fs, self.root)
         with self.fs.open(join(self.root, "inputs.json"), "r") as f:
             self.inputs = json.load(f)
-        from .tokenize import load_tokenizer_info
 
         self.tok = load_tokenizer_info(tokenizer or self.stats["tokenizer"]).load()
         self.so = so
@@ -56,8 +57,6 @@ class Dataset:
     def describe(self, p) -> str:
         url = self.inputs[int(p["src"])]
         if p["offset"] >= 0:
-            from .read import line_number
-
             where = f"line {line_number(url, int(p['offset']), self.so)}"
         else:
             where = f"record {int(p['row'])}"

@@ -22,6 +22,8 @@ import struct
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
+from .errors import STORAGE
+from .fs import call_within
 from .indexed import CODE_DTYPES, DTYPE_CODES, HEADER_SIZE, MAGIC, VERSION, Index, decode_index
 
 COPY_BUFFER = 16 << 20
@@ -30,7 +32,7 @@ S3_MAX_PART = 5 << 30  # S3's largest part (a server-side copy range too)
 
 
 class MergeError(RuntimeError):
-    pass
+    exit_code = STORAGE
 
 
 def merge_indexes(indexes: list[Index]) -> Index:
@@ -271,8 +273,6 @@ def _copy_s3(fs, sources: list[str], dest: str) -> list[int]:
 def _abort_upload(fs, bucket: str, key: str, uid: str, limit_s: float = 10.0) -> None:
     """Abort a multipart upload (its parts would be kept, and billed), given ``limit_s``: the
     error being raised may be the storage's own (a frozen endpoint), and must not wait on it."""
-    from .fs import call_within
-
     def abort() -> None:
         try:
             fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=uid)

@@ -35,6 +35,7 @@ import socket
 import threading
 import time
 
+from .errors import STORAGE
 from .fs import join
 
 log = logging.getLogger("raysft")
@@ -50,6 +51,8 @@ HEARTBEAT_S = 30.0
 
 class OutputError(RuntimeError):
     """The output folder cannot be written as asked (one clear line)."""
+
+    exit_code = STORAGE
 
 
 def safe_rel(rel) -> bool:

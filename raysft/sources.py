@@ -33,12 +33,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .errors import BAD_INPUT
+from .normalize import FORMATS, parse_map_keys
 from .pack import mix64  # the one splitmix64 finalizer (slot shuffles use it too)
 from .samples import kept_mask
+from .templates import LOSS_POLICIES
 
 
 class SourceError(ValueError):
     """A source or mixture specification that cannot be used (one line)."""
+
+    exit_code = BAD_INPUT
 
 
 @dataclass
@@ -62,9 +67,6 @@ SOURCE_KEYS = ("name", "input", "inputs", "format", "map_keys", "loss", "share",
 def parse_sources(specs: list, defaults: dict) -> list[Source]:
     """``sources:`` of a job file or ``--source`` values (mappings) -> sources. Keys a source
     leaves out take the build's own (``format``, ``map_keys``, ``loss``)."""
-    from .normalize import FORMATS, parse_map_keys
-    from .templates import LOSS_POLICIES
-
     out: list[Source] = []
     for k, spec in enumerate(specs):
         where = f"source {k + 1}"

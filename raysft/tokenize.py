@@ -25,11 +25,18 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import OVERLONG_POLICIES
-from .templates import Rendered, Specials
+from .encode import Batch, TokenBytes, choose
+from .errors import BAD_INPUT
+from .fs import get_fs
+from .normalize import Document, Pair, RecordError, normalize
+from .parity import MATCH, MISMATCH, REFUSED, picked
+from .templates import MARKERS, Rendered, Specials, Template
 
 
 class TokenizerError(ValueError):
     """A tokenizer path that cannot be loaded."""
+
+    exit_code = BAD_INPUT
 
 
 @dataclass
@@ -80,8 +87,6 @@ class TokenizerInfo:
         computed once and sent along with the info."""
         tb = self.__dict__.get("_token_bytes")
         if tb is None:
-            from .encode import TokenBytes
-
             tb = self.__dict__["_token_bytes"] = TokenBytes.from_json(self.tokenizer_json)
         return tb
 
@@ -93,8 +98,6 @@ class TokenizerInfo:
         node reads it, and return the small reference the tokenizer actors are made with: an
         actor whose constructor arguments are inline can always be re-created by Ray (a 10 MB
         argument would sit in the object store, which may lose it)."""
-        from .fs import get_fs
-
         fs, path = get_fs(url, so or {})
         with fs.open(path, "w") as f:
             json.dump(dataclasses.asdict(self), f)  # the fields only (not the tokenizer built from them)
@@ -119,8 +122,6 @@ class TokenizerFile:
     path: str
 
     def load(self, so: dict | None = None) -> TokenizerInfo:
-        from .fs import get_fs
-
         fs, path = get_fs(self.path, so or {})
         with fs.open(path, "r") as f:
             d = json.load(f)
@@ -394,9 +395,6 @@ class SampleBuilder:
         parity=None,
         think_loss: str = "auto",
     ):
-        from .encode import choose
-        from .templates import Template
-
         self.info = info
         self.encoder = choose(encoder, info)[0] if isinstance(encoder, str) else encoder
         self.tokenizer = info.shared()
@@ -408,7 +406,6 @@ class SampleBuilder:
         self.keys = map_keys or {}
         self.max_chars = max_chars
         self.parity = parity  # a raysft.parity.TemplateParity, or None
-        from .templates import MARKERS
 
         # markers this tokenizer has no single token for: a cut could fall inside them
         markers = MARKERS.get(getattr(self.template, "name", ""), ()) + tuple(info.special_strings) + tuple(s for s in (info.bos, info.eos) if s)
@@ -417,8 +414,6 @@ class SampleBuilder:
     def unsafe_cuts(self, raw: bytes) -> np.ndarray | None:
         """Cut positions inside a template marker, for one (overlong) record (None for a
         plain-text document: no template wrote it)."""
-        from .normalize import Document, normalize
-
         sample = normalize(json_loads(raw), self.fmt, self.keys)
         if isinstance(sample, Document):
             return None
@@ -438,8 +433,6 @@ class SampleBuilder:
             at = next((k for k in range(len(with_sp) - len(bare) + 1) if with_sp[k : k + len(bare)] == bare), None)
             eos = self.info.token_to_id(self.info.eos) if self.info.eos is not None else None
             if at is None or eos is None:
-                from .normalize import RecordError
-
                 raise RecordError("no_eos" if eos is None else "template_error",
                                   "the tokenizer has no EOS token to end a plain-text document with" if eos is None
                                   else "the tokenizer's post-processor changes a text's own tokens")
@@ -452,8 +445,6 @@ class SampleBuilder:
         """Decode, normalize and render records; failures go to reasons/messages, plain-text
         documents (``format: text``) to ``docs`` as (record, text). A preference pair renders
         as two conversations, chosen then rejected, both placed at its record."""
-        from .normalize import Document, Pair, RecordError, normalize
-
         rendered: list[Rendered] = []
         where: list[int] = []
         template, fmt, keys, max_chars = self.template, self.fmt, self.keys, self.max_chars
@@ -560,8 +551,6 @@ class SampleBuilder:
         and ``ok`` completed in place): each the post-processor's tokens + its text's tokens +
         EOS, every token with loss (``document_ends``); every kept record's tokens in record
         order. Returns the tokens and the batch's encoder counts."""
-        from .encode import Batch
-
         texts = [t for _, t in docs]
         plain = self.encoder.encode(texts, [[(0, len(t))] for t in texts])  # the same encoder, parity and fallback
         pre, post = self.document_ends()
@@ -577,9 +566,6 @@ class SampleBuilder:
     def _parity(self, raws, values, lengths, ok, first) -> np.ndarray | None:
         """The chat-template parity outcome of each picked record that was written (a pair's
         is the worse of its two sides')."""
-        from .normalize import Document, Pair, normalize
-        from .parity import MATCH, MISMATCH, REFUSED, picked
-
         p = self.parity
         if p is None:
             return None

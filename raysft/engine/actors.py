@@ -9,8 +9,12 @@ import threading
 import numpy as np
 import pyarrow as pa
 
+from ..cache import Cache, chunk_key
+from ..encode import Loading
+from ..parity import TemplateParity
 from ..read import Chunk, chunk_digest, read_chunk
 from ..samples import Align, encode_records, fit_records
+from ..tokenize import SampleBuilder, TokenizerFile
 
 
 class TokenizeAndMask:
@@ -37,10 +41,6 @@ class TokenizeAndMask:
             # the encoders' thread pools start on first use: size them to this actor's cores
             os.environ["RAYON_NUM_THREADS"] = str(max(1, threads))
             os.environ["FASTOKENS_BPE_THREADS"] = str(max(1, threads))
-        from ..cache import Cache
-        from ..encode import Loading
-        from ..parity import TemplateParity
-        from ..tokenize import TokenizerFile
 
         if isinstance(info, TokenizerFile):  # the Ray engine's actors read the build's tokenizer from the output
             info = info.load(so)
@@ -70,8 +70,6 @@ class TokenizeAndMask:
             gc.freeze()
 
     def builder_for(self, source: int):
-        from ..tokenize import SampleBuilder
-
         with self._lock:
             if source not in self.builders:
                 s = self.sources[source]
@@ -84,8 +82,6 @@ class TokenizeAndMask:
         """Tokenizing is over (the actor stays up only so lineage can re-run a lost chunk here):
         free the encoder, the builders and their template plans, made again on first use as at
         the start, so the actor's memory does not sit beside the writers'."""
-        from ..encode import Loading
-
         with self._lock:
             self.builders.clear()
             self.encoder = Loading(self.encoder_mode, self.info, parity=True, start=False)
@@ -118,7 +114,6 @@ class TokenizeAndMask:
         ``digest``: the chunk's content digest, where it was computed already."""
         if self.cache is None:
             return None
-        from ..cache import chunk_key
 
         source = self.file_source[c.pieces[0].src]
         S = self.seq_length

@@ -34,6 +34,7 @@ from .measure import Blocks, actor_kwargs, measure, start_with_encoder, tokenize
 from .mixture import mix
 from .plan import plan
 from .prepare import OUTPUT_FILES, cached_chunks, check_output_outside_inputs, fingerprint, prepare, with_absolute_paths
+from .session import starts_ray
 from .watch import Watchdog
 from .writing import write
 
@@ -104,8 +105,6 @@ def _run(cfg: BuildConfig, t0: float, watch: Watchdog) -> dict:
 
 def _build(b: Build) -> dict:
     """Choose the engine (none, where the tokenized cache holds every chunk), then the stages."""
-    from .session import starts_ray
-
     cfg, digests, complete = b.cfg, None, False
     if cfg.cache and b.chunks and (cfg.engine == "local" or starts_ray(cfg)):
         # every entry there: nothing is tokenized, so no tokenizer is built and, with the Ray

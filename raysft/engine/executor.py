@@ -30,6 +30,11 @@ from collections.abc import Callable, Iterator
 from typing import Protocol, runtime_checkable
 
 from ..config import ENGINES
+from ..read import Chunk
+from .actors import TokenizeAndMask
+from .session import ClusterError, TokenizePool, init_ray, node_cpus, place_actors, size_pool
+from .storage import check_shared_storage
+from .watch import HeadMonitor
 
 log = logging.getLogger("raysft")
 
@@ -64,8 +69,6 @@ class RayExecutor:
         self.cfg = cfg
 
     def start(self, chunks: int, input_bytes: int = 0):
-        from .session import init_ray, node_cpus, size_pool
-
         init_ray(self.cfg, input_bytes)
         self._watch_head()
         self.nodes = node_cpus()  # what the actors are sized for and placed on
@@ -88,9 +91,6 @@ class RayExecutor:
         again by lineage, on an actor Ray restarts elsewhere; they live until ``close()``."""
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        from .actors import TokenizeAndMask
-        from .session import place_actors
 
         # no CPUs reserved: the actors stay up (for lineage) while the writers run, and a
         # reservation would hold the CPUs the writers need; how many run where is decided here
@@ -150,16 +150,12 @@ class RayExecutor:
         return ray.put(obj)
 
     def check_storage(self, cfg, files, so, tmp_url) -> None:
-        from .storage import check_shared_storage
-
         check_shared_storage(cfg, files, so, tmp_url)
 
     head = None  # the HeadMonitor while Ray is up
 
     def _watch_head(self) -> None:
         import ray
-
-        from .watch import HeadMonitor
 
         try:
             address = ray.get_runtime_context().gcs_address
@@ -211,7 +207,6 @@ def _start_actor(kwargs: dict, spill: str) -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver handles ^C and stops the pool
-    from .actors import TokenizeAndMask
 
     _ACTOR, _SPILL = TokenizeAndMask(**kwargs), spill
 
@@ -220,8 +215,6 @@ def _tokenize_chunk(item: dict, key: str | None = None) -> list[str]:
     """One chunk's blocks, each written to an Arrow IPC file the driver maps (no copy through
     a pipe, and the page cache, not the driver's heap, holds them). ``key``: its cache entry
     is known to be missing (the driver looked): the chunk is tokenized and the entry written."""
-    from ..read import Chunk
-
     c = Chunk.from_item(item)
     tables = _ACTOR.tokenize(c, (None, key, None)) if key else _ACTOR.tokenize_chunk(c)
     return [_write_table(t, _SPILL) for t in tables if t.num_rows]
@@ -229,8 +222,6 @@ def _tokenize_chunk(item: dict, key: str | None = None) -> list[str]:
 
 def _lookup(lookups, item: dict, digests: dict) -> tuple:
     """A chunk's tables from the cache (None: no usable entry), the chunk and its entry's key."""
-    from ..read import Chunk
-
     c = Chunk.from_item(item)
     tables, key, _ = lookups.lookup(c, digests.get(c.chunk))
     return tables, item, key
@@ -274,8 +265,6 @@ class LocalExecutor:
         return max(1, min(self.cfg.tokenize_workers or self.cpus, chunks or 1))
 
     def start(self, chunks: int, input_bytes: int = 0):
-        from .session import TokenizePool
-
         workers = self.workers_for(chunks)
         threads = max(1, round(self.cpus / workers))
         log.info("local engine: %d tokenizer process(es), %d encoder thread(s) each, %d CPUs", workers, threads,
@@ -296,8 +285,6 @@ class LocalExecutor:
         kwargs = actor_kwargs | {"threads": pool.threads}
         lookups = None
         if actor_kwargs.get("cache"):
-            from .actors import TokenizeAndMask
-
             lookups = TokenizeAndMask(**kwargs, process=False)
         items = [c.to_item() for c in chunks]
         pending: dict = {}  # future -> "lookup" or "tokenize"
@@ -326,8 +313,6 @@ class LocalExecutor:
                 try:
                     paths = f.result()
                 except cf.process.BrokenProcessPool:
-                    from .session import ClusterError
-
                     raise ClusterError("a tokenizer process of --engine local died (killed, or out of memory: "
                                        "try fewer --tokenize-workers or a smaller --batch-size); nothing was "
                                        "committed") from None

@@ -13,16 +13,19 @@ import numpy as np
 
 from .. import __version__ as RAYSFT_VERSION
 from .. import stats as stats_mod
+from ..cache import Cache, verdict_key
 from ..config import BuildConfig
 from ..encode import EncoderStats, choose
 from ..errors import BuildError
 from ..fs import get_fs, join
 from ..layouts import PAIR_LAYOUTS, get_layout
-from ..read import describe_position, split_tail
+from ..parity import sample_rate, summary
+from ..read import describe_position, read_chunk, split_tail
 from ..samples import Align
 from .context import Build
 from .prepare import VERSION, source_settings
-from .session import TokenizePool
+from .session import COMPRESSED_RATIO, TokenizePool
+from .tasks import measure_block
 from .watch import Watchdog
 
 log = logging.getLogger("raysft")
@@ -78,8 +81,6 @@ def pick_encoder(cfg: BuildConfig, info, files, so) -> tuple[str, EncoderStats]:
     texts = _sample_texts(files, so)
     cache = key = None
     if cfg.cache:
-        from ..cache import Cache, verdict_key
-
         cache, key = Cache(cfg.cache, so), verdict_key(info, cfg.encoder, texts, f"{VERSION}-{RAYSFT_VERSION}")
         v = cache.verdict(key)
         if v is not None:
@@ -98,8 +99,6 @@ def pick_encoder(cfg: BuildConfig, info, files, so) -> tuple[str, EncoderStats]:
 def input_bytes(files) -> int:
     """About how many bytes the inputs hold once decompressed (``COMPRESSED_RATIO`` a
     compressed byte): what the object store and the parity sample are sized from."""
-    from .session import COMPRESSED_RATIO
-
     return sum(f.size * (COMPRESSED_RATIO if f.compression else 1) for f in files)
 
 
@@ -134,8 +133,6 @@ def parity_rate(cfg: BuildConfig, info, files, chunks, so) -> int:
     with (no chat template in the tokenizer) or --parity off."""
     if cfg.parity == "off" or not info.chat_template or not chunks:
         return 0
-    from ..parity import sample_rate
-    from ..read import read_chunk
 
     try:
         rows = next(iter(read_chunk(chunks[0], so, 256)))
@@ -154,8 +151,6 @@ def parity_rate(cfg: BuildConfig, info, files, chunks, so) -> int:
 def parity_result(cfg: BuildConfig, tot, every: int, files) -> dict | None:
     """stats.json's ``parity``; with --parity strict, a difference fails the build here, before
     anything is written."""
-    from ..parity import summary
-
     if not every:
         return {"mode": cfg.parity, "checked": 0, "why": "off" if cfg.parity == "off" else
                 "the tokenizer has no chat template to compare with"}
@@ -270,8 +265,6 @@ def tokenize_and_measure(blocks: Blocks, chunks: list, kwargs: dict, pool: Token
     end, keeping the blocks (in Ray's object store, or the local engine's memory-mapped files), and start the statistics of each block as
     soon as it exists (a small task, on the CPU the actors leave): they are ready when
     tokenization ends, with no second pass over the data."""
-    from .tasks import measure_block
-
     ex = blocks.ex
     measure = ex.task(measure_block, num_cpus=pool.stats_cpus, num_returns=2)
     watch.progress("tokenize", "the first tokenized block: its chunk being read and tokenized")

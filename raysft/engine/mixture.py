@@ -11,8 +11,11 @@ import numpy as np
 from .. import stats as stats_mod
 from ..config import BuildConfig
 from ..errors import BuildError
+from ..sources import Selection, Validation, count_threshold, cut_for, mix_factors
+from ..stats import SOURCE_FIGURES
 from .context import Build
 from .measure import Blocks, Measured
+from .tasks import amounts_task, select_block, smallest_keys
 from .watch import Watchdog
 
 
@@ -56,10 +59,6 @@ def mixture(cfg: BuildConfig, tot, blocks: Blocks, sources: list, watch: Watchdo
     selection (None when every sample is taken once and nothing is held out), each source's
     own amount in the mix unit (its training records), the per-block summaries of the
     selection added up, and the refs of each block's per-part runs."""
-    from ..sources import Selection, Validation, count_threshold, cut_for, mix_factors
-    from ..stats import SOURCE_FIGURES
-    from .tasks import amounts_task, select_block, smallest_keys
-
     col = SOURCE_FIGURES.index(cfg.mix_unit)
     natural = [float(tot.per_source.get(k, [0, 0, 0, 0])[col]) for k in range(len(sources))]
     val = Validation.parse(cfg.validation)

@@ -10,10 +10,13 @@ import logging
 import os
 
 from .. import __version__ as RAYSFT_VERSION
+from ..cache import Cache, chunk_key, context_digest
 from ..config import BuildConfig
 from ..errors import BuildError
-from ..fs import absolute, storage_options
-from ..read import expand_inputs, plan_chunks
+from ..fs import absolute, is_remote, storage_options
+from ..read import Chunk, InputError, _static_prefix, check_url, chunk_digest, expand_inputs, plan_chunks, split_parts
+from ..read.registry import read_registry, registry_sources
+from ..sources import Source, SourceError, parse_sources
 from ..templates import Template, TemplateError
 from ..tokenize import load_tokenizer_info
 from .watch import Watchdog
@@ -49,9 +52,6 @@ def build_sources(cfg: BuildConfig, so: dict | None = None) -> list:
     """The build's sources: ``cfg.sources`` (a job file's ``sources:``, ``--source``), or one
     made of ``--input``, ``--format``, ``--map-keys`` and the loss policy, and one per entry of
     each LLaMA-Factory data folder among the inputs (``raysft.read.registry``)."""
-    from ..read.registry import read_registry, registry_sources
-    from ..sources import Source, SourceError, parse_sources
-
     defaults = {"format": cfg.format, "map_keys": cfg.map_keys, "loss": cfg.loss}
     if cfg.sources:
         if cfg.inputs:
@@ -78,8 +78,6 @@ def build_sources(cfg: BuildConfig, so: dict | None = None) -> list:
 def expand_sources(sources: list, so: dict):
     """All input files, source by source (each source's files in path order), and the source of
     each file; a file may belong to one source only."""
-    from ..read import InputError
-
     files, file_source, owner = [], [], {}
     for k, src in enumerate(sources):
         for f in expand_inputs(src.inputs, so):
@@ -94,8 +92,6 @@ def expand_sources(sources: list, so: dict):
 def source_settings(cfg: BuildConfig, info, sources: list) -> list[dict]:
     """What the tokenizer actors need of each source: its format, keys and loss policy, and
     the cache context (raysft.cache) its encoded rows are filed under."""
-    from ..cache import context_digest
-
     return [{"format": s.format, "map_keys": s.map_keys, "loss": s.loss, "think_loss": cfg.think_loss,
              "context": context_digest(info, cfg.template, cfg.template_kwargs, cfg.template_date, s.format,
                                        s.map_keys, s.loss, f"raysft-{VERSION}-{RAYSFT_VERSION}", cfg.think_loss)}
@@ -129,9 +125,6 @@ def check_output_outside_inputs(output: str, inputs: list[str], files) -> None:
     """An output inside an input folder would be read back as input by the next run (and one
     that holds an input file would be replaced under it)."""
     import os
-
-    from ..fs import is_remote
-    from ..read import _static_prefix, check_url
 
     check_url(output, "--output")
 
@@ -176,9 +169,6 @@ def cached_chunks(cfg: BuildConfig, so: dict, info, chunks: list, sources: list,
     a chunk with neither is cut as this run cuts its last ``tail`` chunks. ``stop_at_miss``:
     None at the first chunk with no entry (the Ray engine then hashes and tokenizes in its actors)."""
     from concurrent.futures import ThreadPoolExecutor
-
-    from ..cache import Cache, chunk_key
-    from ..read import Chunk, chunk_digest, split_parts
 
     cache = Cache(cfg.cache, so)
     contexts = [s["context"] for s in source_settings(cfg, info, sources)]

@@ -10,6 +10,9 @@ import os
 import time
 from dataclasses import dataclass
 
+from ..errors import CLUSTER
+from .watch import HeadMonitor, head_answers
+
 log = logging.getLogger("raysft")
 
 OBJECT_STORE_BYTES = 1 << 30
@@ -18,6 +21,8 @@ _ray_started: str | None = None  # "local" or "joined" when init_ray started Ray
 
 class ClusterError(RuntimeError):
     """Ray could not be started or joined, or the cluster cannot run the job."""
+
+    exit_code = CLUSTER
 
 
 def init_ray(cfg, input_bytes: int = 0) -> None:
@@ -32,8 +37,6 @@ def init_ray(cfg, input_bytes: int = 0) -> None:
     address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
     with _keep_sigterm():
         if address:
-            from .watch import head_answers
-
             if (silent := head_answers(address)) is not None:
                 raise ClusterError(f"cannot join the Ray cluster at {address}: {silent}")
             try:
@@ -116,7 +119,6 @@ def stop_ray() -> None:
     job, so it is killed first, through a private handle of Ray's (skipped where a Ray version
     lacks it)."""
     global _ray_started
-    from .watch import HeadMonitor
 
     HeadMonitor.stop_all()  # Ray going down is not the head lost
     started, _ray_started = _ray_started, None

@@ -14,13 +14,14 @@ import logging
 import os
 import secrets
 
+from ..errors import STORAGE
 from ..fs import get_fs, is_remote, join
 
 log = logging.getLogger("raysft")
 
 
 class StorageRuleError(RuntimeError):
-    pass
+    exit_code = STORAGE
 
 
 def file_signature(path: str) -> str:

@@ -8,12 +8,14 @@ import json
 import numpy as np
 import pyarrow as pa
 
+from .. import output
 from ..fs import get_fs, join
 from ..layouts import get_layout
 from ..pack import assign_slots, block_ranks, unique_rows
-from ..samples import kept_mask
+from ..samples import kept_mask, run_ranks
+from ..sources import amounts_by_key, select, valid_key
 from ..stats import block_rejects, block_stats, run_counts
-from ..write import write_shard
+from ..write import column_of, shard_rows, write_shard
 
 
 def measure_block(table: pa.Table, seq_length: int, rejects_dir: str | None, so: dict) -> tuple[dict, dict]:
@@ -38,8 +40,6 @@ def _chosen(table: pa.Table, pick: dict | None, ordered: bool = False):
     ranks the tokenize stage gave (same-length)."""
     if pick is None and not ordered:
         return None, None
-    from ..samples import run_ranks
-    from ..sources import select
 
     if pick is None:
         rows = kept_mask(table).to_numpy(zero_copy_only=False)
@@ -108,8 +108,6 @@ def select_block(table: pa.Table, selection) -> tuple[dict, dict]:
     with their copies, validation samples), per-source figures as realized, the records the
     mixture left out, and the runs of each packing part (copy ``c`` of the training set,
     ``"valid"``) for the rank offsets."""
-    from ..sources import select
-
     m, valid = select(table, selection)
     n = table.column("n").to_numpy().astype(np.int64)
     loss = table.column("loss_n").to_numpy().astype(np.int64)
@@ -139,8 +137,6 @@ def select_block(table: pa.Table, selection) -> tuple[dict, dict]:
 
 def amounts_task(table: pa.Table, seed: int, valid_below: float | None, unit: str) -> dict:
     """The mixture's first pass, per block: each source's training amounts by copy-key bucket."""
-    from ..sources import amounts_by_key
-
     return amounts_by_key(table, seed, valid_below, unit)
 
 
@@ -148,8 +144,6 @@ def smallest_keys(table: pa.Table, count: int, seed: int) -> np.ndarray:
     """``--validation COUNT``: the block's ``count + 1`` smallest distinct record keys (kept
     records): one more than asked, so that the driver can tell a block of exactly ``count``
     records from one with more."""
-    from ..sources import valid_key
-
     kept = kept_mask(table).to_numpy(zero_copy_only=False) & (table.column("piece").to_numpy() == 0)
     keys = np.unique(valid_key(table.column("rec_hash").to_numpy()[kept], seed))
     return keys[: count + 1]
@@ -173,9 +167,6 @@ def write_parts(shard: int, *parts: pa.Table, tmp_dir: str, so: dict, layout: st
     feeding it are the same content (``--resume``). ``pairs``, ``packed``: the layout's form
     (``Layout.form``: a pair build writes each unit as its two samples). ``cap``: the plan's most tokens
     per unit (read by the driver, not here)."""
-    from .. import output
-    from ..write import column_of, shard_rows
-
     parts = [p for p in parts if p.num_rows]
     rows = shard_rows(parts, rows_of)
     digest = feed_digest(column_of(parts, rows, "chunk"), column_of(parts, rows, "chunk_hash"))

@@ -11,9 +11,12 @@ import signal
 import threading
 import time
 
+from ..errors import CLUSTER
+from ..fs import call_within
+
 
 class Stalled(RuntimeError):
-    pass
+    exit_code = CLUSTER
 
 
 def _cluster_state() -> str:
@@ -131,7 +134,6 @@ class Watchdog:
         lock talks to the storage that may be what stalled: it must not hold the error back)."""
         if not self.fired:
             return fn()
-        from ..fs import call_within
 
         if not call_within(fn, limit_s, f"raysft-cleanup: {what}"):
             import logging
@@ -218,8 +220,6 @@ class HeadMonitor:
             misses = 0 if self.answers() else misses + 1
             if misses >= HEAD_LOST_AFTER and not self._stop.is_set():
                 import sys
-
-                from ..errors import CLUSTER
 
                 sys.stderr.write(f"{self.prefix}lost the Ray cluster's head: its GCS at {self.address} has not "
                                  f"answered for {HEAD_PROBE_S * HEAD_LOST_AFTER:g} s; nothing was committed to the "

@@ -15,6 +15,7 @@ from ..pack import RunOffsets
 from .context import Build
 from .measure import Blocks, Measured
 from .plan import Plans, epoch_seed
+from .tasks import assign_block, partition_block, write_parts
 from .watch import Watchdog
 
 log = logging.getLogger("raysft")
@@ -64,8 +65,6 @@ def shuffle_and_write(blocks: Blocks, parts: list, plan_ref, num_shards: int, wr
     is copied). Blocks go in input order, so the offsets come from one running count of
     ``seq_length``. ``ordered`` (``--no-pack``): samples keep input order, so a run's offset is
     the count of every earlier run's samples, whatever their lengths (one class)."""
-    from .tasks import assign_block, partition_block, write_parts
-
     ex = blocks.ex
     shared = ex.shared_memory
     split = ex.task(assign_block) if shared else ex.task(partition_block, num_returns=num_shards)

@@ -20,8 +20,8 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..indexed import Index, IndexedReader, decode_index
-from ..merge import MergeError, copy_into, merge_index_files
+from ..indexed import Index, IndexedReader, decode_index, encode_index, shard_meta
+from ..merge import MergeError, copy_into, merge_index_files, merge_indexes
 
 IGNORE = -100  # label of a position without loss, as every Megatron-family trainer reads it
 
@@ -200,8 +200,6 @@ class IndexedShardWriter(ShardWriter):
     one's (values, index) for a slice of packs."""
 
     def __init__(self, fs, prefix: str, suffixes: tuple[str, ...], encode, token_dtype: str = "int32"):
-        from ..merge import merge_indexes
-
         self._merge_indexes = merge_indexes
         self.fs, self.prefix, self.suffixes, self.encode = fs, prefix, suffixes, encode
         self.dtype = np.dtype(token_dtype)
@@ -217,8 +215,6 @@ class IndexedShardWriter(ShardWriter):
             indexes.append(index)
 
     def close(self) -> dict:
-        from ..indexed import encode_index, shard_meta
-
         for f in self.files:
             f.close()
         metas = []

@@ -19,6 +19,7 @@ from collections import Counter
 import numpy as np
 
 from ..merge import copy_into
+from ..provenance import read_provenance
 from .base import Layout, Placement, ShardWriter
 
 try:  # C JSON writer: ~10x the speed of json.dumps on token lists
@@ -121,8 +122,6 @@ class XTuner(Layout):
         return out
 
     def read_pack(self, fs, root, stats, pack):
-        from ..provenance import read_provenance
-
         prov = read_provenance(fs, root)
         rows = np.flatnonzero(prov["pack"] == pack)
         return [(np.abs(t), t > 0) for t in self._lines(fs, root, rows)]

@@ -47,6 +47,7 @@ from dataclasses import asdict, dataclass
 
 import xxhash
 
+from ..errors import BAD_INPUT, STORAGE
 from ..fs import full_url, get_fs, is_remote
 from .columnar import csv_records, table_records
 from .jsonarray import ArrayError, iter_elements
@@ -66,6 +67,8 @@ REMOTE_SCHEMES = ("s3", "s3a", "gs", "gcs", "oss", "hdfs", "abfs", "az", "http",
 
 class InputError(ValueError):
     """Inputs that cannot be found or read."""
+
+    exit_code = BAD_INPUT
 
 
 @dataclass(frozen=True)
@@ -304,6 +307,8 @@ def expand_inputs(patterns: list[str], so: dict | None = None) -> list[InputFile
 class StorageUnavailable(InputError):
     """An object store that cannot be reached, or a bucket that is missing or closed to these
     credentials: a storage fault (exit 3), not bad records."""
+
+    exit_code = STORAGE
 
 
 def check_bucket(fs, path: str, url: str, what: str) -> None:

@@ -28,6 +28,7 @@ import json
 import logging
 
 from ..fs import get_fs, join
+from ..normalize import parse_map_keys
 from ..sources import Source, SourceError
 
 log = logging.getLogger("raysft")
@@ -119,8 +120,6 @@ def _unreadable(entry: dict, fs, root: str, picked: bool = False) -> str:
 
 
 def _source(name: str, entry: dict, folder: str, defaults: dict) -> Source:
-    from ..normalize import parse_map_keys
-
     columns = dict(entry.get("columns") or {})
     fmt = FORMATTING[entry.get("formatting", "alpaca")]
     if fmt == "alpaca" and "prompt" in columns and "response" not in columns and not \

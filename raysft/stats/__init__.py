@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..pack import unique_rows
+from ..parity import MISMATCH, REFUSED, UNCHECKED
+from ..samples import TEMPLATE_PATHS, kept_mask
 
 PERCENTILES = {"p25": 25, "p50": 50, "p75": 75, "p99": 99}
 
@@ -172,8 +174,6 @@ def block_stats(table, seq_length: int) -> tuple[dict, dict]:
     the block (``block_rejects``)."""
     from collections import Counter
 
-    from ..samples import TEMPLATE_PATHS, kept_mask
-
     n = table.column("n").to_numpy()
     orig_n = table.column("orig_n").to_numpy()
     first = table.column("piece").to_numpy() == 0  # one row per record read
@@ -240,8 +240,6 @@ def _per_source(table, first: np.ndarray, kept: np.ndarray) -> dict:
 
 def _parity_stats(table) -> dict:
     """Chat-template parity outcomes of a block (raysft.parity) and its first failures."""
-    from ..parity import MISMATCH, REFUSED, UNCHECKED
-
     if "tpl_parity" not in table.column_names:
         return {}
     p = table.column("tpl_parity").to_numpy()
@@ -255,8 +253,6 @@ def _parity_stats(table) -> dict:
 def block_rejects(table) -> list[dict]:
     """The rejected and dropped rows of a block, as ``rejects.jsonl`` wants them (the record
     cut to 4 KB), in input order."""
-    from ..samples import kept_mask
-
     bad = np.flatnonzero(~kept_mask(table).to_numpy(zero_copy_only=False))
     if not len(bad):
         return []

@@ -12,6 +12,7 @@ import datetime
 import json
 from dataclasses import dataclass, field
 
+from ..errors import BAD_INPUT
 from ..normalize import ASSISTANT, Conversation, Message, RecordError  # noqa: F401 - RecordError: the templates' failure
 
 Piece = tuple[str, int, bool]  # text, message index (-1: template scaffolding), is_answer
@@ -28,6 +29,8 @@ class Builtin:
 
 class TemplateError(ValueError):
     """A template that cannot be used (unknown name, tokenizer without chat template...)."""
+
+    exit_code = BAD_INPUT
 
 
 @dataclass
