@@ -59,9 +59,9 @@ def context_digest(info, template: str, template_kwargs: dict, template_date: st
 
 
 class Cache:
-    def __init__(self, url: str, so: dict | None = None):
+    def __init__(self, url: str, storage: dict | None = None):
         self.url = url.rstrip("/")
-        self.fs, self.root = get_fs(self.url, so)
+        self.fs, self.root = get_fs(self.url, storage)
         self.hits = self.misses = self.bad = 0
 
     def path(self, key: str) -> str:

@@ -14,25 +14,25 @@ import fsspec
 
 
 def storage_options(endpoint_url: str | None = None, addressing_style: str | None = None, anon: bool = False) -> dict:
-    so: dict[str, Any] = {}
+    storage: dict[str, Any] = {}
     if endpoint_url:
-        so["endpoint_url"] = endpoint_url
+        storage["endpoint_url"] = endpoint_url
     if addressing_style:
-        so["config_kwargs"] = {"s3": {"addressing_style": addressing_style}}
+        storage["config_kwargs"] = {"s3": {"addressing_style": addressing_style}}
     if anon:
-        so["anon"] = True
-    return so
+        storage["anon"] = True
+    return storage
 
 
 def is_remote(url: str) -> bool:
     return "://" in url and not url.startswith("file://")
 
 
-def get_fs(url: str, so: dict | None = None):
+def get_fs(url: str, storage: dict | None = None):
     """(filesystem, path without protocol) for ``url``."""
     if is_remote(url):
         proto = url.split("://", 1)[0]
-        fs, path = fsspec.core.url_to_fs(url, **(so or {}) if proto in ("s3", "s3a") else {})
+        fs, path = fsspec.core.url_to_fs(url, **(storage or {}) if proto in ("s3", "s3a") else {})
         return fs, path
     return fsspec.filesystem("file"), os.path.abspath(url.removeprefix("file://"))
 

@@ -31,8 +31,8 @@ examples:
 
 
 class Dataset:
-    def __init__(self, out: str, so: dict, tokenizer: str | None = None):
-        self.fs, self.root = get_fs(out, so)
+    def __init__(self, out: str, storage: dict, tokenizer: str | None = None):
+        self.fs, self.root = get_fs(out, storage)
         with self.fs.open(join(self.root, "stats.json"), "r") as f:
             self.stats = json.load(f)
         self.layout = layout_of(self.stats)
@@ -43,7 +43,7 @@ class Dataset:
             self.inputs = json.load(f)
 
         self.tok = load_tokenizer_info(tokenizer or self.stats["tokenizer"]).load()
-        self.so = so
+        self.storage = storage
 
     def pack_samples(self, pack: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """(token ids, loss mask) of each sample of a pack."""
@@ -57,7 +57,7 @@ class Dataset:
     def describe(self, p) -> str:
         url = self.inputs[int(p["src"])]
         if p["offset"] >= 0:
-            where = f"line {line_number(url, int(p['offset']), self.so)}"
+            where = f"line {line_number(url, int(p['offset']), self.storage)}"
         else:
             where = f"record {int(p['row'])}"
         return f"{url} {where}" + (f" (piece {int(p['piece'])})" if p["piece"] else "")
@@ -73,7 +73,7 @@ class Dataset:
         src, n = matches[0], int(row)
         from_src = self.prov["src"] == src
         if from_src.any() and self.prov["offset"][from_src][0] >= 0:  # JSON Lines: byte offset of line n
-            fs, p = get_fs(self.inputs[src], self.so)
+            fs, p = get_fs(self.inputs[src], self.storage)
             offset = 0
             with fs.open(p, "rb") as f:  # stops at the file's end: a line past it is named as such
                 for _ in range(n - 1):
@@ -164,9 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if (args.pack is None) == (args.sample is None):
         p.error("give exactly one of --pack N or --sample FILE:ROW")
-    so = storage_options(args.s3_endpoint_url, args.s3_addressing_style)
+    storage = storage_options(args.s3_endpoint_url, args.s3_addressing_style)
     try:
-        ds = Dataset(args.output, so, args.tokenizer)
+        ds = Dataset(args.output, storage, args.tokenizer)
     except FileNotFoundError as e:
         print(f"raysft.inspect: error: {args.output} is not a finished raysft output ({e})", file=sys.stderr)
         return 1

@@ -82,10 +82,10 @@ def pack_tensors(samples: list[np.ndarray], pad_to: int | None = None, pad_id: i
 class PackedReader:
     """Packs of a native-layout output folder (see module doc)."""
 
-    def __init__(self, out: str, pad_to: int | None = None, pad_id: int | None = None, so: dict | None = None,
+    def __init__(self, out: str, pad_to: int | None = None, pad_id: int | None = None, storage: dict | None = None,
                  s3_endpoint_url: str | None = None):
-        so = so if so is not None else storage_options(s3_endpoint_url)
-        self.fs, self.root = get_fs(out, so)
+        storage = storage if storage is not None else storage_options(s3_endpoint_url)
+        self.fs, self.root = get_fs(out, storage)
         with self.fs.open(join(self.root, "stats.json"), "r") as f:
             self.stats = json.load(f)
         if self.stats.get("layout", "native") != "native":

@@ -274,14 +274,14 @@ def amounts_by_key(table, seed: int, valid_below: float | None, unit: str) -> di
     return out
 
 
-def select(table, sel: Selection) -> tuple[np.ndarray, np.ndarray]:
+def select(table, selection: Selection) -> tuple[np.ndarray, np.ndarray]:
     """Per row of a tokenized block (``raysft.samples`` rows): its copies in the training set
     and whether it is in the validation set (rejected and dropped rows: neither)."""
     kept, rec, pos = row_keys(table)
-    valid = held_out(table, sel.seed, sel.valid_below)
+    valid = held_out(table, selection.seed, selection.valid_below)
     src = table.column("source").to_numpy().astype(np.int64)
-    whole = np.asarray(sel.whole, np.int64)[src]
-    cut = np.asarray(sel.cut, np.float64)[src]
-    m = whole + (copy_key(rec, pos, sel.seed) < cut)
+    whole = np.asarray(selection.whole, np.int64)[src]
+    cut = np.asarray(selection.cut, np.float64)[src]
+    m = whole + (copy_key(rec, pos, selection.seed) < cut)
     m[~kept | valid] = 0
     return m, valid

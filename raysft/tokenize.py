@@ -93,12 +93,12 @@ class TokenizerInfo:
     def __getstate__(self):
         return {k: v for k, v in self.__dict__.items() if k not in ("_shared", "_vocabulary")}
 
-    def save(self, url: str, so: dict | None = None) -> TokenizerFile:
+    def save(self, url: str, storage: dict | None = None) -> TokenizerFile:
         """Write the info (as the build uses it, added special tokens included) where every
         node reads it, and return the small reference the tokenizer actors are made with: an
         actor whose constructor arguments are inline can always be re-created by Ray (a 10 MB
         argument would sit in the object store, which may lose it)."""
-        fs, path = get_fs(url, so or {})
+        fs, path = get_fs(url, storage or {})
         with fs.open(path, "w") as f:
             json.dump(dataclasses.asdict(self), f)  # the fields only (not the tokenizer built from them)
         return TokenizerFile(url)
@@ -121,8 +121,8 @@ class TokenizerFile:
 
     path: str
 
-    def load(self, so: dict | None = None) -> TokenizerInfo:
-        fs, path = get_fs(self.path, so or {})
+    def load(self, storage: dict | None = None) -> TokenizerInfo:
+        fs, path = get_fs(self.path, storage or {})
         with fs.open(path, "r") as f:
             d = json.load(f)
         d["special_strings"] = tuple(d["special_strings"])

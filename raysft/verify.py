@@ -39,9 +39,9 @@ def check_sizes(fs, root: str, manifest: dict, names: list[str] | None = None) -
     return bad
 
 
-def verify(out: str, so: dict | None = None, progress=None) -> list[str]:
+def verify(out: str, storage: dict | None = None, progress=None) -> list[str]:
     """The problems of the dataset at ``out`` (empty: every file whole)."""
-    fs, root = get_fs(out, so)
+    fs, root = get_fs(out, storage)
     manifest = read_json(fs, join(root, MANIFEST))
     if not verified_manifest(manifest):
         raise VerifyError(f"{out}: no raysft manifest.json to verify against")

@@ -98,11 +98,11 @@ class Gather:
         step = np.arange(total, dtype=np.int64)
         grouped = np.empty(total, np.int32)
         take = np.repeat(start[order] - first, ln) + step
-        so = src[order]
-        groups = np.flatnonzero(np.concatenate([[True], so[1:] != so[:-1]]))
+        storage = src[order]
+        groups = np.flatnonzero(np.concatenate([[True], storage[1:] != storage[:-1]]))
         ends = np.append(first[groups[1:]], total)
         for g, a, b in zip(groups.tolist(), first[groups].tolist(), ends.tolist()):
-            np.take(self.values[so[g]], take[a:b], out=grouped[a:b])
+            np.take(self.values[storage[g]], take[a:b], out=grouped[a:b])
         at = np.empty(len(order), np.int64)
         at[order] = first
         return np.take(grouped, np.repeat(at - (np.cumsum(length) - length), length) + step)

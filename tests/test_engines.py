@@ -214,18 +214,18 @@ def test_cached_chunks_need_every_entry_whatever_the_worker_count(tmp_path, inpu
                       template="llama3", engine="local", num_cpus=2, cache=str(cache), chunk_bytes=40_000,
                       on_bad_record="skip", map_keys={"prompt": "question", "response": "answer"})
     run(cfg)
-    so, info, files, chunks, sources, file_source = prepare(cfg)
+    storage, info, files, chunks, sources, file_source = prepare(cfg)
     assert len(chunks) > 4
     made = [c.pieces for c in split_tail(chunks, 4)]  # as the two processes cut them
     for tail in (2, 4, 16, 0):
-        got = cached_chunks(cfg, so, info, chunks, sources, file_source, 2, tail)
+        got = cached_chunks(cfg, storage, info, chunks, sources, file_source, 2, tail)
         assert got is not None, tail
         ran, digests, complete = got
         assert complete and [c.pieces for c in ran] == made and sorted(digests) == [c.chunk for c in ran]
     for entry in cache.glob("??/*.arrow"):
         entry.unlink()
-    assert cached_chunks(cfg, so, info, chunks, sources, file_source, 2, 4) is None
+    assert cached_chunks(cfg, storage, info, chunks, sources, file_source, 2, 4) is None
     # the local engine's driver goes on past a miss: this run's own cut, every chunk hashed once
-    ran, digests, complete = cached_chunks(cfg, so, info, chunks, sources, file_source, 2, 2, stop_at_miss=False)
+    ran, digests, complete = cached_chunks(cfg, storage, info, chunks, sources, file_source, 2, 2, stop_at_miss=False)
     assert not complete and [c.pieces for c in ran] == [c.pieces for c in split_tail(chunks, 2)]
     assert len(set(digests.values())) == len(ran)

@@ -30,7 +30,7 @@ class TokenizeAndMask:
     """
 
     def __init__(self, info, template: str, sources: list[dict], file_source: list[int], seq_length: int,
-                 overlong: str = "drop", threads: int = 1, so: dict | None = None, batch_size: int = 16384,
+                 overlong: str = "drop", threads: int = 1, storage: dict | None = None, batch_size: int = 16384,
                  encoder: str = "auto", template_kwargs: dict | None = None, max_chars: int | None = None,
                  avoid_end: tuple[int, ...] = (), template_date: str | None = None, parity_every: int = 0,
                  cache: str | None = None, process: bool = True, align: tuple | None = None,
@@ -43,7 +43,7 @@ class TokenizeAndMask:
             os.environ["FASTOKENS_BPE_THREADS"] = str(max(1, threads))
 
         if isinstance(info, TokenizerFile):  # the Ray engine's actors read the build's tokenizer from the output
-            info = info.load(so)
+            info = info.load(storage)
 
         self.info, self.template, self.sources, self.file_source = info, template, sources, file_source
         # the driver ran the canary and logged its verdict; with a cache, the encoder loads
@@ -55,12 +55,12 @@ class TokenizeAndMask:
         self.builders: dict = {}
         self.seq_length = seq_length
         self.overlong = overlong
-        self.so = so or {}
+        self.storage = storage or {}
         self.batch_size = batch_size
         self.avoid_end = tuple(avoid_end)
         self.align = Align(*align) if align else None  # --pad-to-multiple: (multiple, shift, pad id)
         self.pair_limits = tuple(pair_limits) if pair_limits else None  # a preference pair's most tokens
-        self.cache = Cache(cache, self.so) if cache else None
+        self.cache = Cache(cache, self.storage) if cache else None
         self._lock = threading.Lock()
         if not cache:
             self.builder_for(0)  # with a cache, made (loading the tokenizer) only when needed
@@ -117,7 +117,7 @@ class TokenizeAndMask:
 
         source = self.file_source[c.pieces[0].src]
         S = self.seq_length
-        digested = chunk_digest(c, self.so) if digest is None else (digest, {})
+        digested = chunk_digest(c, self.storage) if digest is None else (digest, {})
         key = chunk_key(digested[0], [(p.kind, p.start, p.end, p.compression) for p in c.pieces],
                         self.sources[source]["context"])
         enc = self.cache.load(key, self.info.vocab_size)
@@ -148,7 +148,7 @@ class TokenizeAndMask:
         builder = self.builder_for(source)
         self.encoder.start()  # loads while the chunk is read, parsed and rendered
         parts = []
-        for rows in read_chunk(c, self.so, self.batch_size, digested):
+        for rows in read_chunk(c, self.storage, self.batch_size, digested):
             pos = {"src": rows.src, "idx": rows.idx, "row": rows.row, "offset": rows.offset}
             enc = encode_records(builder, rows.raw, rows.error, pos, S)
             if key is not None:

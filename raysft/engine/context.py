@@ -19,7 +19,7 @@ class Build:
     cfg: BuildConfig
     t0: float  # when the build started (stage timings are logged from it)
     watch: Watchdog
-    so: dict  # storage options
+    storage: dict  # storage options (fsspec), for every file system call
     info: object  # the tokenizer (raysft.tokenize.TokenizerInfo), special tokens added where asked
     files: list  # every input file, source by source
     chunks: list  # their read chunks

@@ -64,7 +64,7 @@ def watched(cfg: BuildConfig, work):
 
 def _run(cfg: BuildConfig, t0: float, watch: Watchdog) -> dict:
     watch.progress("prepare", "the tokenizer, the inputs' listing")
-    so, info, files, chunks, sources, file_source = prepare(cfg)
+    storage, info, files, chunks, sources, file_source = prepare(cfg)
     layout = get_layout(cfg.layout)
     added: list[str] = []
     markers = MARKERS.get(cfg.template, ())
@@ -78,7 +78,7 @@ def _run(cfg: BuildConfig, t0: float, watch: Watchdog) -> dict:
                     "in OUTPUT/tokenizer/)", cfg.template, ", ".join(missing))
     pad_id = info.pad_id()
     watch.progress("prepare", "the output's storage: its bucket, its state and its lock")
-    out_fs, out_root = get_fs(cfg.output, so)
+    out_fs, out_root = get_fs(cfg.output, storage)
     check_bucket(out_fs, out_root, cfg.output, "--output")
     check_output_outside_inputs(cfg.output, [i for src in sources for i in src.inputs], files)
     out = Output(out_fs, out_root, cfg.output)
@@ -97,7 +97,7 @@ def _run(cfg: BuildConfig, t0: float, watch: Watchdog) -> dict:
         out.check_names([*layout.final_files(), *OUTPUT_FILES, MANIFEST])
         log.info("inputs: %d files, %d chunks", len(files), len(chunks))
         old = out.prepare_tmp(manifest, cfg.resume)
-        return _build(Build(cfg, t0, watch, so, info, files, chunks, sources, file_source, layout, added, pad_id,
+        return _build(Build(cfg, t0, watch, storage, info, files, chunks, sources, file_source, layout, added, pad_id,
                             out, lock, manifest, old))
     finally:
         watch.bounded(lock.release, "releasing the output's lock")
@@ -114,7 +114,7 @@ def _build(b: Build) -> dict:
         local.close()
         # the local engine hashes every chunk here once (its driver threads look entries up with
         # these digests); the Ray engine stops at the first miss, its actors hash the chunks
-        found = cached_chunks(cfg, b.so, b.info, b.chunks, b.sources, b.file_source, local.cpus, 2 * workers,
+        found = cached_chunks(cfg, b.storage, b.info, b.chunks, b.sources, b.file_source, local.cpus, 2 * workers,
                               stop_at_miss=cfg.engine != "local", watch=b.watch)
         if found is not None:
             b.run, digests, complete = found
@@ -151,15 +151,15 @@ def measure_inputs(cfg: BuildConfig) -> stats_mod.Totals:
 
 def _measure(cfg: BuildConfig, watch: Watchdog) -> stats_mod.Totals:
     watch.progress("prepare", "the tokenizer, the inputs' listing")
-    so, info, files, chunks, sources, file_source = prepare(cfg)
+    storage, info, files, chunks, sources, file_source = prepare(cfg)
     watch.progress("start", "the tokenizer and the engine")
     ex = make_executor(cfg)
     try:
         with watch.held("start", "the engine's start"):
-            encoder, _, pool = start_with_encoder(cfg, ex, info, files, so, len(chunks))
-        blocks = Blocks(ex, cfg.seq_length, False, files, so)
+            encoder, _, pool = start_with_encoder(cfg, ex, info, files, storage, len(chunks))
+        blocks = Blocks(ex, cfg.seq_length, False, files, storage)
         tokenize_and_measure(blocks, split_tail(chunks, 2 * pool.workers),
-                             actor_kwargs(cfg, info, so, encoder, 0, sources, file_source), pool, None, watch)
+                             actor_kwargs(cfg, info, storage, encoder, 0, sources, file_source), pool, None, watch)
         return blocks.totals
     finally:
         ex.close()

@@ -59,7 +59,7 @@ class Executor(Protocol):
 
     def put(self, obj): ...
 
-    def check_storage(self, cfg, files, so, tmp_url) -> None: ...
+    def check_storage(self, cfg, files, storage, tmp_url) -> None: ...
 
     def close(self) -> None: ...
 
@@ -149,8 +149,8 @@ class RayExecutor:
 
         return ray.put(obj)
 
-    def check_storage(self, cfg, files, so, tmp_url) -> None:
-        check_shared_storage(cfg, files, so, tmp_url)
+    def check_storage(self, cfg, files, storage, tmp_url) -> None:
+        check_shared_storage(cfg, files, storage, tmp_url)
 
     head = None  # the HeadMonitor while Ray is up
 
@@ -365,7 +365,7 @@ class LocalExecutor:
         fut.set_result(obj)
         return Ref(fut)
 
-    def check_storage(self, cfg, files, so, tmp_url) -> None:
+    def check_storage(self, cfg, files, storage, tmp_url) -> None:
         pass  # one machine: the driver's and the workers' view of storage is the same
 
     def close(self) -> None:

@@ -30,10 +30,10 @@ log = logging.getLogger("raysft")
 
 def finish(b: Build, m: Measured, x: Mix, p: Plans, w: Written) -> dict:
     """Merge, check, describe and commit the build; its stats.json."""
-    cfg, out, layout, files, so = b.cfg, b.out, b.layout, b.files, b.so
+    cfg, out, layout, files, storage = b.cfg, b.out, b.layout, b.files, b.storage
     out_fs, tmp, S = out.fs, out.tmp, cfg.seq_length
-    tot, blocks, pairs, enc_stats, parity = m.tot, m.blocks, m.pairs, m.enc_stats, m.parity
-    sel, sel_summaries, natural = x.sel, x.summaries, x.natural
+    totals, blocks, pairs, enc_stats, parity = m.totals, m.blocks, m.pairs, m.enc_stats, m.parity
+    selection, sel_summaries, natural = x.selection, x.summaries, x.natural
     train, valid, epochs, digest = p.train, p.valid, p.epochs, p.digest
     metas, valid_metas = w.metas, w.valid_metas
     info, added, pad_id, sources, lock, manifest, watch = b.info, b.added, b.pad_id, b.sources, b.lock, b.manifest, b.watch
@@ -60,7 +60,7 @@ def finish(b: Build, m: Measured, x: Mix, p: Plans, w: Written) -> dict:
         present.append("tokenizer")
     if blocks.rejects:
         watch.progress("merge", "rejects.jsonl")
-        write_rejects(out_fs, tmp, blocks, files, so)
+        write_rejects(out_fs, tmp, blocks, files, storage)
         present.append("rejects.jsonl")
     b.timed("merge")
     log.info("stage seconds: %s", ", ".join(f"{k} {v}" for k, v in b.timings.items()))
@@ -72,16 +72,16 @@ def finish(b: Build, m: Measured, x: Mix, p: Plans, w: Written) -> dict:
         raise BuildError(f"internal check failed: {merged['packs']} packs written, plan has {P * epochs}")
     if merged.get("samples") is not None and merged["samples"] != samples and layout.counts_samples:
         raise BuildError(f"internal check failed: {merged['samples']} samples written for {samples}")
-    rejected, dropped = tot.rejected, dict(tot.dropped)
-    rows_written = tot.rows_written
-    if sel is not None:
+    rejected, dropped = totals.rejected, dict(totals.dropped)
+    rows_written = totals.rows_written
+    if selection is not None:
         rows_written = sum(sm["rows_written"] for sm in sel_summaries)
         left_out = sum(sm["not_sampled"] for sm in sel_summaries)
         if left_out:
             dropped["not_sampled"] = left_out
     rej_n, drop_n = sum(rejected.values()), sum(dropped.values())
-    if tot.rows != rows_written + rej_n + drop_n:
-        raise BuildError(f"internal check failed: rows read {tot.rows} != written {rows_written} + rejected "
+    if totals.rows != rows_written + rej_n + drop_n:
+        raise BuildError(f"internal check failed: rows read {totals.rows} != written {rows_written} + rejected "
                          f"{rej_n} + dropped {drop_n}")
     lossy: dict = {}
     for m in metas + valid_metas:
@@ -95,24 +95,24 @@ def finish(b: Build, m: Measured, x: Mix, p: Plans, w: Written) -> dict:
                        "loss_tokens": vs[3], "packs": valid.packs, **({"pairs": vs[1]} if pairs else {}),
                        **stats_mod.packing_figures(valid.tokens, valid.packs, S), "path": "valid/"}
     loss_tokens = (sum(v[2] for sm in sel_summaries for v in sm["per_source"].values()) * epochs
-                   if sel is not None else tot.loss_tokens * epochs)
+                   if selection is not None else totals.loss_tokens * epochs)
     result = {
-        "rows_read": tot.rows,
+        "rows_read": totals.rows,
         "rows_written": rows_written,
         "samples_written": samples,
         "rejected": rejected,
         "dropped": dropped,
-        "overlong": {"policy": cfg.overlong, "rows_kept": tot.overlong_kept},
+        "overlong": {"policy": cfg.overlong, "rows_kept": totals.overlong_kept},
         "tokens": tokens,
         "loss_tokens": loss_tokens,
-        **({"pairs": pair_figures(train.samples * epochs, tokens, tot, sel_summaries, epochs)
+        **({"pairs": pair_figures(train.samples * epochs, tokens, totals, sel_summaries, epochs)
                      | {"packed": bool(cfg.pack and layout.packs_pairs)}} if pairs else {}),
         # what was written, all epochs (each epoch packed on its own: its bound is per epoch)
         **stats_mod.packing_figures(train.tokens, P, S, epochs),
         "epochs": epochs,
         "tokens_per_epoch": train.tokens,
         "packs_per_epoch": P,
-        "length": stats_mod.length_summary(tot.hist_all if tot.hist_all is not None else np.zeros(1)),
+        "length": stats_mod.length_summary(totals.hist_all if totals.hist_all is not None else np.zeros(1)),
         "layout": cfg.layout,
         "pack_capacity": train.cap,
         "pad_to_multiple": int(cfg.pad_to_multiple or 1),
@@ -121,7 +121,7 @@ def finish(b: Build, m: Measured, x: Mix, p: Plans, w: Written) -> dict:
         "template_kwargs": cfg.template_kwargs,
         "template_date": cfg.template_date,
         "think_loss": cfg.think_loss,
-        **({"template_render": {"replayed_from_plans": tot.template_paths[0], "rendered": tot.template_paths[1]}}
+        **({"template_render": {"replayed_from_plans": totals.template_paths[0], "rendered": totals.template_paths[1]}}
            if cfg.template == "auto" else {}),
         "encoder": {"name": enc_stats.name, "version": enc_stats.version, "rows_checked": enc_stats.rows_checked,
                     "mismatches": enc_stats.mismatches, "fallbacks": enc_stats.fallbacks,
@@ -136,14 +136,14 @@ def finish(b: Build, m: Measured, x: Mix, p: Plans, w: Written) -> dict:
         "pad_id": pad_id,
         **pack_shape(train),  # (max_sample_length, max_samples_per_pack, min_pack_targets)
         "unrepresentable": lossy,
-        "rows_per_file": {files[s].url: int(c) for s, c in sorted(tot.rows_per_src.items())},
+        "rows_per_file": {files[s].url: int(c) for s, c in sorted(totals.rows_per_src.items())},
         "pack_fill": {str(t): int(c) * epochs for t, c in enumerate(train.plan.pack_fill()) if c},
-        "sample_lengths": {str(L): int(c) for L, c in enumerate(tot.hist_all) if c},
+        "sample_lengths": {str(L): int(c) for L, c in enumerate(totals.hist_all) if c},
         "mix_unit": cfg.mix_unit,
-        "sources": source_stats(sources, tot, natural, sel, sel_summaries, cfg.mix_unit),
+        "sources": source_stats(sources, totals, natural, selection, sel_summaries, cfg.mix_unit),
         **({"validation": valid_stats} if valid_stats else {}),
-        **({"cache": {"dir": cfg.cache, "rows_from_cache": tot.cached_rows,
-                      "rows_tokenized": tot.rows - tot.cached_rows}} if cfg.cache else {}),
+        **({"cache": {"dir": cfg.cache, "rows_from_cache": totals.cached_rows,
+                      "rows_tokenized": totals.rows - totals.cached_rows}} if cfg.cache else {}),
     }
     result.update(layout.extra_stats(result))
     present += layout.write_extra(out_fs, tmp, result)
@@ -162,10 +162,10 @@ def finish(b: Build, m: Measured, x: Mix, p: Plans, w: Written) -> dict:
     return result
 
 
-def pair_figures(pairs: int, tokens: int, tot, sel_summaries, epochs: int) -> dict:
+def pair_figures(pairs: int, tokens: int, totals, sel_summaries, epochs: int) -> dict:
     """stats.json's ``pairs``: pairs written (all epochs) and their tokens per side."""
     chosen = (sum(sm.get("chosen_tokens", 0) for sm in sel_summaries) if sel_summaries is not None
-              else tot.chosen_tokens) * epochs
+              else totals.chosen_tokens) * epochs
     return {"written": pairs, "chosen_tokens": chosen, "rejected_tokens": tokens - chosen}
 
 
@@ -218,22 +218,22 @@ def _merge(fs, tmp: str, sub: str, layout, metas: list[dict], keeps_shards: bool
     return merged
 
 
-def source_stats(sources: list, tot, natural: list[float], sel, summaries, unit: str) -> list[dict]:
+def source_stats(sources: list, totals, natural: list[float], selection, summaries, unit: str) -> list[dict]:
     """stats.json's ``sources``: per source, what was read and tokenized, what it was asked to
     give and what it gave (per epoch), in samples, tokens and loss tokens, and its share of
     the output in the mix unit, asked and realized."""
     k_unit = stats_mod.SOURCE_FIGURES.index(unit) - 1  # written[k] holds the figures after "rows"
     written = {}
     for k in range(len(sources)):
-        fig = tot.per_source.get(k, [0, 0, 0, 0])
-        if sel is None:
+        fig = totals.per_source.get(k, [0, 0, 0, 0])
+        if selection is None:
             written[k] = fig[1:]
         else:
             written[k] = [sum(sm["per_source"].get(k, [0, 0, 0])[j] for sm in summaries) for j in range(3)]
     total = sum(w[k_unit] for w in written.values()) or 1
     out = []
     for k, s in enumerate(sources):
-        fig = tot.per_source.get(k, [0, 0, 0, 0])
+        fig = totals.per_source.get(k, [0, 0, 0, 0])
         asked = {x: getattr(s, x) for x in ("share", "budget", "repeat") if getattr(s, x) is not None}
         out.append({
             "name": s.name, "inputs": s.inputs, "format": s.format, "map_keys": s.map_keys, "loss": s.loss,
@@ -246,7 +246,7 @@ def source_stats(sources: list, tot, natural: list[float], sel, summaries, unit:
     return out
 
 
-def write_rejects(fs, tmp: str, blocks: Blocks, files, so) -> int:
+def write_rejects(fs, tmp: str, blocks: Blocks, files, storage) -> int:
     """rejects.jsonl from the blocks' reject files, in input order, each with its file
     position (JSON Lines: the line, counted in one pass per file as far as its last reject)."""
     counters: dict[int, LineCounter] = {}
@@ -259,7 +259,7 @@ def write_rejects(fs, tmp: str, blocks: Blocks, files, so) -> int:
                     e = json.loads(line)
                     url = files[e["src"]].url
                     if e["offset"] >= 0:
-                        counter = counters.setdefault(e["src"], LineCounter(url, so))
+                        counter = counters.setdefault(e["src"], LineCounter(url, storage))
                         where = f"{url} line {counter.line(e['offset'])}"
                     else:
                         where = f"{url} record {e['row']} (0-based)"
@@ -276,19 +276,19 @@ def write_rejects(fs, tmp: str, blocks: Blocks, files, so) -> int:
 def nothing_to_write(b: Build, m: Measured) -> BuildError:
     """Every record was rejected or dropped (or there were none): the output gets the reasons
     (rejects.jsonl, stats.json) without a dataset or _SUCCESS, and the build fails."""
-    out, blocks, files, so, cfg, tot = b.out, m.blocks, b.files, b.so, b.cfg, m.tot
-    if not tot.rows:
+    out, blocks, files, storage, cfg, totals = b.out, m.blocks, b.files, b.storage, b.cfg, m.totals
+    if not totals.rows:
         return BuildError(f"the inputs hold no records ({len(files)} file(s), {', '.join(f.url for f in files[:3])}"
                           + (" ..." if len(files) > 3 else "") + ")")
     present = ["stats.json"]
     if blocks.rejects:
-        write_rejects(out.fs, out.tmp, blocks, files, so)
+        write_rejects(out.fs, out.tmp, blocks, files, storage)
         present.append("rejects.jsonl")
     with out.fs.open(join(out.tmp, "stats.json"), "w") as f:
-        json.dump({"rows_read": tot.rows, "samples_written": 0, "rejected": tot.rejected, "dropped": tot.dropped,
+        json.dump({"rows_read": totals.rows, "samples_written": 0, "rejected": totals.rejected, "dropped": totals.dropped,
                    "failed": "every record was rejected or dropped", "tokenizer": cfg.tokenizer,
                    "template": cfg.template, "layout": cfg.layout, "seq_length": cfg.seq_length}, f, indent=2)
     out.commit(present, b.manifest, b.lock, success=False)
     return BuildError(f"no sample left to write: every record was rejected or dropped "
-                      f"({stats_mod.format_reasons(tot.reasons)}); "
+                      f"({stats_mod.format_reasons(totals.reasons)}); "
                       f"see {join(cfg.output, 'rejects.jsonl')}")

@@ -36,7 +36,7 @@ class Measured:
     """What tokenizing and measuring the inputs gave."""
 
     blocks: Blocks
-    tot: stats_mod.Totals
+    totals: stats_mod.Totals
     enc_stats: EncoderStats
     parity: dict | None  # stats.json's parity
     pairs: bool  # every kept record is a preference pair
@@ -47,41 +47,41 @@ def measure(b: Build) -> Measured:
     """Start the engine, tokenize every chunk and add up the blocks' statistics."""
     cfg, ex, watch = b.cfg, b.ex, b.watch
     with watch.held("start", "the engine's start"):
-        encoder, enc_stats, pool = start_with_encoder(cfg, ex, b.info, b.files, b.so, len(b.chunks))
+        encoder, enc_stats, pool = start_with_encoder(cfg, ex, b.info, b.files, b.storage, len(b.chunks))
     b.out.fs.makedirs(join(b.out.tmp, "shards"), exist_ok=True)
     b.out.fs.makedirs(join(b.out.tmp, "rejects"), exist_ok=True)
-    ex.check_storage(cfg, b.files, b.so, b.tmp_url)
-    parity_every = parity_rate(cfg, b.info, b.files, b.chunks, b.so)
-    kwargs = actor_kwargs(cfg, b.info, b.so, encoder, parity_every, b.sources, b.file_source)
+    ex.check_storage(cfg, b.files, b.storage, b.tmp_url)
+    parity_every = parity_rate(cfg, b.info, b.files, b.chunks, b.storage)
+    kwargs = actor_kwargs(cfg, b.info, b.storage, encoder, parity_every, b.sources, b.file_source)
     if not ex.shared_memory:  # actors on other processes and nodes: the tokenizer by reference
-        kwargs["info"] = b.info.save(join(b.tmp_url, "tokenizer-info.json"), b.so)
-    blocks = Blocks(ex, cfg.seq_length, cfg.on_bad_record == "fail", b.files, b.so)
+        kwargs["info"] = b.info.save(join(b.tmp_url, "tokenizer-info.json"), b.storage)
+    blocks = Blocks(ex, cfg.seq_length, cfg.on_bad_record == "fail", b.files, b.storage)
     b.timed("start")
     tokenize_and_measure(blocks, b.run or split_tail(b.chunks, 2 * pool.workers), kwargs, pool,
                          join(b.tmp_url, "rejects"), watch)
     b.timed("read+tokenize")
-    tot = blocks.totals
-    if tot.rejected and cfg.on_bad_record == "fail":
-        raise bad_record_error(tot, b.files, b.so)
-    pairs = pair_build(cfg, b.layout, tot)
+    totals = blocks.totals
+    if totals.rejected and cfg.on_bad_record == "fail":
+        raise bad_record_error(totals, b.files, b.storage)
+    pairs = pair_build(cfg, b.layout, totals)
     b.layout = b.layout.form(pairs, cfg.pack)
     most = b.layout.pair_limits(cfg.seq_length)[0] if pairs else cfg.seq_length  # the longest unit kept
     hist_kept = stats_mod.add_hist(np.zeros(most + 1, dtype=np.int64),
-                                   tot.hist_kept if tot.hist_kept is not None else np.zeros(1, np.int64))
-    enc_stats.rows_checked, enc_stats.mismatches, enc_stats.fallbacks = tot.encoder
-    parity = parity_result(cfg, tot, parity_every, b.files)
+                                   totals.hist_kept if totals.hist_kept is not None else np.zeros(1, np.int64))
+    enc_stats.rows_checked, enc_stats.mismatches, enc_stats.fallbacks = totals.encoder
+    parity = parity_result(cfg, totals, parity_every, b.files)
     b.timed("stats")
-    return Measured(blocks, tot, enc_stats, parity, pairs, hist_kept)
+    return Measured(blocks, totals, enc_stats, parity, pairs, hist_kept)
 
 
-def pick_encoder(cfg: BuildConfig, info, files, so) -> tuple[str, EncoderStats]:
+def pick_encoder(cfg: BuildConfig, info, files, storage) -> tuple[str, EncoderStats]:
     """Run the encoder choice (and its canary) once, on the driver; the actors get the result.
     With --cache, a verdict reached before on the same tokenizer, encoders and canary texts is
     taken from the cache (raysft.cache), as the chunks are."""
-    texts = _sample_texts(files, so)
+    texts = _sample_texts(files, storage)
     cache = key = None
     if cfg.cache:
-        cache, key = Cache(cfg.cache, so), verdict_key(info, cfg.encoder, texts, f"{VERSION}-{RAYSFT_VERSION}")
+        cache, key = Cache(cfg.cache, storage), verdict_key(info, cfg.encoder, texts, f"{VERSION}-{RAYSFT_VERSION}")
         v = cache.verdict(key)
         if v is not None:
             log.info("encoder: %s %s (the verdict of an earlier build, from the cache)", v["name"], v["version"])
@@ -102,24 +102,24 @@ def input_bytes(files) -> int:
     return sum(f.size * (COMPRESSED_RATIO if f.compression else 1) for f in files)
 
 
-def start_with_encoder(cfg: BuildConfig, ex, info, files, so, chunks: int):
+def start_with_encoder(cfg: BuildConfig, ex, info, files, storage, chunks: int):
     """The engine's start (Ray's: mostly waiting for its processes) and the encoder's choice
     (~2 s to load fastokens and run the canary) at the same time."""
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(1, thread_name_prefix="encoder") as th:
-        chosen = th.submit(pick_encoder, cfg, info, files, so)
+        chosen = th.submit(pick_encoder, cfg, info, files, storage)
         pool = ex.start(chunks, input_bytes(files))
         encoder, enc_stats = chosen.result()
     return encoder, enc_stats, pool
 
 
-def _sample_texts(files, so, limit: int = 64) -> list[str]:
+def _sample_texts(files, storage, limit: int = 64) -> list[str]:
     """The start of the first input, as text lines, for the encoder canary."""
     if not files:
         return []
     try:
-        fs, path = get_fs(files[0].url, so)
+        fs, path = get_fs(files[0].url, storage)
         with fs.open(path, "rb") as f:
             head = f.read(64 << 10)
         return [t for t in head.decode("utf-8", "ignore").splitlines() if t.strip()][:limit]
@@ -127,7 +127,7 @@ def _sample_texts(files, so, limit: int = 64) -> list[str]:
         return []
 
 
-def parity_rate(cfg: BuildConfig, info, files, chunks, so) -> int:
+def parity_rate(cfg: BuildConfig, info, files, chunks, storage) -> int:
     """``every`` of the chat-template parity sample (raysft.parity): about --parity-rows records
     of the input, judged by the size of the first records; 0 when there is nothing to compare
     with (no chat template in the tokenizer) or --parity off."""
@@ -135,7 +135,7 @@ def parity_rate(cfg: BuildConfig, info, files, chunks, so) -> int:
         return 0
 
     try:
-        rows = next(iter(read_chunk(chunks[0], so, 256)))
+        rows = next(iter(read_chunk(chunks[0], storage, 256)))
         offsets = [int(o) for o in rows.offset]
         if len(offsets) > 1 and offsets[-1] > offsets[0]:
             # the file bytes a record takes, separators and indentation included (a pretty-printed
@@ -148,14 +148,14 @@ def parity_rate(cfg: BuildConfig, info, files, chunks, so) -> int:
     return sample_rate(input_bytes(files), row_bytes, cfg.parity_rows)
 
 
-def parity_result(cfg: BuildConfig, tot, every: int, files) -> dict | None:
+def parity_result(cfg: BuildConfig, totals, every: int, files) -> dict | None:
     """stats.json's ``parity``; with --parity strict, a difference fails the build here, before
     anything is written."""
     if not every:
         return {"mode": cfg.parity, "checked": 0, "why": "off" if cfg.parity == "off" else
                 "the tokenizer has no chat template to compare with"}
-    checked, mismatched, refused = tot.parity
-    examples = [{"file": files[src].url, "row": row, "outcome": what} for _, _, src, row, what in tot.parity_bad]
+    checked, mismatched, refused = totals.parity
+    examples = [{"file": files[src].url, "row": row, "outcome": what} for _, _, src, row, what in totals.parity_bad]
     res = summary(checked, mismatched, refused, examples, cfg.parity, cfg.template)
     res["sample_every"] = every
     bad = mismatched + (refused if cfg.template == "auto" else 0)
@@ -172,14 +172,14 @@ def parity_result(cfg: BuildConfig, tot, every: int, files) -> dict | None:
     return res
 
 
-def actor_kwargs(cfg: BuildConfig, info, so: dict, encoder: str, parity_every: int, sources: list,
+def actor_kwargs(cfg: BuildConfig, info, storage: dict, encoder: str, parity_every: int, sources: list,
                  file_source: list[int]) -> dict:
     """What each tokenizer actor (``raysft.engine.actors.TokenizeAndMask``) is made with."""
     layout = get_layout(cfg.layout)
     return {
         "info": info, "template": cfg.template, "sources": source_settings(cfg, info, sources),
         "file_source": file_source, "cache": cfg.cache, "seq_length": layout.capacity(cfg.seq_length),
-        "overlong": cfg.overlong, "so": so, "batch_size": cfg.batch_size, "encoder": encoder,
+        "overlong": cfg.overlong, "storage": storage, "batch_size": cfg.batch_size, "encoder": encoder,
         "template_kwargs": cfg.template_kwargs, "max_chars": max_chars(cfg), "avoid_end": layout.avoid_end_ids,
         "template_date": cfg.template_date, "parity_every": parity_every, "align": alignment(cfg, info),
         "pair_limits": layout.pair_limits(cfg.seq_length),
@@ -216,7 +216,7 @@ MAX_TOKEN_CHARS = 1024
 class Blocks:
     """The tokenized blocks, their statistics as they arrive, and the build's totals."""
 
-    def __init__(self, ex, seq_length: int, fail_fast: bool, files, so):
+    def __init__(self, ex, seq_length: int, fail_fast: bool, files, storage):
         self.refs: list = []  # block refs
         self.summaries: list = []  # refs of each block's summary
         self.runs: list = []  # refs of each block's runs
@@ -224,10 +224,10 @@ class Blocks:
         self.rejects: list = []  # (key, file) of each block that had rejects
         self.totals = stats_mod.Totals()
         self.pending: dict = {}  # summary ref -> block number
-        self.fail_fast, self.files, self.so, self.S, self.ex = fail_fast, files, so, seq_length, ex
+        self.fail_fast, self.files, self.storage, self.S, self.ex = fail_fast, files, storage, seq_length, ex
 
     def add(self, ref, measure, rejects_dir) -> None:
-        summary, runs = measure(ref, self.S, rejects_dir, self.so)
+        summary, runs = measure(ref, self.S, rejects_dir, self.storage)
         self.pending[summary] = len(self.refs)
         self.refs.append(ref)
         self.summaries.append(summary)
@@ -247,15 +247,15 @@ class Blocks:
                 if s.get("rejects_file"):
                     self.rejects.append((tuple(s["key"]), s["rejects_file"]))
                 if self.fail_fast and self.totals.rejected:
-                    raise bad_record_error(self.totals, self.files, self.so)
+                    raise bad_record_error(self.totals, self.files, self.storage)
             if not wait:
                 return
 
 
-def bad_record_error(t: stats_mod.Totals, files, so) -> BuildError:
-    fb = t.first_bad
-    where = describe_position(files[fb["src"]].url, fb["row"], fb["offset"], so)
-    return BuildError(f"{where}: {fb['reason']}: {fb['message']}; pass --on-bad-record skip to skip bad records and "
+def bad_record_error(t: stats_mod.Totals, files, storage) -> BuildError:
+    first_bad = t.first_bad
+    where = describe_position(files[first_bad["src"]].url, first_bad["row"], first_bad["offset"], storage)
+    return BuildError(f"{where}: {first_bad['reason']}: {first_bad['message']}; pass --on-bad-record skip to skip bad records and "
                       "list them in rejects.jsonl")
 
 
@@ -304,13 +304,13 @@ class Progress:
                  (f" in {elapsed:.0f} s" if done else ""))
 
 
-def pair_build(cfg: BuildConfig, layout, tot) -> bool:
+def pair_build(cfg: BuildConfig, layout, totals) -> bool:
     """Whether this build writes preference pairs (every kept record is a pair); one line where
     its records mix pairs and SFT samples, or its settings cannot hold pairs."""
-    if not tot.pairs:
+    if not totals.pairs:
         return False
-    if tot.pairs != tot.samples:
-        raise BuildError(f"the inputs hold {tot.pairs:,} preference pairs and {tot.samples - tot.pairs:,} SFT samples: "
+    if totals.pairs != totals.samples:
+        raise BuildError(f"the inputs hold {totals.pairs:,} preference pairs and {totals.samples - totals.pairs:,} SFT samples: "
                          "build them as two datasets (a pair build writes every record as a chosen and a rejected "
                          "sample)")
     if not layout.pairs:

@@ -21,7 +21,7 @@ from .watch import Watchdog
 
 @dataclass
 class Mix:
-    sel: object  # the raysft.sources.Selection, or None when every sample is taken once
+    selection: object  # the raysft.sources.Selection, or None when every sample is taken once
     natural: list[float]  # each source's own amount in the mix unit
     summaries: list | None  # the per-block summaries of the selection
     hist_train: np.ndarray
@@ -32,9 +32,9 @@ class Mix:
 
 def mix(b: Build, m: Measured) -> Mix:
     cfg, ex, blocks = b.cfg, b.ex, m.blocks
-    sel, natural, summaries, sel_runs = mixture(cfg, m.tot, blocks, b.sources, b.watch)
+    selection, natural, summaries, sel_runs = mixture(cfg, m.totals, blocks, b.sources, b.watch)
     zeros = np.zeros(len(m.hist_kept), dtype=np.int64)
-    if sel is None:
+    if selection is None:
         hist_train, hist_valid = m.hist_kept, zeros
         train_parts = [(None, lambda k: ex.get(blocks.runs[k]))]
         valid_parts: list = []
@@ -44,23 +44,23 @@ def mix(b: Build, m: Measured) -> Mix:
             hist_train = stats_mod.add_hist(hist_train, sm["hist_train"])
             hist_valid = stats_mod.add_hist(hist_valid, sm["hist_valid"])
         copies = max(sm["copies"] for sm in summaries)  # not every block's runs at once
-        train_parts = [({"selection": sel, "copy": c}, lambda k, c=c: ex.get(sel_runs[k]).get(c))
+        train_parts = [({"selection": selection, "copy": c}, lambda k, c=c: ex.get(sel_runs[k]).get(c))
                        for c in range(copies)]
-        valid_parts = [({"selection": sel, "valid": True}, lambda k: ex.get(sel_runs[k]).get("valid"))]
+        valid_parts = [({"selection": selection, "valid": True}, lambda k: ex.get(sel_runs[k]).get("valid"))]
     if int(hist_train.sum()) == 0:
         raise BuildError("the mixture leaves no training sample (every source's amount is 0, or "
                          "--validation holds out every record)")
     b.timed("mixture")
-    return Mix(sel, natural, summaries, hist_train, hist_valid, train_parts, valid_parts)
+    return Mix(selection, natural, summaries, hist_train, hist_valid, train_parts, valid_parts)
 
 
-def mixture(cfg: BuildConfig, tot, blocks: Blocks, sources: list, watch: Watchdog):
+def mixture(cfg: BuildConfig, totals, blocks: Blocks, sources: list, watch: Watchdog):
     """What the sources' amounts and ``--validation`` make of the tokenized samples: the
     selection (None when every sample is taken once and nothing is held out), each source's
     own amount in the mix unit (its training records), the per-block summaries of the
     selection added up, and the refs of each block's per-part runs."""
     col = SOURCE_FIGURES.index(cfg.mix_unit)
-    natural = [float(tot.per_source.get(k, [0, 0, 0, 0])[col]) for k in range(len(sources))]
+    natural = [float(totals.per_source.get(k, [0, 0, 0, 0])[col]) for k in range(len(sources))]
     val = Validation.parse(cfg.validation)
     if val is None and all(s.share is None and s.budget is None and s.repeat in (None, 1.0) for s in sources):
         return None, natural, None, None
@@ -85,14 +85,14 @@ def mixture(cfg: BuildConfig, tot, blocks: Blocks, sources: list, watch: Watchdo
     whole = tuple(int(np.floor(f)) for f in factors)
     cut = tuple(cut_for(amounts[k], (f - w) * natural[k]) if k in amounts else 0.0
                 for k, (f, w) in enumerate(zip(factors, whole)))
-    sel = Selection(whole, cut, cfg.seed, below)
-    if sel.trivial:
+    selection = Selection(whole, cut, cfg.seed, below)
+    if selection.trivial:
         return None, natural, None, None
     task = blocks.ex.task(select_block, num_cpus=0.5, num_returns=2)
-    refs = [task(r, sel) for r in blocks.refs]
+    refs = [task(r, selection) for r in blocks.refs]
     summaries, runs = [], []
     for i, (sref, rref) in enumerate(refs):
         watch.progress("mixture", f"block {i + 1} of {len(refs)}")
         summaries.append(blocks.ex.get(sref))
         runs.append(rref)
-    return sel, natural, summaries, runs
+    return selection, natural, summaries, runs

@@ -36,7 +36,7 @@ def plan(b: Build, m: Measured, x: Mix) -> Plans:
     train = Packing(cfg, b.layout, x.hist_train, x.train_parts, m.pairs)
     valid = Packing(cfg, b.layout, x.hist_valid, x.valid_parts, m.pairs) if int(x.hist_valid.sum()) else None
     epochs = max(1, int(cfg.epochs))
-    digest = plan_digest(x.hist_train, cfg, train.num_shards, [x.sel, epochs, int(x.hist_valid.sum())])
+    digest = plan_digest(x.hist_train, cfg, train.num_shards, [x.selection, epochs, int(x.hist_valid.sum())])
     write_json(b.out.fs, join(b.out.tmp, "manifest.json"), b.manifest | {"plan": digest})
     b.timed("plan")
     return Plans(train, valid, epochs, digest)

@@ -33,9 +33,9 @@ def prepare(cfg: BuildConfig):
     """What every command that reads inputs needs first: storage options, the tokenizer
     (checked against the template), the input files and their read chunks. Fails before Ray
     starts."""
-    so = storage_options(cfg.s3_endpoint_url, cfg.s3_addressing_style)
+    storage = storage_options(cfg.s3_endpoint_url, cfg.s3_addressing_style)
     info = load_tokenizer_info(cfg.tokenizer, cfg.trust_remote_code)
-    sources = build_sources(cfg, so)
+    sources = build_sources(cfg, storage)
     if any(s.format != "text" for s in sources):  # fail early (plain text needs no chat template)
         try:
             Template(cfg.template, info.specials, info.chat_template, info.special_strings, cfg.loss,
@@ -43,12 +43,12 @@ def prepare(cfg: BuildConfig):
         except TemplateError as e:
             raise TemplateError(f"{e} (plain-text data needs no template: --format text)") \
                 if info.chat_template is None else e from None
-    files, file_source = expand_sources(sources, so)
-    chunks = plan_chunks(files, so, cfg.chunk_bytes, file_source)
-    return so, info, files, chunks, sources, file_source
+    files, file_source = expand_sources(sources, storage)
+    chunks = plan_chunks(files, storage, cfg.chunk_bytes, file_source)
+    return storage, info, files, chunks, sources, file_source
 
 
-def build_sources(cfg: BuildConfig, so: dict | None = None) -> list:
+def build_sources(cfg: BuildConfig, storage: dict | None = None) -> list:
     """The build's sources: ``cfg.sources`` (a job file's ``sources:``, ``--source``), or one
     made of ``--input``, ``--format``, ``--map-keys`` and the loss policy, and one per entry of
     each LLaMA-Factory data folder among the inputs (``raysft.read.registry``)."""
@@ -59,11 +59,11 @@ def build_sources(cfg: BuildConfig, so: dict | None = None) -> list:
         return parse_sources(cfg.sources, defaults)
     out, plain = [], []
     for path in cfg.inputs:
-        registry = read_registry(path, so)
+        registry = read_registry(path, storage)
         if registry is None:
             plain.append(path)
         else:
-            out += registry_sources(path, registry, cfg.dataset, defaults, so)
+            out += registry_sources(path, registry, cfg.dataset, defaults, storage)
     if cfg.dataset and not out:
         raise SourceError("--dataset picks entries of a LLaMA-Factory data folder: give its folder (with its "
                           "dataset_info.json) as --input")
@@ -75,12 +75,12 @@ def build_sources(cfg: BuildConfig, so: dict | None = None) -> list:
     return out
 
 
-def expand_sources(sources: list, so: dict):
+def expand_sources(sources: list, storage: dict):
     """All input files, source by source (each source's files in path order), and the source of
     each file; a file may belong to one source only."""
     files, file_source, owner = [], [], {}
     for k, src in enumerate(sources):
-        for f in expand_inputs(src.inputs, so):
+        for f in expand_inputs(src.inputs, storage):
             if f.url in owner:
                 raise InputError(f"{f.url} is an input of two sources ({owner[f.url]!r} and {src.name!r})")
             owner[f.url] = src.name
@@ -159,7 +159,7 @@ def fingerprint(cfg: BuildConfig, files, info) -> dict:
     return {"inputs": [f.url for f in files], "tokenizer": tok.hexdigest(), "flags": flags, "version": VERSION}
 
 
-def cached_chunks(cfg: BuildConfig, so: dict, info, chunks: list, sources: list, file_source: list[int],
+def cached_chunks(cfg: BuildConfig, storage: dict, info, chunks: list, sources: list, file_source: list[int],
                   threads: int, tail: int, stop_at_miss: bool = True,
                   watch: Watchdog | None = None) -> tuple[list, dict, bool] | None:
     """With --cache: the chunks to run, each one's content digest, and whether every one has an
@@ -170,11 +170,11 @@ def cached_chunks(cfg: BuildConfig, so: dict, info, chunks: list, sources: list,
     None at the first chunk with no entry (the Ray engine then hashes and tokenizes in its actors)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    cache = Cache(cfg.cache, so)
+    cache = Cache(cfg.cache, storage)
     contexts = [s["context"] for s in source_settings(cfg, info, sources)]
 
     def entry(pieces: tuple) -> tuple:
-        digest = chunk_digest(Chunk(0, pieces), so, keep=False)[0]
+        digest = chunk_digest(Chunk(0, pieces), storage, keep=False)[0]
         key = chunk_key(digest, [(p.kind, p.start, p.end, p.compression) for p in pieces],
                         contexts[file_source[pieces[0].src]])
         return pieces, digest, cache.exists(key)

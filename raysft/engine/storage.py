@@ -55,7 +55,7 @@ def _look(probes: dict, token: str, inputs: list[str]) -> dict:
     return {"host": socket.gethostname(), "probes": seen, "inputs": sigs}
 
 
-def check_shared_storage(cfg, files, so: dict, tmp_url: str) -> None:
+def check_shared_storage(cfg, files, storage: dict, tmp_url: str) -> None:
     """Every node sees the local folders the build writes (``--output``; ``--cache``, whose
     entries one node writes and another reads) and the same bytes of each local input."""
     import ray
@@ -69,7 +69,7 @@ def check_shared_storage(cfg, files, so: dict, tmp_url: str) -> None:
     probes = {}
     for flag, url, folder in (("--output", cfg.output, tmp_url), ("--cache", cfg.cache, cfg.cache)):
         if url and not is_remote(url):
-            _, root = get_fs(folder, so)
+            _, root = get_fs(folder, storage)
             os.makedirs(root, exist_ok=True)
             probes[flag] = join(root, f"probe-{token}")
             with open(probes[flag], "w") as f:

@@ -18,13 +18,13 @@ from ..stats import block_rejects, block_stats, run_counts
 from ..write import column_of, shard_rows, write_shard
 
 
-def measure_block(table: pa.Table, seq_length: int, rejects_dir: str | None, so: dict) -> tuple[dict, dict]:
+def measure_block(table: pa.Table, seq_length: int, rejects_dir: str | None, storage: dict) -> tuple[dict, dict]:
     """Stats stage (one task per tokenized block): the block's summary and runs. Its rejected
     and dropped rows are written to ``rejects_dir`` (one JSON Lines file per block, named by
     the block's input position) so they never gather in the driver."""
     summary, runs = block_stats(table, seq_length)
     if rejects_dir and sum(summary["reasons"].values()):
-        fs, root = get_fs(rejects_dir, so)
+        fs, root = get_fs(rejects_dir, storage)
         c, r = summary["key"]
         with fs.open(join(root, f"{c:08d}-{r:016d}.jsonl"), "wb") as f:
             for e in block_rejects(table):
@@ -157,7 +157,7 @@ def feed_digest(chunk: np.ndarray, chunk_hash: np.ndarray) -> str:
     return hashlib.blake2b(pairs.astype("<i8").tobytes(), digest_size=16).hexdigest()
 
 
-def write_parts(shard: int, *parts: pa.Table, tmp_dir: str, so: dict, layout: str, seq_length: int, pad_id: int,
+def write_parts(shard: int, *parts: pa.Table, tmp_dir: str, storage: dict, layout: str, seq_length: int, pad_id: int,
                 reuse: dict | None = None, rows_of: int = 0, token_dtype: str = "int32", pairs: bool = False,
                 packed: bool = True, cap: int = 0) -> dict:
     """Shuffle, reduce side (one task per shard): the rows of shard ``rows_of`` of the packing
@@ -170,7 +170,7 @@ def write_parts(shard: int, *parts: pa.Table, tmp_dir: str, so: dict, layout: st
     parts = [p for p in parts if p.num_rows]
     rows = shard_rows(parts, rows_of)
     digest = feed_digest(column_of(parts, rows, "chunk"), column_of(parts, rows, "chunk_hash"))
-    fs, root = get_fs(tmp_dir, so)
+    fs, root = get_fs(tmp_dir, storage)
     prefix = join(root, f"part-{shard:05d}")
     lay = get_layout(layout).form(pairs, packed)
     if reuse is not None and reuse.get("feed") == digest and output.shard_complete(fs, prefix, lay, reuse):

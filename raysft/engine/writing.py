@@ -31,7 +31,7 @@ def write(b: Build, m: Measured, p: Plans) -> Written:
     cfg, ex, watch, fs, tmp = b.cfg, b.ex, b.watch, b.out.fs, b.out.tmp
     train, valid, epochs, blocks = p.train, p.valid, p.epochs, m.blocks
     reuse = _reusable(fs, tmp, b.old, p.digest, train.num_shards * epochs) if b.old is not None else {}
-    write_kw = {"tmp_dir": join(b.tmp_url, "shards"), "so": b.so, "layout": cfg.layout, "seq_length": cfg.seq_length,
+    write_kw = {"tmp_dir": join(b.tmp_url, "shards"), "storage": b.storage, "layout": cfg.layout, "seq_length": cfg.seq_length,
                 "pad_id": b.pad_id, "token_dtype": token_dtype(b.sources, b.info.vocab_size), "pairs": m.pairs,
                 "packed": cfg.pack, "cap": train.cap}
     metas = []

@@ -241,7 +241,7 @@ def _saved_datasets(fs, paths: list[str], skipped: list[str]) -> list[str]:
     return out
 
 
-def expand_inputs(patterns: list[str], so: dict | None = None) -> list[InputFile]:
+def expand_inputs(patterns: list[str], storage: dict | None = None) -> list[InputFile]:
     """Resolve files, folders and globs to a sorted, de-duplicated list of input files."""
     if not patterns:
         raise InputError("no --input given")
@@ -249,7 +249,7 @@ def expand_inputs(patterns: list[str], so: dict | None = None) -> list[InputFile
     real_seen: dict[tuple, str] = {}
     for pat in patterns:
         check_url(pat, "--input")
-        fs, path = get_fs(pat, so)
+        fs, path = get_fs(pat, storage)
         check_bucket(fs, path, pat, "--input")
         skipped: list[str] = []
         try:
@@ -441,8 +441,8 @@ def _open(fs, path: str, compression: str | None):
     return checked_stream(fs.open(path, "rb"), compression)
 
 
-def _pieces(src: int, f: InputFile, so: dict | None, chunk_bytes: int) -> list[Piece]:
-    fs, path = get_fs(f.url, so)
+def _pieces(src: int, f: InputFile, storage: dict | None, chunk_bytes: int) -> list[Piece]:
+    fs, path = get_fs(f.url, storage)
     kind = f.kind
     if kind in ("json", "jsonl") and f.compression is None and kind == "json":
         kind = "array" if _starts_with_bracket(fs, path) else "jsonl"
@@ -476,7 +476,7 @@ def _pieces(src: int, f: InputFile, so: dict | None, chunk_bytes: int) -> list[P
     raise InputError(f"{f.url}: unknown input kind {kind}")
 
 
-def plan_chunks(files: list[InputFile], so: dict | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+def plan_chunks(files: list[InputFile], storage: dict | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                 groups: list[int] | None = None) -> list[Chunk]:
     """Read chunks in input order; runs of small whole files share a chunk (never across
     ``groups``: the files of different sources are never in one chunk)."""
@@ -492,7 +492,7 @@ def plan_chunks(files: list[InputFile], so: dict | None = None, chunk_bytes: int
         group, group_bytes = [], 0
 
     for src, f in enumerate(files):
-        pieces = _pieces(src, f, so, chunk_bytes)
+        pieces = _pieces(src, f, storage, chunk_bytes)
         if groups is not None and src and groups[src] != groups[src - 1]:
             flush()
         if len(pieces) == 1 and f.size <= small:
@@ -637,7 +637,7 @@ def _mapped_hash(h, path: str, start: int | None, end: int | None) -> None:
                 h.update(part)
 
 
-def chunk_digest(c: Chunk, so: dict | None = None, keep: bool = True) -> tuple[int, dict]:
+def chunk_digest(c: Chunk, storage: dict | None = None, keep: bool = True) -> tuple[int, dict]:
     """The chunk's content hash (the bytes as stored: a line range, a row group's column
     chunks, the whole file otherwise) and what was read to get it, kept for the parse so a
     range is read once (``keep=False``: the hash alone, local files hashed in place). The
@@ -646,7 +646,7 @@ def chunk_digest(c: Chunk, so: dict | None = None, keep: bool = True) -> tuple[i
     h = xxhash.xxh3_64()
     kept: dict = {}
     for p in c.pieces:
-        fs, path = get_fs(p.url, so)
+        fs, path = get_fs(p.url, storage)
         if not keep and p.kind != "parquet" and fs.protocol in ("file", ("file", "local")):
             if p.kind in LINE_KINDS:
                 _mapped_hash(h, path, p.start, p.end)
@@ -689,18 +689,18 @@ def chunk_digest(c: Chunk, so: dict | None = None, keep: bool = True) -> tuple[i
     return int.from_bytes(h.digest(), "little", signed=True), kept
 
 
-def read_chunk(c: Chunk, so: dict | None = None, batch: int = 1 << 30, digested: tuple | None = None):
+def read_chunk(c: Chunk, storage: dict | None = None, batch: int = 1 << 30, digested: tuple | None = None):
     """Yield the chunk's records, ``batch`` at a time (see module doc). ``digested``: what
     ``chunk_digest`` already gave for this chunk (its bytes are not read twice). A compressed
     file that is cut short or corrupt is one line naming it (exit 1), never a shorter input."""
-    digest, kept = digested if digested is not None else chunk_digest(c, so)
+    digest, kept = digested if digested is not None else chunk_digest(c, storage)
     out = _Batcher(batch, digest)
     for p in c.pieces:
         if p.compression is None:
-            yield from _read_piece(p, so, kept.get((p.url, p.start)), out)
+            yield from _read_piece(p, storage, kept.get((p.url, p.start)), out)
             continue
         try:
-            yield from _read_piece(p, so, kept.get((p.url, p.start)), out)
+            yield from _read_piece(p, storage, kept.get((p.url, p.start)), out)
         except (EOFError, zlib.error, lzma.LZMAError, _ZstdError) as e:
             raise InputError(f"{p.url}: the {p.compression} stream is cut short or corrupt ({_short(e)})") from None
         except OSError as e:
@@ -746,8 +746,8 @@ def _stream_lines(fs, path: str, p: Piece, got, out: _Batcher, text: bool):
             offset += len(line)
 
 
-def _read_piece(p: Piece, so, got, out: _Batcher):
-    fs, path = get_fs(p.url, so)
+def _read_piece(p: Piece, storage, got, out: _Batcher):
+    fs, path = get_fs(p.url, storage)
     if p.kind in LINE_KINDS:
         data, pos = got
         text = p.kind == "txt"
@@ -860,8 +860,8 @@ class LineCounter:
 
     BUFFER = 4 << 20
 
-    def __init__(self, url: str, so: dict | None = None):
-        self.url, self.so = url, so
+    def __init__(self, url: str, storage: dict | None = None):
+        self.url, self.storage = url, storage
         self.fh = None
         self.pos = 0
         self.lines = 0
@@ -871,7 +871,7 @@ class LineCounter:
             self.close()
             self.pos = self.lines = 0
         if self.fh is None:
-            fs, path = get_fs(self.url, self.so)
+            fs, path = get_fs(self.url, self.storage)
             self.fh = _open(fs, path, _compression_of(self.url))
             if self.pos:
                 self.fh.seek(self.pos)
@@ -891,19 +891,19 @@ class LineCounter:
             self.fh = None
 
 
-def line_number(url: str, offset: int, so: dict | None = None) -> int:
+def line_number(url: str, offset: int, storage: dict | None = None) -> int:
     """1-based line number of the byte ``offset`` in a JSON Lines file (for error messages)."""
-    c = LineCounter(url, so)
+    c = LineCounter(url, storage)
     try:
         return c.line(offset)
     finally:
         c.close()
 
 
-def describe_position(url: str, row: int, offset: int, so: dict | None = None) -> str:
+def describe_position(url: str, row: int, offset: int, storage: dict | None = None) -> str:
     """Human position of a record: ``file line N`` for JSON Lines, ``file record N`` otherwise."""
     if offset >= 0:
-        return f"{url} line {line_number(url, offset, so)}"
+        return f"{url} line {line_number(url, offset, storage)}"
     return f"{url} record {row} (0-based)"
 
 

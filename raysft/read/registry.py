@@ -40,12 +40,12 @@ FORMATTING = {"alpaca": "alpaca", "sharegpt": "sharegpt", "openai": "openai"}
 NOT_READ = {"kto_tag": "KTO data (kto_tag)", "images": "images", "videos": "videos", "audios": "audio"}
 
 
-def read_registry(path: str, so: dict | None = None) -> dict | None:
+def read_registry(path: str, storage: dict | None = None) -> dict | None:
     """The registry of a LLaMA-Factory data folder, or None when ``path`` is not one (not a
     folder, no ``dataset_info.json``, or a ``datasets`` saved dataset)."""
     if any(ch in path for ch in "*?["):
         return None
-    fs, root = get_fs(path, so)
+    fs, root = get_fs(path, storage)
     try:
         if not fs.isdir(root):
             return None
@@ -64,10 +64,10 @@ def read_registry(path: str, so: dict | None = None) -> dict | None:
 
 
 def registry_sources(folder: str, registry: dict, picked: list[str] | None, defaults: dict,
-                     so: dict | None = None) -> list[Source]:
+                     storage: dict | None = None) -> list[Source]:
     """The sources a registry's entries make (``picked``: by name, in that order; else every
     entry an SFT build can read whose file is in the folder)."""
-    fs, root = get_fs(folder, so)
+    fs, root = get_fs(folder, storage)
     if picked:
         unknown = [n for n in picked if n not in registry]
         if unknown:

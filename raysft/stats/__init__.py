@@ -298,10 +298,10 @@ class Totals:
         self.hist_all = add_hist(self.hist_all, s["hist_all"])
         self.hist_kept = add_hist(self.hist_kept, s["hist_kept"])
         self.reasons.update(s["reasons"])
-        fb = s.get("first_bad")
-        if fb is not None and fb["reason"] not in DROP_REASONS and (
-                self.first_bad is None or (fb["chunk"], fb["idx"]) < (self.first_bad["chunk"], self.first_bad["idx"])):
-            self.first_bad = fb
+        first_bad = s.get("first_bad")
+        if first_bad is not None and first_bad["reason"] not in DROP_REASONS and (
+                self.first_bad is None or (first_bad["chunk"], first_bad["idx"]) < (self.first_bad["chunk"], self.first_bad["idx"])):
+            self.first_bad = first_bad
         self.chunks.update(s.get("chunks", {}))
         self.encoder = [a + b for a, b in zip(self.encoder, s.get("encoder", [0, 0, 0]))]
         self.parity = [a + b for a, b in zip(self.parity, s.get("parity", [0, 0, 0]))]
