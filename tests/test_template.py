@@ -105,8 +105,9 @@ def test_template_kwargs_a_builtin_does_not_read_are_an_error():
     with pytest.raises(TemplateError, match=r"'enable_thinking'.*does not read it"):
         Template("qwen2", template_kwargs={"enable_thinking": False})
     Template("qwen3", template_kwargs={"enable_thinking": False})  # qwen3 reads it (as Qwen3's template does)
-    with pytest.raises(TemplateError, match="thinking"):
-        Template("deepseek-v3.1", template_kwargs={"thinking": True})
+    with pytest.raises(TemplateError, match="'thinking'.*does not read it"):
+        Template("deepseek-v3", template_kwargs={"thinking": True})
+    Template("deepseek-v3.1", template_kwargs={"thinking": True})  # its thinking mode
     Template("llama3.1", template_kwargs={"date_string": "01 Jan 2025"})  # the one a built-in reads
     r = subprocess.run([sys.executable, "-m", "raysft.build", "--input", "x.jsonl", "--tokenizer", "t", "--output", "o",
                         "--template", "chatml", "--template-kwargs", '{"enable_thinking": false}'],

@@ -136,6 +136,23 @@ def test_reasoning_in_families_without_a_format_is_a_think_block():
     assert answers(Template("deepseek-v3").render(conv)) == ["<think>\nr\n</think>\n\na<｜end▁of▁sentence｜>"]
 
 
+def test_deepseek_v31_thinking_mode_trains_the_closing_think():
+    """DeepSeek-V3.1's thinking mode (``thinking``, or ``enable_thinking`` as its template reads
+    it): the prompt ends at ``<think>``, the reasoning (empty without one), ``</think>`` and the
+    answer are the turn's output; non-thinking mode (the default) keeps ``<think></think>`` in the
+    prompt, as the vendor template writes it."""
+    conv = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+                         {"role": "user", "content": "q2"},
+                         {"role": "assistant", "content": "b", "reasoning_content": "r"}]}
+    plain = Template("deepseek-v3.1").render(normalize(conv))
+    assert "<｜Assistant｜><think></think>a" in plain.text
+    assert answers(plain) == ["a<｜end▁of▁sentence｜>", "r</think>b<｜end▁of▁sentence｜>"]
+    for key in ("thinking", "enable_thinking"):
+        r = Template("deepseek-v3.1", template_kwargs={key: True}).render(normalize(conv))
+        assert r.text == plain.text  # the same text: only what is trained moves
+        assert answers(r) == ["</think>a<｜end▁of▁sentence｜>", "r</think>b<｜end▁of▁sentence｜>"]
+
+
 def test_every_builtin_declares_its_markers():
     from raysft.templates import BUILTINS as BUILTIN
 

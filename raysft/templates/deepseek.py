@@ -5,8 +5,11 @@
   ``<｜tool▁calls▁begin｜>`` with the call's type, name and arguments as a json code block;
   results in ``<｜tool▁outputs▁begin｜>...<｜tool▁outputs▁end｜>``, after which the answer follows
   without a new assistant marker; reasoning as a ``<think>`` block (R1 style).
-* ``deepseek-v3.1``: DeepSeek-V3.1's chat template (non-thinking mode): every assistant turn
-  that answers a user opens with ``<｜Assistant｜><think></think>``; calls are
+* ``deepseek-v3.1``: DeepSeek-V3.1's chat template: in non-thinking mode (the default) every
+  assistant turn that answers a user opens with ``<｜Assistant｜><think></think>``; with
+  ``--template-kwargs '{"thinking": true}'`` (or ``enable_thinking``, as the vendor template
+  reads it) with ``<｜Assistant｜><think>``, the prompt of thinking mode, and the turn's output
+  is its reasoning (empty where the record has none), ``</think>`` and the answer, trained; calls are
   ``<｜tool▁call▁begin｜>{name}<｜tool▁sep｜>{arguments json}<｜tool▁call▁end｜>``; each result is a
   ``<｜tool▁output▁begin｜>...<｜tool▁output▁end｜>``; an inline ``</think>`` in an answer that
   follows a user keeps only the text after it. Two things the vendor template does not do,
@@ -69,6 +72,7 @@ def _deepseek_v3(conv: Conversation, sp: Specials) -> list[Piece]:
 
 def _deepseek_v31(conv: Conversation, sp: Specials) -> list[Piece]:
     msgs = conv.messages
+    thinking = bool(sp.kwargs.get("thinking", sp.kwargs.get("enable_thinking", False)))
     system, at = _system(conv)
     out: list[Piece] = [(BOS + system, at, False)]
     last_user = is_tool = False
@@ -83,8 +87,10 @@ def _deepseek_v31(conv: Conversation, sp: Specials) -> list[Piece]:
             out.append((f"<｜tool▁output▁begin｜>{m.text}<｜tool▁output▁end｜>", i, False))
         else:
             content = m.text
-            if m.reasoning and last_user:
-                head, think = "<｜Assistant｜><think>", m.reasoning + "</think>"
+            if last_user and (m.reasoning or thinking):
+                # thinking mode: the generation prompt ends at <think>; the reasoning (empty if the
+                # record has none), </think> and the answer are the model's output
+                head, think = "<｜Assistant｜><think>", (m.reasoning or "") + "</think>"
             elif last_user:
                 head, think = "<｜Assistant｜><think></think>", ""
             else:
@@ -110,5 +116,5 @@ _MARKERS = (BOS, EOS, "<｜User｜>", "<｜Assistant｜>", "<｜tool▁calls▁b
 # name -> (render, the special tokens it writes: --add-special-tokens adds those a tokenizer lacks)
 FAMILY = {
     "deepseek-v3": Builtin(_deepseek_v3, (*_MARKERS, "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>")),
-    "deepseek-v3.1": Builtin(_deepseek_v31, (*_MARKERS, "<think>", "</think>")),
+    "deepseek-v3.1": Builtin(_deepseek_v31, (*_MARKERS, "<think>", "</think>"), ("thinking", "enable_thinking")),
 }
