@@ -40,7 +40,7 @@ def write_shard(fs, prefix, samples, packs, layout="native", S=8, pad=0):
 
 
 def test_registry_has_one_module_per_layout():
-    assert set(LAYOUTS) == {"native", "pai", "mindspeed", "xtuner", "bridge", "bridge-npy"}
+    assert set(LAYOUTS) == {"native", "pai", "mindspeed", "xtuner", "bridge", "bridge-npy", "llamafactory"}
     for name, lay in REGISTRY.items():
         assert lay.name == name and lay.summary and lay.trainer
 
