@@ -144,6 +144,11 @@ def render_report(stats: dict) -> str:
         ("packing efficiency", f"{stats['packing_efficiency']:.3%}"),
         ("layout / template / tokenizer", f"{stats['layout']} / {stats['template']} / {stats['tokenizer']}"),
     ]
+    pairs = stats.get("pairs")
+    if pairs:
+        summary.insert(3, ("preference pairs written (two samples each)",
+                           f"{pairs['written']:,}: chosen side {pairs['chosen_tokens']:,} tokens, rejected side "
+                           f"{pairs['rejected_tokens']:,}" + ("" if pairs.get("packed", True) else "; one pair a pack")))
     if stats.get("epochs", 1) > 1:
         summary.append(("epochs (packs and tokens above are per epoch)", f"{stats['epochs']}"))
     v = stats.get("validation")

@@ -207,6 +207,8 @@ def test_native_packs_pairs_side_by_side_and_the_reader_gives_a_dpo_batch(demo_p
     assert st["pairs"]["written"] + sum(st["dropped"].values()) == 60 and st["samples_written"] == 2 * st["pairs"]["written"]
     assert st["pairs"]["chosen_tokens"] + st["pairs"]["rejected_tokens"] == st["tokens"]
     assert st["parity"]["checked"] and st["parity"]["matched"] == st["parity"]["checked"]
+    report = (tmp_path / "lf" / "report.html").read_text()
+    assert f"preference pairs written (two samples each)</td><td>{st['pairs']['written']:,}: chosen side" in report
     want = _expected(json.loads((demo_pairs / "lf.json").read_text()))
     r = PackedReader(str(tmp_path / "lf"))
     seen = 0
