@@ -290,15 +290,17 @@ def test_mindspeed_pairwise_reads_exact_under_its_own_loading(demo_pairs, tmp_pa
     assert sum(st["unrepresentable"].values()) == 2 * n  # each side's newline after <|im_end|>: MindSpeed trains it
 
 
-def test_a_pair_build_says_what_it_cannot_do_in_one_line(demo_pairs, tmp_path):
+def test_a_pair_build_says_what_it_cannot_do_in_one_line(tmp_path):
     from raysft.engine.driver import BuildError
 
+    few = tmp_path / "few.json"
+    few.write_text(json.dumps([FORMS["trl conversational"], FORMS["llamafactory alpaca"]]))
     with pytest.raises(BuildError, match="--layout pai has no form for preference pairs; use one of native, mindspeed"):
-        build(tmp_path / "pai", [demo_pairs / "lf.json"], str(QWEN3), seq_length=4096, layout="pai", engine="local")
+        build(tmp_path / "pai", [few], str(QWEN3), seq_length=4096, layout="pai", engine="local")
     sft = tmp_path / "sft.jsonl"
     sft.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n")
-    with pytest.raises(BuildError, match="60 preference pairs and 1 SFT samples: build them as two datasets"):
-        build(tmp_path / "mixed", [demo_pairs / "lf.json", sft], str(QWEN3), seq_length=4096, engine="local")
+    with pytest.raises(BuildError, match="2 preference pairs and 1 SFT samples: build them as two datasets"):
+        build(tmp_path / "mixed", [few, sft], str(QWEN3), seq_length=4096, engine="local")
 
 
 def test_pairs_are_units_through_validation_epochs_and_the_cache(demo_pairs, tmp_path):
@@ -323,6 +325,7 @@ def test_pairs_are_units_through_validation_epochs_and_the_cache(demo_pairs, tmp
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
+@pytest.mark.slow  # the whole demo (300 pairs): CI's slow run
 def test_a_ranking_entry_of_a_llamafactory_folder_builds_as_pairs(tmp_path):
     folder = tmp_path / "data"
     folder.mkdir()
