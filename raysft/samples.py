@@ -1,4 +1,4 @@
-"""The tokenize stage's rows: a batch of records -> one row per sample piece or rejected record.
+"""The tokenize stage's rows: a batch of records -> one row per sample piece, preference pair or rejected record.
 
 Pure (numpy + pyarrow, no engine). ``encode_records`` runs a :class:`~raysft.tokenize.SampleBuilder`
 over raw records and ``fit_records`` applies ``--overlong``, giving the Arrow table the later stages read:
