@@ -113,3 +113,33 @@ def test_template_kwargs_a_builtin_does_not_read_are_an_error():
                         "--template", "chatml", "--template-kwargs", '{"enable_thinking": false}'],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "does not read it" in r.stderr and "--template auto" in r.stderr
+
+
+SOT, EOT = "<|START_OF_TURN_TOKEN|>", "<|END_OF_TURN_TOKEN|>"
+COMMAND_R_LIKE = (  # Command-R's tool-use template in small: instructions after the last message
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'user' %}" + SOT + "<|USER_TOKEN|>{{ m['content'] }}" + EOT + "{% endif %}"
+    "{% if m['role'] == 'assistant' %}" + SOT + "<|CHATBOT_TOKEN|>{{ m['content'] }}" + EOT + "{% endif %}"
+    "{% endfor %}" + SOT + "<|SYSTEM_TOKEN|>Write 'Action:' followed by a list of actions." + EOT
+    + "{% if add_generation_prompt %}" + SOT + "<|CHATBOT_TOKEN|>{% endif %}")
+APPENDS_AFTER_AN_ANSWER = (  # history renders the same whatever follows; a block only after a final answer
+    "{% for m in messages %}" + SOT + "{{ m['role'] }}\n{{ m['content'] }}" + EOT + "{% endfor %}"
+    "{% if messages[-1]['role'] == 'assistant' %}" + SOT + "<|SYSTEM_TOKEN|>rate the answer" + EOT + "{% endif %}"
+    "{% if add_generation_prompt %}" + SOT + "assistant\n{% endif %}")
+
+
+@pytest.mark.parametrize("jinja", [COMMAND_R_LIKE, APPENDS_AFTER_AN_ANSWER])
+def test_text_a_template_writes_after_a_turns_end_of_turn_token_is_never_trained(jinja):
+    """A turn's output ends at the first EOS token after its text: neither the instructions a
+    template appends after the last message nor the next turn's header start carry loss (on
+    the render and on the render plan's replay alike)."""
+    from raysft.templates import Template
+
+    specials = ("<BOS_TOKEN>", SOT, EOT, "<|USER_TOKEN|>", "<|CHATBOT_TOKEN|>", "<|SYSTEM_TOKEN|>")
+    t = Template("auto", Specials("<BOS_TOKEN>", EOT), jinja, special_strings=specials)
+    conv = normalize({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "A1"},
+                                   {"role": "user", "content": "again"}, {"role": "assistant", "content": "A2"}]})
+    for _ in range(3):  # rendered, then replayed from the shape's plan
+        r = t.render(conv)
+        assert [r.text[a:b] for a, b in r.spans] == ["A1" + EOT, "A2" + EOT]
+        assert r.text.endswith("rate the answer" + EOT if "rate" in jinja else "actions." + EOT)

@@ -28,6 +28,10 @@ Which characters are assistant output (they carry loss), per assistant message `
    text ``add_generation_prompt`` adds, or its first line) and forward through the first
    special token after it (the end-of-turn marker).
 
+In every case a turn's output ends at the first EOS token after its text, where generation
+stops: what a template writes after it (Command-R's tool-use instructions after the last
+message, the next turn's header) is never trained.
+
 A message whose output cannot be placed this way (the renders disagree in ways the rules do
 not cover) rejects the record with ``template_error``: text is never guessed at, so loss never
 lands on a prompt that happens to contain the answer's words.
@@ -358,6 +362,7 @@ class JinjaTemplate:
         names = special_map if special_map is not None else {"bos_token": specials.bos, "eos_token": specials.eos}
         self.vars = {**{k: v for k, v in names.items() if v is not None}, **(extra or {})}
         self.source = source
+        self.eos = specials.eos  # where generation stops: a turn's output ends with the first one after it
         self._active = self.template  # the compiled template _render runs (the tracking one while planning)
         self._tracker: plan.Tracker | None = None
         self.call_form = self._call_form()
@@ -593,10 +598,21 @@ class JinjaTemplate:
             return None
         start, end = len(prefix), len(through)
         cut = _trim_to_marker(full, start, end, specials)
-        if cut == end:  # no special token closes it: the closing is the template's text after the payload
+        if cut == end or self._appends_after(full, start, cut, end, specials):
+            # no special token closes it, or the template writes more after the end-of-turn token
+            # of the last message (Command-R's tool-use instructions): the closing is the
+            # template's text after the payload, through that token
             tail = self._tail(msgs, tools, i)
-            cut = end - len(tail) + _closing_length(tail, specials)
+            cut = end - len(tail) + _closing_length(tail, specials, self.eos)
         return start, cut
+
+    def _appends_after(self, full: str, start: int, cut: int, end: int, specials) -> bool:
+        """Whether the span of a conversation's last message holds template text after its
+        end-of-turn token: a special token after the last EOS in it (cheap: no render)."""
+        if end != len(full) or not self.eos:
+            return False
+        at = full.rfind(self.eos, start, cut)
+        return at >= 0 and any(s and full.find(s, at + len(self.eos), cut) >= 0 for s in specials)
 
     def _differential_span(self, msgs, tools, full: str, i: int, specials, lo: int) -> tuple[int, int] | None:
         renders = []
@@ -624,7 +640,7 @@ class JinjaTemplate:
         the tokenizer has no special token for the marker, after its last visible character."""
         tail = self._tail(msgs, tools, i)
         shared = _common_prefix(full[end : end + len(tail)], tail)
-        return _closing_length(tail[:shared], specials)
+        return _closing_length(tail[:shared], specials, self.eos)
 
     def _tail(self, msgs, tools, i: int) -> str:
         """What the template writes after message i's payload when it ends the conversation."""
@@ -744,10 +760,15 @@ def _last_special(text: str, specials) -> str | None:
     return best
 
 
-def _closing_length(closing: str, specials) -> int:
-    """The end-of-turn marker's share of ``closing``: through its last special token, else
-    through its last character that is not whitespace (``<|im_end|>`` on a tokenizer that has
-    no such token; the newline after it is the next turn's)."""
+def _closing_length(closing: str, specials, eos: str | None = None) -> int:
+    """The end-of-turn marker's share of ``closing`` (the template's text after a turn's last
+    payload byte): through the first EOS token in it, where generation stops (what a template
+    writes after it, such as Command-R's instructions after the last turn or the next turn's
+    header, is not the model's output); else through its last special token, else through its
+    last character that is not whitespace (``<|im_end|>`` on a tokenizer that has no such
+    token; the newline after it is the next turn's)."""
+    if eos and eos in closing:
+        return closing.index(eos) + len(eos)
     at = max((closing.rfind(s) + len(s) for s in specials if s and s in closing), default=0)
     return at or len(closing.rstrip())
 
