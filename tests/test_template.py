@@ -143,3 +143,43 @@ def test_text_a_template_writes_after_a_turns_end_of_turn_token_is_never_trained
         r = t.render(conv)
         assert [r.text[a:b] for a, b in r.spans] == ["A1" + EOT, "A2" + EOT]
         assert r.text.endswith("rate the answer" + EOT if "rate" in jinja else "actions." + EOT)
+
+
+R1_TOOLS = (  # DeepSeek-R1-Distill's tool turns in small: the answer continues after the results, no header
+
+"{% set ns = namespace(is_tool=false) %}{{ bos_token }}"
+"{% for message in messages %}"
+"{% if message['role'] == 'user' %}{% set ns.is_tool = false %}{{ '<｜User｜>' + message['content'] }}{% endif %}"
+"{% if message['role'] == 'assistant' and message['tool_calls'] %}{% set ns.is_tool = false %}"
+"{{ '<｜Assistant｜><｜tool▁calls▁begin｜>' + message['tool_calls'][0]['function']['name'] + '<｜tool▁calls▁end｜><｜end▁of▁sentence｜>' }}{% endif %}"
+"{% if message['role'] == 'assistant' and message['content'] is not none and not message['tool_calls'] %}"
+"{% set content = message['content'] %}{% if '</think>' in content %}{% set content = content.split('</think>')[-1] %}{% endif %}"
+"{% if ns.is_tool %}{{ '<｜tool▁outputs▁end｜>' + content + '<｜end▁of▁sentence｜>' }}{% set ns.is_tool = false %}"
+"{% else %}{{ '<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>' }}{% endif %}{% endif %}"
+"{% if message['role'] == 'tool' %}{% set ns.is_tool = true %}{{ '<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>' + message['content'] + '<｜tool▁output▁end｜>' }}{% endif %}"
+"{% endfor %}{% if ns.is_tool %}{{ '<｜tool▁outputs▁end｜>' }}{% endif %}"
+"{% if add_generation_prompt and not ns.is_tool %}{{ '<｜Assistant｜><think>\\n' }}{% endif %}")
+
+
+@pytest.mark.parametrize("marked", [False, True])
+def test_an_answer_the_template_continues_after_a_tool_result_is_placed(marked):
+    """A template that writes no assistant header after tool results (the answer continues the
+    results' block) places that answer by design, where the conversation up to the results ends,
+    with its markers as special tokens or as plain text; a header matched in part never takes
+    the first character of the marker after it."""
+    from raysft.templates import Template
+
+    sp = ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<｜tool▁calls▁begin｜>",
+          "<｜tool▁calls▁end｜>", "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>", "<｜tool▁output▁begin｜>",
+          "<｜tool▁output▁end｜>")
+    t = Template("auto", Specials("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"), R1_TOOLS,
+                 special_strings=sp if marked else ())
+    conv = normalize({"messages": [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {
+            "name": "get", "arguments": "{\"c\": \"x\"}"}}]},
+        {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "It is sunny."}]})
+    for _ in range(3):  # rendered, then replayed from the shape's plan
+        r = t.render(conv)
+        assert [r.text[a:b] for a, b in r.spans] == [
+            "<｜tool▁calls▁begin｜>get<｜tool▁calls▁end｜><｜end▁of▁sentence｜>", "It is sunny.<｜end▁of▁sentence｜>"]

@@ -673,7 +673,19 @@ class JinjaTemplate:
         for n in range(len(gen), max(2, (len(gen) + 1) // 2) - 1, -1):
             k = full.rfind(gen[:n], lo, start)
             if k >= 0:
+                # never inside a marker the match has opened (``<｜Assistant｜><`` of
+                # ``<｜Assistant｜><｜tool▁calls▁begin｜>``: the ``<`` is the next marker's)
+                opened = gen.rfind("<", 0, n)
+                if n < len(gen) and opened > gen.rfind(">", 0, n) and opened >= (len(gen) + 1) // 2:
+                    return k + opened
                 return k + n
+        if i > 0 and msgs[i - 1].get("role") == "tool":
+            # a turn the template continues after a tool result with no header of its own
+            # (DeepSeek-R1's, Apertus'): its output starts where the conversation up to that
+            # result ends, as the template renders it for generation
+            for before in (with_gen, without):
+                if full.startswith(before) and lo <= len(before) <= start:
+                    return len(before)
         return None
 
     def _generation_pieces(self, msgs, tools) -> list[Piece]:
