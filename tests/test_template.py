@@ -183,3 +183,57 @@ def test_an_answer_the_template_continues_after_a_tool_result_is_placed(marked):
         r = t.render(conv)
         assert [r.text[a:b] for a, b in r.spans] == [
             "<｜tool▁calls▁begin｜>get<｜tool▁calls▁end｜><｜end▁of▁sentence｜>", "It is sunny.<｜end▁of▁sentence｜>"]
+
+
+GPT_OSS_LIKE = (  # gpt-oss in small: <|end|> closes a turn another follows, <|return|> the last
+
+    "{% for m in messages %}"
+    "{% if m['role'] == 'user' %}<|start|>user<|message|>{{ m['content'] }}<|end|>{% endif %}"
+    "{% if m['role'] == 'assistant' %}<|start|>assistant<|channel|>final<|message|>{{ m['content'] }}"
+    "{% if loop.last and not add_generation_prompt %}<|return|>{% else %}<|end|>{% endif %}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|start|>assistant{% endif %}")
+
+GLM_LIKE = (  # GLM-4.6 tool calls in small: </tool_call> is text after the special </arg_value>
+"[gMASK]<sop>{% for m in messages %}"
+     "{% if m['role'] == 'user' %}<|user|>\n{{ m['content'] }}{% endif %}"
+     "{% if m['role'] == 'assistant' %}<|assistant|>\n{{ m['content'] or '' }}"
+     "{% for tc in m['tool_calls'] or [] %}<tool_call>{{ tc['function']['name'] }}\n"
+     "{% for k, v in tc['function']['arguments'].items() %}<arg_key>{{ k }}</arg_key>\n<arg_value>{{ v }}</arg_value>\n{% endfor %}</tool_call>{% endfor %}{% endif %}"
+     "{% if m['role'] == 'tool' %}<|observation|>\n{{ m['content'] }}{% endif %}"
+     "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+@pytest.mark.parametrize("marked", [False, True])
+def test_each_turn_is_closed_by_its_own_marker(marked):
+    """A turn another turn follows is closed by the marker its own render writes (gpt-oss:
+    ``<|end|>``), the last one by its own (``<|return|>``), with the markers as special tokens
+    or as plain text."""
+    from raysft.templates import Template
+
+    sp = ("<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|return|>") if marked else ()
+    t = Template("auto", Specials(None, "<|return|>"), GPT_OSS_LIKE, special_strings=sp)
+    conv = normalize({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "A1"},
+                                   {"role": "user", "content": "again"}, {"role": "assistant", "content": "A2"}]})
+    for _ in range(3):
+        r = t.render(conv)
+        assert [r.text[a:b] for a, b in r.spans] == ["<|channel|>final<|message|>A1<|end|>",
+                                                    "<|channel|>final<|message|>A2<|return|>"]
+
+
+def test_a_turns_own_text_after_its_last_special_token_is_trained():
+    """GLM-4.6 writes a call's arguments between special tokens and closes it with plain
+    ``</tool_call>``: the turn is not cut at the last special token."""
+    from raysft.templates import Template
+
+    sp = ("[gMASK]", "<sop>", "<|user|>", "<|assistant|>", "<|observation|>", "<tool_call>", "<arg_key>",
+          "</arg_key>", "<arg_value>", "</arg_value>")
+    t = Template("auto", Specials(None, "<|endoftext|>"), GLM_LIKE, special_strings=sp)
+    conv = normalize({"messages": [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {
+            "name": "get", "arguments": "{\"c\": \"x\"}"}}]},
+        {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "It is sunny."}]})
+    for _ in range(3):
+        r = t.render(conv)
+        assert [r.text[a:b] for a, b in r.spans] == [
+            "<tool_call>get\n<arg_key>c</arg_key>\n<arg_value>x</arg_value>\n</tool_call>", "It is sunny."]

@@ -30,7 +30,11 @@ Which characters are assistant output (they carry loss), per assistant message `
 
 In every case a turn's output ends at the first EOS token after its text, where generation
 stops: what a template writes after it (Command-R's tool-use instructions after the last
-message, the next turn's header) is never trained.
+message, the next turn's header) is never trained. A turn another turn follows is closed by
+the marker its own render writes (gpt-oss: ``<|end|>`` there, ``<|return|>`` for the last one),
+and the turn's own text after its last special token (GLM's plain ``</tool_call>``) stays in
+it. An answer a template continues after tool results with no header of its own starts where
+the conversation up to those results ends, as the template renders it for generation.
 
 A message whose output cannot be placed this way (the renders disagree in ways the rules do
 not cover) rejects the record with ``template_error``: text is never guessed at, so loss never
@@ -639,7 +643,14 @@ class JinjaTemplate:
         special token (a newline after the marker is not the model's to produce), or, where
         the tokenizer has no special token for the marker, after its last visible character."""
         tail = self._tail(msgs, tools, i)
-        shared = _common_prefix(full[end : end + len(tail)], tail)
+        after = full[end : end + len(tail) + MAX_OWNED_PREFIX]
+        shared = _common_prefix(after, tail)
+        if self.eos and self.eos in tail[:shared]:  # where generation stops, whatever follows
+            return tail.index(self.eos) + len(self.eos)
+        if shared < len(tail):  # this turn is closed otherwise than a last one: its own render says how
+            own = _own_closing(after, shared, specials, self.eos)
+            if own is not None:
+                return own
         return _closing_length(tail[:shared], specials, self.eos)
 
     def _tail(self, msgs, tools, i: int) -> str:
@@ -772,28 +783,56 @@ def _last_special(text: str, specials) -> str | None:
     return best
 
 
+def _own_closing(after: str, shared: int, specials, eos: str | None) -> int | None:
+    """The closing of a turn the template ends otherwise when another turn follows (gpt-oss:
+    ``<|end|>`` there, ``<|return|>`` last; a template that writes EOS only between turns):
+    ``after`` is what follows its last payload byte, whose first ``shared`` characters the
+    last-turn form shares. The marker both forms had begun (it straddles where they part),
+    or an EOS token right there; None when neither (the next turn's header starts there)."""
+    for s in specials:
+        if not s:
+            continue
+        k = after.find(s, 0, shared + len(s))
+        if 0 <= k < shared < k + len(s):
+            return k + len(s)
+    if eos and after.startswith(eos, shared):
+        return shared + len(eos)
+    opened = after.rfind("<", 0, shared)  # a marker as plain text, begun by both forms
+    if opened >= 0 and after.rfind(">", 0, shared) < opened:
+        close = after.find(">", shared)
+        if close >= 0:
+            return close + 1
+    return None
+
+
 def _closing_length(closing: str, specials, eos: str | None = None) -> int:
     """The end-of-turn marker's share of ``closing`` (the template's text after a turn's last
     payload byte): through the first EOS token in it, where generation stops (what a template
     writes after it, such as Command-R's instructions after the last turn or the next turn's
-    header, is not the model's output); else through its last special token, else through its
-    last character that is not whitespace (``<|im_end|>`` on a tokenizer that has no such
+    header, is not the model's output); else through its last special token, or through the
+    text after that token where there is some that is not the start of a marker; else through
+    its last character that is not whitespace (``<|im_end|>`` on a tokenizer that has no such
     token; the newline after it is the next turn's)."""
     if eos and eos in closing:
         return closing.index(eos) + len(eos)
     at = max((closing.rfind(s) + len(s) for s in specials if s and s in closing), default=0)
+    rest = closing[at:].strip()
+    if rest and not any(s and s.startswith(rest) for s in specials):
+        return len(closing.rstrip())  # the turn's own text goes on (GLM's </tool_call>): through it
     return at or len(closing.rstrip())
 
 
 def _trim_to_marker(text: str, start: int, end: int, specials: tuple[str, ...]) -> int:
-    """End the answer at the end of the last special token inside it (drop trailing newlines
-    that the template adds after the end-of-turn marker)."""
+    """End the answer at the end of the last special token inside it when only white space
+    follows it (the newline a template adds after the end-of-turn marker); a turn whose own text
+    goes on after its last special token (GLM's ``</tool_call>`` after the special
+    ``</arg_value>``) keeps it: ``end``."""
     best = -1
     for s in specials:
         k = text.rfind(s, start, end)
         if k >= 0:
             best = max(best, k + len(s))
-    return best if best > start else end
+    return best if best > start and not text[best:end].strip() else end
 
 
 
