@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from raysft.normalize import normalize
@@ -237,3 +239,25 @@ def test_a_turns_own_text_after_its_last_special_token_is_trained():
         r = t.render(conv)
         assert [r.text[a:b] for a, b in r.spans] == [
             "<tool_call>get\n<arg_key>c</arg_key>\n<arg_value>x</arg_value>\n</tool_call>", "It is sunny."]
+
+
+NEMO = Path(__file__).resolve().parents[2] / "shared" / "templates" / "mistralai-Mistral-Nemo-Instruct-2407.jinja"
+
+
+@pytest.mark.parametrize("marked", [False, True])
+def test_a_header_is_found_by_design_where_the_template_writes_no_generation_prompt(marked):
+    """Mistral-Nemo moves the system prompt into the last user turn (history re-renders) and has
+    no generation prompt: an answer starts after what the template writes after the preceding
+    message's payload (``[/INST]``), with the markers as plain text too (a system message made
+    such rows 'cannot place assistant turn')."""
+    from raysft.templates import Template
+
+    sp = ("<s>", "</s>", "[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
+          "[TOOL_RESULTS]", "[/TOOL_RESULTS]") if marked else ()
+    t = Template("auto", Specials("<s>", "</s>"), NEMO.read_text(), special_strings=sp)
+    conv = normalize({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a"},
+                                   {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"},
+                                   {"role": "assistant", "content": "d"}]})
+    for _ in range(3):
+        r = t.render(conv)
+        assert [r.text[a:b] for a, b in r.spans] == ["b</s>", "d</s>"]

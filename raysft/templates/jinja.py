@@ -663,6 +663,20 @@ class JinjaTemplate:
             alts.append(self(alt, tools, False))
         return alone[len(alone) - min(_common_suffix(alone, a) for a in alts):]
 
+    def _header_after(self, msgs, tools, i: int, with_gen: str) -> str:
+        """What the template writes after message i-1's payload when the conversation ends
+        there with a generation prompt (found as the renders with that payload replaced by
+        sentinels meet again), up to its end; "" when there is no such message or payload."""
+        if i == 0 or not any(isinstance(msgs[i - 1].get(k), str) and msgs[i - 1].get(k)
+                             for k in ("content", "reasoning_content")):
+            return ""
+        alts = []
+        for variant in (0, 1):
+            alt = list(msgs[:i])
+            alt[i - 1] = _replace_payload(msgs[i - 1], variant)
+            alts.append(self(alt, tools, True))
+        return with_gen[len(with_gen) - min(_common_suffix(with_gen, a) for a in alts):]
+
     def _body_start(self, msgs, tools, full: str, i: int, lo: int, start: int, specials) -> int | None:
         """Where message i's output begins: after the generation prompt (the assistant
         header), searched back from the first byte of its payload, not before ``lo``."""
@@ -690,6 +704,14 @@ class JinjaTemplate:
                 if n < len(gen) and opened > gen.rfind(">", 0, n) and opened >= (len(gen) + 1) // 2:
                     return k + opened
                 return k + n
+        header = self._header_after(msgs, tools, i, with_gen)
+        if header.strip():
+            # markers that are no special tokens and a template with no generation prompt of its
+            # own (Mistral-Nemo's [/INST]): the text the template writes after the preceding
+            # message's payload when the conversation ends there, for generation
+            k = full.rfind(header, lo, start)
+            if k >= 0:
+                return k + len(header)
         if i > 0 and msgs[i - 1].get("role") == "tool":
             # a turn the template continues after a tool result with no header of its own
             # (DeepSeek-R1's, Apertus'): its output starts where the conversation up to that
