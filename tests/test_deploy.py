@@ -105,6 +105,7 @@ def _fake_dlc_node(tmp_path, nodes: int, build_exit: int, ray_start_ok: bool = T
             "RAYSFT_JOIN_TIMEOUT_S": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
 
 
+@pytest.mark.slow  # (default run kept well under 15 min: CI's slow run)
 def test_dlc_launcher_waits_for_every_rank_and_exits_with_the_builds_code(tmp_path):
     script = str(ROOT / "deploy/dlc_launch.sh")
     env = _fake_dlc_node(tmp_path, nodes=2, build_exit=3)

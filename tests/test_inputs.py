@@ -273,6 +273,7 @@ def test_bad_bytes_are_counted_rejects(tmp_path, ray_session, llama3_dir):
     assert any("cut off" in r["message"] for r in rejects)
 
 
+@pytest.mark.slow  # (default run kept well under 15 min: CI's slow run)
 def test_no_records_and_all_rejected_are_one_line(tmp_path, ray_session, llama3_dir):
     empty = tmp_path / "in" / "empty.jsonl"
     empty.parent.mkdir(parents=True)

@@ -231,6 +231,7 @@ def test_a_commit_killed_at_any_step_is_finished_by_the_next_run(tmp_path):
             assert {n: v for n, v in after.items() if not n.startswith(TMP)} == before, f"step {k}: old dataset hurt"
 
 
+@pytest.mark.slow  # (default run kept well under 15 min: CI's slow run)
 def test_failed_overwrite_keeps_the_old_dataset_marked(tmp_path, ray_session, shared_data, llama3_dir):
     from helpers import build, file_bytes
 

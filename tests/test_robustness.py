@@ -134,6 +134,7 @@ def test_overlong_policies(tmp_path, ray_session, shared_data, llama3_dir, polic
         assert stats["samples_written"] > stats["rows_written"]
 
 
+@pytest.mark.slow  # (default run kept well under 15 min: CI's slow run)
 def test_interrupted_job_leaves_no_final_names(tmp_path, ray_session, shared_data, llama3_dir, monkeypatch):
     import raysft.layouts.base as base
 
@@ -169,6 +170,7 @@ def _kill_once(match: str, stop: threading.Event, killed: list):
         time.sleep(0.05)
 
 
+@pytest.mark.slow  # (default run kept well under 15 min: CI's slow run)
 def test_killed_tokenizer_actor_gives_identical_output(tmp_path, ray_session, shared_data, llama3_dir):
     inputs = [shared_data / "alpaca_en_demo.json", shared_data / "alpaca_zh_demo.json"]
     flags = dict(template="llama3", seq_length=2048, batch_size=64)
@@ -200,6 +202,7 @@ def test_out_path_refuses_escapes():
             out_path("/o", bad)
 
 
+@pytest.mark.slow  # (default run kept well under 15 min: CI's slow run)
 def test_resume_reuses_completed_shards_and_refuses_changes(tmp_path, ray_session, shared_data, llama3_dir,
                                                             monkeypatch):
     import raysft.layouts.base as base
@@ -227,6 +230,7 @@ def test_resume_reuses_completed_shards_and_refuses_changes(tmp_path, ray_sessio
     assert {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("*.bin")} == stamps  # reused, not rewritten
 
 
+@pytest.mark.slow  # (default run kept well under 15 min: CI's slow run)
 def test_truncation_never_ends_inside_a_split_marker(tmp_path, ray_session, shared_data, llama3_dir, llama3_info):
     stats = build(tmp_path, [shared_data / "glaive_toolcall_en_demo.json"], llama3_dir, template="chatml",
                   seq_length=300, overlong="truncate")

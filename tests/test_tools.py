@@ -72,6 +72,7 @@ def test_stats_cli(shared_data, llama3_dir, ray_session, capsys):
     assert "max 4043" in text
 
 
+@pytest.mark.slow  # (default run kept well under 15 min: CI's slow run)
 def test_stats_cli_predicts_the_packs_builds_make(shared_data, llama3_dir, ray_session, capsys, tmp_path):
     """The pack column of ``python -m raysft.stats`` is what a build at that seq-length makes."""
     from raysft.inputstats import main
