@@ -240,12 +240,16 @@ def test_dataset_picks_registry_entries_with_one_line_errors(lf_folder, tmp_path
     stats = json.loads((out / "stats.json").read_text())
     assert stats["rows_read"] == 330 and [s["name"] for s in stats["sources"]] == ["glaive_toolcall_en_demo",
                                                                                    "wiki_demo"]
-    for pick, says in (("glaive_toolcal", "did you mean glaive_toolcall"),
-                       ("dpo_zh_demo", "preference pairs"), ("alpaca_en", "hub dataset"),
+    for pick, says in (("glaive_toolcal", "did you mean glaive_toolcall"), ("alpaca_en", "hub dataset"),
                        ("identity", "identity.json is not in the folder")):
         code, err = _run(["--input", str(lf_folder), "--dataset", pick, "--tokenizer", str(QWEN3), "--output",
                           str(tmp_path / "x"), "--engine", "local"])
         assert code == 1 and says in err and len(err.strip().splitlines()) == 1, err
+    # a ranking entry builds preference pairs (tests/test_pairs.py); picked with an SFT entry, one line
+    code, err = _run(["--input", str(lf_folder), "--dataset", "dpo_zh_demo,wiki_demo", "--tokenizer", str(QWEN3),
+                      "--output", str(tmp_path / "y"), "--engine", "local", "--seq-length", "32768"])
+    assert code == 1 and err.strip().splitlines()[-1].startswith("raysft.build: error: the inputs hold 300 preference "
+                                                                 "pairs and 30 SFT samples"), err
 
 
 def _save_to_disk(rows, folder, splits=None):
