@@ -72,6 +72,21 @@ class Placement:
         n = len(self.packs)
         return np.arange(n) - np.flatnonzero(self.new_pack)[self.row] if n else np.zeros(0, np.int64)
 
+    def tokens_of(self, samples: np.ndarray) -> np.ndarray:
+        """Flat token positions of the samples at ``samples``, one after the other."""
+        lengths = self.lengths[samples]
+        first = np.cumsum(lengths) - lengths
+        return np.repeat(self.starts[samples] - first, lengths) + np.arange(int(lengths.sum()), dtype=np.int64)
+
+    def pair_sides(self) -> tuple[np.ndarray, np.ndarray]:
+        """A pair build's samples where each pack holds one pair (chosen, then rejected): the
+        chosen samples' numbers and the rejected ones'."""
+        if len(self.lengths) % 2 or (self.num_packs and (self.sample_no.max() > 1
+                                                         or (self.sample_no[1::2] != 1).any())):
+            raise ValueError("a pairwise pack holds one pair: its chosen and its rejected sample")
+        every = np.arange(len(self.lengths))
+        return every[0::2], every[1::2]
+
     @property
     def loss(self) -> np.ndarray:
         return self.flat >= 0

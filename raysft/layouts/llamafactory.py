@@ -63,8 +63,7 @@ def sample_rows(p: Placement, take: np.ndarray | None = None, prefix: str = "") 
     """Samples (all, or those at ``take``) as unpadded rows: ids, ones, labels."""
     take = np.arange(len(p.lengths)) if take is None else take
     lengths = p.lengths[take]
-    tokens = np.concatenate([np.arange(p.starts[k], p.ends[k]) for k in take.tolist()]) if len(take) \
-        else np.zeros(0, np.int64)
+    tokens = p.tokens_of(take)
     ids = p.ids[tokens]
     return {prefix + "input_ids": _lists(ids, lengths), prefix + "attention_mask": _lists(np.ones(len(ids)), lengths),
             prefix + "labels": _lists(np.where(p.loss[tokens], ids, IGNORE), lengths)}
@@ -122,10 +121,8 @@ class LlamaFactory(Layout):
 
     def _text_rows(self, p: Placement, seq_length: int, pad_id: int) -> dict:
         if self.pair_form:
-            if len(p.lengths) % 2 or (p.sample_no > 1).any():
-                raise ValueError("a pairwise row holds one pair: its chosen and its rejected sample")
-            every = np.arange(len(p.lengths))
-            return sample_rows(p, every[0::2], "chosen_") | sample_rows(p, every[1::2], "rejected_")
+            chosen, rejected = p.pair_sides()
+            return sample_rows(p, chosen, "chosen_") | sample_rows(p, rejected, "rejected_")
         if self.packed:
             p.check_capacity(seq_length)
             return packed_rows(p, seq_length, pad_id)

@@ -90,12 +90,6 @@ class MindSpeedPairs(IndexedLayout):
         return 2 * seq_length, seq_length
 
     @staticmethod
-    def _sides(p: Placement):
-        if len(p.lengths) % 2 or (p.num_packs and (p.sample_no.max() > 1 or (p.sample_no[1::2] != 1).any())):
-            raise ValueError("a pairwise pack holds one pair: its chosen and its rejected sample")
-        return np.arange(0, len(p.lengths), 2), np.arange(1, len(p.lengths), 2)
-
-    @staticmethod
     def _trained(p: Placement, chosen: np.ndarray) -> np.ndarray:
         """Per token: whether MindSpeed trains it (after the pair's prompt, as its chosen side
         gives it)."""
@@ -107,19 +101,18 @@ class MindSpeedPairs(IndexedLayout):
         return p.token_pos_in_sample >= np.repeat(prompt, p.lengths)
 
     def encode(self, p: Placement, seq_length: int, pad_id: int) -> list[tuple[np.ndarray, Index]]:
-        chosen, rejected = self._sides(p)
+        chosen, rejected = p.pair_sides()
         ids = p.ids
         labels = np.where(self._trained(p, chosen), ids, IGNORE).astype(np.int32)
         out = []
         for side in (chosen, rejected):
-            take = np.concatenate([np.arange(p.starts[k], p.ends[k]) for k in side.tolist()]) if len(side) \
-                else np.zeros(0, np.int64)
+            take = p.tokens_of(side)
             index = Index(np.dtype(np.int32), p.lengths[side].astype(np.int32), np.arange(len(side) + 1, dtype=np.int64))
             out += [(ids[take].astype(np.int32), index), (labels[take], index)]
         return out
 
     def unrepresentable(self, p: Placement) -> Counter:
-        chosen, _ = self._sides(p)
+        chosen, _ = p.pair_sides()
         differ = int((self._trained(p, chosen) != p.loss).sum())
         return Counter({"a token's loss as raysft's mask has it (MindSpeed trains every token after a pair's "
                         "prompt)": differ} if differ else {})
