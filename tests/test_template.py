@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -194,6 +195,92 @@ GPT_OSS_LIKE = (  # gpt-oss in small: <|end|> closes a turn another follows, <|r
     "{% if m['role'] == 'assistant' %}<|start|>assistant<|channel|>final<|message|>{{ m['content'] }}"
     "{% if loop.last and not add_generation_prompt %}<|return|>{% else %}<|end|>{% endif %}{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}<|start|>assistant{% endif %}")
+
+GPT_OSS_TOOLS = (  # gpt-oss' tool turns in small: the tool result's header repeats the called name
+    "{% set last = namespace(name=none) %}{% for m in messages %}"
+    "{% if m['role'] == 'user' %}<|start|>user<|message|>{{ m['content'] }}<|end|>{% endif %}"
+    "{% if m['role'] == 'assistant' and m['tool_calls'] %}{% set c = m['tool_calls'][0]['function'] %}"
+    "<|start|>assistant to=functions.{{ c['name'] }}<|channel|>commentary json<|message|>{{ c['arguments'] | tojson }}"
+    "<|call|>{% set last.name = c['name'] %}"
+    "{% elif m['role'] == 'assistant' %}<|start|>assistant<|channel|>final<|message|>{{ m['content'] }}"
+    "{% if loop.last and not add_generation_prompt %}<|return|>{% else %}<|end|>{% endif %}{% endif %}"
+    "{% if m['role'] == 'tool' %}<|start|>functions.{{ last.name }} to=assistant<|channel|>commentary<|message|>"
+    "{{ m['content'] | tojson }}<|end|>{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|start|>assistant{% endif %}")
+
+
+@pytest.mark.parametrize("marked", [False, True])
+@pytest.mark.parametrize("args", [{"c": "x"}, {"items": ["a", "b"], "n": 2}, {}])
+def test_a_called_name_the_template_repeats_after_the_turn_is_not_trained(marked, args):
+    """gpt-oss repeats the called function's name in the tool result's header
+    (``<|start|>functions.NAME``): the call's turn ends at its own closing marker, whatever its
+    arguments hold (strings, other values, none), on the render and on the plan's replay."""
+    from raysft.templates import Template
+
+    sp = ("<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|return|>", "<|call|>") if marked else ()
+    t = Template("auto", Specials(None, "<|return|>"), GPT_OSS_TOOLS, special_strings=sp)
+    conv = normalize({"messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {
+            "name": "get_weather", "arguments": args}}]},
+        {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "It is sunny."}]})
+    call = f" to=functions.get_weather<|channel|>commentary json<|message|>{json.dumps(args)}<|call|>"
+    for _ in range(3):  # rendered, then replayed from the shape's plan
+        r = t.render(conv)
+        assert [r.text[a:b] for a, b in r.spans] == [
+            "<|channel|>final<|message|>Hello.<|end|>", call, "<|channel|>final<|message|>It is sunny.<|return|>"]
+
+
+NEMOTRON3_LIKE = (  # Nemotron-3's reasoning in small: its generation prompt opens the block
+    "{% for m in messages %}"
+    "{% if m['role'] == 'user' %}<|im_start|>user\n{{ m['content'] }}<|im_end|>\n{% endif %}"
+    "{% if m['role'] == 'assistant' %}<|im_start|>assistant\n"
+    "{% if m['reasoning_content'] %}<think>\n{{ m['reasoning_content'] }}\n</think>\n{% else %}<think></think>{% endif %}"
+    "{{ m['content'] }}<|im_end|>\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}")
+
+
+@pytest.mark.parametrize("marked", [False, True])
+def test_the_reasoning_opening_a_generation_prompt_supplies_is_not_trained(marked):
+    """Nemotron-3's generation prompt ends with ``<think>\n``; a turn without reasoning renders
+    ``<think></think>``: the ``<think>`` is the prompt's (the model never writes it), the rest
+    the model's, with reasoning or without, with the markers as special tokens or as text."""
+    from raysft.templates import Template
+
+    sp = ("<|im_start|>", "<|im_end|>", "<think>", "</think>") if marked else ()
+    t = Template("auto", Specials(None, "<|im_end|>"), NEMOTRON3_LIKE, special_strings=sp)
+    conv = normalize({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "A1"},
+                                   {"role": "user", "content": "again"},
+                                   {"role": "assistant", "content": "A2", "reasoning_content": "R2"}]})
+    for _ in range(3):
+        r = t.render(conv)
+        assert [r.text[a:b] for a, b in r.spans] == ["</think>A1<|im_end|>", "R2\n</think>\nA2<|im_end|>"]
+
+
+LFM_LIKE = (  # LFM2.5's in small: a {% generation %} block that holds the newline after <|im_end|>
+    "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}<|im_end|>\n{% endgeneration %}"
+    "{% else %}{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.mark.parametrize("marked", [False, True])
+def test_white_space_a_generation_block_holds_after_the_end_of_turn_is_not_trained(marked):
+    """A template's own ``{% generation %}`` block that ends with ``<|im_end|>\n`` (LFM2.5):
+    the model stops at the marker, the newline after it is not its output (as with every other
+    template), with the marker as a special token or as text."""
+    from raysft.templates import Template
+
+    sp = ("<|startoftext|>", "<|im_start|>", "<|im_end|>") if marked else ()
+    t = Template("auto", Specials("<|startoftext|>", "<|im_end|>"), LFM_LIKE, special_strings=sp)
+    conv = normalize({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "A1\n"},
+                                   {"role": "user", "content": "again"}, {"role": "assistant", "content": "A2"}]})
+    for _ in range(3):
+        r = t.render(conv)
+        assert [r.text[a:b] for a, b in r.spans] == ["A1\n<|im_end|>", "A2<|im_end|>"]
+        assert r.text.endswith("A2<|im_end|>\n")
+
 
 GLM_LIKE = (  # GLM-4.6 tool calls in small: </tool_call> is text after the special </arg_value>
 "[gMASK]<sop>{% for m in messages %}"

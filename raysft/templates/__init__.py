@@ -145,7 +145,7 @@ class Template:
 
     def _render(self, conv: Conversation) -> Rendered:
         pieces = self.pieces(conv)
-        text = "".join(p[0] for p in pieces)
+        text = "".join([p[0] for p in pieces])
         if self.loss == "all":
             return Rendered(text, [(0, len(text))] if text else [])
         msgs = conv.messages

@@ -34,7 +34,13 @@ message, the next turn's header) is never trained. A turn another turn follows i
 the marker its own render writes (gpt-oss: ``<|end|>`` there, ``<|return|>`` for the last one),
 and the turn's own text after its last special token (GLM's plain ``</tool_call>``) stays in
 it. An answer a template continues after tool results with no header of its own starts where
-the conversation up to those results ends, as the template renders it for generation.
+the conversation up to those results ends, as the template renders it for generation. A call's
+name the template repeats after the turn (gpt-oss' tool-result header ``<|start|>functions.NAME``)
+is not the turn's: its end is where the renders meet again with the names kept and the
+arguments changed. What the generation prompt supplies is not output, also where the turn
+renders it in another form (the prompt less its trailing white space: Nemotron-3's ``<think>``
+before an empty ``</think>``); nor is white space a ``{% generation %}`` block holds after its
+end-of-turn marker (LFM2.5's newline after ``<|im_end|>``).
 
 A message whose output cannot be placed this way (the renders disagree in ways the rules do
 not cover) rejects the record with ``template_error``: text is never guessed at, so loss never
@@ -291,9 +297,10 @@ def _sentinel(k: int, variant: int) -> str:
     return ("Q", "J")[variant] + f"rsft{k:05d}x" + ("Z", "K")[variant]
 
 
-def _replace_payload(m: dict, variant: int) -> dict:
+def _replace_payload(m: dict, variant: int, names: bool = True) -> dict:
     """A copy of an HF message with its own payload (content, reasoning, tool-call names and
-    string argument values) replaced by sentinels."""
+    string argument values) replaced by sentinels (``names=False``: the calls' names kept, and a
+    sentinel argument added to object arguments)."""
     m = dict(m)
     counter = [0]
 
@@ -310,7 +317,7 @@ def _replace_payload(m: dict, variant: int) -> dict:
         for c in m["tool_calls"]:
             c = dict(c)
             fn = dict(c.get("function") or {})
-            if isinstance(fn.get("name"), str):
+            if names and isinstance(fn.get("name"), str):
                 fn["name"] = s()
             args = fn.get("arguments")
             if type(args) is plan.Opaque:  # an object payload of a render plan's run
@@ -319,6 +326,8 @@ def _replace_payload(m: dict, variant: int) -> dict:
                 fn["arguments"] = s()
             elif isinstance(args, dict):
                 fn["arguments"] = {k: (s() if isinstance(v, str) and v else v) for k, v in args.items()}
+                if not names:  # a stand-in that changes with the variant whatever the values are
+                    fn["arguments"]["rsft"] = s()
             c["function"] = fn
             calls.append(c)
         m["tool_calls"] = calls
@@ -479,6 +488,8 @@ class JinjaTemplate:
                 out = self._locate(msgs, conv.tools, special_strings)
         else:
             self.plan_stats["planned"] += 1
+        if not any(m.tool_calls for m in conv.messages):
+            return out  # no call to look for (most records)
         if self.generation:
             answer = "".join(t for t, _, a in out if a)
             _check_calls(conv, {i: answer for i in range(len(msgs))})
@@ -566,7 +577,7 @@ class JinjaTemplate:
         """The conversation's pieces: its render, cut where each assistant message's output
         is (the rules in the module's docstring)."""
         if self.generation:
-            return self._generation_pieces(msgs, tools)
+            return self._generation_pieces(msgs, tools, special_strings)
         full = self(msgs, tools, False)
         spans: list[tuple[int, int, int]] = []
         cursor = 0
@@ -619,30 +630,58 @@ class JinjaTemplate:
         return at >= 0 and any(s and full.find(s, at + len(self.eos), cut) >= 0 for s in specials)
 
     def _differential_span(self, msgs, tools, full: str, i: int, specials, lo: int) -> tuple[int, int] | None:
-        renders = []
-        for variant in (0, 1):
-            alt = list(msgs)
-            alt[i] = _replace_payload(msgs[i], variant)
-            renders.append(self(alt, tools, False))
-        start = min(_common_prefix(full, r) for r in renders)
-        end = len(full) - min(_common_suffix(full, r) for r in renders)
+        start, end, same = self._changed(msgs, tools, full, i)
         if start >= len(full) or end <= start:
-            if all(r == full for r in renders):
+            if same:
                 return None
             end = max(end, start)
         body = self._body_start(msgs, tools, full, i, lo, start, specials)
         if body is None or start - body > MAX_OWNED_PREFIX:
             raise RecordError("template_error", f"cannot place assistant turn {i}: no assistant header before its "
                               "text in what the chat template rendered")
+        own = self._end_before_repeated_names(msgs, tools, full, i, start, end)
+        if own is not None:
+            return body, own + self._closing(msgs, tools, full, i, own, specials, names=False)
         return body, end + self._closing(msgs, tools, full, i, end, specials)
 
-    def _closing(self, msgs, tools, full: str, i: int, end: int, specials) -> int:
+    def _end_before_repeated_names(self, msgs, tools, full: str, i: int, start: int, end: int) -> int | None:
+        """For a call's turn another message follows, where its own text ends when the
+        template writes its calls' names again after it (gpt-oss' tool-result header
+        ``<|start|>functions.NAME``): where the renders with the names kept and the arguments
+        changed meet again, when the names were written before that; else None."""
+        if not msgs[i].get("tool_calls") or i + 1 >= len(msgs) or start >= end:
+            return None
+        try:
+            kept = self._changed(msgs, tools, full, i, names=False)[1]
+        except RecordError:  # the template refuses the stand-in argument: the general rule
+            return None
+        names = [c["function"]["name"] for c in msgs[i]["tool_calls"]
+                 if isinstance((c.get("function") or {}).get("name"), str)]
+        if start < kept < end and names and all(n in full[start:kept] for n in names):
+            return kept
+        return None
+
+    def _changed(self, msgs, tools, full: str, i: int, names: bool = True,
+                 gen: bool = False) -> tuple[int, int, bool]:
+        """Where ``full`` (the render of ``msgs``, with a generation prompt if ``gen``) changes
+        when message i's payload is replaced by sentinels (``names``: as
+        :func:`_replace_payload` takes it): the first changed byte, the end of the last one, and
+        whether nothing changes at all."""
+        renders = []
+        for variant in (0, 1):
+            alt = list(msgs)
+            alt[i] = _replace_payload(msgs[i], variant, names)
+            renders.append(self(alt, tools, gen))
+        return (min(_common_prefix(full, r) for r in renders),
+                len(full) - min(_common_suffix(full, r) for r in renders), all(r == full for r in renders))
+
+    def _closing(self, msgs, tools, full: str, i: int, end: int, specials, names: bool = True) -> int:
         """How much of what follows message i's last payload byte in ``full`` is its own
         closing (its end-of-turn marker): the text the template writes after that payload when
         the message ends the conversation, as far as ``full`` has it, cut after its last
         special token (a newline after the marker is not the model's to produce), or, where
         the tokenizer has no special token for the marker, after its last visible character."""
-        tail = self._tail(msgs, tools, i)
+        tail = self._tail(msgs, tools, i, names)
         after = full[end : end + len(tail) + MAX_OWNED_PREFIX]
         shared = _common_prefix(after, tail)
         if self.eos and self.eos in tail[:shared]:  # where generation stops, whatever follows
@@ -653,15 +692,11 @@ class JinjaTemplate:
                 return own
         return _closing_length(tail[:shared], specials, self.eos)
 
-    def _tail(self, msgs, tools, i: int) -> str:
-        """What the template writes after message i's payload when it ends the conversation."""
+    def _tail(self, msgs, tools, i: int, names: bool = True) -> str:
+        """What the template writes after message i's payload when it ends the conversation
+        (``names``: as :func:`_replace_payload` takes it)."""
         alone = self(msgs[: i + 1], tools, False)
-        alts = []
-        for variant in (0, 1):
-            alt = list(msgs[: i + 1])
-            alt[i] = _replace_payload(msgs[i], variant)
-            alts.append(self(alt, tools, False))
-        return alone[len(alone) - min(_common_suffix(alone, a) for a in alts):]
+        return alone[self._changed(msgs[: i + 1], tools, alone, i, names)[1]:]
 
     def _header_after(self, msgs, tools, i: int, with_gen: str) -> str:
         """What the template writes after message i-1's payload when the conversation ends
@@ -670,12 +705,7 @@ class JinjaTemplate:
         if i == 0 or not any(isinstance(msgs[i - 1].get(k), str) and msgs[i - 1].get(k)
                              for k in ("content", "reasoning_content")):
             return ""
-        alts = []
-        for variant in (0, 1):
-            alt = list(msgs[:i])
-            alt[i - 1] = _replace_payload(msgs[i - 1], variant)
-            alts.append(self(alt, tools, True))
-        return with_gen[len(with_gen) - min(_common_suffix(with_gen, a) for a in alts):]
+        return with_gen[self._changed(msgs[:i], tools, with_gen, i - 1, gen=True)[1]:]
 
     def _body_start(self, msgs, tools, full: str, i: int, lo: int, start: int, specials) -> int | None:
         """Where message i's output begins: after the generation prompt (the assistant
@@ -721,7 +751,7 @@ class JinjaTemplate:
                     return len(before)
         return None
 
-    def _generation_pieces(self, msgs, tools) -> list[Piece]:
+    def _generation_pieces(self, msgs, tools, specials=()) -> list[Piece]:
         marked = self(msgs, tools, False)
         out: list[Piece] = []
         pos, inside = 0, False
@@ -736,7 +766,12 @@ class JinjaTemplate:
         assistants = [j for j, m in enumerate(msgs) if m.get("role") == ASSISTANT]
         for text, _, answer in out:
             if answer:
-                numbered.append((text, assistants[min(k, len(assistants) - 1)] if assistants else -1, True))
+                # white space a block holds after its end-of-turn marker (LFM2.5's
+                # ``<|im_end|>\n``) is not the model's output: it stops at the marker
+                own = _trim_to_marker(text, 0, len(text), tuple(m for m in (self.eos, *specials) if m))
+                numbered.append((text[:own], assistants[min(k, len(assistants) - 1)] if assistants else -1, True))
+                if own < len(text):
+                    numbered.append((text[own:], -1, False))
                 k += 1
             else:
                 numbered.append((text, -1, False))
@@ -785,11 +820,17 @@ def _check_calls(conv: Conversation, answers: dict[int, str]) -> None:
 
 
 def _header_candidates(gen: str, specials) -> list[str]:
-    """The generation prompt, then its first line (the role header) when the whole of it is
-    not in the render (a prompt that also opens an empty reasoning block)."""
+    """The generation prompt; then, when the whole of it is not in the render, the prompt less
+    its trailing white space (Nemotron-3's prompt opens the reasoning block, ``<think>\n``, and
+    a turn without reasoning renders ``<think></think>``: the ``<think>`` is the prompt's, not
+    the model's output); then its first line (the role header: a prompt that also writes an
+    empty reasoning block, Qwen3's without thinking)."""
     out = [gen]
+    bare = gen.rstrip()
     found = [gen.find(s) + len(s) for s in specials if s and s in gen]
     nl = gen.find("\n", min(found) if found else 0)
+    if bare != gen and (nl < 0 or len(bare) > nl + 1):
+        out.append(bare)
     if 0 <= nl < len(gen) - 1:
         out.append(gen[: nl + 1])
     return out
