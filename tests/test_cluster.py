@@ -160,15 +160,18 @@ print(json.dumps({"order": order, "pids": pids, "initialized": ray.is_initialize
 
 
 def test_stop_ray_kills_the_monitor_first_and_leaves_nothing_running(tmp_path):
-    """The Ray a command started is stopped when its work is done, the autoscaler monitor before
-    the GCS (its SIGTERM handler would wait on the dead GCS), and none of its processes is left."""
+    """The Ray a command started runs no autoscaler monitor and no API server (a fixed node of
+    its own), is stopped when its work is done (a monitor, where a Ray version starts one anyway,
+    before the GCS: its SIGTERM handler would wait on the dead GCS), and none of its processes is
+    left."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONPATH": str(ROOT)}
     r = subprocess.run([sys.executable, "-c", STOP_SCRIPT], env=env, capture_output=True, text=True, timeout=180,
                        cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert got["order"][0] == "monitor" and {"raylet", "gcs_server"} <= set(got["order"])
-    assert "monitor" in got["pids"] and not got["initialized"] and got["alive"] == []
+    assert "monitor" not in got["pids"] and "dashboard" not in got["pids"] and "raylet" in got["pids"]
+    assert not got["initialized"] and got["alive"] == []
 
 
 def test_stop_ray_leaves_a_ray_it_did_not_start_running(ray_session):

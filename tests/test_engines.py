@@ -229,3 +229,31 @@ def test_cached_chunks_need_every_entry_whatever_the_worker_count(tmp_path, inpu
     ran, digests, complete = cached_chunks(cfg, storage, info, chunks, sources, file_source, 2, 2, stop_at_miss=False)
     assert not complete and [c.pieces for c in ran] == [c.pieces for c in split_tail(chunks, 2)]
     assert len(set(digests.values())) == len(ran)
+
+
+def test_a_ray_the_build_starts_itself_starts_no_dashboard_and_no_autoscaler(tmp_path, monkeypatch, inputs, llama3_dir):
+    """The build's own one-node Ray starts neither the API server (``ray.init`` waits ~1 s for
+    it, and it only serves usage statistics without a dashboard) nor the autoscaler monitor (a
+    fixed node); its raylet and workers do start, the actors' log lines still reach the build's
+    log, and Ray's methods are as they were after the start."""
+    import shutil
+    import tempfile
+
+    from ray._private.node import Node
+
+    before = (Node.start_api_server, Node.start_monitor)
+    root = tempfile.mkdtemp(prefix="rl", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    try:
+        monkeypatch.setenv("RAY_TMPDIR", root)
+        log = _cli(tmp_path / "out", [inputs["math"]], llama3_dir, "--engine", "ray")
+        logs = [p.name for p in Path(root).rglob("logs/*")]
+        assert any(n.startswith("raylet") for n in logs), logs
+        assert not any(n.startswith(("dashboard.", "monitor.")) for n in logs), logs
+        assert "tokenize:" in log and (tmp_path / "out" / "data.idx").exists()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    from raysft.engine import session
+
+    with session._lean_head():
+        assert Node.start_monitor is not before[1]
+    assert (Node.start_api_server, Node.start_monitor) == before

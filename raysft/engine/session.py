@@ -81,8 +81,11 @@ def _start_local(cfg, ray, input_bytes: int = 0) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     for attempt in (1, 2):
         try:
-            ray.init(address="local", num_cpus=cfg.num_cpus, object_store_memory=object_store_bytes(cfg, input_bytes),
-                     include_dashboard=False, log_to_driver=True, _system_config=system or None)
+            with _lean_head():
+                # Ray's own INFO lines ("Started a local Ray instance") are not the build's news
+                ray.init(address="local", num_cpus=cfg.num_cpus,
+                         object_store_memory=object_store_bytes(cfg, input_bytes), include_dashboard=False,
+                         log_to_driver=True, logging_level=logging.WARNING, _system_config=system or None)
             break
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise ClusterError(f"cannot start Ray on this machine: {str(e).splitlines()[0][:300]}") from None
@@ -95,6 +98,32 @@ def _start_local(cfg, ray, input_bytes: int = 0) -> None:
             ray.shutdown()
             time.sleep(RETRY_AFTER_S)
     _ray_started = "local"
+
+
+@contextlib.contextmanager
+def _lean_head():
+    """While ``ray.init`` starts this process's own one-node Ray: no autoscaler monitor (a
+    fixed node has nothing to scale) and no API server (with ``include_dashboard=False`` Ray
+    still starts a dashboard process for usage statistics, and ``ray.init`` waits until it
+    answers: ~1 s of the start and a Python process importing Ray beside the job). Nothing of a
+    job this process runs on its own node uses either. Private hooks of Ray's ``Node``, left
+    alone where a version lacks them; a cluster that is joined is never touched."""
+    try:
+        from ray._private.node import Node
+    except ImportError:
+        yield
+        return
+    saved = {name: Node.__dict__.get(name) for name in ("start_api_server", "start_monitor")}
+    if any(v is None for v in saved.values()):
+        yield
+        return
+    Node.start_api_server = lambda self, **kwargs: None
+    Node.start_monitor = lambda self: None
+    try:
+        yield
+    finally:
+        for name, method in saved.items():
+            setattr(Node, name, method)
 
 
 def starts_ray(cfg) -> bool:
