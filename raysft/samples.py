@@ -11,7 +11,7 @@ piece of the same record, or the first piece of the next record). Runs are disjo
 one chunk, so ordering them by (chunk, first ordinal) is input order, however the engine cut
 the rows into blocks. A sample's rank among the same-length samples of its run, plus the count
 of same-length samples in all earlier runs (``raysft.pack.RunOffsets``), is its rank in its
-length class in input order, from which its pack slot follows (``raysft.pack.assign_block``).
+length class in input order, from which its pack slot follows (``raysft.pack.assign_slots``).
 """
 
 from __future__ import annotations

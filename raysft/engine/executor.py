@@ -12,8 +12,8 @@ both engines run the same pure stages in the same order of blocks, so they write
 The local engine is for one machine, where Ray's fixed costs (starting Ray and its workers,
 the object store and its spill) are a large part of a job: tokenizer processes (one per CPU,
 spawned when the first chunk needs tokenizing) hand their blocks to the driver, whose threads
-run the statistics, slot assignment and writer tasks (``shared_memory``: the writers read their
-rows from the assigned blocks in place, with no shuffle copies). The tokenized blocks live in
+run the statistics, slot assignment and writer tasks (``one_node``: the writers read their
+rows from the blocks in place, with their slots, and no shuffle copies). The tokenized blocks live in
 memory-mapped Arrow files in a temporary folder (``--spill-dir``, else the system's), so the
 page cache holds them and the kernel may write them out: about 4.5 bytes a token, removed as
 the build ends. With ``--cache``, the driver's threads serve each chunk's entry (memory-mapped
@@ -46,6 +46,7 @@ class Executor(Protocol):
     """What the stages ask of an engine (module doc); ``RayExecutor`` and ``LocalExecutor``."""
 
     shared_memory: bool  # tasks share the driver's memory: writers read blocks in place
+    one_node: bool  # every task runs on one machine: writers may read every block without moving it
 
     def start(self, chunks: int, input_bytes: int = 0): ...  # the tokenizer pool's size (TokenizePool)
 
@@ -72,6 +73,7 @@ class RayExecutor:
         init_ray(self.cfg, input_bytes)
         self._watch_head()
         self.nodes = node_cpus()  # what the actors are sized for and placed on
+        self.one_node = len(self.nodes) == 1
         pool = size_pool(list(self.nodes.values()), self.cfg.tokenize_workers, chunks)
         log.info("tokenizer actors: %d, %d encoder thread(s) each (%d node(s), %d CPUs)", pool.workers,
                  pool.threads, len(self.nodes), sum(self.nodes.values()))
@@ -128,6 +130,7 @@ class RayExecutor:
         self.released = [actor.release.options(max_task_retries=0).remote() for actor in self.actors]
 
     shared_memory = False  # tasks run in other processes, on other machines
+    one_node = False  # known once started: one node's object store holds every block
 
     def task(self, fn, num_cpus: float = 1, num_returns: int = 1):
         import ray
@@ -333,6 +336,7 @@ class LocalExecutor:
         return self.procs
 
     shared_memory = True  # tasks run in the driver's threads: a task's tables are read in place
+    one_node = True
 
     def task(self, fn, num_cpus: float = 1, num_returns: int = 1):
         def call(*args, **kwargs):

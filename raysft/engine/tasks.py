@@ -1,5 +1,5 @@
-"""Ray tasks around the pure stages: per-block statistics, per-block slot assignment cut by
-shard (the map side of the shuffle) and per-shard writing (its reduce side)."""
+"""Ray tasks around the pure stages: per-block statistics, per-block slot assignment (cut by
+shard on a cluster: the map side of the shuffle) and per-shard writing (its reduce side)."""
 
 from __future__ import annotations
 
@@ -52,11 +52,11 @@ def _chosen(table: pa.Table, pick: dict | None, ordered: bool = False):
     return rows, ranks
 
 
-def assign_block(table: pa.Table, plan: dict, run_offsets: dict, pick: dict | None = None) -> pa.Table:
+def slot_block(table: pa.Table, plan: dict, run_offsets: dict, pick: dict | None = None) -> pa.Table:
     """Sort+pack stage, per block: each sample the packing takes gets its output pack, its
     position in the pack and the shard that writes it; the block's other rows (rejected, or
-    not in this packing) get shard -1. Every row stays, so the tokens are the block's own
-    (no copy): the local engine's writers read them in place."""
+    not in this packing) get shard -1. Only those three columns, a row per block row: a writer
+    joins them to the block it reads in place (``with_slots``)."""
     rows, ranks = _chosen(table, pick, plan.get("ordered", False))
     if rows is None:
         rows = kept_mask(table).to_numpy(zero_copy_only=False)
@@ -78,12 +78,16 @@ def assign_block(table: pa.Table, plan: dict, run_offsets: dict, pick: dict | No
     pack[rows] = out_pack + plan.get("pack_base", 0)  # epoch e's packs follow the earlier epochs' in the output
     at = np.zeros(table.num_rows, np.asarray(pos).dtype)
     at[rows] = pos
-    return pa.table({
-        "shard": pa.array(shard), "out_pack": pa.array(pack), "pos": pa.array(at),
-        "ids": table.column("ids"), "src": table.column("src"), "piece": table.column("piece"),
-        "row": table.column("row"), "offset": table.column("offset"), "chunk": table.column("chunk"),
-        "chunk_hash": table.column("chunk_hash"), "chosen_n": table.column("chosen_n"),
-    })
+    return pa.table({"shard": pa.array(shard), "out_pack": pa.array(pack), "pos": pa.array(at)})
+
+
+WRITTEN_COLUMNS = ("ids", "src", "piece", "row", "offset", "chunk", "chunk_hash", "chosen_n")
+
+
+def with_slots(table: pa.Table, slots: pa.Table) -> pa.Table:
+    """A tokenized block with its pack slots (``slot_block``): what the writers read. The
+    tokens are the block's own (no copy)."""
+    return pa.table({**dict(zip(slots.column_names, slots.columns)), **{k: table.column(k) for k in WRITTEN_COLUMNS}})
 
 
 def partition_block(table: pa.Table, plan: dict, run_offsets: dict, num_shards: int,
@@ -92,7 +96,7 @@ def partition_block(table: pa.Table, plan: dict, run_offsets: dict, num_shards: 
     the samples it takes with their pack slots, cut into one table per output shard (empty
     where it has none); the table itself for one shard (a Ray task with one return value
     returns it as is)."""
-    t = assign_block(table, plan, run_offsets, pick)
+    t = with_slots(table, slot_block(table, plan, run_offsets, pick))
     shard = t.column("shard").to_numpy()
     taken = np.flatnonzero(shard >= 0)
     if num_shards == 1:
@@ -159,14 +163,18 @@ def feed_digest(chunk: np.ndarray, chunk_hash: np.ndarray) -> str:
 
 def write_parts(shard: int, *parts: pa.Table, tmp_dir: str, storage: dict, layout: str, seq_length: int, pad_id: int,
                 reuse: dict | None = None, rows_of: int = 0, token_dtype: str = "int32", pairs: bool = False,
-                packed: bool = True, cap: int = 0) -> dict:
+                packed: bool = True, cap: int = 0, slotted: bool = False) -> dict:
     """Shuffle, reduce side (one task per shard): the rows of shard ``rows_of`` of the packing
     (the parts' ``shard`` column) -> shard ``shard`` of the output. The parts: each block's
-    cut for this shard (``--engine ray``), or every assigned block, read in place (``--engine
-    local``). ``reuse``: the meta of this shard from an interrupted run, kept when the chunks
+    cut for this shard (a Ray cluster), or (``slotted``) every block with its slots, read in
+    place. ``reuse``: the meta of this shard from an interrupted run, kept when the chunks
     feeding it are the same content (``--resume``). ``pairs``, ``packed``: the layout's form
     (``Layout.form``: a pair build writes each unit as its two samples). ``cap``: the plan's most tokens
-    per unit (read by the driver, not here)."""
+    per unit (read by the driver, not here). ``slotted``: the parts are (block, its slots)
+    pairs, each block read in place (one machine: no block is cut and copied for the
+    writers)."""
+    if slotted:
+        parts = tuple(with_slots(b, s) for b, s in zip(parts[0::2], parts[1::2]))
     parts = [p for p in parts if p.num_rows]
     rows = shard_rows(parts, rows_of)
     digest = feed_digest(column_of(parts, rows, "chunk"), column_of(parts, rows, "chunk_hash"))

@@ -15,7 +15,7 @@ from ..pack import RunOffsets
 from .context import Build
 from .measure import Blocks, Measured
 from .plan import Plans, epoch_seed
-from .tasks import assign_block, partition_block, write_parts
+from .tasks import partition_block, slot_block, write_parts
 from .watch import Watchdog
 
 log = logging.getLogger("raysft")
@@ -57,17 +57,21 @@ def write(b: Build, m: Measured, p: Plans) -> Written:
 def shuffle_and_write(blocks: Blocks, parts: list, plan_ref, num_shards: int, write_kw: dict, reuse: dict,
                       watch: Watchdog, shard_base: int = 0, what: str = "shards", ordered: bool = False) -> list[dict]:
     """Assign pack slots and write one packing's shards: one assignment task per block and
-    packing part (with the rank offsets of its own runs), one writer task per shard. With Ray
-    the assignment is the shuffle's map side, its samples cut by output shard and sent to the
-    writers; where tasks share the driver's memory (``--engine local``) every writer reads its
-    rows from the assigned blocks in place. ``parts``: (pick, runs of block k) in the
+    packing part (with the rank offsets of its own runs), one writer task per shard. On one
+    machine every writer reads its rows from the tokenized blocks in place, each with its slots
+    (``--engine local``: the driver's memory; Ray on one node: the node's object store); on a
+    cluster the assignment is the shuffle's map side, its samples cut by output shard and sent
+    to the writers. ``parts``: (pick, runs of block k) in the
     packing's order (the copies of the training set one after the other; one part when nothing
     is copied). Blocks go in input order, so the offsets come from one running count of
     ``seq_length``. ``ordered`` (``--no-pack``): samples keep input order, so a run's offset is
     the count of every earlier run's samples, whatever their lengths (one class)."""
     ex = blocks.ex
-    shared = ex.shared_memory
-    split = ex.task(assign_block) if shared else ex.task(partition_block, num_returns=num_shards)
+    # one machine: every writer reads the blocks in place (the driver's memory, or the node's
+    # object store), each with its slots; a cluster: each block's samples cut by shard and sent
+    # to their writers
+    slotted = ex.one_node
+    split = ex.task(slot_block) if slotted else ex.task(partition_block, num_returns=num_shards)
     offsets = RunOffsets(1 if ordered else write_kw.get("cap") or write_kw["seq_length"])
     order = sorted(range(len(blocks.refs)), key=lambda k: blocks.keys[k])
     cut = []
@@ -78,14 +82,14 @@ def shuffle_and_write(blocks: Blocks, parts: list, plan_ref, num_shards: int, wr
                 continue  # nothing of this part in this block
             if ordered:
                 runs = {key: {1: sum(per_length.values())} for key, per_length in runs.items()}
-            if shared:
-                cut.append(split(blocks.refs[k], plan_ref, offsets.offsets(runs), pick))
+            if slotted:
+                cut += [blocks.refs[k], split(blocks.refs[k], plan_ref, offsets.offsets(runs), pick)]
             else:
                 p = split(blocks.refs[k], plan_ref, offsets.offsets(runs), num_shards, pick)
                 cut.append([p] if num_shards == 1 else p)
     write = ex.task(write_parts)
-    pending = [write(shard_base + s, *(cut if shared else [p[s] for p in cut]), **write_kw,
-                     reuse=reuse.get(shard_base + s), rows_of=s)
+    pending = [write(shard_base + s, *(cut if slotted else [p[s] for p in cut]), **write_kw,
+                     reuse=reuse.get(shard_base + s), rows_of=s, slotted=slotted)
                for s in range(num_shards)]
     del cut
     metas, step, t0 = [], max(1, num_shards // 10), time.time()
