@@ -148,6 +148,72 @@ def test_text_a_template_writes_after_a_turns_end_of_turn_token_is_never_trained
         assert r.text.endswith("rate the answer" + EOT if "rate" in jinja else "actions." + EOT)
 
 
+R7B_LIKE = (  # Command-R7B's in small: the generation prompt (with an empty reasoning block) always written
+    "{{ bos_token }}" + SOT + "<|SYSTEM_TOKEN|>preamble" + EOT + "{% for m in messages %}"
+    "{% if m['role'] == 'user' %}" + SOT + "<|USER_TOKEN|>{{ m['content'] }}" + EOT + "{% endif %}"
+    "{% if m['role'] == 'assistant' %}" + SOT + "<|CHATBOT_TOKEN|><|START_RESPONSE|>{{ m['content'] }}"
+    "<|END_RESPONSE|>" + EOT + "{% endif %}"
+    "{% endfor %}" + SOT + "<|CHATBOT_TOKEN|>{% if not enable_thinking %}<|START_THINKING|><|END_THINKING|>{% endif %}")
+
+
+@pytest.mark.parametrize("marked", [False, True])
+def test_a_template_that_always_writes_its_generation_prompt_trains_each_turn_through_its_own_end(marked):
+    """A template that writes its generation prompt after the last message whatever
+    ``add_generation_prompt`` says, with a reasoning block a turn in the history does not have:
+    each answer is placed after its header, and its loss ends at its own end-of-turn marker,
+    before the marker that opens every turn (the next turn, or the prompt after the last
+    one), also where the tokenizer's EOS is not that marker and the markers are plain text."""
+    from raysft.templates import Template
+
+    markers = (SOT, EOT, "<|USER_TOKEN|>", "<|CHATBOT_TOKEN|>", "<|SYSTEM_TOKEN|>", "<|START_RESPONSE|>",
+               "<|END_RESPONSE|>", "<|START_THINKING|>", "<|END_THINKING|>")
+    t = Template("auto", Specials("<BOS_TOKEN>", "<|im_end|>"), R7B_LIKE,
+                 special_strings=("<BOS_TOKEN>", "<|im_end|>") + (markers if marked else ()))
+    conv = normalize({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "A1"},
+                                   {"role": "user", "content": "again"}, {"role": "assistant", "content": "A2"}]})
+    for _ in range(3):  # rendered, then replayed from the shape's plan
+        r = t.render(conv)
+        own = "<|START_RESPONSE|>{}<|END_RESPONSE|>" + EOT
+        assert [r.text[a:b] for a, b in r.spans] == [own.format("A1"), own.format("A2")]
+        assert r.text.endswith(EOT + SOT + "<|CHATBOT_TOKEN|><|START_THINKING|><|END_THINKING|>")
+
+
+V32_LIKE = (  # DeepSeek-V3.2's in small: the prompt pre-fills an empty reasoning block a history turn renders as </think>
+    "{% set ns = namespace(tool=false) %}{% for m in messages %}"
+    "{% if m['role'] == 'user' %}<｜User｜>{{ m['content'] }}{% set ns.tool = false %}"
+    "{% elif m['role'] == 'assistant' %}{{ '\\n\\n</think>' if ns.tool else '<｜Assistant｜></think>' }}"
+    "{{ m['content'] or '' }}{% for c in m['tool_calls'] or [] %}{{ '\\n\\n' }}<｜DSML｜call name=\"{{ c['function']['name'] }}\">"
+    "{{ c['function']['arguments']['q'] }}</｜DSML｜call>{% endfor %}<｜end▁of▁sentence｜>{% set ns.tool = false %}"
+    "{% elif m['role'] == 'tool' %}{{ '\\n\\n' }}<result>{{ m['content'] }}</result>{% set ns.tool = true %}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '\\n\\n<think></think>' if ns.tool else '<｜Assistant｜><think></think>' }}"
+    "{% endif %}")
+
+
+@pytest.mark.parametrize("marked", [False, True])
+def test_a_turn_that_renders_the_generation_prompt_in_another_form_trains_from_where_they_part(marked):
+    """Where a history turn writes the generation prompt in another form (the prompt pre-fills
+    ``<think></think>``, the turn writes ``</think>``), its output starts where the two part, at
+    a whole marker: never inside ``<｜Assistant｜><``, and a tool call that continues after a tool
+    result keeps its ``</think>`` and call block trained (white space alone is no header)."""
+    from raysft.templates import Template
+
+    eos = "<｜end▁of▁sentence｜>"
+    markers = ("<｜User｜>", "<｜Assistant｜>", "<think>", "</think>")
+    t = Template("auto", Specials(None, eos), V32_LIKE, special_strings=(eos,) + (markers if marked else ()))
+    call = {"id": "c1", "type": "function", "function": {"name": "search", "arguments": {"q": "b"}}}
+    conv = normalize({"messages": [
+        {"role": "user", "content": "find"}, {"role": "assistant", "content": "Looking."},
+        {"role": "user", "content": "more"}, {"role": "assistant", "content": "", "tool_calls": [dict(call, id="c0")]},
+        {"role": "tool", "tool_call_id": "c0", "content": "r1"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "r2"}, {"role": "assistant", "content": "Both."}]})
+    call_text = '\n\n<｜DSML｜call name="search">b</｜DSML｜call>'
+    for _ in range(3):  # rendered, then replayed from the shape's plan
+        r = t.render(conv)
+        assert [r.text[a:b] for a, b in r.spans] == [
+            "</think>Looking." + eos, "</think>" + call_text + eos, "</think>" + call_text + eos, "</think>Both." + eos]
+
+
 R1_TOOLS = (  # DeepSeek-R1-Distill's tool turns in small: the answer continues after the results, no header
 
 "{% set ns = namespace(is_tool=false) %}{{ bos_token }}"

@@ -40,7 +40,11 @@ is not the turn's: its end is where the renders meet again with the names kept a
 arguments changed. What the generation prompt supplies is not output, also where the turn
 renders it in another form (the prompt less its trailing white space: Nemotron-3's ``<think>``
 before an empty ``</think>``); nor is white space a ``{% generation %}`` block holds after its
-end-of-turn marker (LFM2.5's newline after ``<|im_end|>``).
+end-of-turn marker (LFM2.5's newline after ``<|im_end|>``). A turn's closing never holds the
+marker every turn opens with (``_opener``: the next turn's header, or Command-R7B's prompt
+written after the last message whatever ``add_generation_prompt`` says); a turn that renders
+the generation prompt in another form (DeepSeek-V3.2's ``</think>`` for the prompt's
+``<think></think>``) starts where the two part.
 
 A message whose output cannot be placed this way (the renders disagree in ways the rules do
 not cover) rejects the record with ``template_error``: text is never guessed at, so loss never
@@ -70,6 +74,8 @@ MAX_OWNED_PREFIX = 512  # template text between the assistant header and its fir
 DEFAULT_DATE = datetime.date(2024, 7, 26)
 _GEN_BEGIN, _GEN_END = "\ue0f0", "\ue0f1"  # private-use characters marking {% generation %} blocks
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+# marker-shaped text (where the tokenizer has no special token for a template's markers)
+_MARKER = re.compile(r"<[|｜][^<>\s]{1,48}?[|｜]>|<[A-Za-z_][\w:.-]{0,30}>|\[[A-Za-z_]{2,20}\]")
 
 
 def hf_messages(messages: list[dict]) -> list[dict]:
@@ -380,6 +386,7 @@ class JinjaTemplate:
         self._tracker: plan.Tracker | None = None
         self.call_form = self._call_form()
         # render plans (.plan): off where the template's own text holds the marker characters
+        self._opener_text: str | None = None  # _opener
         self._plans: dict | None = None if any(c in source for c in (plan.MARK_OPEN, plan.MARK_CLOSE, _GEN_BEGIN,
                                                                       _GEN_END)) else {}
         self._seen: set[int] = set()
@@ -689,8 +696,39 @@ class JinjaTemplate:
         if shared < len(tail):  # this turn is closed otherwise than a last one: its own render says how
             own = _own_closing(after, shared, specials, self.eos)
             if own is not None:
-                return own
-        return _closing_length(tail[:shared], specials, self.eos)
+                return self._before_opener(after, own, specials)
+        return self._before_opener(tail, _closing_length(tail[:shared], specials, self.eos), specials)
+
+    def _before_opener(self, closing: str, n: int, specials) -> int:
+        """``n`` (a turn's closing: the first ``n`` characters of ``closing``), cut where the
+        marker that opens every turn of this template (``_opener``) begins in it: that marker
+        starts the next turn, or what the template writes after the last message (Command-R7B
+        writes its generation prompt, ``<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>``, whatever
+        ``add_generation_prompt`` says), and is never the turn's own output. White space before
+        it is not the turn's either."""
+        opener = self._opener(specials)
+        k = closing.find(opener, 0, n) if opener else -1
+        return n if k < 0 else len(closing[:k].rstrip())
+
+    def _opener(self, specials) -> str:
+        """The marker a render begins with after the BOS token (``<|im_start|>``,
+        ``<|START_OF_TURN_TOKEN|>``, ``[INST]``): a special token, or marker-shaped text where
+        the tokenizer has none for it; "" where a render begins with plain text. Found once,
+        from a conversation of one user message."""
+        if self._opener_text is None:
+            try:
+                text = self([{"role": "user", "content": _sentinel(0, 0)}], None, False)
+            except RecordError:
+                text = ""
+            head = text[: max(0, text.find(_sentinel(0, 0)))]
+            bos = self.vars.get("bos_token")
+            if isinstance(bos, str) and bos and head.startswith(bos):
+                head = head[len(bos):]
+            head = head.lstrip()
+            found = [s for s in specials if s and head.startswith(s) and s != bos]
+            m = _MARKER.match(head)
+            self._opener_text = max(found, key=len) if found else (m.group() if m else "")
+        return self._opener_text
 
     def _tail(self, msgs, tools, i: int, names: bool = True) -> str:
         """What the template writes after message i's payload when it ends the conversation
@@ -718,6 +756,22 @@ class JinjaTemplate:
                 k = full.rfind(cand, lo, start)
                 if k >= 0:
                     return k + len(cand)
+            if full.startswith(without) and lo <= len(without) <= start:
+                # the turn renders the prompt in another form where the prompt is written
+                # (DeepSeek-V3.2's ``<｜Assistant｜></think>`` for ``<｜Assistant｜><think></think>``,
+                # ``\n\n</think>`` after tool results): the prompt's part it writes, whole markers
+                n = _whole_markers(gen, _common_prefix(full[len(without):start], gen))
+                if n:
+                    return len(without) + n
+        header = self._header_after(msgs, tools, i, with_gen) if not gen else None
+        if header and header.strip():
+            # a template that writes its generation prompt whatever ``add_generation_prompt``
+            # says (Command-R7B's, with an empty reasoning block a turn in the history does not
+            # have; Mistral-Nemo's ``[/INST]``): the longest start of what it writes after the
+            # preceding payload
+            body = _longest_start(full, header, lo, start)
+            if body is not None:
+                return body
         last = _last_special(with_gen, specials)
         if last:
             k = full.rfind(last, lo, start)
@@ -725,16 +779,11 @@ class JinjaTemplate:
                 return k + len(last)
         # markers the tokenizer has no special token for: the longest start of the generation
         # prompt (at least half of it) that is in the render
-        for n in range(len(gen), max(2, (len(gen) + 1) // 2) - 1, -1):
-            k = full.rfind(gen[:n], lo, start)
-            if k >= 0:
-                # never inside a marker the match has opened (``<｜Assistant｜><`` of
-                # ``<｜Assistant｜><｜tool▁calls▁begin｜>``: the ``<`` is the next marker's)
-                opened = gen.rfind("<", 0, n)
-                if n < len(gen) and opened > gen.rfind(">", 0, n) and opened >= (len(gen) + 1) // 2:
-                    return k + opened
-                return k + n
-        header = self._header_after(msgs, tools, i, with_gen)
+        body = _longest_start(full, gen, lo, start)
+        if body is not None:
+            return body
+        if header is None:
+            header = self._header_after(msgs, tools, i, with_gen)
         if header.strip():
             # markers that are no special tokens and a template with no generation prompt of its
             # own (Mistral-Nemo's [/INST]): the text the template writes after the preceding
@@ -831,9 +880,30 @@ def _header_candidates(gen: str, specials) -> list[str]:
     nl = gen.find("\n", min(found) if found else 0)
     if bare != gen and (nl < 0 or len(bare) > nl + 1):
         out.append(bare)
-    if 0 <= nl < len(gen) - 1:
+    if 0 <= nl < len(gen) - 1 and gen[: nl + 1].strip():
         out.append(gen[: nl + 1])
-    return out
+    return out  # never white space alone (DeepSeek-V3.2's prompt after tool results, ``\n\n<think></think>``)
+
+
+def _longest_start(full: str, prompt: str, lo: int, start: int) -> int | None:
+    """Where the longest start of ``prompt`` (at least half of it) found in ``full[lo:start]``
+    ends (the last one found), never inside a marker the match has opened (``<｜Assistant｜><``
+    of ``<｜Assistant｜><｜tool▁calls▁begin｜>``: the ``<`` is the next marker's); None when there
+    is none."""
+    for n in range(len(prompt), max(2, (len(prompt) + 1) // 2) - 1, -1):
+        k = full.rfind(prompt[:n], lo, start)
+        if k >= 0:
+            cut = _whole_markers(prompt, n)
+            if cut:
+                return k + cut
+    return None
+
+
+def _whole_markers(prompt: str, n: int) -> int:
+    """``n`` (a matched start of ``prompt``), less a marker the match has opened but not
+    closed (``<｜Assistant｜><`` of ``<｜Assistant｜><think>``: the ``<`` is the next marker's)."""
+    opened = prompt.rfind("<", 0, n)
+    return opened if n < len(prompt) and opened > prompt.rfind(">", 0, n) else n
 
 
 def _last_special(text: str, specials) -> str | None:
