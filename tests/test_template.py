@@ -214,6 +214,33 @@ def test_a_turn_that_renders_the_generation_prompt_in_another_form_trains_from_w
             "</think>Looking." + eos, "</think>" + call_text + eos, "</think>" + call_text + eos, "</think>Both." + eos]
 
 
+CALL_WITHOUT_HEADER = (  # DeepSeek-R1-Distill-Qwen's later calls in small: written right after the user's text
+    "{% for m in messages %}{% if m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
+    "{% elif m['role'] == 'assistant' and m['tool_calls'] %}{{ '\\n' }}<｜call｜>{{ m['tool_calls'][0]['function']['name'] }}"
+    "<｜end▁of▁sentence｜>{% elif m['role'] == 'assistant' %}<｜Assistant｜>{{ m['content'] }}<｜end▁of▁sentence｜>"
+    "{% elif m['role'] == 'tool' %}<｜out｜>{{ m['content'] }}<｜out_end｜>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<｜Assistant｜>{% endif %}")
+
+
+@pytest.mark.parametrize("marked", [False, True])
+def test_a_turn_a_template_writes_with_no_header_after_a_user_message_is_placed(marked):
+    """A turn the template writes right after the user's text, with nothing of the generation
+    prompt's marker before it, starts where the conversation up to the user's message ends."""
+    from raysft.templates import Template
+
+    eos = "<｜end▁of▁sentence｜>"
+    markers = ("<｜User｜>", "<｜Assistant｜>", "<｜call｜>", "<｜out｜>", "<｜out_end｜>")
+    t = Template("auto", Specials(None, eos), CALL_WITHOUT_HEADER,
+                 special_strings=(eos,) + (markers if marked else ()))
+    call = {"id": "c1", "type": "function", "function": {"name": "search", "arguments": {"q": "b"}}}
+    conv = normalize({"messages": [
+        {"role": "user", "content": "find"}, {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "r"}, {"role": "assistant", "content": "Found."}]})
+    for _ in range(3):  # rendered, then replayed from the shape's plan
+        r = t.render(conv)
+        assert [r.text[a:b] for a, b in r.spans] == ["\n<｜call｜>search" + eos, "Found." + eos]
+
+
 R1_TOOLS = (  # DeepSeek-R1-Distill's tool turns in small: the answer continues after the results, no header
 
 "{% set ns = namespace(is_tool=false) %}{{ bos_token }}"

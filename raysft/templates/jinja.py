@@ -791,12 +791,17 @@ class JinjaTemplate:
             k = full.rfind(header, lo, start)
             if k >= 0:
                 return k + len(header)
-        if i > 0 and msgs[i - 1].get("role") == "tool":
-            # a turn the template continues after a tool result with no header of its own
-            # (DeepSeek-R1's, Apertus'): its output starts where the conversation up to that
-            # result ends, as the template renders it for generation
+        if i > 0:
+            # a turn the template writes with no header of its own: after a tool result
+            # (DeepSeek-R1's, Apertus' answers continue the results' block), or after any other
+            # message where nothing of the generation prompt's first marker is written before
+            # its text (DeepSeek-R1-Distill-Qwen's second call of a conversation follows the
+            # user's text directly): its output starts where the conversation up to the
+            # preceding message ends, as the template renders it for generation
+            m = _MARKER.search(gen)
             for before in (with_gen, without):
-                if full.startswith(before) and lo <= len(before) <= start:
+                if full.startswith(before) and lo <= len(before) <= start and (
+                        msgs[i - 1].get("role") == "tool" or (m and m.group() not in full[len(before):start])):
                     return len(before)
         return None
 
