@@ -241,6 +241,30 @@ def test_a_turn_a_template_writes_with_no_header_after_a_user_message_is_placed(
         assert [r.text[a:b] for a, b in r.spans] == ["\n<｜call｜>search" + eos, "Found." + eos]
 
 
+SPACED_END = (  # Nemotron-Nano-v2's in small: "\n<END>" between turns, "<END>" after the last; tools required
+    "{% if not tools %}{{ raise_exception('tools required') }}{% endif %}<BEGIN>system tools{% for m in messages %}"
+    "{% if m['role'] == 'user' %}<BEGIN>User\n{{ m['content'] }}<END>"
+    "{% else %}<BEGIN>Assistant\n{{ m['content'] }}{{ '<END>' if loop.last else '\\n<END>\\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<BEGIN>Assistant\n{% else %}<BEGIN>System\nRate it.<END>{% endif %}")
+
+
+def test_a_turns_end_marker_the_template_writes_after_white_space_between_turns_is_trained():
+    """A history turn writes its end-of-turn marker after a newline where the last turn writes
+    it right after the text: each turn keeps its marker, and neither the next header nor a
+    block written after the last message is trained, also for a template that refuses a
+    conversation without tools (its opening marker then read from the render itself)."""
+    from raysft.templates import Template
+
+    t = Template("auto", Specials(None, "<|im_end|>"), SPACED_END, special_strings=("<|im_end|>",))
+    tool = {"type": "function", "function": {"name": "f", "description": "d", "parameters": {"type": "object"}}}
+    conv = normalize({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "A1"},
+                                   {"role": "user", "content": "again"}, {"role": "assistant", "content": "A2"}],
+                      "tools": [tool]})
+    for _ in range(3):  # rendered, then replayed from the shape's plan
+        r = t.render(conv)
+        assert [r.text[a:b] for a, b in r.spans] == ["A1\n<END>", "A2<END>"]
+
+
 R1_TOOLS = (  # DeepSeek-R1-Distill's tool turns in small: the answer continues after the results, no header
 
 "{% set ns = namespace(is_tool=false) %}{{ bos_token }}"

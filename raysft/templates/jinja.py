@@ -386,7 +386,7 @@ class JinjaTemplate:
         self._tracker: plan.Tracker | None = None
         self.call_form = self._call_form()
         # render plans (.plan): off where the template's own text holds the marker characters
-        self._opener_text: str | None = None  # _opener
+        self._opener_text: tuple[str, str] | None = None  # _opener
         self._plans: dict | None = None if any(c in source for c in (plan.MARK_OPEN, plan.MARK_CLOSE, _GEN_BEGIN,
                                                                       _GEN_END)) else {}
         self._seen: set[int] = set()
@@ -625,7 +625,7 @@ class JinjaTemplate:
             # of the last message (Command-R's tool-use instructions): the closing is the
             # template's text after the payload, through that token
             tail = self._tail(msgs, tools, i)
-            cut = end - len(tail) + _closing_length(tail, specials, self.eos)
+            cut = end - len(tail) + self._before_opener(tail, _closing_length(tail, specials, self.eos), specials, full)
         return start, cut
 
     def _appends_after(self, full: str, start: int, cut: int, end: int, specials) -> bool:
@@ -694,47 +694,66 @@ class JinjaTemplate:
         if self.eos and self.eos in tail[:shared]:  # where generation stops, whatever follows
             return tail.index(self.eos) + len(self.eos)
         if shared < len(tail):  # this turn is closed otherwise than a last one: its own render says how
-            own = _own_closing(after, shared, specials, self.eos)
+            own = _own_closing(after, shared, specials, self.eos, tail)
             if own is not None:
-                return self._before_opener(after, own, specials)
-        return self._before_opener(tail, _closing_length(tail[:shared], specials, self.eos), specials)
+                return self._before_opener(after, own, specials, full)
+        return self._before_opener(tail, _closing_length(tail[:shared], specials, self.eos), specials, full)
 
-    def _before_opener(self, closing: str, n: int, specials) -> int:
+    def _before_opener(self, closing: str, n: int, specials, full: str) -> int:
         """``n`` (a turn's closing: the first ``n`` characters of ``closing``), cut where the
-        marker that opens every turn of this template (``_opener``) begins in it: that marker
+        marker that opens every turn of this template (``_opener``) begins in it after the
+        marker that ends every turn (``<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|>``): that
         starts the next turn, or what the template writes after the last message (Command-R7B
         writes its generation prompt, ``<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>``, whatever
-        ``add_generation_prompt`` says), and is never the turn's own output. White space before
-        it is not the turn's either."""
-        opener = self._opener(specials)
-        k = closing.find(opener, 0, n) if opener else -1
+        ``add_generation_prompt`` says), and is never the turn's own output (Kimi-K3's
+        ``<|sep|><|open|>argument`` inside a call is). White space before it is not the turn's
+        either."""
+        opener, ender = self._opener(specials, full)
+        if not opener:
+            return n
+        k = closing.find(opener, 0, n)
+        while k >= 0 and ender and not closing[:k].rstrip().endswith(ender):
+            k = closing.find(opener, k + 1, n)
         return n if k < 0 else len(closing[:k].rstrip())
 
-    def _opener(self, specials) -> str:
+    def _opener(self, specials, full: str = "") -> tuple[str, str]:
         """The marker a render begins with after the BOS token (``<|im_start|>``,
         ``<|START_OF_TURN_TOKEN|>``, ``[INST]``): a special token, or marker-shaped text where
-        the tokenizer has none for it; "" where a render begins with plain text. Found once,
-        from a conversation of one user message."""
-        if self._opener_text is None:
-            try:
-                text = self([{"role": "user", "content": _sentinel(0, 0)}], None, False)
-            except RecordError:
-                text = ""
-            head = text[: max(0, text.find(_sentinel(0, 0)))]
-            bos = self.vars.get("bos_token")
-            if isinstance(bos, str) and bos and head.startswith(bos):
-                head = head[len(bos):]
-            head = head.lstrip()
-            found = [s for s in specials if s and head.startswith(s) and s != bos]
-            m = _MARKER.match(head)
-            self._opener_text = max(found, key=len) if found else (m.group() if m else "")
-        return self._opener_text
+        the tokenizer has none for it; "" where a render begins with plain text. And the
+        marker before it where a user message's turn begins after another block (the system
+        preamble's ``<|END_OF_TURN_TOKEN|>``), "" where none. Found once, from a conversation
+        of one user message; from ``full`` (the render being cut) where the template refuses
+        that one (Command-R+'s tool-use template wants tools)."""
+        if self._opener_text is not None:
+            return self._opener_text
+        try:
+            text = self([{"role": "user", "content": _sentinel(0, 0)}], None, False)
+            head, known = text[: max(0, text.find(_sentinel(0, 0)))], True
+        except RecordError:
+            head, known = full, False
+        bos = self.vars.get("bos_token")
+        start = len(bos) if isinstance(bos, str) and bos and head.startswith(bos) else 0
+        start += len(head[start:]) - len(head[start:].lstrip())
+        found = [s for s in specials if s and head.startswith(s, start) and s != bos]
+        m = _MARKER.match(head, start)
+        opener = max(found, key=len) if found else (m.group() if m else "")
+        ender = ""
+        if opener and known:
+            at = head.rfind(opener)  # the user message's own turn
+            before = head[:at].rstrip()
+            ends = [s for s in specials if s and before.endswith(s)]
+            tail = [m for m in _MARKER.finditer(before) if m.end() == len(before)]
+            ender = max(ends, key=len) if ends else (tail[-1].group() if tail else "")
+        if known:
+            self._opener_text = (opener, ender)
+        return opener, ender
 
     def _tail(self, msgs, tools, i: int, names: bool = True) -> str:
         """What the template writes after message i's payload when it ends the conversation
         (``names``: as :func:`_replace_payload` takes it)."""
         alone = self(msgs[: i + 1], tools, False)
-        return alone[self._changed(msgs[: i + 1], tools, alone, i, names)[1]:]
+        _, end, same = self._changed(msgs[: i + 1], tools, alone, i, names)
+        return "" if same else alone[end:]  # "": the template writes nothing of the payload
 
     def _header_after(self, msgs, tools, i: int, with_gen: str) -> str:
         """What the template writes after message i-1's payload when the conversation ends
@@ -921,12 +940,14 @@ def _last_special(text: str, specials) -> str | None:
     return best
 
 
-def _own_closing(after: str, shared: int, specials, eos: str | None) -> int | None:
+def _own_closing(after: str, shared: int, specials, eos: str | None, tail: str = "") -> int | None:
     """The closing of a turn the template ends otherwise when another turn follows (gpt-oss:
     ``<|end|>`` there, ``<|return|>`` last; a template that writes EOS only between turns):
     ``after`` is what follows its last payload byte, whose first ``shared`` characters the
-    last-turn form shares. The marker both forms had begun (it straddles where they part),
-    or an EOS token right there; None when neither (the next turn's header starts there)."""
+    last-turn form (``tail``) shares. The marker both forms had begun (it straddles where they
+    part), or an EOS token right there, or the marker the last-turn form writes where they part
+    when this form writes it after white space (Nemotron-Nano-v2: ``\n<SPECIAL_12>`` between
+    turns, ``<SPECIAL_12>`` last); None when none (the next turn's header starts there)."""
     for s in specials:
         if not s:
             continue
@@ -940,6 +961,14 @@ def _own_closing(after: str, shared: int, specials, eos: str | None) -> int | No
         close = after.find(">", shared)
         if close >= 0:
             return close + 1
+    last = tail[shared:]
+    found = [x for x in specials if x and last.startswith(x)]
+    m = _MARKER.match(last)
+    marker = max(found, key=len) if found else (m.group() if m else "")
+    rest = after[shared:]
+    space = len(rest) - len(rest.lstrip())
+    if marker and space and rest.startswith(marker, space):
+        return shared + space + len(marker)
     return None
 
 
