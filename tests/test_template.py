@@ -265,6 +265,41 @@ def test_a_turns_end_marker_the_template_writes_after_white_space_between_turns_
         assert [r.text[a:b] for a, b in r.spans] == ["A1\n<END>", "A2<END>"]
 
 
+FOLDED_RESULTS = (  # Gemma-4's in small: a turn's tool results written inside the model's turn, before its text
+    "{% for m in messages %}{% if m['role'] == 'user' %}<|turn>user\n{{ m['content'] }}<turn|>\n"
+    "{% elif m['role'] == 'assistant' %}{% if not ns_open is defined %}<|turn>model\n{% endif %}"
+    "{% for c in m['tool_calls'] or [] %}<|tool_call>call:{{ c['function']['name'] }}{q:{{ c['function']['arguments']['q'] }}}"
+    "<tool_call|>{% endfor %}"
+    "{% for r in messages[loop.index0 + 1:] %}{% if r['role'] == 'tool' %}<|tool_response>response:{{ r['content'] }}"
+    "<tool_response|>{% endif %}{% endfor %}"
+    "{{ m['content'] or '' }}<turn|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|turn>model\n{% endif %}")
+
+
+@pytest.mark.parametrize("marked", [False, True])
+def test_tool_results_a_template_writes_inside_the_assistant_turn_are_never_trained(marked):
+    """A template that writes a turn's tool results inside the model's turn, between its calls
+    and its text: the turn's calls and text are trained, the results' blocks are not."""
+    from raysft.templates import Template
+
+    markers = ("<|turn>", "<turn|>", "<|tool_call>", "<tool_call|>", "<|tool_response>", "<tool_response|>")
+    t = Template("auto", Specials(None, "<turn|>"), FOLDED_RESULTS,
+                 special_strings=("<turn|>",) + (markers if marked else ()))
+    calls = [{"id": f"c{k}", "type": "function", "function": {"name": "search", "arguments": {"q": q}}}
+             for k, q in enumerate(("a", "b"))]
+    conv = normalize({"messages": [
+        {"role": "user", "content": "find"}, {"role": "assistant", "content": "Looking.", "tool_calls": calls},
+        {"role": "tool", "tool_call_id": "c0", "content": "RESULT-ONE"},
+        {"role": "tool", "tool_call_id": "c1", "content": "RESULT-TWO"}, {"role": "assistant", "content": "Done."},
+        {"role": "user", "content": "thanks"}, {"role": "assistant", "content": "Bye."}]})
+    for _ in range(3):  # rendered, then replayed from the shape's plan
+        r = t.render(conv)
+        trained = [r.text[a:b] for a, b in r.spans]
+        assert "RESULT" not in "".join(trained) and "response:" not in "".join(trained)
+        assert trained[0].endswith("call:search{q:a}<tool_call|><|tool_call>call:search{q:b}<tool_call|>")
+        assert trained[1:] == ["Looking.<turn|>", "Done.<turn|>", "Bye.<turn|>"]
+
+
 R1_TOOLS = (  # DeepSeek-R1-Distill's tool turns in small: the answer continues after the results, no header
 
 "{% set ns = namespace(is_tool=false) %}{{ bos_token }}"

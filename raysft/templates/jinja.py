@@ -44,7 +44,8 @@ end-of-turn marker (LFM2.5's newline after ``<|im_end|>``). A turn's closing nev
 marker every turn opens with (``_opener``: the next turn's header, or Command-R7B's prompt
 written after the last message whatever ``add_generation_prompt`` says); a turn that renders
 the generation prompt in another form (DeepSeek-V3.2's ``</think>`` for the prompt's
-``<think></think>``) starts where the two part.
+``<think></think>``) starts where the two part. Another message's block the template writes
+inside a turn (Gemma-4's tool results between the turn's calls and its text) is cut out of it.
 
 A message whose output cannot be placed this way (the renders disagree in ways the rules do
 not cover) rejects the record with ``template_error``: text is never guessed at, so loss never
@@ -501,7 +502,11 @@ class JinjaTemplate:
             answer = "".join(t for t, _, a in out if a)
             _check_calls(conv, {i: answer for i in range(len(msgs))})
         else:
-            _check_calls(conv, {i: t for t, i, a in out if a})
+            answers: dict[int, str] = {}
+            for t, i, a in out:
+                if a:
+                    answers[i] = answers.get(i, "") + t
+            _check_calls(conv, answers)
         return out
 
     # ---- render plans (.plan)
@@ -608,10 +613,43 @@ class JinjaTemplate:
         pos = 0
         for start, end, i in spans:
             out.append((full[pos:start], -1, False))
+            for a, b in self._foreign(msgs, tools, full, start, end, i):
+                # another message's block the template writes inside this turn: not its output
+                out += [(full[start:a], i, True), (full[a:b], -1, False)]
+                start = b
             out.append((full[start:end], i, True))
             pos = end
         out.append((full[pos:], -1, False))
         return out
+
+    def _foreign(self, msgs, tools, full: str, start: int, end: int, i: int) -> list[tuple[int, int]]:
+        """The blocks of other messages the template writes inside assistant turn i's span
+        ``[start, end)`` (Gemma-4 writes the tool results of a turn's calls inside the model's
+        turn, before the turn's text): each from where the turn's render as the last message
+        parts from ``full`` (after the call's own closing) to where the turn's own text goes
+        on after the other messages' payloads (its text or reasoning, else the turn's end). Cheap
+        where no other message's text is in the span (every template but such ones)."""
+        inside = [k for k, m in enumerate(msgs) if k != i and m.get("role") != ASSISTANT
+                  and isinstance(m.get("content"), str) and m["content"] and m["content"] in full[start:end]]
+        if not inside:
+            return []
+        holes: list[tuple[int, int]] = []
+        alone = None
+        own = [t for t in (msgs[i].get("content"), msgs[i].get("reasoning_content")) if isinstance(t, str) and t]
+        for k in inside:
+            ps, pe, same = self._changed(msgs, tools, full, k)
+            if same or not (start < ps and pe <= end) or (holes and ps < holes[-1][1]):
+                continue
+            if alone is None:
+                alone = self(msgs[: i + 1], tools, False)
+            lo = holes[-1][1] if holes else start
+            a = lo + _whole_markers(full[lo:], _common_prefix(full[lo:ps], alone[lo:])) \
+                if full.startswith(alone[:lo]) else ps
+            resume = [x for x in (full.find(t, pe, end) for t in own) if x >= 0]
+            b = min(resume) if resume else end
+            if lo <= a <= ps and pe <= b:
+                holes.append((a, b))
+        return holes
 
     def _prefix_span(self, msgs, tools, full: str, i: int, specials) -> tuple[int, int] | None:
         prefix = self(msgs[:i], tools, True)
