@@ -18,6 +18,10 @@ memory-mapped Arrow files in a temporary folder (``--spill-dir``, else the syste
 page cache holds them and the kernel may write them out: about 4.5 bytes a token, removed as
 the build ends. With ``--cache``, the driver's threads serve each chunk's entry (memory-mapped
 from the cache) and only chunks without one reach a tokenizer process.
+
+The Ray engine on one node runs the same small tasks in the driver's threads too (``one_node``),
+reading the actors' blocks in place from the node's object store; on several nodes they are Ray
+tasks placed by Ray.
 """
 
 from __future__ import annotations
@@ -69,11 +73,18 @@ class RayExecutor:
     def __init__(self, cfg):
         self.cfg = cfg
 
+    threads: cf.ThreadPoolExecutor | None = None  # one node: the driver's threads run the small tasks
+
     def start(self, chunks: int, input_bytes: int = 0):
         init_ray(self.cfg, input_bytes)
         self._watch_head()
         self.nodes = node_cpus()  # what the actors are sized for and placed on
         self.one_node = len(self.nodes) == 1
+        if self.one_node:
+            # the statistics, slot and writer tasks read the blocks in place from the node's
+            # object store: run in the driver's threads (as --engine local's), not in Ray worker
+            # processes that each import Ray, pyarrow and raysft (~1.2 CPU-s and ~120 MB apiece)
+            self.threads = cf.ThreadPoolExecutor(max(1, int(sum(self.nodes.values()))), thread_name_prefix="raysft-task")
         pool = size_pool(list(self.nodes.values()), self.cfg.tokenize_workers, chunks)
         log.info("tokenizer actors: %d, %d encoder thread(s) each (%d node(s), %d CPUs)", pool.workers,
                  pool.threads, len(self.nodes), sum(self.nodes.values()))
@@ -135,22 +146,28 @@ class RayExecutor:
     def task(self, fn, num_cpus: float = 1, num_returns: int = 1):
         import ray
 
+        if self.threads is not None:
+            return _thread_task(self.threads, fn, num_returns, _ray_resolve)
         return ray.remote(fn).options(num_cpus=num_cpus, num_returns=num_returns).remote
 
     def get(self, refs):
         import ray
 
+        if self.threads is not None:
+            return [_ray_resolve(r) for r in refs] if isinstance(refs, list) else _ray_resolve(refs)
         return ray.get(refs)
 
     def wait(self, refs: list, num_returns: int = 1, timeout: float | None = None):
         import ray
 
+        if self.threads is not None and all(isinstance(r, Ref) for r in refs):
+            return _wait_local(refs, num_returns, timeout)
         return ray.wait(refs, num_returns=num_returns, timeout=timeout)
 
     def put(self, obj):
         import ray
 
-        return ray.put(obj)
+        return _done(obj) if self.threads is not None else ray.put(obj)
 
     def check_storage(self, cfg, files, storage, tmp_url) -> None:
         check_shared_storage(cfg, files, storage, tmp_url)
@@ -168,6 +185,9 @@ class RayExecutor:
             self.head = HeadMonitor(address).start()
 
     def close(self) -> None:
+        if self.threads is not None:
+            self.threads.shutdown(wait=True)
+            self.threads = None
         if self.actors:
             import ray
 
@@ -199,6 +219,50 @@ class Ref:
 
 def _resolve(x):
     return x.value() if isinstance(x, Ref) else x
+
+
+def _ray_resolve(x):
+    """A local result's value, or a Ray object's (a block in the node's object store, read in
+    place: Arrow tables are not copied)."""
+    if isinstance(x, Ref):
+        return x.value()
+    import ray
+
+    return ray.get(x) if isinstance(x, ray.ObjectRef) else x
+
+
+def _thread_task(threads: cf.ThreadPoolExecutor, fn, num_returns: int, resolve):
+    """``fn`` as a task of the driver's threads: its arguments resolved (``resolve``), its
+    result a ``Ref`` (``num_returns`` of them for a list)."""
+    def call(*args, **kwargs):
+        return fn(*[resolve(a) for a in args], **{k: resolve(v) for k, v in kwargs.items()})
+
+    def remote(*args, **kwargs):
+        fut = threads.submit(call, *args, **kwargs)
+        return Ref(fut) if num_returns == 1 else [Ref(fut, i) for i in range(num_returns)]
+
+    return remote
+
+
+def _wait_local(refs: list, num_returns: int = 1, timeout: float | None = None):
+    """``ray.wait`` for local results."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        ready = [r for r in refs if r.future.done()]
+        if len(ready) >= num_returns:
+            break
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            break
+        cf.wait({r.future for r in refs if not r.future.done()}, timeout=left, return_when=cf.FIRST_COMPLETED)
+    ready = set(map(id, ready[:num_returns]))
+    return [r for r in refs if id(r) in ready], [r for r in refs if id(r) not in ready]
+
+
+def _done(obj) -> Ref:
+    fut = cf.Future()
+    fut.set_result(obj)
+    return Ref(fut)
 
 
 _ACTOR = None  # the tokenizer of one local tokenizer process
@@ -339,35 +403,16 @@ class LocalExecutor:
     one_node = True
 
     def task(self, fn, num_cpus: float = 1, num_returns: int = 1):
-        def call(*args, **kwargs):
-            return fn(*[_resolve(a) for a in args], **{k: _resolve(v) for k, v in kwargs.items()})
-
-        def remote(*args, **kwargs):
-            fut = self.threads.submit(call, *args, **kwargs)
-            return Ref(fut) if num_returns == 1 else [Ref(fut, i) for i in range(num_returns)]
-
-        return remote
+        return _thread_task(self.threads, fn, num_returns, _resolve)
 
     def get(self, refs):
         return [_resolve(r) for r in refs] if isinstance(refs, list) else _resolve(refs)
 
     def wait(self, refs: list, num_returns: int = 1, timeout: float | None = None):
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            ready = [r for r in refs if r.future.done()]
-            if len(ready) >= num_returns:
-                break
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                break
-            cf.wait({r.future for r in refs if not r.future.done()}, timeout=left, return_when=cf.FIRST_COMPLETED)
-        ready = set(map(id, ready[:num_returns]))
-        return [r for r in refs if id(r) in ready], [r for r in refs if id(r) not in ready]
+        return _wait_local(refs, num_returns, timeout)
 
     def put(self, obj):
-        fut = cf.Future()
-        fut.set_result(obj)
-        return Ref(fut)
+        return _done(obj)
 
     def check_storage(self, cfg, files, storage, tmp_url) -> None:
         pass  # one machine: the driver's and the workers' view of storage is the same

@@ -76,6 +76,10 @@ def _start_local(cfg, ray, input_bytes: int = 0) -> None:
         os.makedirs(cfg.spill_dir, exist_ok=True)
         system["object_spilling_config"] = json.dumps(
             {"type": "filesystem", "params": {"directory_path": os.path.abspath(cfg.spill_dir)}})
+    # one node of this build's own: its small tasks run in the driver's threads
+    # (executor.RayExecutor), so Ray's idle workers started ahead for tasks would only cost
+    # their start-up (imports: ~1.2 CPU-s and ~120 MB each, one per CPU) beside the actors'
+    system["enable_worker_prestart"] = False
     # a Ray only this process uses and stops: no token authentication to set up (Ray 2.5x warns
     # that it is on otherwise); a cluster's own setting is never changed (joining returns above)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -106,24 +110,32 @@ def _lean_head():
     fixed node has nothing to scale) and no API server (with ``include_dashboard=False`` Ray
     still starts a dashboard process for usage statistics, and ``ray.init`` waits until it
     answers: ~1 s of the start and a Python process importing Ray beside the job). Nothing of a
-    job this process runs on its own node uses either. Private hooks of Ray's ``Node``, left
-    alone where a version lacks them; a cluster that is joined is never touched."""
+    job this process runs on its own node uses either. And the node's dashboard agent runs as
+    it does where Ray is installed without its dashboard (``--minimal``: no HTTP server, no
+    metrics exporter): Ray decides that by importing the dashboard's dependencies in this
+    process (aiohttp and more: ~0.8 s of the start), and the full agent spends ~1 CPU-s more.
+    Private hooks of Ray's ``Node`` and ``utils``, left alone where a version lacks them; a
+    cluster that is joined is never touched."""
     try:
+        import ray._private.utils as ray_utils
         from ray._private.node import Node
     except ImportError:
         yield
         return
     saved = {name: Node.__dict__.get(name) for name in ("start_api_server", "start_monitor")}
-    if any(v is None for v in saved.values()):
+    deps = getattr(ray_utils, "get_dashboard_dependency_error", None)
+    if any(v is None for v in saved.values()) or deps is None:
         yield
         return
     Node.start_api_server = lambda self, **kwargs: None
     Node.start_monitor = lambda self: None
+    ray_utils.get_dashboard_dependency_error = lambda: ImportError("a build's own Ray: its minimal dashboard agent")
     try:
         yield
     finally:
         for name, method in saved.items():
             setattr(Node, name, method)
+        ray_utils.get_dashboard_dependency_error = deps
 
 
 def starts_ray(cfg) -> bool:
