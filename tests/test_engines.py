@@ -6,6 +6,7 @@ re-packs from the tokenized cache."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -250,6 +251,11 @@ def test_a_ray_the_build_starts_itself_starts_no_dashboard_and_no_autoscaler(tmp
         assert any(n.startswith("raylet") for n in logs), logs
         assert not any(n.startswith(("dashboard.", "monitor.")) for n in logs), logs
         assert "tokenize:" in log and (tmp_path / "out" / "data.idx").exists()
+        # one node: no worker process but the tokenizer actors' (the small tasks run in the
+        # driver's threads, and no idle worker is started ahead)
+        actors = int(re.search(r"tokenizer actors: (\d+)", log).group(1))
+        workers = {n.split("_")[-1].split(".")[0] for n in logs if n.startswith("python-core-worker-")}
+        assert len(workers) == actors, logs
     finally:
         shutil.rmtree(root, ignore_errors=True)
     from raysft.engine import session

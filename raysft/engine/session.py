@@ -78,8 +78,10 @@ def _start_local(cfg, ray, input_bytes: int = 0) -> None:
             {"type": "filesystem", "params": {"directory_path": os.path.abspath(cfg.spill_dir)}})
     # one node of this build's own: its small tasks run in the driver's threads
     # (executor.RayExecutor), so Ray's idle workers started ahead for tasks would only cost
-    # their start-up (imports: ~1.2 CPU-s and ~120 MB each, one per CPU) beside the actors'
+    # their start-up (imports: ~1.2 CPU-s and ~120 MB each, one per CPU, and one more when the
+    # driver connects) beside the actors'
     system["enable_worker_prestart"] = False
+    system["prestart_worker_first_driver"] = False
     # a Ray only this process uses and stops: no token authentication to set up (Ray 2.5x warns
     # that it is on otherwise); a cluster's own setting is never changed (joining returns above)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
