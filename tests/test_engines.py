@@ -263,3 +263,21 @@ def test_a_ray_the_build_starts_itself_starts_no_dashboard_and_no_autoscaler(tmp
     with session._lean_head():
         assert Node.start_monitor is not before[1]
     assert (Node.start_api_server, Node.start_monitor) == before
+
+
+def test_the_object_store_holds_the_tokenized_input_below_rays_spill_threshold(monkeypatch):
+    """An in-process Ray's store, sized from the input where memory allows, keeps the tokenized
+    blocks (~1.6 bytes a byte of JSON input) under the 80% at which Ray starts spilling; it
+    never takes more than its share of the memory available, nor less than its floor."""
+    from raysft.engine import session
+
+    class Cfg:
+        object_store_memory = None
+
+    gib = 1 << 30
+    monkeypatch.setattr(session, "_available_memory", lambda default: 20 * gib)
+    monkeypatch.setattr(session, "_shm_free", lambda: 20 * gib)
+    for size in (gib // 2, gib, 3 * gib):
+        assert 0.8 * session.object_store_bytes(Cfg, size) >= 1.6 * size
+    assert session.object_store_bytes(Cfg, 100 * gib) <= session.STORE_SHARE * 20 * gib
+    assert session.object_store_bytes(Cfg, 0) >= min(session.OBJECT_STORE_BYTES, 0.3 * gib)
