@@ -388,6 +388,7 @@ class JinjaTemplate:
         self.call_form = self._call_form()
         # render plans (.plan): off where the template's own text holds the marker characters
         self._opener_text: tuple[str, str] | None = None  # _opener
+        self._probe_head = self._first_turn_head()
         self._plans: dict | None = None if any(c in source for c in (plan.MARK_OPEN, plan.MARK_CLOSE, _GEN_BEGIN,
                                                                       _GEN_END)) else {}
         self._seen: set[int] = set()
@@ -754,6 +755,17 @@ class JinjaTemplate:
             k = closing.find(opener, k + 1, n)
         return n if k < 0 else len(closing[:k].rstrip())
 
+    def _first_turn_head(self) -> str | None:
+        """What a conversation of one user message renders before its text (None: the template
+        refuses one; ``_opener`` then reads the render being cut). Rendered once, here, not
+        while a render plan is being recorded."""
+        try:
+            with render_budget(RENDER_BUDGET_S):
+                text = self._render([{"role": "user", "content": _sentinel(0, 0)}], None, False)
+        except RecordError:
+            return None
+        return text[: max(0, text.find(_sentinel(0, 0)))]
+
     def _opener(self, specials, full: str = "") -> tuple[str, str]:
         """The marker a render begins with after the BOS token (``<|im_start|>``,
         ``<|START_OF_TURN_TOKEN|>``, ``[INST]``): a special token, or marker-shaped text where
@@ -764,11 +776,7 @@ class JinjaTemplate:
         that one (Command-R+'s tool-use template wants tools)."""
         if self._opener_text is not None:
             return self._opener_text
-        try:
-            text = self([{"role": "user", "content": _sentinel(0, 0)}], None, False)
-            head, known = text[: max(0, text.find(_sentinel(0, 0)))], True
-        except RecordError:
-            head, known = full, False
+        head, known = (self._probe_head, True) if self._probe_head is not None else (full, False)
         bos = self.vars.get("bos_token")
         start = len(bos) if isinstance(bos, str) and bos and head.startswith(bos) else 0
         start += len(head[start:]) - len(head[start:].lstrip())
