@@ -186,7 +186,8 @@ class RayExecutor:
 
     def close(self) -> None:
         if self.threads is not None:
-            self.threads.shutdown(wait=True)
+            # as --engine local's: a stalled task (a frozen upload) is not waited for
+            self.threads.shutdown(wait=False, cancel_futures=True)
             self.threads = None
         if self.actors:
             import ray
