@@ -780,9 +780,7 @@ class JinjaTemplate:
         bos = self.vars.get("bos_token")
         start = len(bos) if isinstance(bos, str) and bos and head.startswith(bos) else 0
         start += len(head[start:]) - len(head[start:].lstrip())
-        found = [s for s in specials if s and head.startswith(s, start) and s != bos]
-        m = _MARKER.match(head, start)
-        opener = max(found, key=len) if found else (m.group() if m else "")
+        opener = _marker_at(head, start, [s for s in specials if s != bos])
         ender = ""
         if opener and known:
             at = head.rfind(opener)  # the user message's own turn
@@ -850,9 +848,10 @@ class JinjaTemplate:
         if header is None:
             header = self._header_after(msgs, tools, i, with_gen)
         if header.strip():
-            # markers that are no special tokens and a template with no generation prompt of its
-            # own (Mistral-Nemo's [/INST]): the text the template writes after the preceding
-            # message's payload when the conversation ends there, for generation
+            # markers that are no special tokens: the text the template writes after the
+            # preceding message's payload when the conversation ends there, for generation (a
+            # template with no generation prompt of its own, Mistral-Nemo's ``[/INST]``, is
+            # placed by the same text above)
             k = full.rfind(header, lo, start)
             if k >= 0:
                 return k + len(header)
@@ -969,6 +968,16 @@ def _longest_start(full: str, prompt: str, lo: int, start: int) -> int | None:
     return None
 
 
+def _marker_at(text: str, pos: int, specials) -> str:
+    """The marker ``text`` holds at ``pos``: its longest special token there, else marker-shaped
+    text (a template's marker the tokenizer has no special token for); "" where none."""
+    found = [s for s in specials if s and text.startswith(s, pos)]
+    if found:
+        return max(found, key=len)
+    m = _MARKER.match(text, pos)
+    return m.group() if m else ""
+
+
 def _whole_markers(prompt: str, n: int) -> int:
     """``n`` (a matched start of ``prompt``), less a marker the match has opened but not
     closed (``<｜Assistant｜><`` of ``<｜Assistant｜><think>``: the ``<`` is the next marker's)."""
@@ -1007,10 +1016,7 @@ def _own_closing(after: str, shared: int, specials, eos: str | None, tail: str =
         close = after.find(">", shared)
         if close >= 0:
             return close + 1
-    last = tail[shared:]
-    found = [x for x in specials if x and last.startswith(x)]
-    m = _MARKER.match(last)
-    marker = max(found, key=len) if found else (m.group() if m else "")
+    marker = _marker_at(tail, shared, specials)
     rest = after[shared:]
     space = len(rest) - len(rest.lstrip())
     if marker and space and rest.startswith(marker, space):
